@@ -1,0 +1,199 @@
+"""Cross-attention capture through diffusers' attention-processor API.
+
+``install_capture(unet, store)`` swaps in :class:`CrossAttentionCaptureProcessor` on every
+cross-attention layer and the stock fused processor on every self-attention layer. The capture
+processor keeps the fused ``scaled_dot_product_attention`` path for its output and, only on the
+steps the store wants, computes the softmax for the class tokens of the conditional half of the
+batch and adds it to a running sum: memory does not grow with layers or steps.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+
+class CrossAttentionStore:
+    """Running per-resolution sums of class-token cross-attention for one generation batch.
+
+    Call :meth:`begin` before a pipeline call; pass :meth:`on_step_end` as the pipeline's
+    ``callback_on_step_end`` so the store knows the denoising step; read :meth:`maps` after.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, int] = {}
+        self.token_weights: torch.Tensor | None = None
+        self.latent_size: tuple[int, int] = (0, 0)
+        self.step = 0
+        self._first_step = 0
+        self._end_step = 0
+
+    def begin(
+        self,
+        token_weights: torch.Tensor,
+        latent_size: tuple[int, int],
+        num_steps: int,
+        timestep_window: tuple[float, float] = (0.0, 1.0),
+    ) -> None:
+        """Start a batch.
+
+        Args:
+            token_weights: ``[B, K, T]`` 1 where text token ``t`` names class slot ``k``.
+            latent_size: ``(h, w)`` of the latent the UNet denoises.
+            num_steps: denoising steps of the coming call.
+            timestep_window: fraction ``(start, end)`` of the steps to record, in sampling order.
+        """
+        self.reset()
+        self.token_weights = token_weights
+        self.latent_size = tuple(latent_size)
+        self.step = 0
+        self._first_step = min(int(math.floor(timestep_window[0] * num_steps)), num_steps - 1)
+        self._end_step = max(int(math.ceil(timestep_window[1] * num_steps)), self._first_step + 1)
+
+    def reset(self) -> None:
+        """Drop the batch's sums and stop recording until the next :meth:`begin`."""
+        self._sums.clear()
+        self.counts.clear()
+        self.token_weights = None
+
+    @property
+    def recording(self) -> bool:
+        return self.token_weights is not None and self._first_step <= self.step < self._end_step
+
+    def on_step_end(self, pipeline, step: int, timestep, callback_kwargs: dict) -> dict:
+        """``callback_on_step_end`` hook: the next UNet call is step ``step + 1``."""
+        self.step = step + 1
+        return callback_kwargs
+
+    def factor_of(self, num_queries: int) -> int:
+        """The latent downsampling factor of an attention layer with ``num_queries`` positions."""
+        h, w = self.latent_size
+        factor = 1
+        while factor <= max(h, w):
+            if math.ceil(h / factor) * math.ceil(w / factor) == num_queries:
+                return factor
+            factor *= 2
+        raise ValueError(f"{num_queries} attention queries match no downsampling of the {h}x{w} latent")
+
+    def add(self, class_maps: torch.Tensor) -> None:
+        """Accumulate ``[B, K, N]`` head-averaged class attention of one layer at one step."""
+        factor = self.factor_of(class_maps.shape[-1])
+        class_maps = class_maps.float()
+        if factor in self._sums:
+            self._sums[factor] += class_maps
+            self.counts[factor] += 1
+        else:
+            self._sums[factor] = class_maps.clone()
+            self.counts[factor] = 1
+
+    def maps(self) -> dict[int, torch.Tensor]:
+        """Mean attention per factor: ``{factor: [B, K, ceil(h/factor), ceil(w/factor)]}``."""
+        h, w = self.latent_size
+        return {
+            f: (s / self.counts[f]).view(*s.shape[:2], math.ceil(h / f), math.ceil(w / f))
+            for f, s in self._sums.items()
+        }
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the running sums (constant in the number of steps)."""
+        return sum(t.numel() * t.element_size() for t in self._sums.values())
+
+
+class CrossAttentionCaptureProcessor:
+    """Attention processor for cross-attention layers that feeds a :class:`CrossAttentionStore`."""
+
+    def __init__(self, store: CrossAttentionStore) -> None:
+        self.store = store
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        batch_size, sequence_length, _ = encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if self.store.recording:
+            self._record(attn, query, key, attention_mask)
+
+        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.to(query.dtype)))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _record(self, attn: Attention, query, key, attention_mask) -> None:
+        weights = self.store.token_weights
+        images = weights.shape[0]
+        # With classifier-free guidance the batch is [unconditional; conditional]: keep the second half.
+        if query.shape[0] not in (images, 2 * images):
+            raise RuntimeError(
+                f"capture expected a UNet batch of {images} or {2 * images}, got {query.shape[0]}; "
+                "generate with num_images_per_prompt=1"
+            )
+        query, key = query[-images:], key[-images:]
+        scores = torch.matmul(query, key.transpose(-1, -2)).float() * attn.scale
+        if attention_mask is not None:
+            scores = scores + attention_mask[-images:].float()
+        probs = scores.softmax(dim=-1)  # [B, heads, N, T]
+        class_maps = torch.einsum("bhnt,bkt->bkn", probs, weights.to(probs)) / attn.heads
+        self.store.add(class_maps)
+
+
+def install_capture(unet: torch.nn.Module, store: CrossAttentionStore) -> list[str]:
+    """Route ``unet``'s cross-attention layers through the capture processor.
+
+    Self-attention layers get diffusers' fused ``AttnProcessor2_0``.
+    Returns:
+        The processor names (``"...attn2.processor"``) of the capturing layers.
+    """
+    processors, captured = {}, []
+    for name in unet.attn_processors:
+        module = unet.get_submodule(name[: -len(".processor")])
+        if getattr(module, "is_cross_attention", False):
+            processors[name] = CrossAttentionCaptureProcessor(store)
+            captured.append(name)
+        else:
+            processors[name] = AttnProcessor2_0()
+    if not captured:
+        raise ValueError("this UNet has no cross-attention layers, so there is no text attention to capture")
+    unet.set_attn_processor(processors)
+    return captured

@@ -1,0 +1,58 @@
+"""DiffuMaskDataset: the map-style twin of the stream, for ``ConcatDataset`` with real data."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from .source import RawSample, SampleSource
+from .stream import Transform
+from .transforms import SegmentationTransform
+
+
+class DiffuMaskDataset(Dataset):
+    """``length`` generated samples; item ``i`` is drawn from ``(seed, i)`` alone, augmentation included.
+
+    Takes the same arguments as :class:`~ondemand_seg.DiffuMaskStream` (``model``, ``classes``,
+    ``label_space``, ``image_size``, ``seed``, ``mask``, ``sampler``, ``quality``, ``device``,
+    ``prompt_names``) plus ``length``, ``augment`` and ``transform``. Pass the same
+    ``SegmentationTransform`` to ``torchvision.datasets.VOCSegmentation(transforms=...)`` and the two
+    datasets yield the same format: ``(float [3, H, W], long [H, W])``.
+
+    A DataLoader with ``batch_size`` > 1 fetches through :meth:`__getitems__`, which generates
+    the whole batch in one pipeline call.
+    """
+
+    def __init__(self, model, classes: Sequence[str], length: int, augment: bool = True,
+                 transform: Transform | None = None, **options) -> None:
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        self.source = SampleSource(model, classes, **options)
+        self.length = length
+        self.transform = transform or SegmentationTransform(self.source.image_size, train=augment)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def raw(self, indices: Sequence[int]) -> list[RawSample]:
+        """The generated samples before transform, with their prompts."""
+        for i in indices:
+            if not 0 <= i < self.length:
+                raise IndexError(f"index {i} out of range for DiffuMaskDataset of length {self.length}")
+        return self.source.draw(indices)
+
+    def stats(self) -> dict[str, int]:
+        """Generated, accepted and rejected-by-reason counts over all workers so far."""
+        return self.source.stats.as_dict()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for sample in self.raw(indices):
+            if hasattr(self.transform, "set_random_seed"):
+                self.transform.set_random_seed(sample.augment_seed(self.source.seed))
+            out.append(self.transform(sample.image, sample.mask))
+        return out

@@ -1,0 +1,137 @@
+"""DiffuMaskStream: an endless ``IterableDataset`` of generated images and their masks."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch.utils.data import IterableDataset
+
+from .config import MaskConfig, QualityConfig, SamplerConfig
+from .label_spaces import VOC_CLASSES
+from .sampler import ModelSource
+from .seeding import derive_seed, shard
+from .source import RawSample, SampleSource
+from .transforms import SegmentationTransform
+
+Transform = Callable[[object, object], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(eq=False)
+class _CacheEntry:
+    sample: RawSample
+    uses: int = 0
+
+
+class DiffuMaskStream(IterableDataset):
+    """Synthesizes ``(image, mask)`` pairs on the fly, DiffuMask style.
+
+    Each DataLoader worker (and each ``torch.distributed`` rank) draws its own share of sample
+    indices, loads the pipeline lazily on first use, and serves samples from a bounded cache:
+    with ``reuse=k`` a generated sample is served up to ``k`` times under fresh augmentation, so
+    the trainer is fed ``k`` samples per generated one. For CUDA generation in workers, create the
+    DataLoader with ``multiprocessing_context="spawn"``; with several GPUs, workers take them
+    round-robin.
+
+    Args:
+        model: hub id, local diffusers folder, ``"tiny-random"``, or a zero-argument callable
+            returning a pipeline (called once in each worker).
+        classes: class names to generate, all in ``label_space``.
+        label_space: ordered class names; a name's position is its id in masks (0 background).
+        image_size: ``H`` or ``(H, W)``, a multiple of the VAE's factor.
+        seed: base seed; sample ``i`` depends on ``(seed, i)`` only.
+        reuse: times each generated sample is served (>= 1).
+        cache_size: most generated samples held in memory per worker (>= the generation batch).
+        num_samples: samples per pass over the stream across all workers and ranks; ``None`` is endless.
+        augment: random scale/crop/flip (albumentations) when ``transform`` is not given.
+        transform: ``(image, mask) -> (image, mask)`` applied to every sample; overrides ``augment``.
+        mask, sampler, quality: :class:`MaskConfig`, :class:`SamplerConfig`, :class:`QualityConfig`.
+        device: generation device; default CUDA when available, else CPU.
+    Yields:
+        ``image`` float ``[3, H, W]`` normalized like torchvision, ``mask`` long ``[H, W]`` ids, 255 ignore.
+    """
+
+    def __init__(
+        self,
+        model: ModelSource,
+        classes: Sequence[str],
+        label_space: Sequence[str] = VOC_CLASSES,
+        image_size: int | Sequence[int] = 512,
+        seed: int = 0,
+        reuse: int = 1,
+        cache_size: int = 64,
+        num_samples: int | None = None,
+        augment: bool = True,
+        transform: Transform | None = None,
+        mask: MaskConfig | None = None,
+        sampler: SamplerConfig | None = None,
+        quality: QualityConfig | None = None,
+        device: str | torch.device | None = None,
+        prompt_names: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        if reuse < 1:
+            raise ValueError(f"reuse must be >= 1, got {reuse}")
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+        if num_samples is not None and num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1 or None, got {num_samples}")
+        self.source = SampleSource(model, classes, label_space, image_size, seed, mask, sampler, quality, device, prompt_names)
+        batch = self.source.sampler_config.batch_size
+        if cache_size < batch:
+            raise ValueError(f"cache_size ({cache_size}) must be at least the generation batch_size ({batch})")
+        self.reuse, self.cache_size, self.num_samples = reuse, cache_size, num_samples
+        self.transform = transform or SegmentationTransform(self.source.image_size, train=augment)
+
+    def stats(self) -> dict[str, int]:
+        """Generated, accepted and rejected-by-reason counts over all workers so far."""
+        return self.source.stats.as_dict()
+
+    def _quota(self, shard_id: int, shards: int) -> int | None:
+        if self.num_samples is None:
+            return None
+        return self.num_samples // shards + (shard_id < self.num_samples % shards)
+
+    def __iter__(self) -> "StreamIterator":
+        return StreamIterator(self, *shard())
+
+
+class StreamIterator:
+    """One shard's pass over a :class:`DiffuMaskStream`: draws its indices ``shard_id + k·shards``
+    in batches and serves them from its bounded cache."""
+
+    def __init__(self, stream: DiffuMaskStream, shard_id: int, shards: int) -> None:
+        self.stream, self.shard_id, self.shards = stream, shard_id, shards
+        self.quota = stream._quota(shard_id, shards)
+        self.cache: list[_CacheEntry] = []
+        self.next_local = 0
+        self.served = 0
+        self.served_since_draw = 0
+        self.pick = random.Random(derive_seed(stream.source.seed, shard_id, shards, 3))
+
+    def __iter__(self) -> "StreamIterator":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        stream = self.stream
+        if self.quota is not None and self.served >= self.quota:
+            raise StopIteration
+        batch = stream.source.sampler_config.batch_size
+        # Keep the cache full while it has room for a batch, but draw at most one sample per sample served,
+        # so the first samples come out after one batch, not after filling the cache.
+        if not self.cache or (len(self.cache) + batch <= stream.cache_size and self.served_since_draw >= batch):
+            indices = [self.shard_id + self.shards * (self.next_local + j) for j in range(batch)]
+            self.next_local += batch
+            self.cache.extend(_CacheEntry(s) for s in stream.source.draw(indices))
+            self.served_since_draw = 0
+        entry = self.cache[self.pick.randrange(len(self.cache))]
+        transform = stream.transform
+        if hasattr(transform, "set_random_seed"):
+            transform.set_random_seed(entry.sample.augment_seed(stream.source.seed, entry.uses))
+        entry.uses += 1
+        self.served += 1
+        self.served_since_draw += 1
+        if entry.uses >= stream.reuse:
+            self.cache.remove(entry)
+        return transform(entry.sample.image, entry.sample.mask)

@@ -1,0 +1,110 @@
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+from ondemand_seg.capture import CrossAttentionCaptureProcessor, CrossAttentionStore, install_capture
+from ondemand_seg.tiny import build_tiny_pipeline
+
+
+class ReferenceProcessor(AttnProcessor):
+    """diffusers' stock non-fused processor, also keeping its cross-attention probabilities."""
+
+    def __init__(self, records):
+        self.records = records
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        if encoder_hidden_states is not None:
+            query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+            key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+            self.records.append((attn.get_attention_scores(query, key), attn.heads))
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def unet_inputs(images=2, tokens=77, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2 * images, 4, 8, 8, generator=g)
+    text = torch.randn(2 * images, tokens, 32, generator=g)  # [uncond; cond]
+    return latents, text
+
+
+def test_install_capture_routes_cross_attention_only():
+    unet = build_tiny_pipeline().unet
+    store = CrossAttentionStore()
+    captured = install_capture(unet, store)
+    processors = unet.attn_processors
+    assert set(captured) == {n for n in processors if n.endswith("attn2.processor")}
+    assert len(captured) == 10  # 3 down, 1 mid, 6 up (two per up block) transformer blocks
+    for name, proc in processors.items():
+        expected = CrossAttentionCaptureProcessor if name in captured else AttnProcessor2_0
+        assert type(proc) is expected, name
+
+
+def test_capture_matches_reference_probabilities_of_chosen_tokens_conditional_half():
+    torch.manual_seed(0)
+    unet = build_tiny_pipeline().unet.eval()
+    latents, text = unet_inputs(images=2)
+    weights = torch.zeros(2, 2, 77)
+    weights[0, 0, 4] = 1  # image 0: one single-token class
+    weights[1, 0, [4, 5]] = 1  # image 1: a two-token class ...
+    weights[1, 1, 7] = 1  # ... and a second class
+
+    records = []
+    unet.set_attn_processor({n: ReferenceProcessor(records) if n.endswith("attn2.processor") else AttnProcessor()
+                             for n in unet.attn_processors})
+    with torch.no_grad():
+        reference_out = unet(latents, 10, encoder_hidden_states=text).sample
+    expected: dict[int, list[torch.Tensor]] = {}
+    for probs, heads in records:
+        cond = probs.view(4, heads, *probs.shape[1:])[2:]  # conditional half
+        maps = torch.einsum("bhnt,bkt->bkn", cond, weights) / heads
+        expected.setdefault(maps.shape[-1], []).append(maps)
+
+    store = CrossAttentionStore()
+    install_capture(unet, store)
+    store.begin(weights, (8, 8), num_steps=1)
+    with torch.no_grad():
+        captured_out = unet(latents, 10, encoder_hidden_states=text).sample
+    assert torch.allclose(captured_out, reference_out, atol=1e-5), "capture must not change the UNet output"
+    got = store.maps()
+    assert sorted(got) == [1, 2, 4]
+    for factor, maps in got.items():
+        side = 8 // factor
+        want = torch.stack(expected[side * side]).mean(0).view(2, 2, side, side)
+        assert torch.allclose(maps, want, atol=1e-5), factor
+    assert store.counts == {1: 3, 2: 3, 4: 4}  # per factor: one down, two up (and the mid block at 2x2)
+    assert got[1][0, 1].abs().max() == 0, "unused class slot stays empty"
+
+
+def test_store_memory_constant_in_steps_and_window_respected():
+    pipe = build_tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    store = CrossAttentionStore()
+    install_capture(pipe.unet, store)
+    weights = torch.zeros(1, 1, 77)
+    weights[0, 0, 4] = 1
+    sizes, counts = {}, {}
+    for steps, window in [(2, (0.0, 1.0)), (10, (0.0, 1.0)), (10, (0.5, 1.0))]:
+        store.begin(weights, (8, 8), steps, window)
+        pipe("a photograph of a dog", height=64, width=64, num_inference_steps=steps, output_type="pt",
+             callback_on_step_end=store.on_step_end)
+        sizes[steps, window] = store.memory_bytes()
+        counts[steps, window] = dict(store.counts)
+    assert sizes[2, (0.0, 1.0)] == sizes[10, (0.0, 1.0)] > 0
+    assert counts[10, (0.0, 1.0)] == {f: 5 * c for f, c in counts[2, (0.0, 1.0)].items()}
+    assert counts[10, (0.5, 1.0)] == {f: c // 2 for f, c in counts[10, (0.0, 1.0)].items()}
+
+
+def test_store_outside_window_records_nothing():
+    store = CrossAttentionStore()
+    store.begin(torch.ones(1, 1, 77), (8, 8), num_steps=4, timestep_window=(0.5, 1.0))
+    assert not store.recording
+    store.on_step_end(None, 1, 0, {})
+    assert store.recording
+    store.reset()
+    assert not store.recording and store.memory_bytes() == 0
+
+
+def test_factor_of_non_square_latent():
+    store = CrossAttentionStore()
+    store.begin(torch.ones(1, 1, 77), (8, 12), num_steps=1)
+    assert [store.factor_of(n) for n in (96, 24, 6)] == [1, 2, 4]
