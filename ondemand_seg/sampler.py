@@ -52,9 +52,10 @@ def check_image_size(image_size: int | Sequence[int], multiple: int = 8) -> tupl
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(size) != 2 or any(not isinstance(s, int) or s <= 0 for s in size):
         raise ValueError(f"image_size must be an int or (height, width) of positive ints, got {image_size!r}")
-    bad = [s for s in size if s % multiple]
-    if bad:
-        raise ValueError(f"image_size {image_size!r}: {bad} not a multiple of {multiple}, which this model's VAE needs")
+    if any(s % multiple for s in size):
+        raise ValueError(
+            f"image_size {image_size!r} is not a multiple of {multiple} on each side (this model's VAE downsamples by {multiple})"
+        )
     return size
 
 

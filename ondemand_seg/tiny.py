@@ -32,14 +32,20 @@ def build_clip_tokenizer(words: Iterable[str], max_length: int = 77) -> CLIPToke
         vocab.setdefault(char, len(vocab))
         vocab.setdefault(char + "</w>", len(vocab))
     merges: list[tuple[str, str]] = []
-    for word in sorted({w.lower() for phrase in words for w in phrase.split()}):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        merged = pieces[0]
-        for piece in pieces[1:]:
-            merges.append((merged, piece))
-            merged = merged + piece
-            vocab.setdefault(merged, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    targets = sorted({w.lower() for phrase in words for w in phrase.split()})
+    pieces = {w: list(w[:-1]) + [w[-1] + "</w>"] for w in targets}
+    # BPE applies merges by global rank, so one word's merges can split another's ("an" from "and"
+    # inside "plant"); re-tokenize and merge the pieces that came out until every word is one token.
+    while pieces:
+        for word_pieces in pieces.values():
+            merged = word_pieces[0]
+            for piece in word_pieces[1:]:
+                merges.append((merged, piece))
+                merged = merged + piece
+                vocab.setdefault(merged, len(vocab))
+        tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
+        pieces = {w: p for w in targets if len(p := tokenizer.tokenize(w)) > 1}
+    return tokenizer
 
 
 def build_tiny_pipeline(flavor: str = "sd1", words: Sequence[str] | None = None, seed: int = 0) -> StableDiffusionPipeline:

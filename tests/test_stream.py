@@ -1,0 +1,136 @@
+import itertools
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ondemand_seg import DiffuMaskDataset, DiffuMaskStream, SamplerConfig
+from ondemand_seg import seeding
+from ondemand_seg.stream import StreamIterator
+
+
+def collect(stream, **loader):
+    images, masks = [], []
+    for image, mask in DataLoader(stream, batch_size=2, **loader):
+        images += list(image)
+        masks += list(mask)
+    return images, masks
+
+
+def same_samples(a_images, a_masks, b_images, b_masks, atol=0.02):
+    """Match samples across runs up to float rounding of batched kernels (1/255 in uint8 ≈ 0.018 normalized)."""
+    unmatched = list(range(len(b_images)))
+    for image, mask in zip(a_images, a_masks):
+        hit = next((j for j in unmatched if torch.equal(mask, b_masks[j]) and torch.allclose(image, b_images[j], atol=atol)), None)
+        if hit is None:
+            return False
+        unmatched.remove(hit)
+    return not unmatched
+
+
+def test_yields_torchvision_format(fast):
+    stream = DiffuMaskStream("tiny-random", ["bird", "dog"], num_samples=4, **fast)
+    images, masks = next(iter(DataLoader(stream, batch_size=4)))
+    assert images.shape == (4, 3, 64, 64) and images.dtype == torch.float32
+    assert masks.shape == (4, 64, 64) and masks.dtype == torch.long
+    assert set(masks.unique().tolist()) <= {0, 3, 12, 255}
+    assert images.mean().abs() < 2 and images.std() > 0.1  # normalized, not [0, 255]
+
+
+def test_same_seed_same_sequence_other_seed_differs(fast):
+    a = collect(DiffuMaskStream("tiny-random", ["dog"], seed=1, num_samples=6, **fast))
+    b = collect(DiffuMaskStream("tiny-random", ["dog"], seed=1, num_samples=6, **fast))
+    c = collect(DiffuMaskStream("tiny-random", ["dog"], seed=2, num_samples=6, **fast))
+    assert all(torch.equal(x, y) for x, y in zip(a[0] + a[1], b[0] + b[1]))
+    assert not torch.allclose(a[0][0], c[0][0])
+
+
+def test_stream_sample_i_is_dataset_item_i_whatever_workers_and_batch(fast):
+    plain = dict(fast, augment=False)
+    dataset = DiffuMaskDataset("tiny-random", ["bird", "dog"], length=8, **plain)
+    items = [dataset[i] for i in range(8)]
+    reference = ([x for x, _ in items], [y for _, y in items])
+    one_worker = collect(DiffuMaskStream("tiny-random", ["bird", "dog"], num_samples=8, **plain))
+    two_workers = collect(DiffuMaskStream("tiny-random", ["bird", "dog"], num_samples=8, **plain), num_workers=2)
+    other_batch = dict(plain, sampler=SamplerConfig(num_inference_steps=3, batch_size=3))
+    batch_of_3 = collect(DiffuMaskStream("tiny-random", ["bird", "dog"], num_samples=6, cache_size=6, **other_batch))
+    for run in (one_worker, two_workers):
+        assert same_samples(*run, *reference)
+    assert same_samples(*batch_of_3, reference[0][:6], reference[1][:6])
+
+
+def test_no_duplicates_across_two_workers(fast):
+    images, _ = collect(DiffuMaskStream("tiny-random", ["dog"], num_samples=12, augment=False, **fast), num_workers=2)
+    assert len(images) == 12
+    for a, b in itertools.combinations(images, 2):
+        assert not torch.allclose(a, b, atol=0.05)
+
+
+def test_shards_draw_disjoint_indices(fast, monkeypatch):
+    stream = DiffuMaskStream("tiny-random", ["dog"], **fast)
+    seen = []
+    for rank in range(2):
+        monkeypatch.setattr(seeding, "split_by_node", lambda rank=rank: (rank, 2))
+        shard_id, shards = seeding.shard()
+        iterator = StreamIterator(stream, shard_id, shards)
+        next(iterator)
+        seen.append({entry.sample.index for entry in iterator.cache} | {i for i in range(shard_id, 8, shards)})
+    assert seen[0].isdisjoint(seen[1])
+    assert seen[0] | seen[1] == set(range(8))
+
+
+def test_reuse_serves_each_sample_k_times_within_cache_bound(fast):
+    stream = DiffuMaskStream("tiny-random", ["dog"], reuse=3, cache_size=8, augment=False, **fast)
+    iterator = iter(stream)
+    served, largest_cache = [], 0
+    for _ in range(36):
+        image, _ = next(iterator)
+        served.append(image)
+        largest_cache = max(largest_cache, len(iterator.cache))
+    assert largest_cache <= 8
+    generated = stream.stats()["accepted"]
+    assert generated <= 36 // 3 + 8, "reuse must cut generation"
+    counts = [sum(torch.equal(a, b) for b in served) for a in served]
+    assert max(counts) == 3 and min(counts) >= 1
+
+
+def test_reuse_gives_fresh_augmentation(fast):
+    stream = DiffuMaskStream("tiny-random", ["dog"], reuse=4, cache_size=4, **fast)
+    images = [image for image, _ in itertools.islice(iter(stream), 16)]
+    assert stream.stats()["accepted"] == 4
+    assert len({image.sum().item() for image in images}) > 12
+
+
+def test_non_square(fast):
+    stream = DiffuMaskStream("tiny-random", ["dog"], num_samples=2, **dict(fast, image_size=(64, 96)))
+    images, masks = next(iter(DataLoader(stream, batch_size=2)))
+    assert images.shape == (2, 3, 64, 96) and masks.shape == (2, 64, 96)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(classes=["dragon"]), "unknown class 'dragon'"),
+        (dict(classes=[]), "classes is empty"),
+        (dict(classes=["background"]), "'background' cannot be generated"),
+        (dict(image_size=100), "image_size 100 is not a multiple of 8"),
+        (dict(reuse=0), "reuse must be >= 1, got 0"),
+        (dict(cache_size=0), "cache_size must be >= 1, got 0"),
+        (dict(cache_size=2), r"cache_size \(2\) must be at least the generation batch_size \(4\)"),
+        (dict(label_space=["dog", "background"]), "label_space\\[0\\] must be 'background'"),
+    ],
+)
+def test_bad_input_fails_before_any_model_loads(options, message, fast):
+    loaded = []
+    kwargs = dict(fast, classes=["dog"])
+    kwargs.update(options)
+    with pytest.raises(ValueError, match=message):
+        DiffuMaskStream(lambda: loaded.append(1), **kwargs)
+    assert not loaded
+
+
+def test_bad_model_folders(tmp_path, fast):
+    with pytest.raises(FileNotFoundError, match="missing-model"):
+        DiffuMaskStream(str(tmp_path / "missing-model"), ["dog"], **fast)
+    with pytest.raises(ValueError, match="not a diffusers pipeline folder"):
+        DiffuMaskDataset(tmp_path, ["dog"], length=2, **fast)
