@@ -33,14 +33,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .dataset import DiffuMaskDataset
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from .preview import write_preview
 
     if args.n < 1:
-        raise SystemExit(f"--n must be >= 1, got {args.n}")
+        parser.error(f"--n must be >= 1, got {args.n}")
     size = args.image_size or [64 if args.model == "tiny-random" else 512]
-    dataset = DiffuMaskDataset(
+    try:
+        dataset = _dataset(args, size)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    out = write_preview(dataset, args.n, args.out, batch_size=args.batch_size)
+    print(f"wrote {out} ({args.n} samples; stats: {dataset.stats()})")
+    return 0
+
+
+def _dataset(args: argparse.Namespace, size: list[int]):
+    from .dataset import DiffuMaskDataset
+
+    return DiffuMaskDataset(
         args.model,
         args.classes,
         length=args.n,
@@ -51,9 +63,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampler=SamplerConfig(num_inference_steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch_size),
         device=args.device,
     )
-    out = write_preview(dataset, args.n, args.out, batch_size=args.batch_size)
-    print(f"wrote {out} ({args.n} samples; stats: {dataset.stats()})")
-    return 0
 
 
 if __name__ == "__main__":

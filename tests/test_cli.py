@@ -1,0 +1,33 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ondemand_seg.cli import main
+
+
+def test_preview_writes_png_grid(tmp_path):
+    out = tmp_path / "grid.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "ondemand_seg", "preview", "--classes", "bird", "dog", "--n", "4",
+         "--steps", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout and "generating" in result.stderr  # tqdm progress bar on stderr
+    with Image.open(out) as grid:
+        # 4 samples -> 8 tiles of 64 px with 2 px padding, in one row.
+        assert grid.size == (8 * 66 + 2, 66 + 2)
+        pixels = np.asarray(grid.convert("RGB")).reshape(-1, 3)
+    assert len(np.unique(pixels, axis=0)) > 50
+
+
+def test_preview_bad_class_is_a_clean_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["preview", "--classes", "dragon", "--out", str(tmp_path / "x.png")])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown class 'dragon'" in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
