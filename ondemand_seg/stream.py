@@ -8,8 +8,6 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import IterableDataset
 
-from .config import MaskConfig, QualityConfig, SamplerConfig
-from .label_spaces import VOC_CLASSES
 from .sampler import ModelSource
 from .seeding import derive_seed, shard
 from .source import RawSample, SampleSource
@@ -48,6 +46,7 @@ class DiffuMaskStream(IterableDataset):
         transform: ``(image, mask) -> (image, mask)`` applied to every sample; overrides ``augment``.
         mask, sampler, quality: :class:`MaskConfig`, :class:`SamplerConfig`, :class:`QualityConfig`.
         device: generation device; default CUDA when available, else CPU.
+        prompt_names: label name -> words used in prompts (default: VOC's, "pottedplant" -> "potted plant").
     Yields:
         ``image`` float ``[3, H, W]`` normalized like torchvision, ``mask`` long ``[H, W]`` ids, 255 ignore.
     """
@@ -56,19 +55,12 @@ class DiffuMaskStream(IterableDataset):
         self,
         model: ModelSource,
         classes: Sequence[str],
-        label_space: Sequence[str] = VOC_CLASSES,
-        image_size: int | Sequence[int] = 512,
-        seed: int = 0,
         reuse: int = 1,
         cache_size: int = 64,
         num_samples: int | None = None,
         augment: bool = True,
         transform: Transform | None = None,
-        mask: MaskConfig | None = None,
-        sampler: SamplerConfig | None = None,
-        quality: QualityConfig | None = None,
-        device: str | torch.device | None = None,
-        prompt_names: dict[str, str] | None = None,
+        **options,
     ) -> None:
         super().__init__()
         if reuse < 1:
@@ -77,7 +69,7 @@ class DiffuMaskStream(IterableDataset):
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
         if num_samples is not None and num_samples < 1:
             raise ValueError(f"num_samples must be >= 1 or None, got {num_samples}")
-        self.source = SampleSource(model, classes, label_space, image_size, seed, mask, sampler, quality, device, prompt_names)
+        self.source = SampleSource(model, classes, **options)
         batch = self.source.sampler_config.batch_size
         if cache_size < batch:
             raise ValueError(f"cache_size ({cache_size}) must be at least the generation batch_size ({batch})")
