@@ -18,7 +18,8 @@ Transform = Callable[[object, object], tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass(eq=False)
 class _CacheEntry:
-    sample: RawSample
+    index: int
+    sample: RawSample | None = None
     uses: int = 0
 
 
@@ -75,6 +76,8 @@ class DiffuMaskStream(IterableDataset):
             raise ValueError(f"cache_size ({cache_size}) must be at least the generation batch_size ({batch})")
         self.reuse, self.cache_size, self.num_samples = reuse, cache_size, num_samples
         self.transform = transform or SegmentationTransform(self.source.image_size, train=augment)
+        self._iterator: StreamIterator | None = None
+        self._resume: dict = {}
 
     def stats(self) -> dict[str, int]:
         """Generated, accepted and rejected-by-reason counts over all workers so far."""
@@ -86,14 +89,41 @@ class DiffuMaskStream(IterableDataset):
         return self.num_samples // shards + (shard_id < self.num_samples % shards)
 
     def __iter__(self) -> "StreamIterator":
-        return StreamIterator(self, *shard())
+        served = self._resume.pop("served", 0) if self._resume else 0
+        self._iterator = StreamIterator(self, *shard(), served=served)
+        return self._iterator
+
+    def state_dict(self) -> dict:
+        """Position of this process's shard (torchdata ``StatefulDataLoader`` protocol: called in
+        each worker, or in the main process with ``num_workers=0``)."""
+        iterator = self._iterator
+        if iterator is None:
+            return dict(self._resume)
+        return {"served": iterator.served, "shard_id": iterator.shard_id, "shards": iterator.shards}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume the next iteration where ``state`` left off: the cache is rebuilt without
+        regenerating what was already served, so the sample sequence continues, not restarts."""
+        if state:
+            shard_id, shards = shard()
+            if (state.get("shard_id"), state.get("shards")) != (shard_id, shards):
+                raise ValueError(
+                    f"stream state was saved by shard {state.get('shard_id')} of {state.get('shards')}, "
+                    f"but this process is shard {shard_id} of {shards}: resume with the same ranks and workers"
+                )
+        self._resume = dict(state)
 
 
 class StreamIterator:
     """One shard's pass over a :class:`DiffuMaskStream`: draws its indices ``shard_id + k·shards``
-    in batches and serves them from its bounded cache."""
+    in batches and serves them from its bounded cache.
 
-    def __init__(self, stream: DiffuMaskStream, shard_id: int, shards: int) -> None:
+    The serving schedule (which index is served next) is a pure function of the stream settings
+    and the count served, so ``served=n`` replays it without generating anything and only the
+    samples still in the cache are generated again.
+    """
+
+    def __init__(self, stream: DiffuMaskStream, shard_id: int, shards: int, served: int = 0) -> None:
         self.stream, self.shard_id, self.shards = stream, shard_id, shards
         self.quota = stream._quota(shard_id, shards)
         self.cache: list[_CacheEntry] = []
@@ -101,29 +131,38 @@ class StreamIterator:
         self.served = 0
         self.served_since_draw = 0
         self.pick = random.Random(derive_seed(stream.source.seed, shard_id, shards, 3))
+        for _ in range(served):
+            self._schedule()
 
     def __iter__(self) -> "StreamIterator":
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        stream = self.stream
-        if self.quota is not None and self.served >= self.quota:
-            raise StopIteration
-        batch = stream.source.sampler_config.batch_size
+    def _schedule(self) -> _CacheEntry:
+        """Advance the schedule by one serving and return the entry served."""
+        stream, batch = self.stream, self.stream.source.sampler_config.batch_size
         # Keep the cache full while it has room for a batch, but draw at most one sample per sample served,
         # so the first samples come out after one batch, not after filling the cache.
         if not self.cache or (len(self.cache) + batch <= stream.cache_size and self.served_since_draw >= batch):
-            indices = [self.shard_id + self.shards * (self.next_local + j) for j in range(batch)]
+            self.cache.extend(_CacheEntry(self.shard_id + self.shards * (self.next_local + j)) for j in range(batch))
             self.next_local += batch
-            self.cache.extend(_CacheEntry(s) for s in stream.source.draw(indices))
             self.served_since_draw = 0
         entry = self.cache[self.pick.randrange(len(self.cache))]
-        transform = stream.transform
-        if hasattr(transform, "set_random_seed"):
-            transform.set_random_seed(entry.sample.augment_seed(stream.source.seed, entry.uses))
         entry.uses += 1
         self.served += 1
         self.served_since_draw += 1
         if entry.uses >= stream.reuse:
             self.cache.remove(entry)
+        return entry
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.quota is not None and self.served >= self.quota:
+            raise StopIteration
+        entry = self._schedule()
+        if entry.sample is None:
+            pending = sorted({e for e in self.cache + [entry] if e.sample is None}, key=lambda e: e.index)
+            for e, sample in zip(pending, self.stream.source.draw([e.index for e in pending])):
+                e.sample = sample
+        transform = self.stream.transform
+        if hasattr(transform, "set_random_seed"):
+            transform.set_random_seed(entry.sample.augment_seed(self.stream.source.seed, entry.uses - 1))
         return transform(entry.sample.image, entry.sample.mask)

@@ -134,3 +134,28 @@ def test_bad_model_folders(tmp_path, fast):
         DiffuMaskStream(str(tmp_path / "missing-model"), ["dog"], **fast)
     with pytest.raises(ValueError, match="not a diffusers pipeline folder"):
         DiffuMaskDataset(tmp_path, ["dog"], length=2, **fast)
+
+
+def test_resume_continues_the_sequence_without_regenerating_it(fast):
+    def make():
+        return DiffuMaskStream("tiny-random", ["dog", "bird"], reuse=2, cache_size=8, **fast)
+
+    whole = [pair for pair in itertools.islice(iter(make()), 20)]
+    first = make()
+    iterator = iter(first)
+    for _ in range(11):
+        next(iterator)
+    state = first.state_dict()
+    assert state == {"served": 11, "shard_id": 0, "shards": 1}
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = [pair for pair in itertools.islice(iter(resumed), 9)]
+    assert resumed.stats()["accepted"] <= 8, "only the cached samples are generated again"
+    for (image, mask), (want_image, want_mask) in zip(rest, whole[11:]):
+        assert torch.equal(mask, want_mask) and torch.allclose(image, want_image, atol=0.02)
+
+
+def test_resume_with_other_sharding_is_refused(fast):
+    stream = DiffuMaskStream("tiny-random", ["dog"], **fast)
+    with pytest.raises(ValueError, match="saved by shard 1 of 2"):
+        stream.load_state_dict({"served": 3, "shard_id": 1, "shards": 2})
