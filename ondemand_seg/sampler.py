@@ -19,7 +19,33 @@ from .prompts import PromptSpec, class_token_weights
 ModelSource = Union[str, os.PathLike, Callable[[], object]]
 
 TINY_MODEL = "tiny-random"
+TOY_MODEL = "toy"
+TOY_MODEL_DIR = Path(__file__).parent / "models" / "toy"
+PRESET_FILE = "ondemand_seg.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_model(model: ModelSource) -> ModelSource:
+    """The folder behind a built-in name (``"toy"``), else ``model`` unchanged."""
+    if isinstance(model, str) and model == TOY_MODEL:
+        if not (TOY_MODEL_DIR / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"the embedded toy model is missing from this install ({TOY_MODEL_DIR}); train it with "
+                "python benchmarks/toy/train_toy_model.py and copy the result there"
+            )
+        return TOY_MODEL_DIR
+    return model
+
+
+def read_preset(model: ModelSource) -> dict:
+    """Recommended settings a model folder ships in ``ondemand_seg.json`` (label space, image size,
+    mask and sampler options); empty when there are none."""
+    if model == TINY_MODEL:
+        return {"image_size": 64}
+    if callable(model) or not isinstance(model, (str, os.PathLike)):
+        return {}
+    path = Path(resolve_model(model)).expanduser() / PRESET_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def check_model_source(model: ModelSource) -> int:
@@ -32,7 +58,7 @@ def check_model_source(model: ModelSource) -> int:
         return 8
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a hub id, a local diffusers folder or a callable, got {type(model).__name__}")
-    path = Path(model).expanduser()
+    path = Path(resolve_model(model)).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ValueError(f"model folder {str(path)!r} is not a diffusers pipeline folder: it has no model_index.json")
@@ -91,7 +117,7 @@ def load_pipeline(model: ModelSource, device: torch.device, scheduler: str | Non
     else:
         try:
             pipeline = StableDiffusionPipeline.from_pretrained(
-                str(model), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, use_safetensors=True
+                str(resolve_model(model)), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, use_safetensors=True
             )
         except (OSError, ValueError) as error:
             raise RuntimeError(f"could not load a Stable Diffusion pipeline from {str(model)!r}: {error}") from error
@@ -113,11 +139,15 @@ def load_pipeline(model: ModelSource, device: torch.device, scheduler: str | Non
 class GeneratedBatch:
     """Images and masks of one generation call, on the CPU.
 
-    images: ``[B, 3, H, W]`` float in [0, 1]; masks: ``[B, H, W]`` long label ids (255 ignore).
+    images: ``[B, 3, H, W]`` float in [0, 1]; masks: ``[B, H, W]`` long label ids (255 ignore);
+    with ``keep_maps``, fused: ``[B, K, H, W]`` the fused attention the masks came from and
+    class_ids: ``[B, K]`` the label of each map (0 = unused slot).
     """
 
     images: torch.Tensor
     masks: torch.Tensor
+    fused: torch.Tensor | None = None
+    class_ids: torch.Tensor | None = None
 
 
 class DiffuMaskSampler:
@@ -134,7 +164,9 @@ class DiffuMaskSampler:
     def device(self) -> torch.device:
         return self.pipeline.unet.device
 
-    def generate(self, prompts: Sequence[PromptSpec], seeds: Sequence[int], size: tuple[int, int]) -> GeneratedBatch:
+    def generate(
+        self, prompts: Sequence[PromptSpec], seeds: Sequence[int], size: tuple[int, int], keep_maps: bool = False
+    ) -> GeneratedBatch:
         """One image and mask per prompt; image ``i`` depends on ``prompts[i]`` and ``seeds[i]`` only."""
         pipe, cfg, mcfg = self.pipeline, self.sampler_config, self.mask_config
         weights, ids = class_token_weights(pipe.tokenizer, prompts)
@@ -161,4 +193,6 @@ class DiffuMaskSampler:
             )
             masks = labels_from_maps(fused, ids.to(fused.device), thresholds, mcfg.ignore_band)
         self.store.reset()
+        if keep_maps:
+            return GeneratedBatch(images.float().cpu(), masks.cpu(), fused.cpu(), ids)
         return GeneratedBatch(images.float().cpu(), masks.cpu())

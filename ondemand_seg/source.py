@@ -10,11 +10,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .config import MaskConfig, QualityConfig, SamplerConfig
+from .config import MaskConfig, QualityConfig, SamplerConfig, from_dict
 from .label_spaces import VOC_CLASSES, VOC_PROMPT_NAMES, class_ids, validate_label_space
 from .prompts import PromptSpec, compose_prompt
 from .quality import GateStats, RejectCounter, gate
-from .sampler import DiffuMaskSampler, ModelSource, check_image_size, check_model_source, load_pipeline, pick_device
+from .sampler import (
+    DiffuMaskSampler, ModelSource, check_image_size, check_model_source, load_pipeline, pick_device, read_preset,
+)
 from .seeding import derive_seed, shard
 
 # Sub-streams of a sample's seed: which one feeds what.
@@ -46,8 +48,8 @@ class SampleSource:
         self,
         model: ModelSource,
         classes: Sequence[str],
-        label_space: Sequence[str] = VOC_CLASSES,
-        image_size: int | Sequence[int] = 512,
+        label_space: Sequence[str] | None = None,
+        image_size: int | Sequence[int] | None = None,
         seed: int = 0,
         mask: MaskConfig | None = None,
         sampler: SamplerConfig | None = None,
@@ -55,16 +57,18 @@ class SampleSource:
         device: str | torch.device | None = None,
         prompt_names: dict[str, str] | None = None,
     ) -> None:
-        self.label_space = validate_label_space(label_space)
+        # A model folder may ship recommended settings; explicit arguments win over them.
+        preset = read_preset(model)
+        self.label_space = validate_label_space(label_space or preset.get("label_space", VOC_CLASSES))
         self.classes = tuple(classes) if not isinstance(classes, str) else (classes,)
         self.class_ids = class_ids(self.classes, self.label_space)
-        self.mask_config = mask or MaskConfig()
+        self.mask_config = mask or from_dict(MaskConfig, preset.get("mask", {}))
         unknown = sorted(set(self.mask_config.class_thresholds) - set(self.label_space))
         if unknown:
             raise ValueError(f"class_thresholds names classes outside the label space: {unknown}")
-        self.sampler_config = sampler or SamplerConfig()
-        self.quality_config = quality or QualityConfig()
-        self.image_size = check_image_size(image_size, check_model_source(model))
+        self.sampler_config = sampler or from_dict(SamplerConfig, preset.get("sampler", {}))
+        self.quality_config = quality or from_dict(QualityConfig, preset.get("quality", {}))
+        self.image_size = check_image_size(image_size or preset.get("image_size", 512), check_model_source(model))
         self.model = model
         self.seed = int(seed)
         self.device = device

@@ -102,3 +102,25 @@ def test_cuda_generation_is_fp16(tiny_sd1):
     assert pipeline.unet.dtype == torch.float16
     batch = DiffuMaskSampler(pipeline, MaskConfig(), SamplerConfig(num_inference_steps=3)).generate([DOG], [0], (64, 64))
     assert batch.images.device.type == "cpu" and torch.isfinite(batch.images).all()
+
+
+def test_model_folder_preset_supplies_defaults(tmp_path):
+    import shutil
+
+    from ondemand_seg.source import SampleSource
+    from ondemand_seg.tiny import save_tiny_pipeline
+
+    folder = save_tiny_pipeline(tmp_path / "m")
+    preset = {"label_space": ["background", "blob", "dog"], "image_size": 32,
+              "mask": {"threshold": 0.3, "resolution_weights": {"1": 2.0}}, "sampler": {"templates": ["a {}"]}}
+    (folder / "ondemand_seg.json").write_text(json.dumps(preset))
+    source = SampleSource(folder, ["blob"])
+    assert source.label_space == ("background", "blob", "dog") and source.class_ids == [1]
+    assert source.image_size == (32, 32)
+    assert source.mask_config.threshold == 0.3 and source.mask_config.resolution_weights == {1: 2.0}
+    assert source.sampler_config.templates == ("a {}",)
+    explicit = SampleSource(folder, ["dog"], image_size=64, mask=MaskConfig(threshold=0.5))
+    assert explicit.image_size == (64, 64) and explicit.mask_config.threshold == 0.5
+    shutil.rmtree(folder / "unet")
+    with pytest.raises(ValueError, match="unknown class 'cat'"):
+        SampleSource(folder, ["cat"])
