@@ -56,8 +56,13 @@ def build_tiny_pipeline(flavor: str = "sd1", words: Sequence[str] | None = None,
     if words is None:
         words = BASE_WORDS + tuple(VOC_PROMPT_NAMES.get(c, c) for c in VOC_CLASSES[1:])
     tokenizer = build_clip_tokenizer(words)
-    torch.manual_seed(seed)
-    sd2 = flavor == "sd2"
+    # Seeded weights without touching the caller's global RNG (a training loop's dropout, say).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _assemble(tokenizer, flavor == "sd2")
+
+
+def _assemble(tokenizer: CLIPTokenizer, sd2: bool) -> StableDiffusionPipeline:
     unet = UNet2DConditionModel(
         sample_size=TINY_IMAGE_SIZE // 8,
         block_out_channels=(16, 32, 32),

@@ -53,7 +53,8 @@ class SegmentationTransform:
         self.compose.set_random_seed(seed)
 
     def __call__(self, image, target) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.compose(image=np.asarray(image.convert("RGB") if hasattr(image, "convert") else image),
-                           mask=np.asarray(target))
+        # np.array copies: PIL-backed arrays are read-only and cached samples must stay untouched.
+        out = self.compose(image=np.array(image.convert("RGB") if hasattr(image, "convert") else image),
+                           mask=np.array(target))
         return out["image"], out["mask"].long()
 

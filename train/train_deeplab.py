@@ -1,0 +1,318 @@
+"""Train torchvision's DeepLabV3 on DiffuMask's synthetic stream, alone or mixed with real VOC-format data.
+
+    python train/train_deeplab.py --synthetic-only                  # the embedded toy model, ~10 CPU minutes
+    python train/train_deeplab.py --voc-root data/VOC --synthetic-ratio 0.5
+    torchrun --nproc_per_node=2 train/train_deeplab.py --synthetic-only   # DDP (nccl on GPUs, gloo on CPU)
+    python train/train_deeplab.py --synthetic-only --resume out/train/checkpoint.pt
+
+Only rank 0 logs and writes checkpoints and metrics (``metrics.jsonl``/``metrics.csv``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import ConcatDataset, DistributedSampler, RandomSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchvision.datasets import VOCSegmentation
+from torchvision.models import segmentation
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from utils import MetricLog, all_reduce_mean, init_distributed, is_main_process, load_checkpoint, save_checkpoint  # noqa: E402
+
+from ondemand_seg import DiffuMaskDataset, DiffuMaskStream, MaskConfig, SamplerConfig, SegmentationTransform  # noqa: E402
+from ondemand_seg.config import from_dict  # noqa: E402
+from ondemand_seg.label_spaces import VOC_CLASSES, class_ids  # noqa: E402
+from ondemand_seg.metrics import ConfusionMatrix  # noqa: E402
+from ondemand_seg.sampler import read_preset  # noqa: E402
+from ondemand_seg.toyworld import TOY_CLASSES, write_voc  # noqa: E402
+
+# torchdata 0.11 calls an API torch has deprecated; the message says nothing about this run.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+
+BACKBONES = {
+    "mobilenet_v3_large": segmentation.deeplabv3_mobilenet_v3_large,
+    "resnet50": segmentation.deeplabv3_resnet50,
+    "resnet101": segmentation.deeplabv3_resnet101,
+}
+LABEL_SPACES = {"toy": TOY_CLASSES, "voc": VOC_CLASSES}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = p.add_argument_group("data")
+    source = data.add_mutually_exclusive_group()
+    source.add_argument("--synthetic-only", action="store_true", help="train on the DiffuMask stream alone")
+    source.add_argument("--real-only", action="store_true", help="train on the real VOC-format data alone (a baseline)")
+    data.add_argument("--voc-root", type=Path, default=None,
+                      help="folder holding VOCdevkit/VOC2012 with real training data (default: a ToyWorld folder in --data-dir)")
+    data.add_argument("--eval-root", type=Path, default=None,
+                      help="folder holding VOCdevkit/VOC2012 whose val split is evaluated (default: same as --voc-root)")
+    data.add_argument("--data-dir", type=Path, default=Path("data/toyworld"),
+                      help="where the default ToyWorld VOC folder is written if missing")
+    data.add_argument("--synthetic-ratio", type=float, default=0.5, help="share of synthetic samples when mixing")
+    data.add_argument("--crop-size", type=int, default=64, help="training and evaluation image size")
+    gen = p.add_argument_group("generator")
+    gen.add_argument("--model", default="toy", help="diffusion model: 'toy', a diffusers folder or a hub id")
+    gen.add_argument("--label-space", choices=sorted(LABEL_SPACES), default=None, help="default: the model's preset, else voc")
+    gen.add_argument("--classes", nargs="+", default=None, help="classes to generate (default: all in the label space)")
+    gen.add_argument("--gen-steps", type=int, default=None, help="denoising steps (default: the model's preset)")
+    gen.add_argument("--gen-batch-size", type=int, default=None, help="images per pipeline call")
+    gen.add_argument("--reuse", type=int, default=4, help="times each generated sample is served")
+    gen.add_argument("--cache-size", type=int, default=64, help="generated samples kept per worker")
+    gen.add_argument("--no-ignore-band", action="store_true", help="label the uncertain band instead of ignoring it")
+    gen.add_argument("--synthetic-length", type=int, default=None,
+                     help="size of the map-style synthetic set when mixing (default: from --synthetic-ratio)")
+    model = p.add_argument_group("model and optimisation")
+    model.add_argument("--backbone", default="mobilenet_v3_large", help="one of " + ", ".join(BACKBONES))
+    model.add_argument("--backbone-weights", type=Path, default=None,
+                       help="local ImageNet backbone weights (.safetensors or .pth); default random init")
+    model.add_argument("--steps", type=int, default=600, help="optimizer steps")
+    model.add_argument("--batch-size", type=int, default=16, help="per process")
+    model.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate, polynomial decay")
+    model.add_argument("--weight-decay", type=float, default=1e-4)
+    run = p.add_argument_group("run")
+    run.add_argument("--workers", type=int, default=1, help="DataLoader workers per process")
+    run.add_argument("--output-dir", type=Path, default=Path("out/train"))
+    run.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from")
+    run.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    run.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end only)")
+    run.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many val images")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    return p
+
+
+def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
+    """Every bad flag fails here, before data or models load."""
+    if args.backbone not in BACKBONES:
+        raise SystemExit(f"error: unknown backbone {args.backbone!r}; choose one of {', '.join(BACKBONES)}")
+    for flag in ("voc_root", "eval_root"):
+        root = getattr(args, flag)
+        if root is not None and not (root / "VOCdevkit" / "VOC2012").is_dir():
+            raise SystemExit(f"error: --{flag.replace('_', '-')} {root} has no VOCdevkit/VOC2012 folder")
+    if args.backbone_weights is not None and not args.backbone_weights.is_file():
+        raise SystemExit(f"error: --backbone-weights {args.backbone_weights} is not a file")
+    if not 0.0 < args.synthetic_ratio < 1.0:
+        raise SystemExit(f"error: --synthetic-ratio must be in (0, 1), got {args.synthetic_ratio}")
+    for flag in ("steps", "batch_size", "reuse", "cache_size", "crop_size"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if label_space != TOY_CLASSES and (args.eval_root is None or (args.voc_root is None and not args.synthetic_only)):
+        raise SystemExit("error: the default real data is ToyWorld; with another label space pass --voc-root and --eval-root")
+    try:
+        class_ids(args.classes, label_space)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def default_voc_root(args: argparse.Namespace, image_size: int) -> Path:
+    """The ToyWorld VOC folder (written once by rank 0) used when no real data is named."""
+    ready = args.data_dir / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt"
+    if is_main_process() and not ready.is_file():
+        write_voc(args.data_dir, n_train=1000, n_val=200, image_size=image_size, seed=args.seed)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return args.data_dir
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
+    model = BACKBONES[args.backbone](weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+    if args.backbone_weights is None:
+        if is_main_process():
+            print(f"backbone {args.backbone}: random init (pass --backbone-weights PATH for ImageNet weights)")
+        return model
+    if args.backbone_weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(args.backbone_weights)
+    else:
+        state = torch.load(args.backbone_weights, map_location="cpu", weights_only=True)
+    # torchvision classifiers keep the DeepLab backbone under "features." (MobileNet) or at the root (ResNet).
+    state = {k.removeprefix("features."): v for k, v in state.items()}
+    own = model.backbone.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if len(matched) < len(own) // 2:
+        raise SystemExit(f"error: {args.backbone_weights} matches {len(matched)} of {len(own)} {args.backbone} backbone tensors")
+    model.backbone.load_state_dict(matched, strict=False)
+    if is_main_process():
+        print(f"backbone {args.backbone}: loaded {len(matched)}/{len(own)} tensors from {args.backbone_weights}")
+    return model
+
+
+def generator_options(args: argparse.Namespace, label_space: tuple[str, ...]) -> dict:
+    """DiffuMask options: the model's preset, then the command line's overrides."""
+    preset = read_preset(args.model)
+    sampler = from_dict(SamplerConfig, preset.get("sampler", {}))
+    sampler = dataclasses.replace(sampler, **{k: v for k, v in {
+        "num_inference_steps": args.gen_steps, "batch_size": args.gen_batch_size}.items() if v is not None})
+    mask = from_dict(MaskConfig, preset.get("mask", {}))
+    if args.no_ignore_band:
+        mask = dataclasses.replace(mask, ignore_band=0.0)
+    return dict(label_space=label_space, seed=args.seed, sampler=sampler, mask=mask)
+
+
+def build_train_loader(args, label_space, rank: int, world: int, device: torch.device) -> tuple[StatefulDataLoader, object]:
+    transform = SegmentationTransform(args.crop_size, train=True)
+    # CUDA cannot start in forked workers; generation on the GPU needs spawned ones.
+    context = "spawn" if device.type == "cuda" and args.workers > 0 else None
+    common = dict(batch_size=args.batch_size, num_workers=args.workers, multiprocessing_context=context, drop_last=True,
+                  persistent_workers=args.workers > 0)
+    if args.synthetic_only:
+        stream = DiffuMaskStream(args.model, args.classes, reuse=args.reuse, cache_size=args.cache_size,
+                                 transform=transform, **generator_options(args, label_space))
+        return StatefulDataLoader(stream, **common), stream
+    real = VOCSegmentation(str(args.voc_root), year="2012", image_set="train", transforms=transform)
+    parts = [real]
+    if not args.real_only:
+        length = args.synthetic_length or max(1, round(len(real) * args.synthetic_ratio / (1 - args.synthetic_ratio)))
+        parts.append(DiffuMaskDataset(args.model, args.classes, length=length, transform=transform,
+                                      **generator_options(args, label_space)))
+    dataset = ConcatDataset(parts)
+    sampler = (DistributedSampler(dataset, world, rank, seed=args.seed) if world > 1
+               else RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed)))
+    return StatefulDataLoader(dataset, sampler=sampler, **common), dataset
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, args, num_classes: int, device: torch.device) -> ConfusionMatrix:
+    """mIoU on the val split of ``--eval-root`` (ignore 255), summed over ranks."""
+    val = VOCSegmentation(str(args.eval_root), year="2012", image_set="val",
+                          transforms=SegmentationTransform(args.crop_size, train=False))
+    indices = list(range(len(val)))[: args.eval_limit]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    confusion = ConfusionMatrix(num_classes)
+    model.eval()
+    for start in range(rank * args.batch_size, len(indices), world * args.batch_size):
+        items = [val[i] for i in indices[start : start + args.batch_size]]
+        images = torch.stack([x for x, _ in items]).to(device)
+        targets = torch.stack([y for _, y in items])
+        confusion.update(targets, model(images)["out"].argmax(1).cpu())
+    model.train()
+    confusion.reduce_from_all_processes()
+    return confusion
+
+
+def gather_loader_states(loader: StatefulDataLoader) -> list:
+    """Every rank's loader position, gathered on all ranks (each rank's stream shard differs)."""
+    state = loader.state_dict()
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def main(args: argparse.Namespace) -> dict:
+    preset = read_preset(args.model) if not args.real_only else {}
+    label_space = LABEL_SPACES[args.label_space] if args.label_space else tuple(preset.get("label_space", TOY_CLASSES if args.model == "toy" else VOC_CLASSES))
+    args.classes = args.classes or list(label_space[1:])
+    check_args(args, label_space)
+    rank, world, local_rank = init_distributed()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed + rank)
+    image_size = preset.get("image_size", args.crop_size)
+    if args.voc_root is None and not args.synthetic_only or args.eval_root is None:
+        toy_root = default_voc_root(args, image_size)
+        args.voc_root = args.voc_root or toy_root
+        args.eval_root = args.eval_root or args.voc_root
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+
+    model = build_model(args, len(label_space)).to(device)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=args.steps, power=0.9)
+    criterion = nn.CrossEntropyLoss(ignore_index=255)
+    loader, train_data = build_train_loader(args, label_space, rank, world, device)
+    step, epoch = 0, 0
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        (model.module if world > 1 else model).load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        step, epoch = checkpoint["step"], checkpoint["epoch"]
+        if len(checkpoint["loader"]) != world:
+            raise SystemExit(f"error: checkpoint was written by {len(checkpoint['loader'])} ranks, this run has {world}")
+        loader.load_state_dict(checkpoint["loader"][rank])
+        if is_main_process():
+            print(f"resumed from {args.resume} at step {step}")
+    log = MetricLog(args.output_dir)
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    batches = iter(loader)
+    if args.resume:
+        # After iter(loader), which draws a base seed: dropout then continues as in an uninterrupted run.
+        torch.set_rng_state(checkpoint["rng"])
+    waited = trained = 0.0
+    bar = tqdm(total=args.steps, initial=step, desc="train", disable=not is_main_process(), dynamic_ncols=True)
+    model.train()
+    while step < args.steps:
+        started = time.perf_counter()
+        try:
+            images, masks = next(batches)
+        except StopIteration:  # end of an epoch of the map-style mix
+            epoch += 1
+            if isinstance(loader.sampler, DistributedSampler):
+                loader.sampler.set_epoch(epoch)
+            batches = iter(loader)
+            continue
+        fetched = time.perf_counter()
+        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        loss = criterion(model(images)["out"], masks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        done = time.perf_counter()
+        waited += fetched - started
+        trained += done - fetched
+        loss_value = all_reduce_mean(loss.item(), device)
+        wait_share = waited / max(waited + trained, 1e-9)
+        bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{args.batch_size * world / (done - started):.1f}",
+                        data_wait=f"{wait_share:.0%}")
+        bar.update(1)
+        log.write({"event": "train", "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                   "data_wait_s": fetched - started, "train_s": done - fetched})
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            states = gather_loader_states(loader)
+            if is_main_process():
+                state = {"model": (model.module if world > 1 else model).state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "loader": states,
+                         "rng": torch.get_rng_state(), "args": {k: str(v) for k, v in vars(args).items()}}
+                save_checkpoint(args.output_dir / f"checkpoint_{step:06d}.pt", state)
+                save_checkpoint(args.output_dir / "checkpoint.pt", state)
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            confusion = evaluate(model, args, len(label_space), device)
+            log.write({"event": "eval", "step": step, "miou": confusion.mean_iou()})
+    bar.close()
+    confusion = evaluate(model, args, len(label_space), device)
+    per_class = {name: round(float(v), 4) for name, v in zip(label_space, confusion.iou())}
+    summary = {"event": "final", "step": step, "miou": confusion.mean_iou(), "per_class_iou": per_class,
+               "pixel_accuracy": confusion.pixel_accuracy(), "data_wait_fraction": waited / max(waited + trained, 1e-9),
+               "train_seconds": trained, "data_wait_seconds": waited}
+    if isinstance(train_data, DiffuMaskStream) and is_main_process():
+        summary["generator_stats_main_process"] = train_data.stats()
+    log.write(summary)
+    if is_main_process():
+        print(f"mIoU {summary['miou']:.3f} on {args.eval_root} val; per class {per_class}; "
+              f"data wait {summary['data_wait_fraction']:.0%} of the loop")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
