@@ -25,6 +25,9 @@ class CrossAttentionStore:
     def __init__(self) -> None:
         self._sums: dict[int, torch.Tensor] = {}
         self.counts: dict[int, int] = {}
+        self.self_attention_factor: int | None = None
+        self._self_sum: torch.Tensor | None = None
+        self.self_count = 0
         self.token_weights: torch.Tensor | None = None
         self.latent_size: tuple[int, int] = (0, 0)
         self.step = 0
@@ -58,6 +61,8 @@ class CrossAttentionStore:
         self._sums.clear()
         self.counts.clear()
         self.token_weights = None
+        self._self_sum = None
+        self.self_count = 0
 
     @property
     def recording(self) -> bool:
@@ -89,6 +94,24 @@ class CrossAttentionStore:
             self._sums[factor] = class_maps.clone()
             self.counts[factor] = 1
 
+    def wants_self_attention(self, num_queries: int) -> bool:
+        """Whether a self-attention layer with ``num_queries`` positions should be recorded now."""
+        return (
+            self.recording
+            and self.self_attention_factor is not None
+            and self.factor_of(num_queries) == self.self_attention_factor
+        )
+
+    def add_self(self, probs: torch.Tensor) -> None:
+        """Accumulate ``[B, N, N]`` head-averaged self-attention of one layer at one step."""
+        probs = probs.float()
+        self._self_sum = probs.clone() if self._self_sum is None else self._self_sum + probs
+        self.self_count += 1
+
+    def self_attention(self) -> torch.Tensor | None:
+        """Mean recorded self-attention ``[B, N, N]`` (rows sum to 1), or ``None``."""
+        return None if self._self_sum is None else self._self_sum / self.self_count
+
     def maps(self) -> dict[int, torch.Tensor]:
         """Mean attention per factor: ``{factor: [B, K, ceil(h/factor), ceil(w/factor)]}``."""
         h, w = self.latent_size
@@ -99,11 +122,13 @@ class CrossAttentionStore:
 
     def memory_bytes(self) -> int:
         """Bytes held by the running sums (constant in the number of steps)."""
-        return sum(t.numel() * t.element_size() for t in self._sums.values())
+        tensors = list(self._sums.values()) + ([self._self_sum] if self._self_sum is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class CrossAttentionCaptureProcessor:
-    """Attention processor for cross-attention layers that feeds a :class:`CrossAttentionStore`."""
+    """Attention processor that feeds a :class:`CrossAttentionStore`: class-token probabilities of
+    cross-attention layers and, for self-attention refinement, self-attention at one resolution."""
 
     def __init__(self, store: CrossAttentionStore) -> None:
         self.store = store
@@ -148,8 +173,11 @@ class CrossAttentionCaptureProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if self.store.recording:
-            self._record(attn, query, key, attention_mask)
+        if attn.is_cross_attention:
+            if self.store.recording:
+                self._record(attn, query, key, attention_mask)
+        elif self.store.wants_self_attention(query.shape[2]):
+            self._record_self(attn, query, key)
 
         hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
@@ -177,13 +205,21 @@ class CrossAttentionCaptureProcessor:
         class_maps = torch.einsum("bhnt,bkt->bkn", probs, weights.to(probs)) / attn.heads
         self.store.add(class_maps)
 
+    def _record_self(self, attn: Attention, query, key) -> None:
+        images = self.store.token_weights.shape[0]
+        query, key = query[-images:], key[-images:]
+        probs = (torch.matmul(query, key.transpose(-1, -2)).float() * attn.scale).softmax(dim=-1)
+        self.store.add_self(probs.mean(1))
 
-def install_capture(unet: torch.nn.Module, store: CrossAttentionStore) -> list[str]:
+
+def install_capture(unet: torch.nn.Module, store: CrossAttentionStore, self_attention: bool = False) -> list[str]:
     """Route ``unet``'s cross-attention layers through the capture processor.
 
-    Self-attention layers get diffusers' fused ``AttnProcessor2_0``.
+    Self-attention layers get diffusers' fused ``AttnProcessor2_0``, unless ``self_attention``
+    (refinement on): then they run the capture processor too, which records only at the store's
+    ``self_attention_factor`` and stays on the fused path elsewhere.
     Returns:
-        The processor names (``"...attn2.processor"``) of the capturing layers.
+        The processor names (``"...attn2.processor"``) of the capturing cross-attention layers.
     """
     processors, captured = {}, []
     for name in unet.attn_processors:
@@ -191,6 +227,8 @@ def install_capture(unet: torch.nn.Module, store: CrossAttentionStore) -> list[s
         if getattr(module, "is_cross_attention", False):
             processors[name] = CrossAttentionCaptureProcessor(store)
             captured.append(name)
+        elif self_attention:
+            processors[name] = CrossAttentionCaptureProcessor(store)
         else:
             processors[name] = AttnProcessor2_0()
     if not captured:

@@ -14,6 +14,12 @@ class MaskConfig:
     ``resolution_weights`` is keyed by the latent downsampling factor of an attention map
     (1 = the latent grid itself, 2 = half of it, ...). For SD at 512 px (64×64 latents) the paper's
     64/32/16 maps are factors 1/2/4, averaged with equal weight in the authors' code.
+
+    Beyond the paper's fixed γ: ``threshold_mode="otsu"`` picks γ per image and class from the
+    fused map itself; ``class_thresholds`` holds per-class γ (e.g. from
+    :func:`~ondemand_seg.masks.calibrate_threshold` on a few labelled images); ``refine="affinity"``
+    spreads the map along the image's colour affinities; ``self_attention_factor`` propagates it
+    through the UNet's self-attention at that latent factor, ``self_attention_power`` times.
     """
 
     resolution_weights: dict[int, float] = field(default_factory=lambda: {1: 1.0, 2: 1.0, 4: 1.0})
@@ -22,6 +28,11 @@ class MaskConfig:
     threshold: float = 0.4
     class_thresholds: dict[str, float] = field(default_factory=dict)
     ignore_band: float = 0.05
+    threshold_mode: str = "fixed"
+    refine: str = "none"
+    refine_iterations: int = 10
+    self_attention_factor: int | None = None
+    self_attention_power: int = 1
 
     def __post_init__(self) -> None:
         self.resolution_weights = {int(k): float(v) for k, v in self.resolution_weights.items()}
@@ -43,6 +54,17 @@ class MaskConfig:
                 raise ValueError(f"threshold for {name!r} must be in (0, 1), got {value}")
         if not 0.0 <= self.ignore_band < 0.5:
             raise ValueError(f"ignore_band must be in [0, 0.5), got {self.ignore_band}")
+        if self.threshold_mode not in ("fixed", "otsu"):
+            raise ValueError(f"threshold_mode must be 'fixed' or 'otsu', got {self.threshold_mode!r}")
+        if self.refine not in ("none", "affinity"):
+            raise ValueError(f"refine must be 'none' or 'affinity', got {self.refine!r}")
+        if self.refine_iterations < 1:
+            raise ValueError(f"refine_iterations must be >= 1, got {self.refine_iterations}")
+        factor = self.self_attention_factor
+        if factor is not None and (factor < 1 or factor & (factor - 1)):
+            raise ValueError(f"self_attention_factor must be None or a latent factor (1, 2, 4, ...), got {factor}")
+        if self.self_attention_power < 1:
+            raise ValueError(f"self_attention_power must be >= 1, got {self.self_attention_power}")
 
 
 @dataclass

@@ -3,6 +3,7 @@ images and label masks in one call."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -10,10 +11,13 @@ from pathlib import Path
 from typing import Callable, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 from .capture import CrossAttentionStore, install_capture
 from .config import MaskConfig, SamplerConfig
-from .masks import fuse_resolutions, labels_from_maps
+from .masks import (
+    fuse_resolutions, labels_from_maps, normalize_maps, otsu_thresholds, propagate_self_attention, refine_with_affinity,
+)
 from .prompts import PromptSpec, class_token_weights
 
 ModelSource = Union[str, os.PathLike, Callable[[], object]]
@@ -158,7 +162,8 @@ class DiffuMaskSampler:
         self.mask_config = mask_config
         self.sampler_config = sampler_config
         self.store = CrossAttentionStore()
-        self.capturing_layers = install_capture(pipeline.unet, self.store)
+        self.store.self_attention_factor = mask_config.self_attention_factor
+        self.capturing_layers = install_capture(pipeline.unet, self.store, mask_config.self_attention_factor is not None)
 
     @property
     def device(self) -> torch.device:
@@ -187,12 +192,32 @@ class DiffuMaskSampler:
                 callback_on_step_end=self.store.on_step_end,
             ).images
             fused = fuse_resolutions(self.store.maps(), mcfg.resolution_weights, size, mcfg.normalization)
-            thresholds = torch.tensor(
-                [[mcfg.class_thresholds.get(n, mcfg.threshold) for n in p.class_names]
-                 + [mcfg.threshold] * (ids.shape[1] - len(p.class_names)) for p in prompts]
-            )
+            if mcfg.self_attention_factor is not None:
+                fused = self._propagate(fused, size)
+            if mcfg.refine == "affinity":
+                fused = refine_with_affinity(fused, images.float(), mcfg.refine_iterations)
+            if mcfg.threshold_mode == "otsu":
+                thresholds = otsu_thresholds(fused)
+            else:
+                thresholds = torch.tensor(
+                    [[mcfg.class_thresholds.get(n, mcfg.threshold) for n in p.class_names]
+                     + [mcfg.threshold] * (ids.shape[1] - len(p.class_names)) for p in prompts]
+                )
             masks = labels_from_maps(fused, ids.to(fused.device), thresholds, mcfg.ignore_band)
         self.store.reset()
         if keep_maps:
             return GeneratedBatch(images.float().cpu(), masks.cpu(), fused.cpu(), ids)
         return GeneratedBatch(images.float().cpu(), masks.cpu())
+
+    def _propagate(self, fused: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Self-attention refinement of ``[B, K, H, W]`` fused maps at the recorded resolution."""
+        attention = self.store.self_attention()
+        factor = self.mask_config.self_attention_factor
+        if attention is None:
+            raise ValueError(f"no self-attention was recorded at latent factor {factor}; "
+                             f"cross-attention was captured at factors {sorted(self.store.counts)}")
+        h, w = (math.ceil(s / factor) for s in self.store.latent_size)
+        small = F.interpolate(fused, size=(h, w), mode="area").flatten(2)
+        spread = propagate_self_attention(small, attention, self.mask_config.self_attention_power)
+        spread = F.interpolate(spread.view(*fused.shape[:2], h, w), size=size, mode="bilinear", align_corners=False)
+        return normalize_maps(spread, self.mask_config.normalization)

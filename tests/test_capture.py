@@ -1,5 +1,5 @@
+import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from ondemand_seg.capture import CrossAttentionCaptureProcessor, CrossAttentionStore, install_capture
@@ -108,3 +108,58 @@ def test_factor_of_non_square_latent():
     store = CrossAttentionStore()
     store.begin(torch.ones(1, 1, 77), (8, 12), num_steps=1)
     assert [store.factor_of(n) for n in (96, 24, 6)] == [1, 2, 4]
+
+
+class SelfReferenceProcessor(AttnProcessor):
+    """Stock non-fused processor keeping self-attention probabilities."""
+
+    def __init__(self, records):
+        self.records = records
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(hidden_states))
+        self.records.append((attn.get_attention_scores(query, key), attn.heads))
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def test_self_attention_is_recorded_only_at_its_factor_when_asked():
+    unet = build_tiny_pipeline().unet.eval()
+    latents, text = unet_inputs(images=2)
+    records = []
+    unet.set_attn_processor({n: SelfReferenceProcessor(records) if n.endswith("attn1.processor") else AttnProcessor()
+                             for n in unet.attn_processors})
+    with torch.no_grad():
+        unet(latents, 10, encoder_hidden_states=text)
+    at_factor_2 = [p.view(4, h, *p.shape[1:])[2:].mean(1) for p, h in records if p.shape[-1] == 16]
+    want = torch.stack(at_factor_2).mean(0)
+
+    store = CrossAttentionStore()
+    store.self_attention_factor = 2
+    install_capture(unet, store, self_attention=True)
+    store.begin(torch.ones(2, 1, 77), (8, 8), num_steps=1)
+    with torch.no_grad():
+        unet(latents, 10, encoder_hidden_states=text)
+    got = store.self_attention()
+    assert got.shape == (2, 16, 16) and store.self_count == len(at_factor_2) == 3
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(got.sum(-1), torch.ones(2, 16), atol=1e-5)
+
+
+def test_sampler_refinements_produce_masks():
+    from ondemand_seg import MaskConfig, SamplerConfig
+    from ondemand_seg.prompts import PromptSpec
+    from ondemand_seg.sampler import DiffuMaskSampler
+
+    pipe = build_tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    prompt = PromptSpec("a photograph of a dog", ("dog",), (12,), ("dog",))
+    plain = DiffuMaskSampler(pipe, MaskConfig(), SamplerConfig(num_inference_steps=2)).generate([prompt], [0], (64, 64), keep_maps=True)
+    for config in (MaskConfig(threshold_mode="otsu"), MaskConfig(refine="affinity"), MaskConfig(self_attention_factor=1)):
+        batch = DiffuMaskSampler(pipe, config, SamplerConfig(num_inference_steps=2)).generate([prompt], [0], (64, 64), keep_maps=True)
+        assert torch.allclose(batch.images, plain.images, atol=1e-5), "refinement must not change the image"
+        assert set(batch.masks.unique().tolist()) <= {0, 12, 255}
+        if config.threshold_mode == "fixed":
+            assert not torch.allclose(batch.fused, plain.fused), config
+    with pytest.raises(ValueError, match="no self-attention was recorded at latent factor 8"):
+        DiffuMaskSampler(pipe, MaskConfig(self_attention_factor=8), SamplerConfig(num_inference_steps=2)).generate([prompt], [0], (64, 64))

@@ -1,7 +1,16 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ondemand_seg.masks import fuse_resolutions, labels_from_maps, normalize_maps
+from ondemand_seg.masks import (
+    calibrate_threshold,
+    fuse_resolutions,
+    labels_from_maps,
+    normalize_maps,
+    otsu_thresholds,
+    propagate_self_attention,
+    refine_with_affinity,
+)
 
 
 def blob(size, top, left, height, width, value=1.0):
@@ -67,3 +76,48 @@ def test_labels_ignore_unused_slots():
     labels = labels_from_maps(fused, ids, torch.full((2, 2), 0.4), 0.05)
     assert set(labels[0].unique().tolist()) == {5}
     assert set(labels[1].unique().tolist()) <= {5, 9}
+
+
+def test_otsu_cuts_between_modes_per_map():
+    low = torch.rand(1, 1, 16, 16) * 0.2
+    high = blob(16, 4, 4, 8, 8, 0.7)[None, None]
+    maps = torch.cat([low + high, low * 0.5 + high * 0.5], dim=1)  # modes near (0.1, 0.8) and (0.05, 0.4)
+    cuts = otsu_thresholds(maps)
+    assert cuts.shape == (1, 2)
+    assert 0.2 < cuts[0, 0] < 0.7 and 0.1 < cuts[0, 1] < 0.35
+
+
+def test_calibrate_threshold_finds_the_gap():
+    truth = blob(16, 2, 2, 6, 6).bool()
+    inside = 0.55 + 0.1 * torch.rand(16, 16)
+    outside = 0.5 * torch.rand(16, 16)
+    fused = torch.where(truth, inside, outside)
+    gamma = calibrate_threshold([fused, fused.flip(0)], [truth, truth.flip(0)])
+    assert 0.5 <= gamma <= 0.55
+    with pytest.raises(ValueError, match="as many truths as maps"):
+        calibrate_threshold([fused], [])
+
+
+def test_affinity_refinement_snaps_a_blurry_map_to_the_object_edge():
+    truth = blob(32, 8, 8, 12, 12).bool()
+    image = torch.full((1, 3, 32, 32), 0.5)
+    image[0, 0][truth] = 1.0
+    image[0, 1][truth] = 0.0
+    blurry = F.avg_pool2d(truth.float()[None, None], 9, stride=1, padding=4)
+    blurry = torch.roll(blurry, shifts=(2, 2), dims=(2, 3))  # off by two pixels, like coarse attention
+    def iou(m):
+        pred = normalize_maps(m)[0, 0] >= 0.5
+        return (pred & truth).sum() / (pred | truth).sum()
+    refined = refine_with_affinity(blurry, image, iterations=10)
+    assert refined.shape == blurry.shape and 0 <= refined.min() and refined.max() <= 1
+    assert iou(refined) > iou(blurry) + 0.05
+
+
+def test_propagate_self_attention():
+    cross = torch.zeros(1, 1, 4)
+    cross[0, 0, 0] = 1.0
+    identity = torch.eye(4)[None]
+    assert torch.equal(propagate_self_attention(cross, identity), cross)
+    blocks = torch.block_diag(torch.full((2, 2), 0.5), torch.full((2, 2), 0.5))[None]
+    spread = propagate_self_attention(cross, blocks, power=2)
+    assert spread[0, 0].tolist() == [0.5, 0.5, 0.0, 0.0]

@@ -255,7 +255,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.resume:
         # After iter(loader), which draws a base seed: dropout then continues as in an uninterrupted run.
         torch.set_rng_state(checkpoint["rng"])
-    waited = trained = 0.0
+    waited = trained = startup = 0.0
+    first_batch = True
     bar = tqdm(total=args.steps, initial=step, desc="train", disable=not is_main_process(), dynamic_ncols=True)
     model.train()
     while step < args.steps:
@@ -277,8 +278,11 @@ def main(args: argparse.Namespace) -> dict:
         scheduler.step()
         step += 1
         done = time.perf_counter()
-        waited += fetched - started
-        trained += done - fetched
+        if first_batch:  # worker start-up and pipeline loading, not steady-state feeding
+            startup, first_batch = done - started, False
+        else:
+            waited += fetched - started
+            trained += done - fetched
         loss_value = all_reduce_mean(loss.item(), device)
         wait_share = waited / max(waited + trained, 1e-9)
         bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{args.batch_size * world / (done - started):.1f}",
@@ -302,7 +306,7 @@ def main(args: argparse.Namespace) -> dict:
     per_class = {name: round(float(v), 4) for name, v in zip(label_space, confusion.iou())}
     summary = {"event": "final", "step": step, "miou": confusion.mean_iou(), "per_class_iou": per_class,
                "pixel_accuracy": confusion.pixel_accuracy(), "data_wait_fraction": waited / max(waited + trained, 1e-9),
-               "train_seconds": trained, "data_wait_seconds": waited}
+               "train_seconds": trained, "data_wait_seconds": waited, "startup_seconds": startup}
     if isinstance(train_data, DiffuMaskStream) and is_main_process():
         summary["generator_stats_main_process"] = train_data.stats()
     log.write(summary)
