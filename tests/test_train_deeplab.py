@@ -108,3 +108,13 @@ def test_help_documents_every_flag():
     for flag in ("--synthetic-only", "--voc-root", "--eval-root", "--synthetic-ratio", "--backbone",
                  "--backbone-weights", "--resume", "--reuse", "--workers"):
         assert flag in done.stdout
+
+
+def test_online_noise_learning_counts_dropped_samples(tmp_path):
+    done = run(["--synthetic-only", "--steps", "3", "--noise-cutoff", "0.99", "--noise-warmup", "1",
+                "--output-dir", "noise", "--workers", "0"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = rows(tmp_path / "noise", "final")[0]["noise_filter"]
+    assert counts["scored"] == 8 and counts["dropped"] >= 1
+    refused = run(["--noise-cutoff", "0.5", "--steps", "1"], tmp_path, timeout=120)
+    assert refused.returncode != 0 and "needs --synthetic-only" in refused.stderr

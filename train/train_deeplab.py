@@ -32,6 +32,7 @@ from ondemand_seg import DiffuMaskDataset, DiffuMaskStream, MaskConfig, SamplerC
 from ondemand_seg.config import from_dict  # noqa: E402
 from ondemand_seg.label_spaces import VOC_CLASSES, class_ids  # noqa: E402
 from ondemand_seg.metrics import ConfusionMatrix  # noqa: E402
+from ondemand_seg.noise import NoiseFilter  # noqa: E402
 from ondemand_seg.sampler import read_preset  # noqa: E402
 from ondemand_seg.toyworld import TOY_CLASSES, write_voc  # noqa: E402
 
@@ -69,6 +70,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     gen.add_argument("--reuse", type=int, default=4, help="times each generated sample is served")
     gen.add_argument("--cache-size", type=int, default=64, help="generated samples kept per worker")
     gen.add_argument("--no-ignore-band", action="store_true", help="label the uncertain band instead of ignoring it")
+    gen.add_argument("--noise-cutoff", type=float, default=None,
+                     help="online noise learning (--synthetic-only): after --noise-warmup steps, samples whose mask "
+                          "agrees with the model's prediction below this IoU are dropped or relabelled")
+    gen.add_argument("--noise-warmup", type=int, default=200, help="steps before noise learning starts")
+    gen.add_argument("--noise-mode", choices=["drop", "relabel"], default="drop")
     gen.add_argument("--synthetic-length", type=int, default=None,
                      help="size of the map-style synthetic set when mixing (default: from --synthetic-ratio)")
     model = p.add_argument_group("model and optimisation")
@@ -102,6 +108,8 @@ def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
             raise SystemExit(f"error: --{flag.replace('_', '-')} {root} has no VOCdevkit/VOC2012 folder")
     if args.backbone_weights is not None and not args.backbone_weights.is_file():
         raise SystemExit(f"error: --backbone-weights {args.backbone_weights} is not a file")
+    if args.noise_cutoff is not None and not args.synthetic_only:
+        raise SystemExit("error: --noise-cutoff scores synthetic samples and needs --synthetic-only")
     if not 0.0 < args.synthetic_ratio < 1.0:
         raise SystemExit(f"error: --synthetic-ratio must be in (0, 1), got {args.synthetic_ratio}")
     for flag in ("steps", "batch_size", "reuse", "cache_size", "crop_size"):
@@ -235,6 +243,7 @@ def main(args: argparse.Namespace) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=args.steps, power=0.9)
     criterion = nn.CrossEntropyLoss(ignore_index=255)
+    noise = NoiseFilter(args.noise_cutoff, args.noise_warmup, args.noise_mode) if args.noise_cutoff is not None else None
     loader, train_data = build_train_loader(args, label_space, rank, world, device)
     step, epoch = 0, 0
     if args.resume:
@@ -271,7 +280,10 @@ def main(args: argparse.Namespace) -> dict:
             continue
         fetched = time.perf_counter()
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-        loss = criterion(model(images)["out"], masks)
+        logits = model(images)["out"]
+        if noise is not None:
+            masks = noise(step, logits, masks)
+        loss = criterion(logits, masks)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -308,7 +320,9 @@ def main(args: argparse.Namespace) -> dict:
                "pixel_accuracy": confusion.pixel_accuracy(), "data_wait_fraction": waited / max(waited + trained, 1e-9),
                "train_seconds": trained, "data_wait_seconds": waited, "startup_seconds": startup}
     if isinstance(train_data, DiffuMaskStream) and is_main_process():
-        summary["generator_stats_main_process"] = train_data.stats()
+        summary["generator_stats"] = train_data.stats()
+    if noise is not None:
+        summary["noise_filter"] = noise.counts
     log.write(summary)
     if is_main_process():
         print(f"mIoU {summary['miou']:.3f} on {args.eval_root} val; per class {per_class}; "
