@@ -1,13 +1,15 @@
 """ondemand_seg: an endless, pixel-labelled segmentation dataset from a text-to-image diffusion model."""
+from .augment import AugmentConfig, DiffuMaskAugment
 from .config import MaskConfig, QualityConfig, SamplerConfig
 from .dataset import DiffuMaskDataset
 from .label_spaces import IGNORE_INDEX, VOC_CLASSES
 from .quality import TooManyRejects
 from .stream import DiffuMaskStream
 from .transforms import SegmentationTransform
+from .vocabulary import Vocabulary, load_vocabulary
 
 __all__ = [
-    "DiffuMaskDataset", "DiffuMaskStream", "IGNORE_INDEX", "MaskConfig", "QualityConfig", "SamplerConfig",
-    "SegmentationTransform", "TooManyRejects", "VOC_CLASSES",
+    "AugmentConfig", "DiffuMaskAugment", "DiffuMaskDataset", "DiffuMaskStream", "IGNORE_INDEX", "MaskConfig", "QualityConfig", "SamplerConfig",
+    "SegmentationTransform", "TooManyRejects", "VOC_CLASSES", "Vocabulary", "load_vocabulary",
 ]
 __version__ = "0.1.0"

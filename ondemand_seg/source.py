@@ -2,6 +2,7 @@
 pipeline loaded lazily in whichever process draws, and sample ``i`` drawn from ``(seed, i)``."""
 from __future__ import annotations
 
+import os
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from .sampler import (
     DiffuMaskSampler, ModelSource, check_image_size, check_model_source, load_pipeline, pick_device, read_preset,
 )
 from .seeding import derive_seed, shard
+from .vocabulary import Vocabulary, load_vocabulary
 
 # Sub-streams of a sample's seed: which one feeds what.
 _IMAGE, _PROMPT, _AUGMENT = 0, 1, 2
@@ -56,11 +58,20 @@ class SampleSource:
         quality: QualityConfig | None = None,
         device: str | torch.device | None = None,
         prompt_names: dict[str, str] | None = None,
+        vocabulary: str | os.PathLike | Vocabulary | None = None,
     ) -> None:
         # A model folder may ship recommended settings; explicit arguments win over them.
         preset = read_preset(model)
+        classes = (classes,) if isinstance(classes, str) else tuple(classes)
+        if vocabulary is not None:
+            # Prompts then come from the vocabulary's synonyms, sub-classes and templates, and any
+            # class it lacks is added as free text (zero-shot) after its own classes.
+            vocabulary = vocabulary if isinstance(vocabulary, Vocabulary) else load_vocabulary(vocabulary)
+            vocabulary = vocabulary.with_classes([c for c in classes if c != "background"])
+            label_space = label_space or vocabulary.label_space
+        self.vocabulary = vocabulary
         self.label_space = validate_label_space(label_space or preset.get("label_space", VOC_CLASSES))
-        self.classes = tuple(classes) if not isinstance(classes, str) else (classes,)
+        self.classes = classes
         self.class_ids = class_ids(self.classes, self.label_space)
         self.mask_config = mask or from_dict(MaskConfig, preset.get("mask", {}))
         unknown = sorted(set(self.mask_config.class_thresholds) - set(self.label_space))
@@ -92,6 +103,9 @@ class SampleSource:
         """The prompt of sample ``index`` at retry ``attempt``."""
         cfg = self.sampler_config
         rng = random.Random(derive_seed(self.seed, index, attempt, _PROMPT))
+        if self.vocabulary is not None:
+            picks = rng.sample(range(len(self.classes)), min(cfg.classes_per_prompt, len(self.classes)))
+            return self.vocabulary.sample_multi(rng, [self.classes[i] for i in picks], [self.class_ids[i] for i in picks])
         return compose_prompt(rng, self.classes, self.class_ids, cfg.templates, cfg.classes_per_prompt, self.prompt_names)
 
     def draw(self, indices: Sequence[int]) -> list[RawSample]:

@@ -158,11 +158,20 @@ class StreamIterator:
         if self.quota is not None and self.served >= self.quota:
             raise StopIteration
         entry = self._schedule()
-        if entry.sample is None:
-            pending = sorted({e for e in self.cache + [entry] if e.sample is None}, key=lambda e: e.index)
+        # Generate whatever the schedule has drawn, so every cached sample is ready for splicing and
+        # a resumed iterator (whose whole cache is pending) reaches the same state.
+        pending = sorted({e for e in self.cache + [entry] if e.sample is None}, key=lambda e: e.index)
+        if pending:
             for e, sample in zip(pending, self.stream.source.draw([e.index for e in pending])):
                 e.sample = sample
         transform = self.stream.transform
+        seed = entry.sample.augment_seed(self.stream.source.seed, entry.uses - 1)
         if hasattr(transform, "set_random_seed"):
-            transform.set_random_seed(entry.sample.augment_seed(self.stream.source.seed, entry.uses - 1))
+            transform.set_random_seed(seed)
+        if hasattr(transform, "apply_many"):
+            # Splicing transforms get other cached samples too, picked from the sample's own seed so
+            # the pick is reproducible and leaves the serving schedule untouched.
+            others = [e.sample for e in self.cache if e is not entry]
+            random.Random(seed).shuffle(others)
+            return transform.apply_many([(s.image, s.mask) for s in [entry.sample] + others[:3]])
         return transform(entry.sample.image, entry.sample.mask)

@@ -1,5 +1,7 @@
 import itertools
 
+import numpy as np
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -159,3 +161,29 @@ def test_resume_with_other_sharding_is_refused(fast):
     stream = DiffuMaskStream("tiny-random", ["dog"], **fast)
     with pytest.raises(ValueError, match="saved by shard 1 of 2"):
         stream.load_state_dict({"served": 3, "shard_id": 1, "shards": 2})
+
+
+def test_splicing_transform_gets_other_cached_samples(fast):
+    from ondemand_seg import AugmentConfig, DiffuMaskAugment
+
+    always = AugmentConfig.off()
+    always.splice, always.splice_max = 1.0, 2
+    stream = DiffuMaskStream("tiny-random", ["dog", "bird"], reuse=2, cache_size=8,
+                             transform=DiffuMaskAugment(64, always), **dict(fast, mask=None))
+    plain = DiffuMaskStream("tiny-random", ["dog", "bird"], reuse=2, cache_size=8, augment=False, **fast)
+    spliced = [m for _, m in itertools.islice(iter(stream), 6)]
+    whole = [m for _, m in itertools.islice(iter(plain), 6)]
+    assert any(not torch.equal(a, b) for a, b in zip(spliced, whole))
+    again = [m for _, m in itertools.islice(iter(DiffuMaskStream("tiny-random", ["dog", "bird"], reuse=2, cache_size=8,
+                                                                  transform=DiffuMaskAugment(64, always), **dict(fast, mask=None))), 6)]
+    assert all(torch.equal(a, b) for a, b in zip(spliced, again))
+
+
+def test_vocabulary_prompts_and_zero_shot_classes(fast):
+    dataset = DiffuMaskDataset("tiny-random", ["bird", "tugboat"], length=12, vocabulary="voc", **fast)
+    assert dataset.source.label_space[-1] == "tugboat" and dataset.source.class_ids == [3, 21]
+    prompts = [dataset.source.prompt(i).text for i in range(12)]
+    assert len(set(prompts)) > 4, "templates, synonyms and sub-classes vary per image"
+    assert any("tugboat" in p for p in prompts)
+    sample = dataset.raw([0])[0]
+    assert set(np.unique(sample.mask).tolist()) <= {0, 3, 21, 255}

@@ -1,0 +1,252 @@
+"""DiffuMask's training augmentations on image and mask together: splicing 2-4 synthetic samples
+into one mosaic, scale jitter, horizontal flip, perspective, occlusion and Gaussian blur.
+
+Every pixel an augmentation invents (padding, an occluder, the area outside a warp) is labelled
+255 (ignore) in the mask, never background, so the model is not taught that padding is background.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+
+from .label_spaces import IGNORE_INDEX
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+Pair = tuple[np.ndarray, np.ndarray]
+
+_PROBABILITIES = ("splice", "blur", "occlusion", "perspective", "flip")
+# Where a mosaic's split falls, as a fraction of the side: keeps every tile at least 30 % wide/tall.
+_SPLIT_RANGE = (0.3, 0.7)
+# Keeps the splice draws apart from albumentations' own generator, which is seeded with the same seed.
+_SPLICE_STREAM = 1
+# Resizing masks with NEAREST_EXACT samples pixel centres as the image's interpolation does; plain
+# NEAREST samples top-left corners and shifts the mask up to half a source pixel against the image.
+_RESIZE_MASK = cv2.INTER_NEAREST_EXACT
+
+
+@dataclass
+class AugmentConfig:
+    """Which augmentations run, and how often; each one is off at probability 0 (or ``None``).
+
+    splice: probability that :meth:`DiffuMaskAugment.apply_many` tiles several samples into one.
+    splice_max: most samples in one mosaic, 2-4.
+    blur: probability of a Gaussian blur (sigma 0.5-1.5 px; image only, the mask is unchanged).
+    occlusion: probability of 1-3 rectangles of random colour, each 10-30 % of a side (mask 255).
+    perspective: probability of a perspective warp that keeps the whole image (outside it: mask 255).
+    scale_jitter: ``(min, max)`` zoom factor, then a random crop or padding (mask 255) back to size;
+        ``None`` for no jitter.
+    flip: probability of a horizontal flip.
+    """
+
+    splice: float = 0.5
+    splice_max: int = 4
+    blur: float = 0.3
+    occlusion: float = 0.3
+    perspective: float = 0.3
+    scale_jitter: tuple[float, float] | None = (0.75, 1.25)
+    flip: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in _PROBABILITIES:
+            value = getattr(self, name)
+            # NaN fails both comparisons, so it is rejected too.
+            if not isinstance(value, Real) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1] (or a bool), got {value!r}")
+        splice_max = self.splice_max
+        if isinstance(splice_max, bool) or not isinstance(splice_max, Integral) or not 2 <= splice_max <= 4:
+            raise ValueError(f"splice_max must be an int from 2 to 4, got {self.splice_max!r}")
+        if self.scale_jitter is not None:
+            self.scale_jitter = _check_scale_range(self.scale_jitter)
+
+    @classmethod
+    def off(cls) -> "AugmentConfig":
+        """Every augmentation disabled: only resizing to the output size and normalisation remain."""
+        return cls(splice=0.0, blur=0.0, occlusion=0.0, perspective=0.0, scale_jitter=None, flip=0.0)
+
+
+def _check_scale_range(value) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale_jitter must be a (min, max) pair of zoom factors or None, got {value!r}") from None
+    if not (math.isfinite(high) and 0.0 < low <= high):
+        raise ValueError(f"scale_jitter must satisfy 0 < min <= max, got {value!r}")
+    return low, high
+
+
+class DiffuMaskAugment:
+    """DiffuMask's augmentations with :class:`~ondemand_seg.transforms.SegmentationTransform`'s contract.
+
+    Args:
+        size: output ``(height, width)`` or one int; each side >= 2.
+        config: which augmentations run (default :class:`AugmentConfig()`).
+        mean, std: normalisation of the output image.
+        seed: seed of the random state (``None``: nondeterministic); see :meth:`set_random_seed`.
+    Call: ``(image, target)`` with PIL images or uint8 arrays (``h×w×3`` RGB, ``h×w`` ids) of any
+    size → ``(float [3, H, W] normalized, long [H, W] ids, 255 ignore)``. A single sample is never
+    spliced; :meth:`apply_many` is the call that can.
+
+    A stream splices by passing the sample it serves first and a few other cached samples after it::
+
+        transform.set_random_seed(served.augment_seed(base_seed, use))
+        image, mask = transform.apply_many([(served.image, served.mask)] + [(s.image, s.mask) for s in others])
+
+    The result depends only on the seed and the samples given, so the stream stays reproducible
+    as long as it picks ``others`` deterministically (e.g. from the served count).
+    """
+
+    def __init__(
+        self,
+        size: int | Sequence[int],
+        config: AugmentConfig | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        seed: int | None = None,
+    ) -> None:
+        self.size = _check_size(size)
+        self.config = config if config is not None else AugmentConfig()
+        ops = _single_image_ops(self.config, *self.size)
+        self.compose = A.Compose(ops + [A.Normalize(mean=mean, std=std), ToTensorV2()], seed=seed)
+        self.rng = _splice_rng(seed)
+
+    def set_random_seed(self, seed: int | None) -> None:
+        """Reseed every random choice, splicing included (per sample, for reproducible streams)."""
+        self.compose.set_random_seed(seed)
+        self.rng = _splice_rng(seed)
+
+    def __call__(self, image, target) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.apply_many([(image, target)])
+
+    def apply_many(self, samples: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Splice (with probability ``config.splice``) then augment; otherwise augment ``samples[0]``.
+
+        A mosaic holds ``samples[0]`` and 1 to ``splice_max - 1`` others drawn at random from the rest.
+        Args: ``samples``: ``(image, mask)`` pairs as accepted by ``__call__``, the served one first.
+        Returns: image float ``[3, H, W]`` normalized, mask long ``[H, W]`` ids (255 ignore).
+        """
+        if not samples:
+            raise ValueError("apply_many needs at least one (image, mask) sample")
+        pairs = [_as_pair(image, mask) for image, mask in samples]
+        image, mask = self._maybe_splice(pairs)
+        out = self.compose(image=image, mask=mask)
+        return out["image"], out["mask"].long()
+
+    def _maybe_splice(self, pairs: list[Pair]) -> Pair:
+        if len(pairs) < 2 or not self.rng.random() < self.config.splice:
+            return pairs[0]
+        count = int(self.rng.integers(2, min(self.config.splice_max, len(pairs)) + 1))
+        others = 1 + self.rng.choice(len(pairs) - 1, size=count - 1, replace=False)
+        return self.splice([pairs[0]] + [pairs[i] for i in others], self.rng)
+
+    def splice(self, samples: Sequence[Pair], rng: np.random.Generator) -> Pair:
+        """Tile 2-4 samples into one mosaic of the output size, each sample resized whole into its tile.
+
+        Two samples sit side by side; three or four share a 2×2 grid (with three, one sample spans a
+        full row or column). Split points fall in the middle 40 % of each side, and which sample takes
+        which tile is random. Images are resized with area interpolation, masks with nearest, so
+        labels stay ids and every mosaic pixel comes from a sample (no ignore is added).
+
+        Albumentations' ``Mosaic`` is not used: it crops each sample to its cell ("cover") or pads it
+        ("contain") and shows a random window of the grid, so generated objects get cut; DiffuMask
+        splices whole images.
+
+        Args:
+            samples: 2-4 ``(image [h, w, 3] uint8, mask [h, w] uint8)`` pairs, sizes may differ.
+            rng: the generator that draws the layout.
+        Returns: image ``[H, W, 3]`` uint8 and mask ``[H, W]`` uint8.
+        """
+        if not 2 <= len(samples) <= 4:
+            raise ValueError(f"splice takes 2 to 4 samples, got {len(samples)}")
+        height, width = self.size
+        boxes = _tile_boxes(len(samples), height, width, rng)
+        mosaic = np.zeros((height, width, 3), dtype=np.uint8)
+        mosaic_mask = np.full((height, width), IGNORE_INDEX, dtype=np.uint8)
+        for sample, box in zip(samples, [boxes[i] for i in rng.permutation(len(boxes))]):
+            image, mask = _as_pair(*sample)
+            top, bottom, left, right = box
+            resize = A.Resize(bottom - top, right - left, interpolation=cv2.INTER_AREA,
+                              mask_interpolation=_RESIZE_MASK)
+            tile = resize(image=image, mask=mask)
+            mosaic[top:bottom, left:right] = tile["image"]
+            mosaic_mask[top:bottom, left:right] = tile["mask"]
+        return mosaic, mosaic_mask
+
+
+def _single_image_ops(config: AugmentConfig, height: int, width: int) -> list[A.BasicTransform]:
+    """Resize to ``(height, width)``, then the enabled augmentations.
+
+    Geometry comes first so that occluders stay axis-aligned rectangles of the final image, and blur
+    comes last so that it softens occluder edges like real defocus would.
+    """
+    linear, nearest, constant = cv2.INTER_LINEAR, _RESIZE_MASK, cv2.BORDER_CONSTANT
+    ops = [A.Resize(height, width, interpolation=linear, mask_interpolation=nearest)]
+    if config.scale_jitter is not None:
+        low, high = config.scale_jitter
+        ops += [
+            A.RandomScale(scale_limit=(low - 1.0, high - 1.0), interpolation=linear, mask_interpolation=nearest, p=1.0),
+            A.RandomCrop(height, width, pad_if_needed=True, pad_position="random", border_mode=constant,
+                         fill=0, fill_mask=IGNORE_INDEX),
+        ]
+    ops += [
+        A.HorizontalFlip(p=config.flip),
+        # fit_output keeps the whole warped image in view instead of cropping into it. A warp maps
+        # pixel centres for image and mask alike, so plain NEAREST has no offset here.
+        A.Perspective(scale=(0.05, 0.1), fit_output=True, interpolation=linear, mask_interpolation=cv2.INTER_NEAREST,
+                      border_mode=constant, fill=0, fill_mask=IGNORE_INDEX, p=config.perspective),
+        A.CoarseDropout(num_holes_range=(1, 3), hole_height_range=(0.1, 0.3), hole_width_range=(0.1, 0.3),
+                        fill="random_uniform", fill_mask=IGNORE_INDEX, p=config.occlusion),
+        A.GaussianBlur(sigma_limit=(0.5, 1.5), p=config.blur),
+    ]
+    return [op for op in ops if op.p > 0]
+
+
+def _tile_boxes(count: int, height: int, width: int, rng: np.random.Generator) -> list[tuple[int, int, int, int]]:
+    """``count`` boxes ``(top, bottom, left, right)`` that partition a ``height×width`` canvas."""
+    x = _split(width, rng)
+    if count == 2:
+        return [(0, height, 0, x), (0, height, x, width)]
+    y = _split(height, rng)
+    quadrants = [(0, y, 0, x), (0, y, x, width), (y, height, 0, x), (y, height, x, width)]
+    if count == 4:
+        return quadrants
+    # Three samples: merge two neighbouring quadrants (a row or a column) into one tile.
+    first, second = ((0, 1), (2, 3), (0, 2), (1, 3))[int(rng.integers(4))]
+    merged = (quadrants[first][0], quadrants[second][1], quadrants[first][2], quadrants[second][3])
+    return [merged] + [box for i, box in enumerate(quadrants) if i not in (first, second)]
+
+
+def _split(length: int, rng: np.random.Generator) -> int:
+    return int(np.clip(round(length * rng.uniform(*_SPLIT_RANGE)), 1, length - 1))
+
+
+def _splice_rng(seed: int | None) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_SPLICE_STREAM,)))
+
+
+def _check_size(size: int | Sequence[int]) -> tuple[int, int]:
+    sides = (size, size) if isinstance(size, Integral) else tuple(size)
+    valid = all(isinstance(side, Integral) and not isinstance(side, bool) and side >= 2 for side in sides)
+    if len(sides) != 2 or not valid:
+        raise ValueError(f"size must be one int or (height, width) ints, each >= 2, got {size!r}")
+    return int(sides[0]), int(sides[1])
+
+
+def _as_pair(image, mask) -> Pair:
+    """``image`` as ``[h, w, 3]`` uint8 RGB and ``mask`` as ``[h, w]`` uint8, both copied."""
+    # Copies: PIL-backed arrays are read-only, albumentations may write in place, and cached
+    # samples must stay untouched.
+    image = np.array(image.convert("RGB") if hasattr(image, "convert") else image)
+    mask = np.array(mask)
+    if image.dtype != np.uint8 or mask.dtype != np.uint8:
+        raise ValueError(f"image and mask must be uint8, got {image.dtype} and {mask.dtype}")
+    if image.ndim != 3 or image.shape[2] != 3 or mask.shape != image.shape[:2]:
+        raise ValueError(f"expected image [h, w, 3] and mask [h, w], got {image.shape} and {mask.shape}")
+    return image, mask
