@@ -48,13 +48,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float | None = None, progress: bool = True) -> dict:
-    """Score ``n`` generated samples; returns per-class and mean IoU per method, and counts."""
+def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float | None = None, progress: bool = True,
+            mask_overrides: dict | None = None) -> dict:
+    """Score ``n`` generated samples; returns per-class and mean IoU per method, and counts.
+
+    ``mask_overrides`` replaces fields of the model preset's :class:`MaskConfig` (for ablations).
+    """
     from dataclasses import replace
 
     from tqdm.auto import tqdm
 
     source = SampleSource(model, list(TOY_CLASSES[1:]), label_space=TOY_CLASSES, seed=seed)
+    if mask_overrides:
+        source.mask_config = replace(source.mask_config, **mask_overrides)
     if threshold is not None:
         source.mask_config = replace(source.mask_config, threshold=threshold)
     classes, template = source.classes, source.sampler_config.templates[0]

@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import MetricLog, all_reduce_mean, init_distributed, is_main_process, load_checkpoint, save_checkpoint  # noqa: E402
 
-from ondemand_seg import DiffuMaskDataset, DiffuMaskStream, MaskConfig, SamplerConfig, SegmentationTransform  # noqa: E402
+from ondemand_seg import (  # noqa: E402
+    AugmentConfig, DiffuMaskAugment, DiffuMaskDataset, DiffuMaskStream, MaskConfig, SamplerConfig, SegmentationTransform,
+)
 from ondemand_seg.config import from_dict  # noqa: E402
 from ondemand_seg.label_spaces import VOC_CLASSES, class_ids  # noqa: E402
 from ondemand_seg.metrics import ConfusionMatrix  # noqa: E402
@@ -70,6 +72,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     gen.add_argument("--reuse", type=int, default=4, help="times each generated sample is served")
     gen.add_argument("--cache-size", type=int, default=64, help="generated samples kept per worker")
     gen.add_argument("--no-ignore-band", action="store_true", help="label the uncertain band instead of ignoring it")
+    gen.add_argument("--threshold-mode", choices=["fixed", "otsu"], default=None, help="γ: fixed (preset) or Otsu per image")
+    gen.add_argument("--refine", choices=["none", "affinity"], default=None, help="random-walk refinement along image colour")
+    gen.add_argument("--self-attention-factor", type=int, default=None,
+                     help="propagate masks through the UNet's self-attention at this latent factor")
+    gen.add_argument("--augment", choices=["basic", "full", "off"], default="basic",
+                     help="synthetic-sample augmentation: crop+flip, the full recipe (splicing, blur, occlusion, "
+                          "perspective, scale jitter), or none")
     gen.add_argument("--noise-cutoff", type=float, default=None,
                      help="online noise learning (--synthetic-only): after --noise-warmup steps, samples whose mask "
                           "agrees with the model's prediction below this IoU are dropped or relabelled")
@@ -164,9 +173,18 @@ def generator_options(args: argparse.Namespace, label_space: tuple[str, ...]) ->
     sampler = dataclasses.replace(sampler, **{k: v for k, v in {
         "num_inference_steps": args.gen_steps, "batch_size": args.gen_batch_size}.items() if v is not None})
     mask = from_dict(MaskConfig, preset.get("mask", {}))
+    mask = dataclasses.replace(mask, **{k: v for k, v in {
+        "threshold_mode": args.threshold_mode, "refine": args.refine,
+        "self_attention_factor": args.self_attention_factor}.items() if v is not None})
     if args.no_ignore_band:
         mask = dataclasses.replace(mask, ignore_band=0.0)
     return dict(label_space=label_space, seed=args.seed, sampler=sampler, mask=mask)
+
+
+def synthetic_transform(args: argparse.Namespace):
+    if args.augment == "full":
+        return DiffuMaskAugment(args.crop_size, AugmentConfig())
+    return SegmentationTransform(args.crop_size, train=args.augment == "basic")
 
 
 def build_train_loader(args, label_space, rank: int, world: int, device: torch.device) -> tuple[StatefulDataLoader, object]:
@@ -177,13 +195,13 @@ def build_train_loader(args, label_space, rank: int, world: int, device: torch.d
                   persistent_workers=args.workers > 0)
     if args.synthetic_only:
         stream = DiffuMaskStream(args.model, args.classes, reuse=args.reuse, cache_size=args.cache_size,
-                                 transform=transform, **generator_options(args, label_space))
+                                 transform=synthetic_transform(args), **generator_options(args, label_space))
         return StatefulDataLoader(stream, **common), stream
     real = VOCSegmentation(str(args.voc_root), year="2012", image_set="train", transforms=transform)
     parts = [real]
     if not args.real_only:
         length = args.synthetic_length or max(1, round(len(real) * args.synthetic_ratio / (1 - args.synthetic_ratio)))
-        parts.append(DiffuMaskDataset(args.model, args.classes, length=length, transform=transform,
+        parts.append(DiffuMaskDataset(args.model, args.classes, length=length, transform=synthetic_transform(args),
                                       **generator_options(args, label_space)))
     dataset = ConcatDataset(parts)
     sampler = (DistributedSampler(dataset, world, rank, seed=args.seed) if world > 1
