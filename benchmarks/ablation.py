@@ -21,12 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "train"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import mask_quality  # noqa: E402
-import train_deeplab  # noqa: E402
+import mask_quality
+from common import train, write_json
 
 # (name, MaskConfig overrides or None to keep the row above's, train flags added from this row on).
 FIXED = {"threshold_mode": "fixed", "ignore_band": 0.0}
@@ -76,18 +72,16 @@ def main(argv=None) -> int:
         flags = mask_flags(mask) + added
         row = {"row": name, "mask_iou": iou, "mask_overrides": mask, "train_flags": flags}
         if not args.no_downstream:
-            summary = train_deeplab.main(train_deeplab.get_args_parser().parse_args(
+            summary = train(
                 ["--synthetic-only", "--model", args.model, "--label-space", "toy", "--steps", str(args.steps),
-                 "--output-dir", str(args.work_dir / f"row{len(results)}"), "--data-dir", str(args.work_dir / "toyworld"), *flags]))
+                 "--output-dir", str(args.work_dir / f"row{len(results)}"), "--data-dir", str(args.work_dir / "toyworld"), *flags])
             row["downstream_miou"] = summary["miou"]
         results.append(row)
         print(json.dumps(row), flush=True)
     print("| recipe | mask IoU | downstream mIoU |\n|---|---|---|")
     for r in results:
         print(f"| {r['row']} | {r['mask_iou']:.3f} | {r.get('downstream_miou', float('nan')):.3f} |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     return 0
 
 

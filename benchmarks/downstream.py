@@ -13,15 +13,11 @@ steps, batch size, crop size, seed and ToyWorld val split; only the training dat
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "train"))
-
-import train_deeplab  # noqa: E402
+from common import train, write_json
 
 RUNS = {
     "real_only": ["--real-only"],
@@ -50,7 +46,7 @@ def main(argv=None) -> int:
                  "--data-dir", str(args.work_dir / "toyworld"), *extra]
         print(f"== {name}: train_deeplab.py {' '.join(flags)}", flush=True)
         started = time.perf_counter()
-        summary = train_deeplab.main(train_deeplab.get_args_parser().parse_args(flags))
+        summary = train(flags)
         results[name] = {"miou": summary["miou"], "per_class_iou": summary["per_class_iou"],
                          "data_wait_fraction": summary["data_wait_fraction"], "minutes": (time.perf_counter() - started) / 60,
                          "flags": flags}
@@ -61,9 +57,7 @@ def main(argv=None) -> int:
         gap = 100 * (results["real_only"]["miou"] - results["synthetic_only"]["miou"])
         results["synthetic_gap_points"] = gap
         print(f"synthetic-only is {gap:.1f} mIoU points below real-only (target: within 10)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     return 0
 
 

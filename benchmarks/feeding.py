@@ -13,10 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "train"))
-
-import train_deeplab  # noqa: E402
+from common import train, write_json
 
 
 def main(argv=None) -> int:
@@ -35,16 +32,14 @@ def main(argv=None) -> int:
             out = args.work_dir / f"w{workers}_r{reuse}"
             flags = ["--synthetic-only", "--reuse", str(reuse), "--workers", str(workers), "--steps", str(args.steps),
                      "--output-dir", str(out), "--data-dir", str(args.work_dir / "toyworld"), "--eval-limit", "16", *extra]
-            summary = train_deeplab.main(train_deeplab.get_args_parser().parse_args(flags))
+            summary = train(flags)
             rows.append({"workers": workers, "reuse": reuse, "data_wait_fraction": summary["data_wait_fraction"],
                          "train_seconds": summary["train_seconds"], "data_wait_seconds": summary["data_wait_seconds"]})
             print(json.dumps(rows[-1]), flush=True)
     print("| workers | reuse | data wait (share of loop) |\n|---|---|---|")
     for r in rows:
         print(f"| {r['workers']} | {r['reuse']} | {r['data_wait_fraction']:.0%} |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2))
+    write_json(args.json, rows)
     return 0
 
 

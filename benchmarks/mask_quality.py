@@ -18,7 +18,6 @@ gate lets through (what a stream actually serves).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import write_json
 from ondemand_seg.masks import labels_from_maps
 from ondemand_seg.metrics import centre_box, intersection_union
 from ondemand_seg.prompts import PromptSpec
@@ -123,9 +123,7 @@ def main(argv=None) -> int:
     result = measure(args.model, args.n, args.seed, args.batch_size, args.threshold)
     print(markdown(result))
     print(f"objects drawn: {result['drawn_fraction']}; gate rejected {result['gate_rejected']}/{args.n}; {result['seconds']} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+    write_json(args.json, result)
     return 0
 
 

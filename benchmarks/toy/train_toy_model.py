@@ -111,7 +111,10 @@ def parse_args(argv=None):
     # bookkeeping
     p.add_argument("--ckpt-minutes", type=float, default=4.0)
     p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--fp16-export", action="store_true", help="save the pipeline weights in fp16")
+    p.add_argument("--fp16-export", action="store_true",
+                   help="save UNet and VAE weights in fp16 (the text encoder stays fp32, so a load without "
+                        "torch_dtype gives an all-fp32 pipeline: diffusers upcasts, transformers would not)")
+    p.add_argument("--export", type=Path, help="only write the checkpoint's EMA pipeline to this folder")
     return p.parse_args(argv)
 
 
@@ -310,7 +313,8 @@ def export_pipeline(path: Path, vae, text_encoder, tokenizer, unet, fp16: bool) 
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     if fp16:
-        pipe.to(torch.float16)
+        unet.to(torch.float16)
+        vae.to(torch.float16)
     tmp = path.with_name(path.name + ".tmp")
     pipe.save_pretrained(tmp, safe_serialization=True)
     if path.exists():
@@ -325,6 +329,10 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt_file = args.out / "ckpt.pt"
+    if args.export:  # rebuild the run's architecture from its saved arguments
+        saved = json.loads((args.out / "args.json").read_text())
+        keep = {"out": args.out, "export": args.export, "fp16_export": args.fp16_export, "resume": True}
+        args = argparse.Namespace(**{**saved, **keep})
     if ckpt_file.exists() and not args.resume:
         raise SystemExit(f"{ckpt_file} exists: pass --resume or use a new --out")
     log_file = open(args.out / "log.txt", "a")
@@ -335,8 +343,9 @@ def main(argv=None) -> None:
         log_file.write(line + "\n")
         log_file.flush()
 
-    (args.out / "args.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
-                                                     for k, v in vars(args).items()}, indent=1))
+    if not args.export:
+        (args.out / "args.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                         for k, v in vars(args).items()}, indent=1))
     tokenizer = build_clip_tokenizer(WORDS, max_length=16)
     t0 = time.time()
     data = make_data(args, tokenizer)
@@ -370,6 +379,10 @@ def main(argv=None) -> None:
         rng = state["np_rng"]
         torch.set_rng_state(state["torch_rng"])
         log(f"resumed at step {step}, {elapsed / 60:.1f} min spent")
+    if args.export:
+        export_pipeline(args.export, vae, ema_text, tokenizer, ema_unet, args.fp16_export)
+        log(f"exported step {step} EMA weights to {args.export} (fp16 unet/vae: {args.fp16_export})")
+        return
     log(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, {n_cross} cross-attn layers; "
         f"text {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.3f}M; "
         f"vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M")
