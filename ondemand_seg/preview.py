@@ -42,6 +42,11 @@ def write_preview(dataset, n: int, out: str | Path, batch_size: int = 4, progres
             bar.update(len(batch))
     images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for s in samples])
     masks = torch.stack([torch.from_numpy(s.mask).long() for s in samples])
+    # Small images (the 32 px toy model) are blown up with nearest neighbours so pixels stay visible.
+    scale = max(1, 128 // max(images.shape[-2:]))
+    if scale > 1:
+        images = images.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+        masks = masks.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
     grid = overlay_grid(images, masks, len(dataset.source.label_space))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

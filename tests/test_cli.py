@@ -11,15 +11,15 @@ from ondemand_seg.cli import main
 def test_preview_writes_png_grid(tmp_path):
     out = tmp_path / "grid.png"
     result = subprocess.run(
-        [sys.executable, "-m", "ondemand_seg", "preview", "--classes", "bird", "dog", "--n", "4",
-         "--steps", "2", "--out", str(out)],
+        [sys.executable, "-m", "ondemand_seg", "preview", "--model", "tiny-random", "--classes", "bird", "dog",
+         "--n", "4", "--steps", "2", "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout and "generating" in result.stderr  # tqdm progress bar on stderr
     with Image.open(out) as grid:
-        # 4 samples -> 8 tiles of 64 px with 2 px padding, in one row.
-        assert grid.size == (8 * 66 + 2, 66 + 2)
+        # 4 samples -> 8 tiles of 64 px, shown at 128 px, with 2 px padding, in one row.
+        assert grid.size == (8 * 130 + 2, 130 + 2)
         pixels = np.asarray(grid.convert("RGB")).reshape(-1, 3)
     assert len(np.unique(pixels, axis=0)) > 50
 
@@ -31,3 +31,11 @@ def test_preview_bad_class_is_a_clean_usage_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown class 'dragon'" in err and "Traceback" not in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_preview_defaults_to_the_embedded_toy_model(tmp_path, capsys):
+    out = tmp_path / "toy.png"
+    assert main(["preview", "--n", "2", "--out", str(out)]) == 0
+    assert "'accepted': 2" in capsys.readouterr().out
+    with Image.open(out) as grid:
+        assert grid.size == (4 * 130 + 2, 130 + 2)  # 32 px toy images blown up 4x
