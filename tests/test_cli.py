@@ -39,3 +39,9 @@ def test_preview_defaults_to_the_embedded_toy_model(tmp_path, capsys):
     assert "'accepted': 2" in capsys.readouterr().out
     with Image.open(out) as grid:
         assert grid.size == (4 * 130 + 2, 130 + 2)  # 32 px toy images blown up 4x
+
+
+def test_stream_command_reports_samples_and_stats(capsys):
+    assert main(["stream", "--model", "tiny-random", "--classes", "dog", "--n", "4", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "4 samples of (3, 64, 64) images" in out and "'accepted'" in out
