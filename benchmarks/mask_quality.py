@@ -5,9 +5,16 @@ from its colours (``ondemand_seg.toyworld.color_oracle``). Sample ``i`` is promp
 ``i mod C`` ("a photo of a {class}"), generated with its own seed, and scored three ways on the
 same image and the same captured attention:
 
-- ``diffumask``: the library's masks (fused maps, threshold γ, ignore band; ignore pixels excluded);
-- ``fixed_0.5``: the same fused map thresholded at 0.5 with no band;
+- ``diffumask``: the library's masks with the model's preset (fusion, timestep window, γ, ignore
+  band; ignore pixels excluded);
+- ``fixed_0.5``: the plain attention map, every captured resolution and every step averaged
+  (the paper's default fusion, what a DAAM-style tool gives), thresholded at 0.5 without band;
+- ``fixed_0.5_tuned_fusion``: the preset's fused map thresholded at 0.5 without band (how much
+  of the gain is γ and the band rather than the fusion);
 - ``centre_box``: the middle half of each side.
+
+The plain map comes from a second capture of the same images (same seeds; capture does not
+change what the pipeline draws, which the tests check).
 
 Per class, IoU = summed intersection / summed union over its samples; "mean" averages classes.
 Figures are over *all* generated samples; ``accepted`` repeats ours over the samples the quality
@@ -34,7 +41,9 @@ from ondemand_seg.seeding import derive_seed
 from ondemand_seg.source import SampleSource
 from ondemand_seg.toyworld import TOY_CLASSES, color_oracle
 
-METHODS = ("diffumask", "fixed_0.5", "centre_box")
+METHODS = ("diffumask", "fixed_0.5", "fixed_0.5_tuned_fusion", "centre_box")
+PLAIN_ATTENTION = dict(resolution_weights={1: 1.0, 2: 1.0, 4: 1.0}, timestep_window=(0.0, 1.0), threshold=0.5,
+                       ignore_band=0.0, threshold_mode="fixed", refine="none", self_attention_factor=None)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -63,6 +72,8 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
         source.mask_config = replace(source.mask_config, **mask_overrides)
     if threshold is not None:
         source.mask_config = replace(source.mask_config, threshold=threshold)
+    plain = SampleSource(model, list(TOY_CLASSES[1:]), label_space=TOY_CLASSES, seed=seed,
+                         mask=replace(source.mask_config, **PLAIN_ATTENTION))
     classes, template = source.classes, source.sampler_config.templates[0]
     height, width = source.image_size
     box = centre_box(height, width)
@@ -74,8 +85,10 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
         indices = list(range(start, min(start + batch_size, n)))
         names = [classes[i % len(classes)] for i in indices]
         prompts = [PromptSpec(template.format(c), (c,), (TOY_CLASSES.index(c),), (c,)) for c in names]
-        batch = source.sampler.generate(prompts, [derive_seed(seed, i) for i in indices], source.image_size, keep_maps=True)
-        fixed = labels_from_maps(batch.fused, batch.class_ids, torch.full(batch.class_ids.shape, 0.5), 0.0)
+        seeds = [derive_seed(seed, i) for i in indices]
+        batch = source.sampler.generate(prompts, seeds, source.image_size, keep_maps=True)
+        tuned = labels_from_maps(batch.fused, batch.class_ids, torch.full(batch.class_ids.shape, 0.5), 0.0)
+        fixed = plain.sampler.generate(prompts, seeds, source.image_size).masks
         reasons = gate(batch.images, batch.masks, source.quality_config)
         images = (batch.images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         for j, name in enumerate(names):
@@ -86,6 +99,7 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
             scores = {
                 "diffumask": intersection_union(ours == class_id, truth, valid=ours != 255),
                 "fixed_0.5": intersection_union(fixed[j] == class_id, truth),
+                "fixed_0.5_tuned_fusion": intersection_union(tuned[j] == class_id, truth),
                 "centre_box": intersection_union(box, truth),
             }
             if reasons[j] is None:

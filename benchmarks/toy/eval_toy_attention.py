@@ -249,6 +249,7 @@ def main(argv=None) -> None:
     box = score(centre_box(class_ids, size), oracles, class_ids)
     same_05 = score(masks_for(items, MaskConfig(**{**config.__dict__, "threshold": 0.5, "ignore_band": 0.0}), size),
                     oracles, class_ids)
+    no_band = score(masks_for(items, MaskConfig(**{**config.__dict__, "ignore_band": 0.0}), size), oracles, class_ids)
     # sanity: recomputing the library's masks from the recorded maps gives the same masks
     recomputed = masks_for(items, config, size)
     agree = float(np.mean([np.array_equal(a, b) for a, b in zip(recomputed, masks)]))
@@ -259,11 +260,12 @@ def main(argv=None) -> None:
     print(f"config: {json.dumps(config.__dict__)}; recomputed masks identical: {agree:.3f}")
     print(f"{'':<34} mIoU              | " + " ".join(f"{c[:5]:>5}" for c in CLASSES))
     print(fmt("ours", ours) + f"   (ignored px {ours['mean']['ignored']:.3f})")
+    print(fmt("ours without ignore band", no_band))
     print(fmt("centre box", box))
     print(fmt("fixed 0.5, this fusion", same_05))
     result = dict(model=args.model, seed=args.seed, per_class=args.per_class, steps=args.steps,
                   guidance=args.guidance, config=config.__dict__, generated=gen, ours=ours, centre_box=box,
-                  fixed05_same_fusion=same_05, found=found)
+                  fixed05_same_fusion=same_05, ours_no_band=no_band, found=found)
     if not args.no_default_baseline:
         default_cfg = MaskConfig(threshold=0.5, ignore_band=0.0)
         available = set(items[0]["steps"][-1][0])
