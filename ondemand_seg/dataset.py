@@ -1,6 +1,7 @@
 """DiffuMaskDataset: the map-style twin of the stream, for ``ConcatDataset`` with real data."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -21,16 +22,23 @@ class DiffuMaskDataset(Dataset):
     datasets yield the same format: ``(float [3, H, W], long [H, W])``.
 
     A DataLoader with ``batch_size`` > 1 fetches through :meth:`__getitems__`, which generates
-    the whole batch in one pipeline call.
+    the whole batch in one pipeline call. ``cache_size`` > 0 keeps that many generated samples
+    (per process) so later epochs do not regenerate them.
     """
 
     def __init__(self, model, classes: Sequence[str], length: int, augment: bool = True,
-                 transform: Transform | None = None, **options) -> None:
+                 transform: Transform | None = None, cache_size: int = 0, **options) -> None:
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
         self.source = SampleSource(model, classes, **options)
         self.length = length
         self.transform = transform or SegmentationTransform(self.source.image_size, train=augment)
+        # Items are a pure function of their index, so keeping generated ones changes nothing but
+        # speed: later epochs (in persistent workers) reuse them instead of regenerating.
+        self.cache_size = cache_size
+        self._cache: OrderedDict[int, RawSample] = OrderedDict()
 
     def __len__(self) -> int:
         return self.length
@@ -40,7 +48,13 @@ class DiffuMaskDataset(Dataset):
         for i in indices:
             if not 0 <= i < self.length:
                 raise IndexError(f"index {i} out of range for DiffuMaskDataset of length {self.length}")
-        return self.source.draw(indices)
+        missing = [i for i in dict.fromkeys(indices) if i not in self._cache]
+        drawn = dict(zip(missing, self.source.draw(missing))) if missing else {}
+        if self.cache_size:
+            self._cache.update(drawn)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return [self._cache[i] if i in self._cache else drawn[i] for i in indices]
 
     def stats(self) -> dict[str, int]:
         """Generated, accepted and rejected-by-reason counts over all workers so far."""

@@ -75,3 +75,17 @@ def test_raw_samples_and_index_errors(fast):
         dataset[3]
     with pytest.raises(ValueError, match="length must be >= 1, got 0"):
         DiffuMaskDataset("tiny-random", ["dog"], length=0, **fast)
+
+
+def test_cache_reuses_generated_items(fast):
+    dataset = DiffuMaskDataset("tiny-random", ["dog"], length=4, cache_size=3, augment=False, **fast)
+    first = dataset[1]
+    generated = dataset.stats()["generated"]
+    again = dataset[1]
+    assert dataset.stats()["generated"] == generated, "a cached item is not regenerated"
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    dataset.raw([0, 2, 3])  # evicts index 1
+    dataset[1]
+    assert dataset.stats()["generated"] > generated
+    with pytest.raises(ValueError, match="cache_size must be >= 0"):
+        DiffuMaskDataset("tiny-random", ["dog"], length=4, cache_size=-1, **fast)

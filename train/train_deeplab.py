@@ -203,6 +203,7 @@ def build_train_loader(args, label_space, rank: int, world: int, device: torch.d
     if not args.real_only:
         length = args.synthetic_length or max(1, round(len(real) * args.synthetic_ratio / (1 - args.synthetic_ratio)))
         parts.append(DiffuMaskDataset(args.model, args.classes, length=length, transform=synthetic_transform(args),
+                                      cache_size=length,
                                       **generator_options(args, label_space)))
     dataset = ConcatDataset(parts)
     sampler = (DistributedSampler(dataset, world, rank, seed=args.seed) if world > 1
