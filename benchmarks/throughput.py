@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from common import write_json
+
 MODES = ("bare", "diffumask", "naive")
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
 
@@ -125,63 +127,100 @@ def build(args, device: torch.device, scheduler: str):
     return pipeline, args.image_size or preset.get("image_size", 512), (name, template.format(name), 1), preset.get("mask", {})
 
 
-def run_worker(args) -> dict:
-    """One mode at one setting, in this process: median images/s over the repeats and peak memory."""
+def make_calls(args, device, scheduler: str, steps: int, batch: int):
+    """Pipeline call functions for each mode, sharing one pipeline; each swaps in its processors.
+
+    Returns ``(calls, store_bytes, size)``: ``calls[mode]()`` generates one batch, ``store_bytes[mode]``
+    lists the capture memory each call held.
+    """
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
     from ondemand_seg import MaskConfig, SamplerConfig
     from ondemand_seg.config import from_dict
     from ondemand_seg.prompts import PromptSpec
-    from ondemand_seg.sampler import DiffuMaskSampler, pick_device
+    from ondemand_seg.sampler import DiffuMaskSampler
 
-    mode, scheduler, steps, batch = args.worker.split(",")
-    steps, batch = int(steps), int(batch)
-    device = pick_device(args.device)
     pipeline, size, (name, text, class_id), mask_options = build(args, device, scheduler)
     prompts = [PromptSpec(text, (name,), (class_id,), (name,))] * batch
     seeds = list(range(batch))
-    if mode == "diffumask":
-        sampler = DiffuMaskSampler(pipeline, from_dict(MaskConfig, mask_options), SamplerConfig(num_inference_steps=steps))
-        memory = []
-        original_reset = sampler.store.reset
+    store_bytes = {mode: [] for mode in MODES}
+    sampler = DiffuMaskSampler(pipeline, from_dict(MaskConfig, mask_options), SamplerConfig(num_inference_steps=steps))
+    capture = dict(pipeline.unet.attn_processors)
+    original_reset = sampler.store.reset
 
-        def reset_and_measure():
-            memory.append(sampler.store.memory_bytes())
-            original_reset()
+    def reset_and_measure():
+        store_bytes["diffumask"].append(sampler.store.memory_bytes())
+        original_reset()
 
-        sampler.store.reset = reset_and_measure
+    sampler.store.reset = reset_and_measure
+    naive = NaiveStore()
 
-        def call():
-            sampler.generate(prompts, seeds, (size, size))
-    else:
-        naive = NaiveStore()
-        if mode == "naive":
-            pipeline.unet.set_attn_processor(NaiveProcessor(naive))
+    def run_pipeline():
+        with torch.inference_mode():
+            pipeline([p.text for p in prompts], height=size, width=size, num_inference_steps=steps,
+                     generator=[torch.Generator(device).manual_seed(s) for s in seeds], output_type="pt")
 
-        def call():
-            naive.maps.clear()
-            with torch.inference_mode():
-                pipeline([p.text for p in prompts], height=size, width=size, num_inference_steps=steps,
-                         generator=[torch.Generator(device).manual_seed(s) for s in seeds], output_type="pt")
-            memory.append(naive.bytes())
+    def bare():
+        pipeline.unet.set_attn_processor(AttnProcessor2_0())
+        run_pipeline()
 
-        memory = []
-    call()  # warm-up: kernels, allocator, lazy imports
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.repeats):
+    def diffumask():
+        pipeline.unet.set_attn_processor(dict(capture))  # diffusers consumes the dict it is given
+        sampler.generate(prompts, seeds, (size, size))
+
+    def naive_capture():
+        pipeline.unet.set_attn_processor(NaiveProcessor(naive))
+        naive.maps.clear()
+        run_pipeline()
+        store_bytes["naive"].append(naive.bytes())
+
+    return {"bare": bare, "diffumask": diffumask, "naive": naive_capture}, store_bytes, size
+
+
+def run_worker(args) -> dict:
+    """In this process: ``timing`` interleaves the modes call by call (so machine drift hits all
+    alike) and reports median seconds per call; a mode name runs that mode alone for its peak memory."""
+    from ondemand_seg.sampler import pick_device
+
+    job, scheduler, steps, batch = args.worker.split(",")
+    steps, batch = int(steps), int(batch)
+    device = pick_device(args.device)
+    calls, store_bytes, size = make_calls(args, device, scheduler, steps, batch)
+
+    def timed(call) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         call()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    info = {"scheduler": scheduler, "steps": steps, "batch": batch, "image_size": size,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    if job == "timing":
+        for mode in args.modes:
+            calls[mode]()  # warm-up: kernels, allocator, lazy imports
+        times = {mode: [] for mode in args.modes}
+        for _ in range(args.repeats):
+            for mode in args.modes:
+                times[mode].append(timed(calls[mode]))
+        return {**info, "seconds_per_call": {m: statistics.median(t) for m, t in times.items()},
+                "images_per_s": {m: batch / statistics.median(t) for m, t in times.items()}}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    calls[job]()
+    calls[job]()
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    store_bytes = max(memory) if memory else 0
-    return {"mode": mode, "scheduler": scheduler, "steps": steps, "batch": batch, "image_size": size,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "seconds_per_call": statistics.median(times), "images_per_s": batch / statistics.median(times),
-            "peak_memory_mb": peak / 2**20, "attention_store_kb": store_bytes / 2**10}
+    return {**info, "mode": job, "peak_memory_mb": peak / 2**20, "attention_store_kb": max(store_bytes[job] or [0]) / 2**10}
+
+
+def _worker(argv: list[str], job: str) -> dict:
+    done = subprocess.run([sys.executable, __file__, *argv, "--worker", job], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{job} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
@@ -189,36 +228,26 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(run_worker(args)))
         return 0
-    forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
+    forwarded = list(argv if argv is not None else sys.argv[1:])
     rows = []
     for schedule in args.schedules:
         scheduler, steps = schedule.split(":")
         if scheduler not in SCHEDULERS:
             raise SystemExit(f"unknown scheduler {scheduler!r} in {schedule!r}; use one of {sorted(SCHEDULERS)}")
         for batch in args.batch_sizes:
-            for mode in args.modes:
-                command = [sys.executable, __file__, *forwarded, "--worker", f"{mode},{scheduler},{steps},{batch}"]
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode:
-                    raise SystemExit(f"{mode} {schedule} batch {batch} failed:\n{done.stderr[-3000:]}")
-                row = json.loads(done.stdout.strip().splitlines()[-1])
-                rows.append(row)
-                print(f"{mode:9s} {schedule:8s} batch {batch:2d}: {row['images_per_s']:8.3f} img/s, "
-                      f"peak {row['peak_memory_mb']:9.1f} MB, attention store {row['attention_store_kb']:10.1f} KB", flush=True)
-    summary = []
-    for schedule in args.schedules:
-        scheduler, steps = schedule.split(":")
-        for batch in args.batch_sizes:
-            by_mode = {r["mode"]: r for r in rows if (r["scheduler"], r["steps"], r["batch"]) == (scheduler, int(steps), batch)}
-            if "bare" in by_mode:
-                bare = by_mode["bare"]["seconds_per_call"]
-                summary.append({"scheduler": scheduler, "steps": int(steps), "batch": batch,
-                                **{f"{m}_time_over_bare": by_mode[m]["seconds_per_call"] / bare for m in by_mode if m != "bare"}})
-    for line in summary:
-        print(json.dumps(line))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, "ratios": summary}, indent=2))
+            timing = _worker(forwarded, f"timing,{scheduler},{steps},{batch}")
+            memory = {m: _worker(forwarded, f"{m},{scheduler},{steps},{batch}") for m in args.modes}
+            row = {**timing, "peak_memory_mb": {m: r["peak_memory_mb"] for m, r in memory.items()},
+                   "attention_store_kb": {m: r["attention_store_kb"] for m, r in memory.items()}}
+            if "bare" in args.modes:
+                bare = timing["seconds_per_call"]["bare"]
+                row["time_over_bare"] = {m: t / bare for m, t in timing["seconds_per_call"].items()}
+            rows.append(row)
+            for m in args.modes:
+                print(f"{m:9s} {schedule:8s} batch {batch:2d}: {row['images_per_s'][m]:8.3f} img/s"
+                      f" ({row.get('time_over_bare', {}).get(m, float('nan')):.3f}x bare time), "
+                      f"peak {row['peak_memory_mb'][m]:9.1f} MB, attention store {row['attention_store_kb'][m]:10.1f} KB", flush=True)
+    write_json(args.json, rows)
     return 0
 
 
