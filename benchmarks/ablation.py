@@ -7,10 +7,13 @@ measurement (colour-oracle truth), downstream mIoU from train/train_deeplab.py -
 1. fixed γ (no ignore band)
 2. + adaptive threshold (Otsu per image)
 3. + ignore band
-4. + affinity refinement (random walk along image colour)
-5. + self-attention refinement
-6. + noise learning (online, in the trainer; mask IoU unchanged)
-7. + augmentation (splicing, blur, occlusion, perspective, scale jitter; mask IoU unchanged)
+   (side row: + affinity refinement, the random walk along image colour; measured, not carried on)
+4. + self-attention refinement
+5. + noise learning (online, in the trainer; mask IoU unchanged)
+6. + augmentation (splicing, blur, occlusion, perspective, scale jitter; mask IoU unchanged)
+
+The cumulative rows are the issue's recipe; the affinity refinement is an alternative adaptive
+step, so it is measured beside the ignore-band row rather than stacked into the recipe.
 
     python benchmarks/ablation.py --json out.json
 """
@@ -24,20 +27,23 @@ from pathlib import Path
 import mask_quality
 from common import train, write_json
 
-# (name, MaskConfig overrides or None to keep the row above's, train flags added from this row on).
+# (name, MaskConfig overrides or None to keep the row above's, train flags added from this row on,
+#  carried: whether later rows build on this one).
 FIXED = {"threshold_mode": "fixed", "ignore_band": 0.0}
 OTSU = {"threshold_mode": "otsu", "ignore_band": 0.0}
 BAND = {"threshold_mode": "otsu"}
 AFFINITY = {**BAND, "refine": "affinity"}
-SELF_ATTENTION = {**AFFINITY, "self_attention_factor": 1}
+# The toy model's full-resolution block is cross-attention only (only_cross_attention), so its
+# finest self-attention runs at latent factor 2; --self-attention-factor changes it for other models.
+SELF_ATTENTION = {**BAND, "self_attention_factor": 2}
 ROWS = [
-    ("fixed γ", FIXED, []),
-    ("+ adaptive threshold (Otsu)", OTSU, []),
-    ("+ ignore band", BAND, []),
-    ("+ affinity refinement", AFFINITY, []),
-    ("+ self-attention refinement", SELF_ATTENTION, []),
-    ("+ noise learning", None, ["--noise-cutoff", "0.3"]),
-    ("+ augmentation", None, ["--augment", "full"]),
+    ("fixed γ", FIXED, [], True),
+    ("+ adaptive threshold (Otsu)", OTSU, [], True),
+    ("+ ignore band", BAND, [], True),
+    ("  (side row) ignore band + affinity refinement", AFFINITY, [], False),
+    ("+ self-attention refinement", SELF_ATTENTION, [], True),
+    ("+ noise learning", None, ["--noise-cutoff", "0.3"], True),
+    ("+ augmentation", None, ["--augment", "full"], True),  # rows above train with --augment basic
 ]
 
 
@@ -61,16 +67,25 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=len(ROWS), help="run the first N rows")
     parser.add_argument("--no-downstream", action="store_true", help="mask IoU only")
     parser.add_argument("--work-dir", type=Path, default=Path("out/ablation"))
+    parser.add_argument("--self-attention-factor", type=int, default=2,
+                        help="latent factor of the self-attention used for refinement (the toy model's finest: 2)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    results, mask, added = [], {}, []
-    for name, overrides, extra in ROWS[: args.rows]:
+    results, carried = [], ({}, [], None)  # (mask overrides, added train flags, mask IoU) of the last carried row
+    for name, overrides, extra, carry_on in ROWS[: args.rows]:
+        mask, added, iou = carried
         added = added + extra
         if overrides is not None:
-            mask = overrides
+            mask = dict(overrides)
+            if "self_attention_factor" in mask:
+                mask["self_attention_factor"] = args.self_attention_factor
             iou = mask_quality.measure(args.model, args.n, mask_overrides=mask, progress=False)["diffumask"]["mean"]
+        if carry_on:
+            carried = (mask, added, iou)
         flags = mask_flags(mask) + added
-        row = {"row": name, "mask_iou": iou, "mask_overrides": mask, "train_flags": flags}
+        if "--augment" not in added:
+            flags += ["--augment", "basic"]
+        row = {"row": name, "mask_iou": iou, "mask_overrides": mask, "train_flags": flags, "carried": carry_on}
         if not args.no_downstream:
             summary = train(
                 ["--synthetic-only", "--model", args.model, "--label-space", "toy", "--steps", str(args.steps),

@@ -247,7 +247,7 @@ def main(argv=None) -> int:
                 print(f"{m:9s} {schedule:8s} batch {batch:2d}: {row['images_per_s'][m]:8.3f} img/s"
                       f" ({row.get('time_over_bare', {}).get(m, float('nan')):.3f}x bare time), "
                       f"peak {row['peak_memory_mb'][m]:9.1f} MB, attention store {row['attention_store_kb'][m]:10.1f} KB", flush=True)
-    write_json(args.json, rows)
+            write_json(args.json, rows)  # after every row: a long GPU run cut short keeps what it measured
     return 0
 
 

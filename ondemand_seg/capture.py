@@ -28,6 +28,8 @@ class CrossAttentionStore:
         self.self_attention_factor: int | None = None
         self._self_sum: torch.Tensor | None = None
         self.self_count = 0
+        # Latent factors at which self-attention layers ran, so a missing factor can be explained.
+        self.self_attention_factors_seen: set[int] = set()
         self.token_weights: torch.Tensor | None = None
         self.latent_size: tuple[int, int] = (0, 0)
         self.step = 0
@@ -96,11 +98,11 @@ class CrossAttentionStore:
 
     def wants_self_attention(self, num_queries: int) -> bool:
         """Whether a self-attention layer with ``num_queries`` positions should be recorded now."""
-        return (
-            self.recording
-            and self.self_attention_factor is not None
-            and self.factor_of(num_queries) == self.self_attention_factor
-        )
+        if self.self_attention_factor is None or not self.recording:
+            return False
+        factor = self.factor_of(num_queries)
+        self.self_attention_factors_seen.add(factor)
+        return factor == self.self_attention_factor
 
     def add_self(self, probs: torch.Tensor) -> None:
         """Accumulate ``[B, N, N]`` head-averaged self-attention of one layer at one step."""
@@ -235,5 +237,9 @@ def install_capture(unet: torch.nn.Module, store: CrossAttentionStore, self_atte
             processors[name] = AttnProcessor2_0()
     if not captured:
         raise ValueError("this UNet has no cross-attention layers, so there is no text attention to capture")
+    if self_attention and len(captured) == len(processors):
+        # e.g. ``only_cross_attention=True`` (the embedded toy model): every attention reads the text.
+        raise ValueError("self-attention refinement needs self-attention layers, and this UNet has none "
+                         "(all its attention layers are cross-attention); set self_attention_factor=None")
     unet.set_attn_processor(processors)
     return captured

@@ -215,9 +215,13 @@ class DiffuMaskSampler:
         factor = self.mask_config.self_attention_factor
         if attention is None:
             raise ValueError(f"no self-attention was recorded at latent factor {factor}; "
-                             f"cross-attention was captured at factors {sorted(self.store.counts)}")
+                             f"this model's self-attention layers run at factors {sorted(self.store.self_attention_factors_seen)}")
         h, w = (math.ceil(s / factor) for s in self.store.latent_size)
         small = F.interpolate(fused, size=(h, w), mode="area").flatten(2)
         spread = propagate_self_attention(small, attention, self.mask_config.self_attention_power)
-        spread = F.interpolate(spread.view(*fused.shape[:2], h, w), size=size, mode="bilinear", align_corners=False)
-        return normalize_maps(spread, self.mask_config.normalization)
+        # Only the change the propagation makes is upsampled and added: the self-attention is
+        # coarser than the fused map (the toy model's finest is 8x8 for a 32 px image), and
+        # replacing the map by its propagated self would throw away the fine detail
+        # (measured on the toy model: mask IoU 0.906 -> 0.864 replacing, see RESULTS.md).
+        change = F.interpolate((spread - small).view(*fused.shape[:2], h, w), size=size, mode="bilinear", align_corners=False)
+        return normalize_maps(fused + change, self.mask_config.normalization)

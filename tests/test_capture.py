@@ -163,3 +163,30 @@ def test_sampler_refinements_produce_masks():
             assert not torch.allclose(batch.fused, plain.fused), config
     with pytest.raises(ValueError, match="no self-attention was recorded at latent factor 8"):
         DiffuMaskSampler(pipe, MaskConfig(self_attention_factor=8), SamplerConfig(num_inference_steps=2)).generate([prompt], [0], (64, 64))
+
+
+def test_self_attention_refinement_on_a_unet_without_self_attention_fails_early():
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                                down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+                                cross_attention_dim=32, attention_head_dim=8, only_cross_attention=True, mid_block_type=None)
+    with pytest.raises(ValueError, match="needs self-attention layers, and this UNet has none"):
+        install_capture(unet, CrossAttentionStore(), self_attention=True)
+    assert install_capture(unet, CrossAttentionStore())  # without refinement the same UNet is fine
+
+
+def test_missing_self_attention_factor_names_the_factors_that_exist():
+    from ondemand_seg import MaskConfig, SamplerConfig
+    from ondemand_seg.prompts import PromptSpec
+    from ondemand_seg.sampler import TOY_MODEL, DiffuMaskSampler, load_pipeline
+
+    # The toy model's full-resolution block is cross-attention only; self-attention runs at 2 and 4.
+    pipe = load_pipeline(TOY_MODEL, torch.device("cpu"))
+    pipe.set_progress_bar_config(disable=True)
+    prompt = PromptSpec("a photo of a circle", ("circle",), (1,), ("circle",))
+    sampler = DiffuMaskSampler(pipe, MaskConfig(self_attention_factor=1), SamplerConfig(num_inference_steps=2))
+    with pytest.raises(ValueError, match=r"latent factor 1; this model's self-attention layers run at factors \[2, 4\]"):
+        sampler.generate([prompt], [0], (32, 32))
+    sampler = DiffuMaskSampler(pipe, MaskConfig(self_attention_factor=2), SamplerConfig(num_inference_steps=2))
+    assert sampler.generate([prompt], [0], (32, 32)).masks.shape == (1, 32, 32)

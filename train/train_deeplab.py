@@ -70,6 +70,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     gen.add_argument("--classes", nargs="+", default=None, help="classes to generate (default: all in the label space)")
     gen.add_argument("--gen-steps", type=int, default=None, help="denoising steps (default: the model's preset)")
     gen.add_argument("--gen-batch-size", type=int, default=None, help="images per pipeline call")
+    gen.add_argument("--classes-per-prompt", type=int, default=None,
+                     help="classes named in one prompt, e.g. 2: 'a photo of a circle and a ring' (default: preset, else 1)")
     gen.add_argument("--reuse", type=int, default=8, help="times each generated sample is served")
     gen.add_argument("--cache-size", type=int, default=64, help="generated samples kept per worker")
     gen.add_argument("--no-ignore-band", action="store_true", help="label the uncertain band instead of ignoring it")
@@ -77,9 +79,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     gen.add_argument("--refine", choices=["none", "affinity"], default=None, help="random-walk refinement along image colour")
     gen.add_argument("--self-attention-factor", type=int, default=None,
                      help="propagate masks through the UNet's self-attention at this latent factor")
-    gen.add_argument("--augment", choices=["basic", "full", "off"], default="basic",
-                     help="synthetic-sample augmentation: crop+flip, the full recipe (splicing, blur, occlusion, "
-                          "perspective, scale jitter), or none")
+    gen.add_argument("--augment", choices=["basic", "full", "off"], default="full",
+                     help="synthetic-sample augmentation: the full recipe (splicing, blur, occlusion, perspective, "
+                          "scale jitter; default), crop+flip only, or none")
     gen.add_argument("--noise-cutoff", type=float, default=None,
                      help="online noise learning (--synthetic-only): after --noise-warmup steps, samples whose mask "
                           "agrees with the model's prediction below this IoU are dropped or relabelled")
@@ -172,7 +174,8 @@ def generator_options(args: argparse.Namespace, label_space: tuple[str, ...]) ->
     preset = read_preset(args.model)
     sampler = from_dict(SamplerConfig, preset.get("sampler", {}))
     sampler = dataclasses.replace(sampler, **{k: v for k, v in {
-        "num_inference_steps": args.gen_steps, "batch_size": args.gen_batch_size}.items() if v is not None})
+        "num_inference_steps": args.gen_steps, "batch_size": args.gen_batch_size,
+        "classes_per_prompt": args.classes_per_prompt}.items() if v is not None})
     mask = from_dict(MaskConfig, preset.get("mask", {}))
     mask = dataclasses.replace(mask, **{k: v for k, v in {
         "threshold_mode": args.threshold_mode, "refine": args.refine,
