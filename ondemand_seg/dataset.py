@@ -23,7 +23,9 @@ class DiffuMaskDataset(Dataset):
 
     A DataLoader with ``batch_size`` > 1 fetches through :meth:`__getitems__`, which generates
     the whole batch in one pipeline call. ``cache_size`` > 0 keeps that many generated samples
-    (per process) so later epochs do not regenerate them.
+    (per process) so later epochs do not regenerate them; with ``cache_size >= length``, a single
+    index (as ``ConcatDataset`` fetches) generates its whole aligned block of
+    ``sampler.batch_size`` indices in one call and keeps them.
     """
 
     def __init__(self, model, classes: Sequence[str], length: int, augment: bool = True,
@@ -49,12 +51,26 @@ class DiffuMaskDataset(Dataset):
             if not 0 <= i < self.length:
                 raise IndexError(f"index {i} out of range for DiffuMaskDataset of length {self.length}")
         missing = [i for i in dict.fromkeys(indices) if i not in self._cache]
+        if missing and self.cache_size >= self.length:
+            missing = self._with_block_neighbours(missing)
         drawn = dict(zip(missing, self.source.draw(missing))) if missing else {}
         if self.cache_size:
             self._cache.update(drawn)
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return [self._cache[i] if i in self._cache else drawn[i] for i in indices]
+
+    def _with_block_neighbours(self, missing: list[int]) -> list[int]:
+        """``missing`` widened to the aligned blocks of one pipeline batch that hold them.
+
+        Through ``ConcatDataset`` items arrive one index at a time, and a pipeline call of one image
+        costs nearly what a full batch does (2x per image on CPU, far more on a GPU). Items are a
+        pure function of their index, so generating a block's neighbours early yields exactly what
+        their own fetch would; done only when the cache keeps everything (nothing drawn is wasted).
+        """
+        block = self.source.sampler_config.batch_size
+        wanted = (j for i in missing for j in range(i - i % block, min(i - i % block + block, self.length)))
+        return [j for j in dict.fromkeys(wanted) if j not in self._cache]
 
     def stats(self) -> dict[str, int]:
         """Generated, accepted and rejected-by-reason counts over all workers so far."""

@@ -89,3 +89,26 @@ def test_cache_reuses_generated_items(fast):
     assert dataset.stats()["generated"] > generated
     with pytest.raises(ValueError, match="cache_size must be >= 0"):
         DiffuMaskDataset("tiny-random", ["dog"], length=4, cache_size=-1, **fast)
+
+
+def test_a_single_index_generates_its_block_when_everything_fits(fast):
+    from ondemand_seg import SamplerConfig
+
+    sampler = SamplerConfig(num_inference_steps=fast["sampler"].num_inference_steps, batch_size=3)
+    options = {**fast, "sampler": sampler}
+    dataset = DiffuMaskDataset("tiny-random", ["dog"], length=7, cache_size=7, augment=False, **options)
+    dataset[4]  # block [3, 4, 5] in one pipeline call
+    assert sorted(dataset._cache) == [3, 4, 5] and dataset.stats()["generated"] == 3
+    dataset[5]
+    assert dataset.stats()["generated"] == 3, "a neighbour generated with the block is served from the cache"
+    dataset[6]  # the last block is cut at the length
+    assert sorted(dataset._cache) == [3, 4, 5, 6]
+    # Items stay a pure function of their index: the same as drawn alone, without any block.
+    alone = DiffuMaskDataset("tiny-random", ["dog"], length=7, augment=False, **options)
+    for i in (3, 5, 6):
+        assert np.array_equal(dataset.raw([i])[0].mask, alone.raw([i])[0].mask)
+        assert np.abs(dataset.raw([i])[0].image.astype(int) - alone.raw([i])[0].image.astype(int)).max() <= 1
+    # A cache that cannot keep everything generates only what is asked for.
+    small = DiffuMaskDataset("tiny-random", ["dog"], length=7, cache_size=6, augment=False, **options)
+    small[4]
+    assert small.stats()["generated"] == 1
