@@ -53,6 +53,7 @@ def main(argv=None) -> int:
         results[name] = {"miou": summary["miou"], "per_class_iou": summary["per_class_iou"],
                          "data_wait_fraction": summary["data_wait_fraction"], "minutes": (time.perf_counter() - started) / 60,
                          "flags": flags}
+        write_json(args.json, results)  # after every run: an interrupted table keeps what it measured
     print("| training data | mIoU | minutes |\n|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['miou']:.3f} | {r['minutes']:.1f} |")
