@@ -48,6 +48,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="also write each mode's torch.profiler table (top kernels by device time) to this folder")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -177,6 +179,22 @@ def make_calls(args, device, scheduler: str, steps: int, batch: int):
     return {"bare": bare, "diffumask": diffumask, "naive": naive_capture}, store_bytes, size
 
 
+def profile_modes(args, calls, device: torch.device, tag: str) -> None:
+    """One more call of each mode under torch.profiler; its operator table, sorted by device time
+    (CPU time on CPU), goes to ``args.profile / f"{mode}_{tag}.txt"``: where a mode's extra time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    args.profile.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for mode in args.modes:
+        with profile(activities=activities) as prof:
+            calls[mode]()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        (args.profile / f"{mode}_{tag}.txt").write_text(prof.key_averages().table(sort_by=sort_by, row_limit=40))
+
+
 def run_worker(args) -> dict:
     """In this process: ``timing`` interleaves the modes call by call (so machine drift hits all
     alike) and reports median seconds per call; a mode name runs that mode alone for its peak memory."""
@@ -205,6 +223,8 @@ def run_worker(args) -> dict:
         for _ in range(args.repeats):
             for mode in args.modes:
                 times[mode].append(timed(calls[mode]))
+        if args.profile:
+            profile_modes(args, calls, device, f"{scheduler}{steps}_b{batch}")
         return {**info, "seconds_per_call": {m: statistics.median(t) for m, t in times.items()},
                 "images_per_s": {m: batch / statistics.median(t) for m, t in times.items()}}
     if device.type == "cuda":
