@@ -66,6 +66,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="training steps per row")
     parser.add_argument("--rows", type=int, default=len(ROWS), help="run the first N rows")
     parser.add_argument("--no-downstream", action="store_true", help="mask IoU only")
+    parser.add_argument("--downstream-rows", type=int, nargs="+", default=None,
+                        help="train only these rows (0-based; e.g. 0 6: fixed γ and the full recipe); default all")
     parser.add_argument("--work-dir", type=Path, default=Path("out/ablation"))
     parser.add_argument("--self-attention-factor", type=int, default=2,
                         help="latent factor of the self-attention used for refinement (the toy model's finest: 2)")
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
         if "--augment" not in added:
             flags += ["--augment", "basic"]
         row = {"row": name, "mask_iou": iou, "mask_overrides": mask, "train_flags": flags, "carried": carry_on}
-        if not args.no_downstream:
+        if not args.no_downstream and (args.downstream_rows is None or len(results) in args.downstream_rows):
             summary = train(
                 ["--synthetic-only", "--model", args.model, "--label-space", "toy", "--steps", str(args.steps),
                  "--output-dir", str(args.work_dir / f"row{len(results)}"), "--data-dir", str(args.work_dir / "toyworld"), *flags])
