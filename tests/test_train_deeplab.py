@@ -94,6 +94,7 @@ def test_ddp_two_ranks_with_gloo(tmp_path):
         (["--backbone", "vgg"], "unknown backbone 'vgg'"),
         (["--classes", "dragon"], "unknown class 'dragon'"),
         (["--backbone-weights", "missing.safetensors"], "is not a file"),
+        (["--classes-per-prompt", "0"], "classes_per_prompt must be >= 1, got 0"),
     ],
 )
 def test_bad_flags_fail_early_and_clearly(tmp_path, args, message):
@@ -118,3 +119,18 @@ def test_online_noise_learning_counts_dropped_samples(tmp_path):
     assert counts["scored"] == 8 and counts["dropped"] >= 1
     refused = run(["--noise-cutoff", "0.5", "--steps", "1"], tmp_path, timeout=120)
     assert refused.returncode != 0 and "needs --synthetic-only" in refused.stderr
+
+
+def test_classes_per_prompt_reaches_the_generator():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import train_deeplab
+
+    from ondemand_seg.toyworld import TOY_CLASSES
+
+    def sampler_for(*flags):
+        args = train_deeplab.get_args_parser().parse_args(["--synthetic-only", *flags])
+        return train_deeplab.generator_options(args, TOY_CLASSES)["sampler"]
+
+    assert sampler_for().classes_per_prompt == 2  # the toy preset: its training captions' form
+    assert sampler_for("--classes-per-prompt", "1").classes_per_prompt == 1
+    assert sampler_for("--model", "tiny-random", "--classes-per-prompt", "3").classes_per_prompt == 3

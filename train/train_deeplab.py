@@ -131,6 +131,7 @@ def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
         raise SystemExit("error: the default real data is ToyWorld; with another label space pass --voc-root and --eval-root")
     try:
         class_ids(args.classes, label_space)
+        generator_options(args, label_space)  # the config dataclasses name a bad generator value
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
 
