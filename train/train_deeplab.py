@@ -83,9 +83,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="synthetic-sample augmentation: the full recipe (splicing, blur, occlusion, perspective, "
                           "scale jitter; default), crop+flip only, or none")
     gen.add_argument("--noise-cutoff", type=float, default=None,
-                     help="online noise learning (--synthetic-only): after --noise-warmup steps, samples whose mask "
-                          "agrees with the model's prediction below this IoU are dropped or relabelled")
+                     help="online noise learning (--synthetic-only): after --noise-warmup steps, a class region whose "
+                          "mask agrees with the model's prediction below this IoU (and among its class's lowest "
+                          "--noise-drop-fraction) is dropped or relabelled")
     gen.add_argument("--noise-warmup", type=int, default=200, help="steps before noise learning starts")
+    gen.add_argument("--noise-drop-fraction", type=float, default=0.1,
+                     help="prune only a class's lowest-scoring share of regions (recent history); 1 = plain cutoff")
     gen.add_argument("--noise-mode", choices=["drop", "relabel"], default="drop")
     gen.add_argument("--synthetic-length", type=int, default=None,
                      help="size of the map-style synthetic set when mixing (default: from --synthetic-ratio)")
@@ -132,6 +135,8 @@ def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
     try:
         class_ids(args.classes, label_space)
         generator_options(args, label_space)  # the config dataclasses name a bad generator value
+        if args.noise_cutoff is not None:
+            noise_filter(args)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
 
@@ -140,7 +145,9 @@ def default_voc_root(args: argparse.Namespace, image_size: int) -> Path:
     """The ToyWorld VOC folder (written once by rank 0) used when no real data is named."""
     ready = args.data_dir / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt"
     if is_main_process() and not ready.is_file():
-        write_voc(args.data_dir, n_train=1000, n_val=200, image_size=image_size, seed=args.seed)
+        # A fixed dataset, not drawn from --seed: runs with different training seeds are scored on
+        # the same val split.
+        write_voc(args.data_dir, n_train=1000, n_val=200, image_size=image_size, seed=0)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return args.data_dir
@@ -168,6 +175,10 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     if is_main_process():
         print(f"backbone {args.backbone}: loaded {len(matched)}/{len(own)} tensors from {args.backbone_weights}")
     return model
+
+
+def noise_filter(args: argparse.Namespace) -> NoiseFilter:
+    return NoiseFilter(args.noise_cutoff, args.noise_warmup, args.noise_mode, args.noise_drop_fraction)
 
 
 def generator_options(args: argparse.Namespace, label_space: tuple[str, ...]) -> dict:
@@ -289,7 +300,7 @@ def main(args: argparse.Namespace) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=args.steps, power=0.9)
     criterion = nn.CrossEntropyLoss(ignore_index=255)
-    noise = NoiseFilter(args.noise_cutoff, args.noise_warmup, args.noise_mode) if args.noise_cutoff is not None else None
+    noise = noise_filter(args) if args.noise_cutoff is not None else None
     loader, train_data = build_train_loader(args, label_space, rank, world, device)
     step, epoch = 0, 0
     if args.resume:
@@ -372,7 +383,7 @@ def main(args: argparse.Namespace) -> dict:
     if isinstance(train_data, DiffuMaskStream) and is_main_process():
         summary["generator_stats"] = train_data.stats()
     if noise is not None:
-        summary["noise_filter"] = noise.counts
+        summary["noise_filter"] = {**noise.counts, "per_class": {label_space[c]: n for c, n in noise.counts["per_class"].items()}}
     log.write(summary)
     if is_main_process():
         print(f"mIoU {summary['miou']:.3f} on {args.eval_root} val; per class {per_class}; "
