@@ -163,7 +163,7 @@ def splice_inputs(count):
 
 @pytest.mark.parametrize("count", [2, 3, 4])
 def test_splice_puts_every_sample_whole_into_its_tile(count):
-    augment = DiffuMaskAugment(SIZE)
+    augment = DiffuMaskAugment(SIZE, AugmentConfig(splice_fit="whole"))
     samples = splice_inputs(count)
     for seed in SEEDS:
         image, mask = augment.splice(samples, np.random.default_rng(seed))
@@ -180,6 +180,30 @@ def test_splice_puts_every_sample_whole_into_its_tile(count):
             area += (bottom - top) * (right - left)
         assert area == SIZE[0] * SIZE[1]  # the tiles partition the mosaic: nothing invented, nothing lost
         assert_aligned(image.astype(np.float32), mask, seed)
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_splice_crop_keeps_each_sample_at_the_unspliced_scale(count):
+    augment = DiffuMaskAugment(SIZE, AugmentConfig(splice_fit="crop"))
+    rows, cols = np.mgrid[: SIZE[0], : SIZE[1]]
+    samples = []
+    for label in [3, 7, 12, 20][:count]:
+        # Every pixel of the resized sample is unique (position coded in the mask ids), so a tile
+        # can only match the window it was cut from, at scale 1.
+        mask = ((rows * SIZE[1] + cols) % 250).astype(np.uint8)
+        samples.append((np.dstack([rows, cols, np.full_like(rows, label)]).astype(np.uint8), mask))
+    for seed in SEEDS:
+        image, mask = augment.splice(samples, np.random.default_rng(seed))
+        assert image.shape == (*SIZE, 3) and mask.shape == SIZE and IGNORE not in mask
+        for sample_image, sample_mask in samples:
+            tile_rows, tile_cols = np.nonzero(image[..., 2] == sample_image[0, 0, 2])
+            top, left = tile_rows.min(), tile_cols.min()
+            height, width = tile_rows.max() + 1 - top, tile_cols.max() + 1 - left
+            assert len(tile_rows) == height * width, "each sample fills one rectangle"
+            source_top, source_left = image[top, left, :2]
+            window = (slice(source_top, source_top + height), slice(source_left, source_left + width))
+            assert np.array_equal(image[top : top + height, left : left + width], sample_image[window])
+            assert np.array_equal(mask[top : top + height, left : left + width], sample_mask[window])
 
 
 def test_two_samples_sit_side_by_side():
@@ -204,7 +228,7 @@ def test_apply_many_splices_the_served_sample_with_others():
 
 @pytest.mark.parametrize("field, value", [
     ("splice", 1.5), ("blur", -0.1), ("occlusion", "often"), ("perspective", float("nan")), ("flip", 2),
-    ("splice_max", 1), ("splice_max", 5), ("splice_max", 3.0),
+    ("splice_max", 1), ("splice_max", 5), ("splice_max", 3.0), ("splice_fit", "stretch"),
     ("scale_jitter", (0.0, 1.0)), ("scale_jitter", (1.2, 0.8)), ("scale_jitter", (1.0,)), ("scale_jitter", 1.0),
 ])
 def test_bad_config_names_the_field(field, value):

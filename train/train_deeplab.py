@@ -82,6 +82,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     gen.add_argument("--augment", choices=["basic", "full", "off"], default="full",
                      help="synthetic-sample augmentation: the full recipe (splicing, blur, occlusion, perspective, "
                           "scale jitter; default), crop+flip only, or none")
+    gen.add_argument("--splice-fit", choices=["crop", "whole"], default="crop",
+                     help="--augment full: splice windows cut at an unspliced sample's scale (default; objects keep "
+                          "size and shape), or whole samples resized into their tiles (the paper)")
     gen.add_argument("--noise-cutoff", type=float, default=None,
                      help="online noise learning (--synthetic-only): after --noise-warmup steps, a class region whose "
                           "mask agrees with the model's prediction below this IoU (and among its class's lowest "
@@ -199,7 +202,7 @@ def generator_options(args: argparse.Namespace, label_space: tuple[str, ...]) ->
 
 def synthetic_transform(args: argparse.Namespace):
     if args.augment == "full":
-        return DiffuMaskAugment(args.crop_size, AugmentConfig())
+        return DiffuMaskAugment(args.crop_size, AugmentConfig(splice_fit=args.splice_fit))
     return SegmentationTransform(args.crop_size, train=args.augment == "basic")
 
 
