@@ -7,6 +7,8 @@ same image and the same captured attention:
 
 - ``diffumask``: the library's masks with the model's preset (fusion, timestep window, γ, ignore
   band; ignore pixels excluded);
+- ``diffumask_band_as_miss``: the same masks with ignore pixels counted as not labelled (a mask
+  that ignores much of an object is not rewarded for it);
 - ``fixed_0.5``: the plain attention map, every captured resolution and every step averaged
   (the paper's default fusion, what a DAAM-style tool gives), thresholded at 0.5 without band;
 - ``fixed_0.5_tuned_fusion``: the preset's fused map thresholded at 0.5 without band (how much
@@ -41,7 +43,7 @@ from ondemand_seg.seeding import derive_seed
 from ondemand_seg.source import SampleSource
 from ondemand_seg.toyworld import TOY_CLASSES, color_oracle
 
-METHODS = ("diffumask", "fixed_0.5", "fixed_0.5_tuned_fusion", "centre_box")
+METHODS = ("diffumask", "diffumask_band_as_miss", "fixed_0.5", "fixed_0.5_tuned_fusion", "centre_box")
 PLAIN_ATTENTION = dict(resolution_weights={1: 1.0, 2: 1.0, 4: 1.0}, timestep_window=(0.0, 1.0), threshold=0.5,
                        ignore_band=0.0, threshold_mode="fixed", refine="none", self_attention_factor=None)
 
@@ -98,6 +100,7 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
             ours = batch.masks[j]
             scores = {
                 "diffumask": intersection_union(ours == class_id, truth, valid=ours != 255),
+                "diffumask_band_as_miss": intersection_union(ours == class_id, truth),
                 "fixed_0.5": intersection_union(fixed[j] == class_id, truth),
                 "fixed_0.5_tuned_fusion": intersection_union(tuned[j] == class_id, truth),
                 "centre_box": intersection_union(box, truth),
