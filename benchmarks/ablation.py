@@ -1,8 +1,9 @@
 """Ablation of the full DiffuMask recipe on ToyWorld: mask IoU and downstream mIoU, step by step.
 
 Each row adds one component to the one above; mask IoU comes from benchmarks/mask_quality.py's
-measurement (colour-oracle truth; on labelled pixels, and with ignore-band pixels counted as misses), downstream mIoU from train/train_deeplab.py --synthetic-only
-(same steps, batch and seeds for every row):
+measurement (colour-oracle truth; on labelled pixels, and with ignore-band pixels counted as
+misses), downstream mIoU from train/train_deeplab.py --synthetic-only (same steps, batch and
+seeds for every row):
 
 1. fixed γ (no ignore band)
 2. + adaptive threshold (Otsu per image)

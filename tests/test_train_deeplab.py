@@ -132,8 +132,6 @@ def test_classes_per_prompt_reaches_the_generator():
     sys.path.insert(0, str(SCRIPT.parent))
     import train_deeplab
 
-    from ondemand_seg.toyworld import TOY_CLASSES
-
     def sampler_for(*flags):
         args = train_deeplab.get_args_parser().parse_args(["--synthetic-only", *flags])
         return train_deeplab.generator_options(args, TOY_CLASSES)["sampler"]
