@@ -19,17 +19,26 @@ step, so it is measured beside the ignore-band row rather than stacked into the 
 
     python benchmarks/ablation.py --json out.json
     python benchmarks/ablation.py --steps 600 --seeds 0 1 2 --downstream-rows 0 6 --json out.json
+    python benchmarks/ablation.py --adaptive calibrated --steps 600 --seeds 0 1 2 --downstream-rows 6 --json out.json
+    # on one GPU, twelve training runs at once:
+    python benchmarks/ablation.py --device cuda --jobs 12 --crop-size 128 --steps 600 --seeds 0 1 2 3 4 \
+        --downstream-rows 0 6 --json out.json
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
 import mask_quality
-from common import train, write_json
+from common import TRAIN_SCRIPT, train, train_deeplab, write_json
+
+from ondemand_seg.sampler import read_preset
 
 # (name, MaskConfig overrides or None to keep the row above's, train flags added from this row on,
 #  carried: whether later rows build on this one).
@@ -54,6 +63,8 @@ ROWS = [
 def mask_flags(mask: dict) -> list[str]:
     """train_deeplab.py flags that set the same MaskConfig fields."""
     flags = ["--threshold-mode", mask.get("threshold_mode", "fixed")]
+    if mask.get("class_thresholds"):
+        flags += ["--class-thresholds", *(f"{name}={gamma}" for name, gamma in mask["class_thresholds"].items())]
     if mask.get("ignore_band") == 0.0:
         flags.append("--no-ignore-band")
     if "refine" in mask:
@@ -63,6 +74,43 @@ def mask_flags(mask: dict) -> list[str]:
     return flags
 
 
+def calibrated(model, mask: dict, n_per_class: int, cache: dict) -> dict:
+    """``mask`` with Otsu replaced by per-class γ calibrated on ``n_per_class`` oracle-labelled samples
+    per class (seeds apart from the mask-IoU samples), through the same map refinements."""
+    from dataclasses import replace
+
+    from ondemand_seg.calibration import calibrate_class_thresholds
+    from ondemand_seg.source import SampleSource
+    from ondemand_seg.toyworld import TOY_CLASSES, color_oracle
+
+    key = (mask.get("refine"), mask.get("self_attention_factor"))
+    if key not in cache:
+        source = SampleSource(model, list(TOY_CLASSES[1:]), label_space=TOY_CLASSES)
+        source.mask_config = replace(source.mask_config, **{k: v for k, v in mask.items() if k != "threshold_mode"})
+        gammas = calibrate_class_thresholds(source, lambda image, name: color_oracle(image) == TOY_CLASSES.index(name),
+                                            n_per_class)
+        cache[key] = {name: round(gamma, 3) for name, gamma in gammas.items()}
+        print(f"calibrated γ ({n_per_class} samples per class, refinements {key}): {cache[key]}", flush=True)
+    return {**mask, "threshold_mode": "fixed", "class_thresholds": cache[key]}
+
+
+def final_summary(output_dir: Path) -> dict:
+    """The 'final' event a train_deeplab.py run wrote to its metrics.jsonl."""
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["event"] == "final"][-1]
+
+
+def train_in_subprocess(flags: list[str], output_dir: Path) -> dict:
+    """Run train_deeplab.py as its own process (for --jobs > 1); its final summary."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / "train.log", "w") as log:
+        done = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *flags], stdout=log, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if done.returncode != 0:
+        raise RuntimeError(f"training run failed (exit {done.returncode}); log: {output_dir / 'train.log'}")
+    return final_summary(output_dir)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="ablation: mask IoU and downstream mIoU of the full DiffuMask recipe")
     parser.add_argument("--model", default="toy")
@@ -70,21 +118,33 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="training steps per row")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="training seeds per downstream row; the row's figure is their mean (single runs "
-                             "spread 3-4 mIoU points; the ToyWorld val split is the same for every seed)")
+                             "spread 3-7 mIoU points; the ToyWorld val split is the same for every seed)")
     parser.add_argument("--rows", type=int, default=len(ROWS), help="run the first N rows")
     parser.add_argument("--no-downstream", action="store_true", help="mask IoU only")
     parser.add_argument("--downstream-rows", type=int, nargs="+", default=None,
                         help="train only these rows (0-based; e.g. 0 6: fixed γ and the full recipe); default all")
+    parser.add_argument("--adaptive", choices=["otsu", "calibrated"], default="otsu",
+                        help="the adaptive threshold of row 1 on: Otsu per image (no labels), or per-class γ "
+                             "calibrated on --calibrate-n oracle-labelled samples per class")
+    parser.add_argument("--calibrate-n", type=int, default=20, help="labelled samples per class for --adaptive calibrated")
+    parser.add_argument("--crop-size", type=int, default=None, help="training and evaluation size (default: the trainer's, 64)")
+    parser.add_argument("--device", default=None, help="training device (default: the trainer's choice)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="training runs at once, each its own process with one CPU thread (e.g. 12 on one GPU)")
     parser.add_argument("--work-dir", type=Path, default=Path("out/ablation"))
     parser.add_argument("--self-attention-factor", type=int, default=2,
                         help="latent factor of the self-attention used for refinement (the toy model's finest: 2)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.jobs < 1 or args.calibrate_n < 1:
+        raise SystemExit(f"error: --jobs and --calibrate-n must be >= 1, got {args.jobs} and {args.calibrate_n}")
     # Runs already in the JSON with the same flags and steps are kept, not repeated: the table can
     # be built (or resumed) a few runs at a time.
     earlier = {r["row"]: r for r in json.loads(args.json.read_text())} if args.json and args.json.exists() else {}
+    common = [*(["--crop-size", str(args.crop_size)] if args.crop_size else []),
+              *(["--device", args.device] if args.device else [])]
     # (mask overrides, added train flags, mask IoU on labelled pixels, with band as miss) of the last carried row
-    results, carried = [], ({}, [], None, None)
+    results, carried, pending, calibration = [], ({}, [], None, None), [], {}
     for name, overrides, extra, carry_on in ROWS[: args.rows]:
         mask, added, iou, strict = carried
         added = added + extra
@@ -92,11 +152,14 @@ def main(argv=None) -> int:
             mask = dict(overrides)
             if "self_attention_factor" in mask:
                 mask["self_attention_factor"] = args.self_attention_factor
+            if args.adaptive == "calibrated" and mask["threshold_mode"] == "otsu":
+                mask = calibrated(args.model, mask, args.calibrate_n, calibration)
+                name = name.replace("Otsu", f"per-class γ, {args.calibrate_n} labelled samples per class")
             quality = mask_quality.measure(args.model, args.n, mask_overrides=mask, progress=False)
             iou, strict = quality["diffumask"]["mean"], quality["diffumask_band_as_miss"]["mean"]
         if carry_on:
             carried = (mask, added, iou, strict)
-        flags = mask_flags(mask) + added
+        flags = mask_flags(mask) + added + common
         if "--augment" not in added:
             flags += ["--augment", "basic"]
         row = {"row": name, "mask_iou": iou, "mask_iou_band_as_miss": strict, "mask_overrides": mask,
@@ -105,29 +168,45 @@ def main(argv=None) -> int:
         if before.get("train_flags") == flags and before.get("steps") == args.steps:
             row["downstream_runs"] = dict(before.get("downstream_runs", {}))
         results.append(row)
+        print(json.dumps({"row": name, "mask_iou": iou, "band_as_miss": strict}), flush=True)
         if not args.no_downstream and (args.downstream_rows is None or len(results) - 1 in args.downstream_rows):
-            runs = row.setdefault("downstream_runs", {})
-            for seed in args.seeds:
-                if str(seed) in runs:
-                    continue
-                summary = train(
-                    ["--synthetic-only", "--model", args.model, "--label-space", "toy", "--steps", str(args.steps),
-                     "--seed", str(seed), "--output-dir", str(args.work_dir / f"row{len(results) - 1}_seed{seed}"),
-                     "--data-dir", str(args.work_dir / "toyworld"), *flags])
-                runs[str(seed)] = {"miou": summary["miou"], "per_class_iou": summary["per_class_iou"],
-                                   "noise_filter": summary.get("noise_filter")}
-                write_json(args.json, results)  # after every run: an interrupted table keeps what it measured
+            pending += [(len(results) - 1, seed) for seed in args.seeds
+                        if str(seed) not in row.get("downstream_runs", {})]
+
+    def launch(job: tuple[int, int]) -> dict:
+        index, seed = job
+        flags = ["--synthetic-only", "--model", args.model, "--label-space", "toy", "--steps", str(args.steps),
+                 "--seed", str(seed), "--output-dir", str(args.work_dir / f"row{index}_seed{seed}"),
+                 "--data-dir", str(args.work_dir / "toyworld"), *results[index]["train_flags"]]
+        if args.jobs == 1:
+            return train(flags)
+        return train_in_subprocess([*flags, "--threads", "1"], args.work_dir / f"row{index}_seed{seed}")
+
+    if pending and args.jobs > 1:
+        # The ToyWorld data is written once here, not raced for by the parallel runs.
+        image_size = read_preset(args.model).get("image_size", args.crop_size or 64)
+        train_deeplab.default_voc_root(argparse.Namespace(data_dir=args.work_dir / "toyworld"), image_size)
+    # Seed-major order: runs cut short by a time limit still leave rows paired by seed.
+    pending.sort(key=lambda job: (args.seeds.index(job[1]), job[0]))
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(launch, job): job for job in pending}
+        for future in concurrent.futures.as_completed(futures):
+            (index, seed), summary = futures[future], future.result()
+            results[index].setdefault("downstream_runs", {})[str(seed)] = {
+                "miou": summary["miou"], "per_class_iou": summary["per_class_iou"],
+                "noise_filter": summary.get("noise_filter")}
+            write_json(args.json, results)  # after every run: an interrupted table keeps what it measured
+    for row in results:
         if row.get("downstream_runs"):
             mious = [r["miou"] for r in row["downstream_runs"].values()]
             row["downstream_miou"] = statistics.mean(mious)
             row["downstream_miou_std"] = statistics.stdev(mious) if len(mious) > 1 else None
-        print(json.dumps({k: row[k] for k in ("row", "mask_iou") if k in row} | {"downstream": row.get("downstream_miou")}),
-              flush=True)
-    print("| recipe | mask IoU | band as miss | downstream mIoU (mean over seeds) | seeds |\n|---|---|---|---|---|")
+    print("| recipe | mask IoU | band as miss | downstream mIoU (mean ± sd over seeds) | seeds |\n|---|---|---|---|---|")
     for r in results:
         seeds = ", ".join(f"{s}: {v['miou']:.3f}" for s, v in r.get("downstream_runs", {}).items())
+        spread = f" ± {r['downstream_miou_std']:.3f}" if r.get("downstream_miou_std") is not None else ""
         print(f"| {r['row']} | {r['mask_iou']:.3f} | {r['mask_iou_band_as_miss']:.3f} | "
-              f"{r.get('downstream_miou', float('nan')):.3f} | {seeds} |")
+              f"{r.get('downstream_miou', float('nan')):.3f}{spread} | {seeds} |")
     write_json(args.json, results)
     return 0
 

@@ -5,7 +5,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train" / "train_deeplab.py"
+sys.path.insert(0, str(TRAIN_SCRIPT.parent))
 
 import train_deeplab  # noqa: E402
 

@@ -56,6 +56,9 @@ class MaskConfig:
             raise ValueError(f"ignore_band must be in [0, 0.5), got {self.ignore_band}")
         if self.threshold_mode not in ("fixed", "otsu"):
             raise ValueError(f"threshold_mode must be 'fixed' or 'otsu', got {self.threshold_mode!r}")
+        if self.threshold_mode == "otsu" and self.class_thresholds:
+            # Otsu picks γ per image; calibrated per-class γ would be silently unused.
+            raise ValueError(f"class_thresholds {self.class_thresholds} need threshold_mode 'fixed', got 'otsu'")
         if self.refine not in ("none", "affinity"):
             raise ValueError(f"refine must be 'none' or 'affinity', got {self.refine!r}")
         if self.refine_iterations < 1:

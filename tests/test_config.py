@@ -7,7 +7,7 @@ from ondemand_seg.config import MaskConfig, QualityConfig, SamplerConfig, from_d
 
 def test_configs_round_trip_through_json():
     mask = MaskConfig(resolution_weights={1: 0.5, 4: 2.0}, timestep_window=(0.5, 1.0), class_thresholds={"dog": 0.3},
-                      threshold_mode="otsu", refine="affinity", self_attention_factor=2)
+                      refine="affinity", self_attention_factor=2)
     again = from_dict(MaskConfig, json.loads(json.dumps(to_dict(mask))))
     assert again == mask
     sampler = SamplerConfig(templates=("a {} at dawn", "a photo of a {}"), num_inference_steps=20)
@@ -22,6 +22,7 @@ def test_configs_round_trip_through_json():
         (MaskConfig, dict(resolution_weights={3: 1.0}), "latent downsampling factors"),
         (MaskConfig, dict(timestep_window=(0.8, 0.2)), "timestep_window"),
         (MaskConfig, dict(threshold_mode="magic"), "threshold_mode must be 'fixed' or 'otsu', got 'magic'"),
+        (MaskConfig, dict(threshold_mode="otsu", class_thresholds={"dog": 0.3}), "need threshold_mode 'fixed'"),
         (MaskConfig, dict(refine="crf"), "refine must be 'none' or 'affinity', got 'crf'"),
         (MaskConfig, dict(self_attention_factor=3), "self_attention_factor"),
         (SamplerConfig, dict(templates=()), "templates is empty"),

@@ -96,6 +96,10 @@ def test_ddp_two_ranks_with_gloo(tmp_path):
         (["--classes", "dragon"], "unknown class 'dragon'"),
         (["--backbone-weights", "missing.safetensors"], "is not a file"),
         (["--classes-per-prompt", "0"], "classes_per_prompt must be >= 1, got 0"),
+        (["--class-thresholds", "ring=0.5", "dragon=0.3"], "--class-thresholds names 'dragon'"),
+        (["--class-thresholds", "ring"], "takes CLASS=γ items, got 'ring'"),
+        (["--class-thresholds", "ring=1.5"], "threshold for 'ring' must be in (0, 1), got 1.5"),
+        (["--class-thresholds", "ring=0.5", "--threshold-mode", "otsu"], "need threshold_mode 'fixed'"),
     ],
 )
 def test_bad_flags_fail_early_and_clearly(tmp_path, args, message):
@@ -139,3 +143,17 @@ def test_classes_per_prompt_reaches_the_generator():
     assert sampler_for().classes_per_prompt == 2  # the toy preset: its training captions' form
     assert sampler_for("--classes-per-prompt", "1").classes_per_prompt == 1
     assert sampler_for("--model", "tiny-random", "--classes-per-prompt", "3").classes_per_prompt == 3
+
+
+def test_class_thresholds_reach_the_mask_config():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import train_deeplab
+
+    def mask_for(*flags):
+        args = train_deeplab.get_args_parser().parse_args(["--synthetic-only", *flags])
+        return train_deeplab.generator_options(args, TOY_CLASSES)["mask"]
+
+    assert mask_for().class_thresholds == {}
+    mask = mask_for("--threshold-mode", "fixed", "--class-thresholds", "ring=0.56", "circle=0.3")
+    assert mask.class_thresholds == {"ring": 0.56, "circle": 0.3}
+    assert mask.threshold_mode == "fixed"

@@ -76,6 +76,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cache-size", type=int, default=64, help="generated samples kept per worker")
     gen.add_argument("--no-ignore-band", action="store_true", help="label the uncertain band instead of ignoring it")
     gen.add_argument("--threshold-mode", choices=["fixed", "otsu"], default=None, help="γ: fixed (preset) or Otsu per image")
+    gen.add_argument("--class-thresholds", nargs="+", default=None, metavar="CLASS=γ",
+                     help="per-class γ with --threshold-mode fixed, e.g. ring=0.5 circle=0.3 (calibrated on a few "
+                          "labelled images: ondemand_seg.calibration); other classes keep the preset's γ")
     gen.add_argument("--refine", choices=["none", "affinity"], default=None, help="random-walk refinement along image colour")
     gen.add_argument("--self-attention-factor", type=int, default=None,
                      help="propagate masks through the UNet's self-attention at this latent factor")
@@ -184,6 +187,22 @@ def noise_filter(args: argparse.Namespace) -> NoiseFilter:
     return NoiseFilter(args.noise_cutoff, args.noise_warmup, args.noise_mode, args.noise_drop_fraction)
 
 
+def parse_class_thresholds(items: list[str], label_space: tuple[str, ...]) -> dict[str, float]:
+    """``["ring=0.5", ...]`` as ``{"ring": 0.5}``; a malformed item or unknown class is a ValueError naming it."""
+    thresholds = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            thresholds[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise ValueError(f"--class-thresholds takes CLASS=γ items, got {item!r}")
+        if name not in label_space:
+            raise ValueError(f"--class-thresholds names {name!r}, not in the label space {list(label_space)}")
+    return thresholds
+
+
 def generator_options(args: argparse.Namespace, label_space: tuple[str, ...]) -> dict:
     """DiffuMask options: the model's preset, then the command line's overrides."""
     preset = read_preset(args.model)
@@ -197,6 +216,8 @@ def generator_options(args: argparse.Namespace, label_space: tuple[str, ...]) ->
         "self_attention_factor": args.self_attention_factor}.items() if v is not None})
     if args.no_ignore_band:
         mask = dataclasses.replace(mask, ignore_band=0.0)
+    if args.class_thresholds:
+        mask = dataclasses.replace(mask, class_thresholds={**mask.class_thresholds, **parse_class_thresholds(args.class_thresholds, label_space)})
     return dict(label_space=label_space, seed=args.seed, sampler=sampler, mask=mask)
 
 
