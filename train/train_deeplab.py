@@ -191,15 +191,14 @@ def parse_class_thresholds(items: list[str], label_space: tuple[str, ...]) -> di
     """``["ring=0.5", ...]`` as ``{"ring": 0.5}``; a malformed item or unknown class is a ValueError naming it."""
     thresholds = {}
     for item in items:
-        name, sep, value = item.partition("=")
+        name, _, value = item.partition("=")
         try:
-            thresholds[name] = float(value)
+            gamma = float(value)
         except ValueError:
-            sep = ""
-        if not sep or not name:
-            raise ValueError(f"--class-thresholds takes CLASS=γ items, got {item!r}")
+            raise ValueError(f"--class-thresholds takes CLASS=γ items, got {item!r}") from None
         if name not in label_space:
             raise ValueError(f"--class-thresholds names {name!r}, not in the label space {list(label_space)}")
+        thresholds[name] = gamma
     return thresholds
 
 
