@@ -92,7 +92,7 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
         tuned = labels_from_maps(batch.fused, batch.class_ids, torch.full(batch.class_ids.shape, 0.5), 0.0)
         fixed = plain.sampler.generate(prompts, seeds, source.image_size).masks
         reasons = gate(batch.images, batch.masks, source.quality_config)
-        images = (batch.images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        images = batch.uint8_images()
         for j, name in enumerate(names):
             class_id = TOY_CLASSES.index(name)
             truth = torch.from_numpy(color_oracle(images[j]) == class_id)

@@ -53,7 +53,7 @@ def calibrate_class_thresholds(source: SampleSource, label_fn: LabelFn, n_per_cl
         prompts = [PromptSpec(template.format(source.prompt_names.get(n, n)), (n,), (c,), (n,)) for n, c, _ in chunk]
         seeds = [derive_seed(source.seed, _CALIBRATION, c, k) for _, c, k in chunk]
         batch = source.sampler.generate(prompts, seeds, source.image_size, keep_maps=True)
-        images = (batch.images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        images = batch.uint8_images()
         for j, (name, _, _) in enumerate(chunk):
             truth = torch.from_numpy(np.asarray(label_fn(images[j], name), dtype=bool))
             if truth.shape != batch.fused.shape[-2:]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -152,6 +153,10 @@ class GeneratedBatch:
     masks: torch.Tensor
     fused: torch.Tensor | None = None
     class_ids: torch.Tensor | None = None
+
+    def uint8_images(self) -> np.ndarray:
+        """The images as ``[B, H, W, 3]`` uint8 RGB (what samples, oracles and labellers take)."""
+        return (self.images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 class DiffuMaskSampler:

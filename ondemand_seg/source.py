@@ -125,7 +125,7 @@ class SampleSource:
             reasons = gate(batch.images, batch.masks, self.quality_config)
             self.stats.add(reasons)
             self._rejects.update(reasons)
-            images = (batch.images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            images = batch.uint8_images()
             masks = batch.masks.to(torch.uint8).numpy()
             for j, ((index, attempt), reason) in enumerate(zip(keys, reasons)):
                 if reason is None:

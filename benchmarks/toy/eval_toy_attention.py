@@ -88,7 +88,7 @@ class Recorder:
         def generate(prompts, seeds, size):
             steps.clear()
             batch = original_generate(prompts, seeds, size)
-            images = (batch.images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            images = batch.uint8_images()
             for j, prompt in enumerate(prompts):
                 cumulative = [({f: s[j] for f, s in sums.items()}, counts) for sums, counts in steps]
                 self.items[image_key(images[j])] = dict(prompt=prompt, steps=cumulative, latent=store.latent_size)
