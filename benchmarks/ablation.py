@@ -36,9 +36,10 @@ import sys
 from pathlib import Path
 
 import mask_quality
-from common import TRAIN_SCRIPT, train, train_deeplab, write_json
+from common import train, write_json
 
-from ondemand_seg.sampler import read_preset
+from ondemand_seg.config import resolve_config
+from ondemand_seg.toyworld import write_voc
 
 # (name, MaskConfig overrides or None to keep the row above's, train flags added from this row on,
 #  carried: whether later rows build on this one).
@@ -77,16 +78,14 @@ def mask_flags(mask: dict) -> list[str]:
 def calibrated(model, mask: dict, n_per_class: int, cache: dict) -> dict:
     """``mask`` with Otsu replaced by per-class γ calibrated on ``n_per_class`` oracle-labelled samples
     per class (seeds apart from the mask-IoU samples), through the same map refinements."""
-    from dataclasses import replace
-
     from ondemand_seg.calibration import calibrate_class_thresholds
     from ondemand_seg.source import SampleSource
     from ondemand_seg.toyworld import TOY_CLASSES, color_oracle
 
     key = (mask.get("refine"), mask.get("self_attention_factor"))
     if key not in cache:
-        source = SampleSource(model, list(TOY_CLASSES[1:]), label_space=TOY_CLASSES)
-        source.mask_config = replace(source.mask_config, **{k: v for k, v in mask.items() if k != "threshold_mode"})
+        source = SampleSource(model, list(TOY_CLASSES[1:]), label_space=TOY_CLASSES,
+                              mask={k: v for k, v in mask.items() if k != "threshold_mode"})
         gammas = calibrate_class_thresholds(source, lambda image, name: color_oracle(image) == TOY_CLASSES.index(name),
                                             n_per_class)
         cache[key] = {name: round(gamma, 3) for name, gamma in gammas.items()}
@@ -94,21 +93,23 @@ def calibrated(model, mask: dict, n_per_class: int, cache: dict) -> dict:
     return {**mask, "threshold_mode": "fixed", "class_thresholds": cache[key]}
 
 
-def final_summary(output_dir: Path) -> dict:
-    """The 'final' event a train_deeplab.py run wrote to its metrics.jsonl."""
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["event"] == "final"][-1]
-
-
-def train_in_subprocess(flags: list[str], output_dir: Path) -> dict:
-    """Run train_deeplab.py as its own process (for --jobs > 1); its final summary."""
+def train_quietly(flags: list[str], output_dir: Path) -> dict:
+    """Run train_deeplab.py with its output in ``output_dir/train.log`` and one OpenMP thread
+    (for --jobs > 1); its final summary."""
     output_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / "train.log", "w") as log:
-        done = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *flags], stdout=log, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if done.returncode != 0:
-        raise RuntimeError(f"training run failed (exit {done.returncode}); log: {output_dir / 'train.log'}")
-    return final_summary(output_dir)
+        try:
+            return train(flags, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        except RuntimeError as error:
+            raise RuntimeError(f"{error}; log: {output_dir / 'train.log'}") from None
+
+
+def write_toyworld(model, data_dir: Path) -> None:
+    """The ToyWorld folder train_deeplab.py writes into ``--data-dir`` when it has no real data
+    (its ``default_voc_root``: 1,000 train and 200 val images at the generator's size, seed 0),
+    written here once so that parallel runs do not race to write it."""
+    if not (data_dir / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").is_file():
+        write_voc(data_dir, n_train=1000, n_val=200, image_size=resolve_config(model).image_size, seed=0)
 
 
 def main(argv=None) -> int:
@@ -175,17 +176,15 @@ def main(argv=None) -> int:
 
     def launch(job: tuple[int, int]) -> dict:
         index, seed = job
-        flags = ["--synthetic-only", "--model", args.model, "--label-space", "toy", "--steps", str(args.steps),
+        flags = ["--synthetic-only", "--model", args.model, "--vocabulary", "toy", "--steps", str(args.steps),
                  "--seed", str(seed), "--output-dir", str(args.work_dir / f"row{index}_seed{seed}"),
                  "--data-dir", str(args.work_dir / "toyworld"), *results[index]["train_flags"]]
         if args.jobs == 1:
             return train(flags)
-        return train_in_subprocess([*flags, "--threads", "1"], args.work_dir / f"row{index}_seed{seed}")
+        return train_quietly([*flags, "--threads", "1"], args.work_dir / f"row{index}_seed{seed}")
 
     if pending and args.jobs > 1:
-        # The ToyWorld data is written once here, not raced for by the parallel runs.
-        image_size = read_preset(args.model).get("image_size", args.crop_size or 64)
-        train_deeplab.default_voc_root(argparse.Namespace(data_dir=args.work_dir / "toyworld"), image_size)
+        write_toyworld(args.model, args.work_dir / "toyworld")
     # Seed-major order: runs cut short by a time limit still leave rows paired by seed.
     pending.sort(key=lambda job: (args.seeds.index(job[1]), job[0]))
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:

@@ -1,19 +1,59 @@
-"""What the benchmarks share: running the training script in-process and writing results."""
+"""What the benchmarks share: running the training script, the IoU counts they score masks with,
+and writing results."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train" / "train_deeplab.py"
-sys.path.insert(0, str(TRAIN_SCRIPT.parent))
-
-import train_deeplab  # noqa: E402
 
 
-def train(flags: list[str]) -> dict:
-    """Run train/train_deeplab.py with ``flags`` in this process; its final summary."""
-    return train_deeplab.main(train_deeplab.get_args_parser().parse_args(flags))
+def output_dir(flags: list[str]) -> Path:
+    """The ``--output-dir`` a list of train_deeplab.py flags names (the last one wins, as in argparse)."""
+    values = [flags[i + 1] for i, flag in enumerate(flags[:-1]) if flag == "--output-dir"]
+    values += [flag.split("=", 1)[1] for flag in flags if flag.startswith("--output-dir=")]
+    if not values:
+        raise ValueError("the training flags name no --output-dir, so its metrics.jsonl cannot be found")
+    return Path(values[-1])
+
+
+def train(flags: list[str], **run_options) -> dict:
+    """Run ``python train/train_deeplab.py *flags`` as a subprocess; its final summary.
+
+    Output goes where this process's goes unless ``run_options`` (passed to
+    :func:`subprocess.run`: ``stdout``, ``env``, ...) say otherwise. A failed run raises
+    :class:`RuntimeError` with its exit code. ``flags`` must name ``--output-dir``; a summary
+    left there by an earlier run is never returned for this one.
+    """
+    directory = output_dir(flags)
+    metrics = directory / "metrics.jsonl"
+    earlier = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+    done = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *flags], **run_options)
+    if done.returncode != 0:
+        raise RuntimeError(f"train/train_deeplab.py {' '.join(flags)} failed with exit code {done.returncode}")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()[earlier:]] if metrics.is_file() else []
+    finals = [row for row in rows if row.get("event") == "final"]
+    if not finals:
+        raise RuntimeError(f"train/train_deeplab.py exited 0 but wrote no 'final' row to {metrics}")
+    return finals[-1]
+
+
+def intersection_union(prediction: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[int, int]:
+    """Intersection and union pixel counts of two boolean masks, over ``valid`` pixels only."""
+    if valid is not None:
+        prediction, truth = prediction & valid, truth & valid
+    return int((prediction & truth).sum()), int((prediction | truth).sum())
+
+
+def centre_box(height: int, width: int) -> torch.Tensor:
+    """``[H, W]`` bool: the middle half of each side, the "object is in the middle" baseline."""
+    box = torch.zeros(height, width, dtype=torch.bool)
+    box[height // 4 : height - height // 4, width // 4 : width - width // 4] = True
+    return box
 
 
 def write_json(path: Path | None, data) -> None:

@@ -2,8 +2,9 @@
 
 On ToyWorld models every class has its own hue, so the truth of a *generated* image is read back
 from its colours (``ondemand_seg.toyworld.color_oracle``). Sample ``i`` is prompted with class
-``i mod C`` ("a photo of a {class}"), generated with its own seed, and scored three ways on the
-same image and the same captured attention:
+``i mod C`` in the words of the model's vocabulary ("a photo of a {class}" for the toy model),
+generated with its own seed, and scored three ways on the same image and the same captured
+attention:
 
 - ``diffumask``: the library's masks with the model's preset (fusion, timestep window, γ, ignore
   band; ignore pixels excluded);
@@ -27,6 +28,8 @@ gate lets through (what a stream actually serves).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import random
 import sys
 import time
 from pathlib import Path
@@ -34,12 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import write_json
+from common import centre_box, intersection_union, write_json
 from ondemand_seg.masks import labels_from_maps
-from ondemand_seg.metrics import centre_box, intersection_union
-from ondemand_seg.prompts import PromptSpec
 from ondemand_seg.quality import gate
-from ondemand_seg.seeding import derive_seed
+from ondemand_seg.seeding import evaluation_seed
 from ondemand_seg.source import SampleSource
 from ondemand_seg.toyworld import TOY_CLASSES, color_oracle
 
@@ -65,18 +66,13 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
 
     ``mask_overrides`` replaces fields of the model preset's :class:`MaskConfig` (for ablations).
     """
-    from dataclasses import replace
-
     from tqdm.auto import tqdm
 
-    source = SampleSource(model, list(TOY_CLASSES[1:]), label_space=TOY_CLASSES, seed=seed)
-    if mask_overrides:
-        source.mask_config = replace(source.mask_config, **mask_overrides)
-    if threshold is not None:
-        source.mask_config = replace(source.mask_config, threshold=threshold)
-    plain = SampleSource(model, list(TOY_CLASSES[1:]), label_space=TOY_CLASSES, seed=seed,
-                         mask=replace(source.mask_config, **PLAIN_ATTENTION))
-    classes, template = source.classes, source.sampler_config.templates[0]
+    classes = TOY_CLASSES[1:]
+    mask = {**(mask_overrides or {}), **({} if threshold is None else {"threshold": threshold})}
+    source = SampleSource(model, classes, label_space=TOY_CLASSES, seed=seed, mask=mask)
+    plain = SampleSource(model, classes, label_space=TOY_CLASSES, seed=seed,
+                         mask=dataclasses.replace(source.mask_config, **PLAIN_ATTENTION))
     height, width = source.image_size
     box = centre_box(height, width)
     sums = {m: {c: [0, 0] for c in classes} for m in METHODS + ("accepted",)}
@@ -86,8 +82,9 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
     for start in tqdm(range(0, n, batch_size), desc="mask quality", disable=not progress):
         indices = list(range(start, min(start + batch_size, n)))
         names = [classes[i % len(classes)] for i in indices]
-        prompts = [PromptSpec(template.format(c), (c,), (TOY_CLASSES.index(c),), (c,)) for c in names]
-        seeds = [derive_seed(seed, i) for i in indices]
+        # Each prompt is the vocabulary's first draw for its class ("a photo of a {class}" for the toy model).
+        prompts = [source.class_prompt(random.Random(0), [c]) for c in names]
+        seeds = [evaluation_seed(seed, i) for i in indices]
         batch = source.sampler.generate(prompts, seeds, source.image_size, keep_maps=True)
         tuned = labels_from_maps(batch.fused, batch.class_ids, torch.full(batch.class_ids.shape, 0.5), 0.0)
         fixed = plain.sampler.generate(prompts, seeds, source.image_size).masks
@@ -114,14 +111,19 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
                 sums[method][name][1] += union
     seconds = time.perf_counter() - started
     result = {"model": str(model), "n": n, "seed": seed, "image_size": [height, width],
-              "mask_config": {k: v for k, v in vars(source.mask_config).items()},
-              "sampler_config": {k: v for k, v in vars(source.sampler_config).items()},
+              "mask_config": fields_of(source.mask_config), "sampler_config": fields_of(source.sampler_config),
+              "vocabulary": {"name": source.vocabulary.name, "templates": list(source.vocabulary.templates)},
               "drawn_fraction": {c: drawn[c] / max(1, sum(classes[i % len(classes)] == c for i in range(n))) for c in classes},
               "gate_rejected": rejected, "seconds": round(seconds, 1)}
     for method, per_class in sums.items():
         ious = {c: (i / u if u else float("nan")) for c, (i, u) in per_class.items()}
         result[method] = {"per_class": ious, "mean": float(np.nanmean(list(ious.values())))}
     return result
+
+
+def fields_of(config) -> dict:
+    """A config dataclass's fields and values, as the JSON reports them."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
 def markdown(result: dict) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import resource
 import statistics
 import subprocess
@@ -60,7 +61,7 @@ def sd15_pipeline():
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ondemand_seg.tiny import BASE_WORDS, build_clip_tokenizer
+    from ondemand_seg.testing import BASE_WORDS, build_clip_tokenizer
 
     unet = UNet2DConditionModel(
         sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -113,20 +114,29 @@ class NaiveProcessor:
 
 
 def build(args, device: torch.device, scheduler: str):
-    """The pipeline, its image size and a prompt, on ``device`` in the library's dtype."""
-    from ondemand_seg.sampler import load_pipeline, read_preset
+    """The pipeline, its image size, a prompt and the mask settings, on ``device`` in the library's dtype.
+
+    With ``--model``: the model's preset (image size, mask settings) and the first class of its
+    vocabulary, prompted in the vocabulary's words ("a photo of a circle" for the toy model); a
+    model without a vocabulary in its preset is prompted "a photograph of a dog".
+    """
+    from ondemand_seg import MaskConfig
+    from ondemand_seg.config import resolve_config
+    from ondemand_seg.loading import load_pipeline, read_preset
+    from ondemand_seg.prompts import PromptSpec
 
     if args.arch == "sd15":
         if not args.random_weights:
             raise SystemExit("--arch sd15 needs --random-weights (real weights are loaded with --model)")
         pipeline = load_pipeline(sd15_pipeline, device, SCHEDULERS[scheduler])
-        return pipeline, args.image_size or 512, ("dog", "a photograph of a dog", 0), {}
+        return pipeline, args.image_size or 512, PromptSpec("a photograph of a dog", ("dog",), (0,), ("dog",)), MaskConfig()
     preset = read_preset(args.model)
+    settings = {} if "vocabulary" in preset or "label_space" in preset else {"label_space": ("background", "dog")}
+    config = resolve_config(args.model, **settings)
+    name = config.label_space[1]
+    prompt = config.vocabulary.sample_multi(random.Random(0), [name], [1])
     pipeline = load_pipeline(args.model, device, SCHEDULERS[scheduler])
-    label_space = preset.get("label_space", ["background", "dog"])
-    name = label_space[1]
-    template = preset.get("sampler", {}).get("templates", ["a photograph of a {}"])[0]
-    return pipeline, args.image_size or preset.get("image_size", 512), (name, template.format(name), 1), preset.get("mask", {})
+    return pipeline, args.image_size or config.image_size[0], prompt, config.mask
 
 
 def make_calls(args, device, scheduler: str, steps: int, batch: int):
@@ -137,16 +147,14 @@ def make_calls(args, device, scheduler: str, steps: int, batch: int):
     """
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from ondemand_seg import MaskConfig, SamplerConfig
-    from ondemand_seg.config import from_dict
-    from ondemand_seg.prompts import PromptSpec
-    from ondemand_seg.sampler import DiffuMaskSampler
+    from ondemand_seg import SamplerConfig
+    from ondemand_seg.generation import DiffuMaskSampler
 
-    pipeline, size, (name, text, class_id), mask_options = build(args, device, scheduler)
-    prompts = [PromptSpec(text, (name,), (class_id,), (name,))] * batch
+    pipeline, size, prompt, mask_config = build(args, device, scheduler)
+    prompts = [prompt] * batch
     seeds = list(range(batch))
     store_bytes = {mode: [] for mode in MODES}
-    sampler = DiffuMaskSampler(pipeline, from_dict(MaskConfig, mask_options), SamplerConfig(num_inference_steps=steps))
+    sampler = DiffuMaskSampler(pipeline, mask_config, SamplerConfig(num_inference_steps=steps))
     capture = dict(pipeline.unet.attn_processors)
     original_reset = sampler.store.reset
 
@@ -198,7 +206,7 @@ def profile_modes(args, calls, device: torch.device, tag: str) -> None:
 def run_worker(args) -> dict:
     """In this process: ``timing`` interleaves the modes call by call (so machine drift hits all
     alike) and reports median seconds per call; a mode name runs that mode alone for its peak memory."""
-    from ondemand_seg.sampler import pick_device
+    from ondemand_seg.loading import pick_device
 
     job, scheduler, steps, batch = args.worker.split(",")
     steps, batch = int(steps), int(batch)

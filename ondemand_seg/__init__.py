@@ -1,15 +1,16 @@
 """ondemand_seg: an endless, pixel-labelled segmentation dataset from a text-to-image diffusion model."""
 from .augment import AugmentConfig, DiffuMaskAugment
-from .config import MaskConfig, QualityConfig, SamplerConfig
+from .config import DiffuMaskConfig, MaskConfig, QualityConfig, SamplerConfig, resolve_config
 from .dataset import DiffuMaskDataset
 from .label_spaces import IGNORE_INDEX, VOC_CLASSES
 from .quality import TooManyRejects
 from .stream import DiffuMaskStream
-from .transforms import SegmentationTransform
+from .transforms import PairAugmentation, SegmentationTransform
 from .vocabulary import Vocabulary, load_vocabulary
 
 __all__ = [
-    "AugmentConfig", "DiffuMaskAugment", "DiffuMaskDataset", "DiffuMaskStream", "IGNORE_INDEX", "MaskConfig", "QualityConfig", "SamplerConfig",
-    "SegmentationTransform", "TooManyRejects", "VOC_CLASSES", "Vocabulary", "load_vocabulary",
+    "AugmentConfig", "DiffuMaskAugment", "DiffuMaskConfig", "DiffuMaskDataset", "DiffuMaskStream", "IGNORE_INDEX",
+    "MaskConfig", "PairAugmentation", "QualityConfig", "SamplerConfig", "SegmentationTransform", "TooManyRejects",
+    "VOC_CLASSES", "Vocabulary", "load_vocabulary", "resolve_config",
 ]
 __version__ = "0.1.0"

@@ -18,15 +18,14 @@ import torch
 from albumentations.pytorch import ToTensorV2
 
 from .label_spaces import IGNORE_INDEX
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .seeding import splice_generator
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, PairAugmentation
 
 Pair = tuple[np.ndarray, np.ndarray]
 
 _PROBABILITIES = ("splice", "blur", "occlusion", "perspective", "flip")
 # Where a mosaic's split falls, as a fraction of the side: keeps every tile at least 30 % wide/tall.
 _SPLIT_RANGE = (0.3, 0.7)
-# Keeps the splice draws apart from albumentations' own generator, which is seeded with the same seed.
-_SPLICE_STREAM = 1
 # Resizing masks with NEAREST_EXACT samples pixel centres as the image's interpolation does; plain
 # NEAREST samples top-left corners and shifts the mask up to half a source pixel against the image.
 _RESIZE_MASK = cv2.INTER_NEAREST_EXACT
@@ -41,9 +40,8 @@ class AugmentConfig:
     splice_fit: how a sample fills its tile: ``"crop"`` (default) cuts a random tile-sized window
         from the sample at the scale an unspliced sample has (objects keep their size and shape;
         some are cut by the tile border); ``"whole"`` resizes the whole sample into the tile (the
-        paper's splicing; objects shrink and change aspect with the tile). Measured on ToyWorld
-        (benchmarks/RESULTS.md, section 5): ``"whole"`` costs thin classes most downstream (ring
-        0.20, triangle 0.25 vs 0.33, 0.38 with ``"crop"``, same seed), as real objects keep their scale.
+        paper's splicing; objects shrink and change aspect with the tile). Real objects keep their
+        scale, so ``"crop"`` keeps training images closer to real ones (compared in RESULTS.md).
     blur: probability of a Gaussian blur (sigma 0.5-1.5 px; image only, the mask is unchanged).
     occlusion: probability of 1-3 rectangles of random colour, each 10-30 % of a side (mask 255).
     perspective: probability of a perspective warp that keeps the whole image (outside it: mask 255).
@@ -91,7 +89,7 @@ def _check_scale_range(value) -> tuple[float, float]:
     return low, high
 
 
-class DiffuMaskAugment:
+class DiffuMaskAugment(PairAugmentation):
     """DiffuMask's augmentations with :class:`~ondemand_seg.transforms.SegmentationTransform`'s contract.
 
     Args:
@@ -103,13 +101,15 @@ class DiffuMaskAugment:
     size → ``(float [3, H, W] normalized, long [H, W] ids, 255 ignore)``. A single sample is never
     spliced; :meth:`apply_many` is the call that can.
 
-    A stream splices by passing the sample it serves first and a few other cached samples after it::
+    As a :class:`~ondemand_seg.transforms.PairAugmentation` the datasets reseed it per serving and
+    pass the served sample first and a few others after it (the stream: other cached samples; the
+    map-style dataset: other items of the same generation block)::
 
-        transform.set_random_seed(served.augment_seed(base_seed, use))
-        image, mask = transform.apply_many([(served.image, served.mask)] + [(s.image, s.mask) for s in others])
+        augment.set_random_seed(seed)
+        image, mask = augment.apply_many([(served_image, served_mask), (other_image, other_mask), ...])
 
-    The result depends only on the seed and the samples given, so the stream stays reproducible
-    as long as it picks ``others`` deterministically (e.g. from the served count).
+    The result depends only on the seed and the samples given, so the datasets stay reproducible
+    as long as they pick the others deterministically (they do, from the serving's seed).
     """
 
     def __init__(
@@ -124,15 +124,16 @@ class DiffuMaskAugment:
         self.config = config if config is not None else AugmentConfig()
         ops = _single_image_ops(self.config, *self.size)
         self.compose = A.Compose(ops + [A.Normalize(mean=mean, std=std), ToTensorV2()], seed=seed)
-        self.rng = _splice_rng(seed)
+        self.rng = splice_generator(seed)
 
     def set_random_seed(self, seed: int | None) -> None:
         """Reseed every random choice, splicing included (per sample, for reproducible streams)."""
         self.compose.set_random_seed(seed)
-        self.rng = _splice_rng(seed)
+        self.rng = splice_generator(seed)
 
-    def __call__(self, image, target) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.apply_many([(image, target)])
+    @property
+    def splices(self) -> bool:
+        return self.config.splice > 0
 
     def apply_many(self, samples: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
         """Splice (with probability ``config.splice``) then augment; otherwise augment ``samples[0]``.
@@ -248,10 +249,6 @@ def _tile_boxes(count: int, height: int, width: int, rng: np.random.Generator) -
 
 def _split(length: int, rng: np.random.Generator) -> int:
     return int(np.clip(round(length * rng.uniform(*_SPLIT_RANGE)), 1, length - 1))
-
-
-def _splice_rng(seed: int | None) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_SPLICE_STREAM,)))
 
 
 def _check_size(size: int | Sequence[int]) -> tuple[int, int]:

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 from typing import Callable
 
+import random
+
 import numpy as np
 import torch
 
 from .masks import calibrate_threshold
-from .prompts import PromptSpec
-from .seeding import derive_seed
+from .seeding import SubStream, calibration_seed
 from .source import SampleSource
-
-# Calibration images draw their seeds from their own sub-stream, apart from the training stream's.
-_CALIBRATION = 3
 
 # label_fn(image [H, W, 3] uint8 RGB, class name) -> [H, W] bool truth of that class in the image
 LabelFn = Callable[[np.ndarray, str], np.ndarray]
@@ -27,9 +25,11 @@ def calibrate_class_thresholds(source: SampleSource, label_fn: LabelFn, n_per_cl
                                candidates: torch.Tensor | None = None, batch_size: int = 20) -> dict[str, float]:
     """γ per class of ``source``: the threshold that maximises IoU on ``n_per_class`` labelled samples.
 
-    Each sample is generated from a one-class prompt (the source's first template) with the
-    source's mask settings, so refinements the config turns on are calibrated through. Samples
-    whose truth is empty (the model did not draw the object) are skipped.
+    Each sample is generated from a one-class prompt drawn from the source's vocabulary, with the
+    source's mask settings, so refinements the config turns on are calibrated through. Its seeds
+    come from the calibration sub-stream (:func:`~ondemand_seg.seeding.calibration_seed`), so no
+    calibration image is one the training stream draws. Samples whose truth is empty (the model
+    did not draw the object) are skipped.
 
     Args:
         source: the classes, model and mask settings to calibrate for.
@@ -43,15 +43,15 @@ def calibrate_class_thresholds(source: SampleSource, label_fn: LabelFn, n_per_cl
     """
     if n_per_class < 1:
         raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
-    template = source.sampler_config.templates[0]
     jobs = [(name, class_id, k) for name, class_id in zip(source.classes, source.class_ids)
             for k in range(n_per_class)]
     maps: dict[str, list[torch.Tensor]] = {name: [] for name in source.classes}
     truths: dict[str, list[torch.Tensor]] = {name: [] for name in source.classes}
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
-        prompts = [PromptSpec(template.format(source.prompt_names.get(n, n)), (n,), (c,), (n,)) for n, c, _ in chunk]
-        seeds = [derive_seed(source.seed, _CALIBRATION, c, k) for _, c, k in chunk]
+        prompts = [source.class_prompt(random.Random(calibration_seed(source.seed, c, k, SubStream.PROMPT)), [n])
+                   for n, c, k in chunk]
+        seeds = [calibration_seed(source.seed, c, k, SubStream.IMAGE) for _, c, k in chunk]
         batch = source.sampler.generate(prompts, seeds, source.image_size, keep_maps=True)
         images = batch.uint8_images()
         for j, (name, _, _) in enumerate(chunk):

@@ -9,10 +9,28 @@ batch and adds it to a running sum: memory does not grow with layers or steps.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+
+@dataclass
+class CapturedAttention:
+    """What one generation batch recorded, for :func:`~ondemand_seg.labelling.masks_from_attention`.
+
+    maps: ``{latent factor: [B, K, h_f, w_f]}`` mean class-token attention per resolution;
+    self_attention: ``[B, N, N]`` mean self-attention at ``self_attention_factor`` (rows sum to 1),
+    or ``None``; self_attention_factors_seen: the factors at which self-attention layers ran;
+    latent_size: ``(h, w)`` of the denoised latent.
+    """
+
+    maps: dict[int, torch.Tensor]
+    self_attention: torch.Tensor | None
+    self_attention_factor: int | None
+    self_attention_factors_seen: set[int]
+    latent_size: tuple[int, int]
 
 
 class CrossAttentionStore:
@@ -122,6 +140,11 @@ class CrossAttentionStore:
             for f, s in self._sums.items()
         }
 
+    def captured(self) -> CapturedAttention:
+        """The batch's recorded attention, detached from the store (read before :meth:`reset`)."""
+        return CapturedAttention(self.maps(), self.self_attention(), self.self_attention_factor,
+                                 set(self.self_attention_factors_seen), self.latent_size)
+
     def memory_bytes(self) -> int:
         """Bytes held by the running sums (constant in the number of steps)."""
         tensors = list(self._sums.values()) + ([self._self_sum] if self._self_sum is not None else [])
@@ -201,8 +224,8 @@ class CrossAttentionCaptureProcessor:
             )
         query, key = query[-images:], key[-images:]
         # Only the class tokens' probability mass is kept: softmax(q·kᵀ)·Wᵀ. An explicit softmax over
-        # the T text tokens beats handing Wᵀ to SDPA as values (measured 2-3x on CPU, where SDPA's
-        # kernel is slow for a value width of K); the layer's output still takes the fused path.
+        # the T text tokens beats handing Wᵀ to SDPA as values (SDPA's CPU kernel is slow for a value
+        # width of K; see RESULTS.md); the layer's output still takes the fused path.
         scores = torch.matmul(query, key.transpose(-1, -2)).float() * attn.scale  # [B, heads, N, T]
         if attention_mask is not None:
             scores = scores + attention_mask[-images:].float()

@@ -1,50 +1,127 @@
-"""Command line: ``python -m ondemand_seg preview ...`` and ``python -m ondemand_seg stream ...``."""
+"""Command line: ``python -m ondemand_seg preview ...``, ``... stream ...`` and ``... config ...``.
+
+Every generator flag is an override: what is not given comes from the model's preset, then the
+library's defaults, merged by :func:`~ondemand_seg.config.resolve_config` (``config`` prints the
+result). The trainer builds its generator settings with :func:`generator_settings` too.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Sequence
 
-from dataclasses import replace
+from .vocabulary import BUILTIN_VOCABULARIES
 
-from .config import MaskConfig, SamplerConfig, from_dict
-from .label_spaces import VOC_CLASSES
-from .toyworld import TOY_CLASSES
 
-LABEL_SPACES = {"voc": VOC_CLASSES, "toy": TOY_CLASSES}
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Prints a flag's default once: not for flags without one, nor where the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "default" in help_text or action.default in (None, False, argparse.SUPPRESS):
+            return help_text
+        return super()._get_help_string(action)
+
+
+def add_generator_arguments(parser: argparse.ArgumentParser, step_flag: str = "--steps",
+                            batch_flag: str = "--batch-size") -> None:
+    """The flags that choose the model, its vocabulary and the generation settings.
+
+    Each is ``None`` unless given, so the model's preset fills what is not (see
+    :func:`generator_settings`). ``step_flag``/``batch_flag`` let the trainer name them apart
+    from its own training steps and batch size.
+    """
+    group = parser.add_argument_group("generator (unset flags come from the model's preset, then the defaults)")
+    group.add_argument("--model", default="toy",
+                       help="'toy' (the embedded ToyWorld model), a local diffusers folder, a hub id, or "
+                            "'random-weights' (noise, for a smoke test)")
+    group.add_argument("--vocabulary", "--label-space", dest="vocabulary", default=None, metavar="NAME_OR_FILE",
+                       help=f"label space and prompt words: a built-in ({', '.join(BUILTIN_VOCABULARIES)}) or a "
+                            ".json/.yaml vocabulary file (default: the model's preset, else plain VOC)")
+    group.add_argument("--classes", nargs="+", default=None,
+                       help="classes to generate (default: every class of the vocabulary)")
+    group.add_argument("--image-size", type=int, nargs="+", default=None, metavar="SIDE",
+                       help="generated image size, H or H W (default: the preset's, else 512)")
+    group.add_argument(step_flag, dest="gen_steps", type=int, default=None, help="denoising steps (default: preset, else 50)")
+    group.add_argument("--guidance", type=float, default=None, help="guidance scale (default: preset, else 7.5)")
+    group.add_argument(batch_flag, dest="gen_batch_size", type=int, default=None,
+                       help="images per pipeline call (default: preset, else 4)")
+    group.add_argument("--classes-per-prompt", type=int, default=None,
+                       help="classes named in one prompt, e.g. 2: 'a photo of a circle and a ring' (default: preset, else 1)")
+    group.add_argument("--threshold", type=float, default=None, help="binarization threshold γ (default: preset, else 0.4)")
+    group.add_argument("--threshold-mode", choices=["fixed", "otsu"], default=None,
+                       help="γ fixed, or Otsu per image and class (default: preset, else fixed)")
+    group.add_argument("--class-thresholds", nargs="+", default=None, metavar="CLASS=γ",
+                       help="per-class γ with a fixed threshold, e.g. ring=0.5 circle=0.3 (calibrated on a few "
+                            "labelled images: ondemand_seg.calibration); other classes keep γ")
+    group.add_argument("--no-ignore-band", action="store_true", help="label the uncertain band around γ instead of ignoring it")
+    group.add_argument("--refine", choices=["none", "affinity"], default=None,
+                       help="random-walk refinement along image colour (default: preset, else none)")
+    group.add_argument("--self-attention-factor", type=int, default=None,
+                       help="propagate masks through the model's self-attention at this latent factor (default: off)")
+
+
+def parse_class_thresholds(items: Sequence[str]) -> dict[str, float]:
+    """``["ring=0.5", ...]`` as ``{"ring": 0.5}``; a malformed item is a ValueError naming it.
+    Unknown classes are named by :func:`~ondemand_seg.config.resolve_config`."""
+    thresholds = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            thresholds[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--class-thresholds takes CLASS=γ items, got {item!r}") from None
+    return thresholds
+
+
+def generator_settings(args: argparse.Namespace) -> dict:
+    """The overrides the generator flags ask for, in :func:`~ondemand_seg.config.resolve_config`'s
+    form; only the flags given appear, so everything else stays the preset's."""
+    size = args.image_size
+    mask = {"threshold": args.threshold, "threshold_mode": args.threshold_mode, "refine": args.refine,
+            "self_attention_factor": args.self_attention_factor,
+            "ignore_band": 0.0 if args.no_ignore_band else None,
+            "class_thresholds": parse_class_thresholds(args.class_thresholds) if args.class_thresholds else None}
+    sampler = {"num_inference_steps": args.gen_steps, "guidance_scale": args.guidance,
+               "batch_size": args.gen_batch_size, "classes_per_prompt": args.classes_per_prompt}
+    settings = {"vocabulary": args.vocabulary,
+                "image_size": None if size is None else size[0] if len(size) == 1 else tuple(size),
+                "mask": {k: v for k, v in mask.items() if v is not None},
+                "sampler": {k: v for k, v in sampler.items() if v is not None}}
+    return {k: v for k, v in settings.items() if v not in (None, {})}
+
+
+def resolve_generator(args: argparse.Namespace):
+    """The resolved config and the classes to generate (``--classes``, else every class)."""
+    from .config import resolve_config
+
+    config = resolve_config(args.model, args.classes or (), **generator_settings(args))
+    return config, list(args.classes or config.label_space[1:])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ondemand_seg", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ondemand_seg", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    preview = commands.add_parser("preview", help="write an image / mask-overlay grid of generated samples")
-    preview.add_argument("--model", default="toy",
-                         help="'toy' (default: the embedded ToyWorld model), a local diffusers folder, a hub id, "
-                              "or 'tiny-random' (random weights: noise, for a smoke test)")
-    preview.add_argument("--classes", nargs="+", default=None,
-                         help="class names to generate (default: every class of the label space)")
-    preview.add_argument("--label-space", choices=sorted(LABEL_SPACES), default=None,
-                         help="default: the model's own (its preset), else voc")
+    preview = commands.add_parser("preview", help="write an image / mask-overlay grid of generated samples",
+                                  formatter_class=HelpFormatter)
+    add_generator_arguments(preview)
     preview.add_argument("--n", type=int, default=8, help="number of samples")
     preview.add_argument("--out", default="grid.png", help="PNG file to write")
-    preview.add_argument("--image-size", type=int, nargs="+", default=None,
-                         help="H or H W (default: the model's preset, else 512)")
-    preview.add_argument("--steps", type=int, default=None, help="denoising steps (default: preset, else 50)")
-    preview.add_argument("--guidance", type=float, default=None, help="guidance scale (default: preset, else 7.5)")
-    preview.add_argument("--threshold", type=float, default=None, help="binarization threshold γ (default: preset, else 0.4)")
-    preview.add_argument("--batch-size", type=int, default=None, help="images per pipeline call")
     preview.add_argument("--seed", type=int, default=0)
     preview.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    stream = commands.add_parser("stream", help="pull batches from a DiffuMaskStream through a DataLoader and report")
-    stream.add_argument("--model", default="toy", help="as for preview (default: the embedded toy model)")
-    stream.add_argument("--classes", nargs="+", default=None, help="default: every class of the label space")
-    stream.add_argument("--label-space", choices=sorted(LABEL_SPACES), default=None)
+    stream = commands.add_parser("stream", help="pull batches from a DiffuMaskStream through a DataLoader and report",
+                                 formatter_class=HelpFormatter)
+    add_generator_arguments(stream, batch_flag="--gen-batch-size")
     stream.add_argument("--n", type=int, default=64, help="samples to pull")
     stream.add_argument("--batch-size", type=int, default=16, help="DataLoader batch size")
     stream.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    stream.add_argument("--reuse", type=int, default=1)
+    stream.add_argument("--reuse", type=int, default=1, help="times each generated sample is served")
     stream.add_argument("--seed", type=int, default=0)
-    stream.add_argument("--device", default=None)
+    stream.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    config = commands.add_parser("config", help="print the merged settings (preset, then flags) as JSON",
+                                 formatter_class=HelpFormatter)
+    add_generator_arguments(config)
+    config.add_argument("--out", default=None, help="also save the JSON here (loadable as a preset or as arguments)")
     return parser
 
 
@@ -57,12 +134,13 @@ def run_stream(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     from .stream import DiffuMaskStream
 
-    label_space, classes = _label_space_and_classes(args)
     try:
-        stream = DiffuMaskStream(args.model, classes, label_space=label_space, seed=args.seed, reuse=args.reuse,
-                                 num_samples=args.n, device=args.device)
+        config, classes = resolve_generator(args)
+        stream = DiffuMaskStream(args.model, classes, seed=args.seed, reuse=args.reuse, num_samples=args.n,
+                                 device=args.device, **config.to_dict())
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
+    label_space = stream.config.label_space
     context = "spawn" if args.workers and torch.cuda.is_available() else None
     loader = DataLoader(stream, batch_size=args.batch_size, num_workers=args.workers, multiprocessing_context=context)
     started, seen, counts = time.perf_counter(), 0, torch.zeros(len(label_space) + 1, dtype=torch.long)
@@ -77,58 +155,47 @@ def run_stream(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
-def _label_space_and_classes(args: argparse.Namespace) -> tuple[tuple[str, ...], list[str]]:
-    from .label_spaces import VOC_CLASSES
-    from .sampler import read_preset
+def run_preview(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from tqdm.auto import tqdm
 
-    label_space = LABEL_SPACES[args.label_space] if args.label_space else tuple(read_preset(args.model).get("label_space", VOC_CLASSES))
-    return label_space, args.classes or list(label_space[1:])
+    from .dataset import DiffuMaskDataset
+    from .preview import write_preview
+
+    if args.n < 1:
+        parser.error(f"--n must be >= 1, got {args.n}")
+    try:
+        config, classes = resolve_generator(args)
+        dataset = DiffuMaskDataset(args.model, classes, length=args.n, seed=args.seed, device=args.device,
+                                   **config.to_dict())
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    batch = dataset.config.sampler.batch_size
+    samples = []
+    with tqdm(total=args.n, desc="generating", unit="img") as bar:
+        for start in range(0, args.n, batch):
+            samples += dataset.raw(list(range(start, min(start + batch, args.n))))
+            bar.update(len(samples) - bar.n)
+    out = write_preview(samples, dataset.config.label_space, args.out)
+    print(f"wrote {out} ({args.n} samples; stats: {dataset.stats()})")
+    return 0
+
+
+def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        config, _ = resolve_generator(args)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    print(config.to_json())
+    if args.out:
+        config.save(args.out)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .preview import write_preview
-
-    if args.command == "stream":
-        return run_stream(args, parser)
-
-    if args.n < 1:
-        parser.error(f"--n must be >= 1, got {args.n}")
-    try:
-        dataset = _dataset(args)
-    except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
-    out = write_preview(dataset, args.n, args.out, batch_size=dataset.source.sampler_config.batch_size)
-    print(f"wrote {out} ({args.n} samples; stats: {dataset.stats()})")
-    return 0
-
-
-def _dataset(args: argparse.Namespace):
-    """The dataset the preview draws from: the model's preset, then the command line's overrides."""
-    from .dataset import DiffuMaskDataset
-    from .sampler import read_preset
-
-    preset = read_preset(args.model)
-    label_space, classes = _label_space_and_classes(args)
-    mask = from_dict(MaskConfig, preset.get("mask", {}))
-    sampler = from_dict(SamplerConfig, preset.get("sampler", {}))
-    if args.threshold is not None:
-        mask = replace(mask, threshold=args.threshold)
-    sampler = replace(sampler, **{k: v for k, v in {"num_inference_steps": args.steps, "guidance_scale": args.guidance,
-                                                    "batch_size": args.batch_size}.items() if v is not None})
-    size = args.image_size
-    return DiffuMaskDataset(
-        args.model,
-        classes,
-        length=args.n,
-        label_space=label_space,
-        image_size=None if size is None else size[0] if len(size) == 1 else tuple(size),
-        seed=args.seed,
-        mask=mask,
-        sampler=sampler,
-        device=args.device,
-    )
+    run = {"stream": run_stream, "preview": run_preview, "config": run_config}[args.command]
+    return run(args, parser)
 
 
 if __name__ == "__main__":

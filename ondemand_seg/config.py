@@ -1,13 +1,48 @@
-"""Configuration as plain dataclasses, with DiffuMask's defaults, that round-trip to JSON."""
+"""Configuration: dataclasses with DiffuMask's defaults that round-trip to JSON, and the one
+place where a model's preset and a caller's explicit settings are merged.
+
+Like diffusers' ``from_pretrained(..., **kwargs)`` over a saved config, :func:`resolve_config`
+starts from the defaults, applies the model folder's ``ondemand_seg.json`` preset, then the
+caller's arguments, field by field: ``mask={"threshold": 0.3}`` or ``mask=MaskConfig(threshold=0.3)``
+changes γ and keeps every other field the preset sets. The library's datasets, the command line
+and the trainer all go through it, and the result prints and saves as JSON in the preset's form.
+"""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .label_spaces import class_ids, validate_label_space
+from .loading import check_image_size, check_model_source, read_preset
+from .vocabulary import Vocabulary, default_vocabulary, load_vocabulary, vocabulary_from
 
 
-@dataclass
+def config_dataclass(cls: type) -> type:
+    """``@dataclass`` that also records which fields the constructor was given.
+
+    A config built as ``MaskConfig(threshold=0.3)`` then overrides only γ when merged over a
+    preset (:func:`merge_section`), instead of resetting the preset's other fields to defaults.
+    ``dataclasses.replace`` passes every field, so its result counts as fully given.
+    """
+    cls = dataclass(cls)
+    init = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        object.__setattr__(self, "_given", frozenset(names[: len(args)]) | frozenset(kwargs))
+
+    cls.__init__ = __init__
+    return cls
+
+
+@config_dataclass
 class MaskConfig:
     """How captured cross-attention becomes a label mask.
 
@@ -70,33 +105,30 @@ class MaskConfig:
             raise ValueError(f"self_attention_power must be >= 1, got {self.self_attention_power}")
 
 
-@dataclass
+@config_dataclass
 class SamplerConfig:
-    """How images are generated. Defaults follow DiffuMask's generation script (SD v1.x)."""
+    """How images are generated. Defaults follow DiffuMask's generation script (SD v1.x).
+
+    Prompt wording (templates, names, synonyms) is the vocabulary's job, not the sampler's:
+    see :class:`~ondemand_seg.vocabulary.Vocabulary`.
+    """
 
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
-    templates: tuple[str, ...] = ("a photograph of a {}",)
     classes_per_prompt: int = 1
     batch_size: int = 4
     scheduler: str | None = None
 
     def __post_init__(self) -> None:
-        self.templates = tuple(self.templates)
         if self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
-        if not self.templates:
-            raise ValueError("templates is empty: give at least one prompt template such as 'a photo of a {}'")
-        for template in self.templates:
-            if template.count("{}") != 1:
-                raise ValueError(f"template {template!r} must contain exactly one '{{}}' for the class name")
         if self.classes_per_prompt < 1:
             raise ValueError(f"classes_per_prompt must be >= 1, got {self.classes_per_prompt}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-@dataclass
+@config_dataclass
 class QualityConfig:
     """The gate every sample passes before it may reach training."""
 
@@ -126,3 +158,133 @@ def from_dict(cls: type, data: dict) -> Any:
     if unknown:
         raise ValueError(f"unknown {cls.__name__} option(s): {unknown}")
     return cls(**data)
+
+
+SECTIONS: dict[str, type] = {"mask": MaskConfig, "sampler": SamplerConfig, "quality": QualityConfig}
+_TOP_LEVEL = ("vocabulary", "label_space", "image_size", *SECTIONS)
+DEFAULT_IMAGE_SIZE = 512
+
+
+def given_fields(config: Any) -> dict:
+    """The fields a config instance was constructed with (all of them after ``dataclasses.replace``)."""
+    given = getattr(config, "_given", None)
+    names = [f.name for f in dataclasses.fields(config)] if given is None else sorted(given)
+    return {name: getattr(config, name) for name in names}
+
+
+def merge_section(cls: type, *layers: Any) -> Any:
+    """A ``cls`` config from layers merged field by field, later layers winning.
+
+    Each layer is ``None``, a mapping of fields (as in a preset file) or a ``cls`` instance, of
+    which only the fields given to its constructor count. Unknown fields are named in the error.
+    """
+    merged: dict = {}
+    for layer in layers:
+        if layer is None:
+            continue
+        if isinstance(layer, cls):
+            merged.update(given_fields(layer))
+        elif isinstance(layer, Mapping):
+            unknown = sorted(set(layer) - {f.name for f in dataclasses.fields(cls)})
+            if unknown:
+                raise ValueError(f"unknown {cls.__name__} option(s): {unknown}")
+            merged.update(layer)
+        else:
+            raise TypeError(f"{cls.__name__} settings must be a {cls.__name__} or a dict of its fields, got {layer!r}")
+    return cls(**merged)
+
+
+@dataclass
+class DiffuMaskConfig:
+    """Every generation setting of a dataset, resolved: what :func:`resolve_config` returns.
+
+    vocabulary: the words prompts are drawn from (its classes include any free-text class asked for);
+    label_space: class names whose position is the id in masks (0 background);
+    image_size: ``(height, width)``; mask, sampler, quality: the three config sections.
+    :meth:`to_dict` is the preset file's form: saved, it can be passed back as arguments
+    (``DiffuMaskStream(model, classes, **config.to_dict())``) or shipped as ``ondemand_seg.json``.
+    """
+
+    vocabulary: Vocabulary
+    label_space: tuple[str, ...]
+    image_size: tuple[int, int]
+    mask: MaskConfig
+    sampler: SamplerConfig
+    quality: QualityConfig
+
+    def to_dict(self) -> dict:
+        return {"vocabulary": self.vocabulary.to_dict(), "label_space": list(self.label_space),
+                "image_size": list(self.image_size), **{name: to_dict(getattr(self, name)) for name in SECTIONS}}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_dict` as JSON (creating folders)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json() + "\n")
+        return path
+
+
+def resolve_config(model: Any, classes: Sequence[str] = (), **overrides: Any) -> DiffuMaskConfig:
+    """Defaults, then ``model``'s preset, then ``overrides``, merged field by field.
+
+    Args:
+        model: what :func:`~ondemand_seg.loading.read_preset` reads a preset from (a folder, a
+            built-in name, a hub id or a callable: the last two have none).
+        classes: classes to generate, each in the label space; when ``vocabulary`` is given, any
+            class it lacks is added to it as free text (zero-shot).
+        overrides: ``vocabulary`` (a built-in name, a .json/.yaml path, a :class:`Vocabulary`, a
+            full mapping in the file form, or a mapping without ``classes`` whose fields replace
+            those of the preset's vocabulary), ``label_space`` (class names; default the
+            vocabulary's), ``image_size`` (int or ``(H, W)``), and ``mask`` / ``sampler`` /
+            ``quality`` (config instances or dicts of fields). ``None`` means "not given".
+    Raises:
+        ValueError: an unknown option, field or class, a bad value, an image size the model's
+            VAE cannot take, naming it. FileNotFoundError: a model folder that does not exist.
+    """
+    unknown = sorted(set(overrides) - set(_TOP_LEVEL))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; the settings are {', '.join(_TOP_LEVEL)}")
+    preset = read_preset(model)
+    unknown = sorted(set(preset) - set(_TOP_LEVEL))
+    if unknown:
+        raise ValueError(f"the model preset names unknown option(s) {unknown}; the settings are {', '.join(_TOP_LEVEL)}")
+
+    given_vocabulary = overrides.get("vocabulary")
+    labels = overrides.get("label_space")
+    patch = isinstance(given_vocabulary, Mapping) and "classes" not in given_vocabulary
+    if labels is None and (given_vocabulary is None or patch):
+        labels = preset.get("label_space")
+    if labels is not None:
+        labels = validate_label_space(labels)
+    vocabulary = None
+    for layer in (preset.get("vocabulary"), given_vocabulary):
+        if layer is None:
+            continue
+        if isinstance(layer, Vocabulary):
+            vocabulary = layer
+        elif isinstance(layer, Mapping) and "classes" not in layer:
+            base = vocabulary or default_vocabulary(labels)
+            vocabulary = vocabulary_from({**base.to_dict(), **layer})
+        elif isinstance(layer, Mapping):
+            vocabulary = vocabulary_from(layer)
+        else:
+            vocabulary = load_vocabulary(layer)
+    vocabulary = vocabulary or default_vocabulary(labels)
+    if given_vocabulary is not None:
+        # Free-text classes only when a vocabulary is asked for: otherwise a misspelt class would
+        # silently become a new zero-shot class instead of an error.
+        vocabulary = vocabulary.with_classes([c for c in classes if c != "background"])
+    label_space = validate_label_space(labels if labels is not None else vocabulary.label_space)
+    if classes:
+        class_ids(classes, label_space)
+    size = overrides.get("image_size")
+    size = preset.get("image_size", DEFAULT_IMAGE_SIZE) if size is None else size
+    size = check_image_size(size, check_model_source(model))
+    sections = {name: merge_section(cls, preset.get(name), overrides.get(name)) for name, cls in SECTIONS.items()}
+    unknown = sorted(set(sections["mask"].class_thresholds) - set(label_space))
+    if unknown:
+        raise ValueError(f"class_thresholds names classes outside the label space: {unknown}")
+    return DiffuMaskConfig(vocabulary, label_space, size, **sections)

@@ -1,88 +1,121 @@
 """DiffuMaskDataset: the map-style twin of the stream, for ``ConcatDataset`` with real data."""
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
-import torch
 from torch.utils.data import Dataset
 
+from .loading import ModelSource
 from .source import RawSample, SampleSource
-from .stream import Transform
-from .transforms import SegmentationTransform
+from .stream import splice_partners
+from .transforms import JointTransform, PairAugmentation, SegmentationTransform, apply_transforms, joint_transforms
 
 
 class DiffuMaskDataset(Dataset):
     """``length`` generated samples; item ``i`` is drawn from ``(seed, i)`` alone, augmentation included.
 
-    Takes the same arguments as :class:`~ondemand_seg.DiffuMaskStream` (``model``, ``classes``,
-    ``label_space``, ``image_size``, ``seed``, ``mask``, ``sampler``, ``quality``, ``device``,
-    ``prompt_names``) plus ``length``, ``augment`` and ``transform``. Pass the same
-    ``SegmentationTransform`` to ``torchvision.datasets.VOCSegmentation(transforms=...)`` and the two
-    datasets yield the same format: ``(float [3, H, W], long [H, W])``.
+    Takes the stream's arguments (``model``, ``classes``, ``seed``, ``device``, ``vocabulary``,
+    ``label_space``, ``image_size``, ``mask``, ``sampler``, ``quality``; see
+    :class:`~ondemand_seg.DiffuMaskStream`) plus ``length`` and ``cache_size``, and torchvision's
+    ``transforms`` / ``transform`` / ``target_transform`` with ``VisionDataset``'s meaning. Before
+    any transform an item is what ``VOCSegmentation`` yields (a PIL RGB image and a PIL mode-"P"
+    mask), so one transform serves both inside a ``ConcatDataset``.
 
     A DataLoader with ``batch_size`` > 1 fetches through :meth:`__getitems__`, which generates
     the whole batch in one pipeline call. ``cache_size`` > 0 keeps that many generated samples
     (per process) so later epochs do not regenerate them; with ``cache_size >= length``, a single
     index (as ``ConcatDataset`` fetches) generates its whole aligned block of
     ``sampler.batch_size`` indices in one call and keeps them.
+
+    Splicing (a :class:`PairAugmentation` whose ``splices`` is true, such as
+    :class:`~ondemand_seg.DiffuMaskAugment`) tiles item ``i`` with other items of its generation
+    block, picked from ``(seed, i)``: the block is generated with it, and kept when
+    ``cache_size >= length``.
     """
 
-    def __init__(self, model, classes: Sequence[str], length: int, augment: bool = True,
-                 transform: Transform | None = None, cache_size: int = 0, **options) -> None:
+    def __init__(self, model: ModelSource, classes: Sequence[str], length: int, augment: bool = True,
+                 transforms: JointTransform | None = None, transform: Callable | None = None,
+                 target_transform: Callable | None = None, cache_size: int = 0, **settings: Any) -> None:
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
-        self.source = SampleSource(model, classes, **options)
+        self.source = SampleSource(model, classes, **settings)
         self.length = length
-        self.transform = transform or SegmentationTransform(self.source.image_size, train=augment)
+        self.transforms = joint_transforms(transforms, transform, target_transform,
+                                           SegmentationTransform(self.source.image_size, train=augment))
+        self.splicing = isinstance(self.transforms, PairAugmentation) and self.transforms.splices
+        if self.splicing and cache_size < length:
+            warnings.warn(
+                f"splicing tiles each item with items of its generation block; with cache_size={cache_size} < "
+                f"length={length} a block may be generated again for each of its items (cache_size={length} keeps all)",
+                stacklevel=2,
+            )
         # Items are a pure function of their index, so keeping generated ones changes nothing but
         # speed: later epochs (in persistent workers) reuse them instead of regenerating.
         self.cache_size = cache_size
         self._cache: OrderedDict[int, RawSample] = OrderedDict()
 
+    @property
+    def config(self):
+        """The resolved settings (:class:`~ondemand_seg.config.DiffuMaskConfig`)."""
+        return self.source.config
+
     def __len__(self) -> int:
         return self.length
 
     def raw(self, indices: Sequence[int]) -> list[RawSample]:
-        """The generated samples before transform, with their prompts."""
+        """The generated samples before any transform, with their prompts."""
+        samples = self._fetch(indices)
+        return [samples[i] for i in indices]
+
+    def _fetch(self, indices: Sequence[int], with_blocks: bool = False) -> dict[int, RawSample]:
+        """Samples of ``indices`` (and, with ``with_blocks``, of their generation blocks) by index."""
         for i in indices:
             if not 0 <= i < self.length:
                 raise IndexError(f"index {i} out of range for DiffuMaskDataset of length {self.length}")
-        missing = [i for i in dict.fromkeys(indices) if i not in self._cache]
+        wanted = self._blocks(indices) if with_blocks else list(dict.fromkeys(indices))
+        missing = [i for i in wanted if i not in self._cache]
         if missing and self.cache_size >= self.length:
-            missing = self._with_block_neighbours(missing)
+            missing = [i for i in self._blocks(missing) if i not in self._cache]
         drawn = dict(zip(missing, self.source.draw(missing))) if missing else {}
+        found = {i: self._cache[i] for i in wanted if i in self._cache}
         if self.cache_size:
             self._cache.update(drawn)
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-        return [self._cache[i] if i in self._cache else drawn[i] for i in indices]
+        return {**found, **drawn}
 
-    def _with_block_neighbours(self, missing: list[int]) -> list[int]:
-        """``missing`` widened to the aligned blocks of one pipeline batch that hold them.
+    def _blocks(self, indices: Sequence[int]) -> list[int]:
+        """``indices`` widened to the aligned blocks of one pipeline batch that hold them.
 
         Through ``ConcatDataset`` items arrive one index at a time, and a pipeline call of one image
-        costs nearly what a full batch does (2x per image on CPU, far more on a GPU). Items are a
-        pure function of their index, so generating a block's neighbours early yields exactly what
-        their own fetch would; done only when the cache keeps everything (nothing drawn is wasted).
+        costs nearly what a full batch does. Items are a pure function of their index, so
+        generating a block's neighbours early yields exactly what their own fetch would; done when
+        the cache keeps everything (nothing drawn is wasted) or when splicing needs the block.
         """
         block = self.source.sampler_config.batch_size
-        wanted = (j for i in missing for j in range(i - i % block, min(i - i % block + block, self.length)))
-        return [j for j in dict.fromkeys(wanted) if j not in self._cache]
+        wanted = (j for i in indices for j in range(i - i % block, min(i - i % block + block, self.length)))
+        return list(dict.fromkeys(wanted))
 
     def stats(self) -> dict[str, int]:
         """Generated, accepted and rejected-by-reason counts over all workers so far."""
         return self.source.stats.as_dict()
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
         return self.__getitems__([index])[0]
 
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, Any]]:
+        samples = self._fetch(indices, with_blocks=self.splicing)
         out = []
-        for sample in self.raw(indices):
-            if hasattr(self.transform, "set_random_seed"):
-                self.transform.set_random_seed(sample.augment_seed(self.source.seed))
-            out.append(self.transform(sample.image, sample.mask))
+        for i in indices:
+            sample = samples[i]
+            seed = sample.augment_seed(self.source.seed)
+            pairs = [sample]
+            if self.splicing:
+                block = [samples[j] for j in self._blocks([i]) if j != i]
+                pairs += splice_partners(sample, block, seed)
+            out.append(apply_transforms(self.transforms, [s.pil() for s in pairs], seed))
         return out

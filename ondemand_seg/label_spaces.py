@@ -15,13 +15,6 @@ VOC_CLASSES: tuple[str, ...] = (
     "train", "tvmonitor",
 )
 
-# Words a prompt uses for VOC's run-together names; the label stays the VOC name.
-VOC_PROMPT_NAMES: dict[str, str] = {
-    "aeroplane": "aeroplane", "diningtable": "dining table", "motorbike": "motorbike",
-    "pottedplant": "potted plant", "tvmonitor": "tv monitor",
-}
-
-
 def voc_palette(num_colors: int = 256) -> list[int]:
     """The Pascal VOC colour map as a flat ``[r0, g0, b0, r1, ...]`` list for ``PIL.Image.putpalette``.
 

@@ -1,5 +1,4 @@
-"""Segmentation metrics: a confusion matrix for mIoU (as in torchvision's segmentation references)
-and the binary IoU used by the mask-quality benchmark."""
+"""Segmentation metrics: a confusion matrix for mIoU (as in torchvision's segmentation references)."""
 from __future__ import annotations
 
 import torch
@@ -40,17 +39,3 @@ class ConfusionMatrix:
 
     def pixel_accuracy(self) -> float:
         return float(self.mat.diag().sum().double() / self.mat.sum().clamp_min(1))
-
-
-def intersection_union(prediction: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[int, int]:
-    """Intersection and union pixel counts of two boolean masks, over ``valid`` pixels only."""
-    if valid is not None:
-        prediction, truth = prediction & valid, truth & valid
-    return int((prediction & truth).sum()), int((prediction | truth).sum())
-
-
-def centre_box(height: int, width: int) -> torch.Tensor:
-    """``[H, W]`` bool: the middle half of each side, the "object is in the middle" baseline."""
-    box = torch.zeros(height, width, dtype=torch.bool)
-    box[height // 4 : height - height // 4, width // 4 : width - width // 4] = True
-    return box

@@ -1,9 +1,10 @@
-"""Prompts: which classes an image shows, the text that asks for them, and the tokens naming them."""
+"""Prompts: one image's text and the classes it names, and the tokens naming them in the text.
+
+The text itself is drawn by a :class:`~ondemand_seg.vocabulary.Vocabulary`."""
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 
@@ -16,29 +17,6 @@ class PromptSpec:
     class_names: tuple[str, ...]
     class_ids: tuple[int, ...]
     words: tuple[str, ...]
-
-
-def compose_prompt(
-    rng: random.Random,
-    classes: Sequence[str],
-    ids: Sequence[int],
-    templates: Sequence[str],
-    classes_per_prompt: int = 1,
-    prompt_names: Mapping[str, str] | None = None,
-) -> PromptSpec:
-    """Draw the classes and template of one image from ``rng``.
-
-    Several classes share one template as "a photograph of a dog and a bird".
-    ``prompt_names`` maps a label name to the words used in text (VOC's "pottedplant" is
-    "potted plant").
-    """
-    prompt_names = prompt_names or {}
-    count = min(classes_per_prompt, len(classes))
-    picks = rng.sample(range(len(classes)), count)
-    template = templates[rng.randrange(len(templates))]
-    names = tuple(classes[i] for i in picks)
-    words = tuple(prompt_names.get(n, n) for n in names)
-    return PromptSpec(template.format(" and a ".join(words)), names, tuple(ids[i] for i in picks), words)
 
 
 def token_positions(tokenizer, text: str, words: Sequence[str]) -> list[list[int]]:

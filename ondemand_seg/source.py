@@ -1,33 +1,30 @@
-"""The sample source shared by the stream and the map-style dataset: validated settings, a
+"""The sample source shared by the stream and the map-style dataset: resolved settings, a
 pipeline loaded lazily in whichever process draws, and sample ``i`` drawn from ``(seed, i)``."""
 from __future__ import annotations
 
-import os
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+import PIL.Image
 import torch
 
-from .config import MaskConfig, QualityConfig, SamplerConfig, from_dict
-from .label_spaces import VOC_CLASSES, VOC_PROMPT_NAMES, class_ids, validate_label_space
-from .prompts import PromptSpec, compose_prompt
+from .config import DiffuMaskConfig, resolve_config
+from .generation import DiffuMaskSampler
+from .label_spaces import class_ids, voc_palette
+from .loading import ModelSource, load_pipeline, pick_device
+from .prompts import PromptSpec
 from .quality import GateStats, RejectCounter, gate
-from .sampler import (
-    DiffuMaskSampler, ModelSource, check_image_size, check_model_source, load_pipeline, pick_device, read_preset,
-)
-from .seeding import derive_seed, shard
-from .vocabulary import Vocabulary, load_vocabulary
+from .seeding import SubStream, augment_seed, sample_seed, shard
 
-# Sub-streams of a sample's seed: which one feeds what.
-_IMAGE, _PROMPT, _AUGMENT = 0, 1, 2
+_PALETTE = voc_palette()
 
 
 @dataclass(eq=False)
 class RawSample:
-    """A generated sample before augmentation.
+    """A generated sample before any transform.
 
     image: ``[H, W, 3]`` uint8 RGB; mask: ``[H, W]`` uint8 label ids (255 ignore).
     """
@@ -40,53 +37,64 @@ class RawSample:
 
     def augment_seed(self, base_seed: int, use: int = 0) -> int:
         """Seed of the ``use``-th augmentation of this sample."""
-        return derive_seed(base_seed, self.index, self.attempt, _AUGMENT, use)
+        return augment_seed(base_seed, self.index, self.attempt, use)
+
+    def pil(self) -> tuple[PIL.Image.Image, PIL.Image.Image]:
+        """The pair as ``VOCSegmentation`` yields one: a PIL RGB image and a mode-"P" mask whose
+        palette is VOC's (ids are the label space's; 255 ignore)."""
+        mask = PIL.Image.fromarray(self.mask)
+        mask.putpalette(_PALETTE)  # an "L" image with a palette becomes "P", ids unchanged
+        return PIL.Image.fromarray(self.image), mask
 
 
 class SampleSource:
-    """Draws accepted samples by index; everything is checked before any model loads."""
+    """Draws accepted samples by index; every setting is resolved and checked before any model loads.
 
-    def __init__(
-        self,
-        model: ModelSource,
-        classes: Sequence[str],
-        label_space: Sequence[str] | None = None,
-        image_size: int | Sequence[int] | None = None,
-        seed: int = 0,
-        mask: MaskConfig | None = None,
-        sampler: SamplerConfig | None = None,
-        quality: QualityConfig | None = None,
-        device: str | torch.device | None = None,
-        prompt_names: dict[str, str] | None = None,
-        vocabulary: str | os.PathLike | Vocabulary | None = None,
-    ) -> None:
-        # A model folder may ship recommended settings; explicit arguments win over them.
-        preset = read_preset(model)
+    Args:
+        model: hub id, local diffusers folder, ``"toy"``, ``"random-weights"``, or a callable.
+        classes: classes to generate, each in the label space (with ``vocabulary`` given and no
+            ``label_space``, a class the vocabulary lacks is added to it as free text).
+        seed: base seed; sample ``i`` depends on ``(seed, i)`` only.
+        device: generation device; default CUDA (round-robin over workers) when available, else CPU.
+        settings: ``vocabulary``, ``label_space``, ``image_size``, ``mask``, ``sampler``,
+            ``quality``: merged over the model's preset by :func:`~ondemand_seg.config.resolve_config`.
+    """
+
+    def __init__(self, model: ModelSource, classes: Sequence[str], seed: int = 0,
+                 device: str | torch.device | None = None, **settings: Any) -> None:
         classes = (classes,) if isinstance(classes, str) else tuple(classes)
-        if vocabulary is not None:
-            # Prompts then come from the vocabulary's synonyms, sub-classes and templates, and any
-            # class it lacks is added as free text (zero-shot) after its own classes.
-            vocabulary = vocabulary if isinstance(vocabulary, Vocabulary) else load_vocabulary(vocabulary)
-            vocabulary = vocabulary.with_classes([c for c in classes if c != "background"])
-            label_space = label_space or vocabulary.label_space
-        self.vocabulary = vocabulary
-        self.label_space = validate_label_space(label_space or preset.get("label_space", VOC_CLASSES))
+        if not classes:
+            raise ValueError("classes is empty: name at least one class to generate")
+        self.config: DiffuMaskConfig = resolve_config(model, classes, **settings)
         self.classes = classes
         self.class_ids = class_ids(self.classes, self.label_space)
-        self.mask_config = mask or from_dict(MaskConfig, preset.get("mask", {}))
-        unknown = sorted(set(self.mask_config.class_thresholds) - set(self.label_space))
-        if unknown:
-            raise ValueError(f"class_thresholds names classes outside the label space: {unknown}")
-        self.sampler_config = sampler or from_dict(SamplerConfig, preset.get("sampler", {}))
-        self.quality_config = quality or from_dict(QualityConfig, preset.get("quality", {}))
-        self.image_size = check_image_size(image_size or preset.get("image_size", 512), check_model_source(model))
+        self.image_size = self.config.image_size
         self.model = model
         self.seed = int(seed)
         self.device = device
-        self.prompt_names = dict(VOC_PROMPT_NAMES if prompt_names is None else prompt_names)
         self.stats = GateStats()
         self._sampler: DiffuMaskSampler | None = None
         self._rejects: RejectCounter | None = None
+
+    @property
+    def vocabulary(self):
+        return self.config.vocabulary
+
+    @property
+    def label_space(self) -> tuple[str, ...]:
+        return self.config.label_space
+
+    @property
+    def mask_config(self):
+        return self.config.mask
+
+    @property
+    def sampler_config(self):
+        return self.config.sampler
+
+    @property
+    def quality_config(self):
+        return self.config.quality
 
     def __getstate__(self) -> dict:
         # A worker loads its own pipeline; never ship weights through pickling.
@@ -101,12 +109,14 @@ class SampleSource:
 
     def prompt(self, index: int, attempt: int = 0) -> PromptSpec:
         """The prompt of sample ``index`` at retry ``attempt``."""
-        cfg = self.sampler_config
-        rng = random.Random(derive_seed(self.seed, index, attempt, _PROMPT))
-        if self.vocabulary is not None:
-            picks = rng.sample(range(len(self.classes)), min(cfg.classes_per_prompt, len(self.classes)))
-            return self.vocabulary.sample_multi(rng, [self.classes[i] for i in picks], [self.class_ids[i] for i in picks])
-        return compose_prompt(rng, self.classes, self.class_ids, cfg.templates, cfg.classes_per_prompt, self.prompt_names)
+        rng = random.Random(sample_seed(self.seed, index, attempt, SubStream.PROMPT))
+        count = min(self.sampler_config.classes_per_prompt, len(self.classes))
+        picks = rng.sample(range(len(self.classes)), count)
+        return self.class_prompt(rng, [self.classes[i] for i in picks])
+
+    def class_prompt(self, rng: random.Random, names: Sequence[str]) -> PromptSpec:
+        """A prompt naming ``names`` in order, drawn from the vocabulary with ``rng``."""
+        return self.vocabulary.sample_multi(rng, names, [self.label_space.index(n) for n in names])
 
     def draw(self, indices: Sequence[int]) -> list[RawSample]:
         """Accepted samples for ``indices``, in order, generated in batches.
@@ -121,7 +131,8 @@ class SampleSource:
         while pending:
             keys = [pending.popleft() for _ in range(min(self.sampler_config.batch_size, len(pending)))]
             prompts = [self.prompt(i, a) for i, a in keys]
-            batch = self.sampler.generate(prompts, [derive_seed(self.seed, i, a, _IMAGE) for i, a in keys], self.image_size)
+            seeds = [sample_seed(self.seed, i, a, SubStream.IMAGE) for i, a in keys]
+            batch = self.sampler.generate(prompts, seeds, self.image_size)
             reasons = gate(batch.images, batch.masks, self.quality_config)
             self.stats.add(reasons)
             self._rejects.update(reasons)

@@ -3,17 +3,15 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import IterableDataset
 
-from .sampler import ModelSource
-from .seeding import derive_seed, shard
+from .loading import ModelSource
+from .seeding import schedule_seed, shard
 from .source import RawSample, SampleSource
-from .transforms import SegmentationTransform
-
-Transform = Callable[[object, object], tuple[torch.Tensor, torch.Tensor]]
+from .transforms import JointTransform, PairAugmentation, SegmentationTransform, apply_transforms, joint_transforms
 
 
 @dataclass(eq=False)
@@ -34,22 +32,29 @@ class DiffuMaskStream(IterableDataset):
     round-robin.
 
     Args:
-        model: hub id, local diffusers folder, ``"tiny-random"``, or a zero-argument callable
-            returning a pipeline (called once in each worker).
-        classes: class names to generate, all in ``label_space``.
-        label_space: ordered class names; a name's position is its id in masks (0 background).
-        image_size: ``H`` or ``(H, W)``, a multiple of the VAE's factor.
-        seed: base seed; sample ``i`` depends on ``(seed, i)`` only.
+        model: hub id, local diffusers folder, ``"toy"`` (the embedded ToyWorld model),
+            ``"random-weights"``, or a zero-argument callable returning a pipeline (called once in
+            each worker).
+        classes: class names to generate, all in the label space.
         reuse: times each generated sample is served (>= 1).
         cache_size: most generated samples held in memory per worker (>= the generation batch).
         num_samples: samples per pass over the stream across all workers and ranks; ``None`` is endless.
-        augment: random scale/crop/flip (albumentations) when ``transform`` is not given.
-        transform: ``(image, mask) -> (image, mask)`` applied to every sample; overrides ``augment``.
-        mask, sampler, quality: :class:`MaskConfig`, :class:`SamplerConfig`, :class:`QualityConfig`.
-        device: generation device; default CUDA when available, else CPU.
-        prompt_names: label name -> words used in prompts (default: VOC's, "pottedplant" -> "potted plant").
+        augment: with no transform given, the default :class:`SegmentationTransform` crops and
+            flips at random (``True``) or only resizes (``False``).
+        transforms: joint ``(image, target) -> (image, target)`` transform, as
+            ``VOCSegmentation(transforms=...)`` takes; a :class:`PairAugmentation` is reseeded per
+            sample and may splice cached samples.
+        transform, target_transform: image-only and target-only transforms (``VisionDataset``'s
+            meaning; not together with ``transforms``).
+        seed: base seed; sample ``i`` depends on ``(seed, i)`` only.
+        device: generation device; default CUDA (round-robin over workers) when available, else CPU.
+        settings: ``vocabulary``, ``label_space``, ``image_size``, ``mask``, ``sampler``,
+            ``quality``, merged field by field over the model's preset
+            (:func:`~ondemand_seg.config.resolve_config`); ``stream.config`` holds the result.
     Yields:
-        ``image`` float ``[3, H, W]`` normalized like torchvision, ``mask`` long ``[H, W]`` ids, 255 ignore.
+        ``(image, target)``: a PIL RGB image and a PIL mode-"P" mask (ids, 255 ignore) passed
+        through the transforms; with the default, ``image`` float ``[3, H, W]`` normalized like
+        torchvision and ``mask`` long ``[H, W]``.
     """
 
     def __init__(
@@ -60,8 +65,10 @@ class DiffuMaskStream(IterableDataset):
         cache_size: int = 64,
         num_samples: int | None = None,
         augment: bool = True,
-        transform: Transform | None = None,
-        **options,
+        transforms: JointTransform | None = None,
+        transform: Callable | None = None,
+        target_transform: Callable | None = None,
+        **settings: Any,
     ) -> None:
         super().__init__()
         if reuse < 1:
@@ -70,14 +77,20 @@ class DiffuMaskStream(IterableDataset):
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
         if num_samples is not None and num_samples < 1:
             raise ValueError(f"num_samples must be >= 1 or None, got {num_samples}")
-        self.source = SampleSource(model, classes, **options)
+        self.source = SampleSource(model, classes, **settings)
         batch = self.source.sampler_config.batch_size
         if cache_size < batch:
             raise ValueError(f"cache_size ({cache_size}) must be at least the generation batch_size ({batch})")
         self.reuse, self.cache_size, self.num_samples = reuse, cache_size, num_samples
-        self.transform = transform or SegmentationTransform(self.source.image_size, train=augment)
+        self.transforms = joint_transforms(transforms, transform, target_transform,
+                                           SegmentationTransform(self.source.image_size, train=augment))
         self._iterator: StreamIterator | None = None
         self._resume: dict = {}
+
+    @property
+    def config(self):
+        """The resolved settings (:class:`~ondemand_seg.config.DiffuMaskConfig`)."""
+        return self.source.config
 
     def stats(self) -> dict[str, int]:
         """Generated, accepted and rejected-by-reason counts over all workers so far."""
@@ -130,7 +143,7 @@ class StreamIterator:
         self.next_local = 0
         self.served = 0
         self.served_since_draw = 0
-        self.pick = random.Random(derive_seed(stream.source.seed, shard_id, shards, 3))
+        self.pick = random.Random(schedule_seed(stream.source.seed, shard_id, shards))
         for _ in range(served):
             self._schedule()
 
@@ -154,7 +167,7 @@ class StreamIterator:
             self.cache.remove(entry)
         return entry
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> tuple[Any, Any]:
         if self.quota is not None and self.served >= self.quota:
             raise StopIteration
         entry = self._schedule()
@@ -164,14 +177,17 @@ class StreamIterator:
         if pending:
             for e, sample in zip(pending, self.stream.source.draw([e.index for e in pending])):
                 e.sample = sample
-        transform = self.stream.transform
+        transforms = self.stream.transforms
         seed = entry.sample.augment_seed(self.stream.source.seed, entry.uses - 1)
-        if hasattr(transform, "set_random_seed"):
-            transform.set_random_seed(seed)
-        if hasattr(transform, "apply_many"):
-            # Splicing transforms get other cached samples too, picked from the sample's own seed so
-            # the pick is reproducible and leaves the serving schedule untouched.
-            others = [e.sample for e in self.cache if e is not entry]
-            random.Random(seed).shuffle(others)
-            return transform.apply_many([(s.image, s.mask) for s in [entry.sample] + others[:3]])
-        return transform(entry.sample.image, entry.sample.mask)
+        samples = [entry.sample]
+        if isinstance(transforms, PairAugmentation) and transforms.splices:
+            samples += splice_partners(entry.sample, [e.sample for e in self.cache if e is not entry], seed)
+        return apply_transforms(transforms, [s.pil() for s in samples], seed)
+
+
+def splice_partners(sample: RawSample, candidates: list[RawSample], seed: int, count: int = 3) -> list[RawSample]:
+    """Up to ``count`` of ``candidates`` to splice with ``sample``, picked from the serving's own
+    seed, so the pick is reproducible and leaves the serving schedule untouched."""
+    others = list(candidates)
+    random.Random(seed).shuffle(others)
+    return others[:count]

@@ -5,8 +5,10 @@ style ("a photograph of a {subclass} {class}", with scene and context variations
 name or one of its synonyms, and, where the template asks for one, a sub-class ("a photograph of a
 sparrow bird", "a photograph of a beagle dog in the countryside"). A :class:`Vocabulary` holds
 those words for one label space; :func:`load_vocabulary` reads a built-in one (``"voc"``,
-``"cityscapes"``, ``"ade20k"``) or a user's JSON/YAML file of the same form, and
-:meth:`Vocabulary.with_classes` adds any free-text class zero-shot.
+``"cityscapes"``, ``"ade20k"``, ``"toy"``) or a user's JSON/YAML file of the same form,
+:meth:`Vocabulary.with_classes` adds any free-text class zero-shot, and :meth:`Vocabulary.plain`
+is the simplest vocabulary: one template such as "a photograph of a {class}" and nothing else.
+It is the library's one prompt system: datasets, calibration and benchmarks all draw prompts here.
 
 Ids. A class's id is its position in :attr:`Vocabulary.label_space`, which is ``"background"``
 followed by :attr:`Vocabulary.classes`; 255 stays the ignore index. Cityscapes and ADE20K have
@@ -35,8 +37,10 @@ from typing import Any, Mapping, Sequence
 from .label_spaces import validate_label_space
 from .prompts import PromptSpec
 
-BUILTIN_VOCABULARIES: tuple[str, ...] = ("voc", "cityscapes", "ade20k")
+BUILTIN_VOCABULARIES: tuple[str, ...] = ("voc", "cityscapes", "ade20k", "toy")
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photograph of a {class}", "a photograph of a {subclass} {class}")
+# DiffuMask's own prompt form ("Photo of a {class}"): what a plain vocabulary says.
+PLAIN_TEMPLATES: tuple[str, ...] = ("a photograph of a {class}",)
 
 _BUILTIN_DIR = Path(__file__).with_name("vocabularies")
 _FILE_KEYS = ("name", "description", "classes", "prompt_names", "synonyms", "subclasses", "templates")
@@ -108,6 +112,15 @@ class Vocabulary:
     def label_space(self) -> tuple[str, ...]:
         """``("background",) + classes``: a class's id is its position here."""
         return ("background",) + self.classes
+
+    @classmethod
+    def plain(cls, classes: Sequence[str], templates: Sequence[str] = PLAIN_TEMPLATES,
+              prompt_names: Mapping[str, str] | None = None, name: str = "plain") -> Vocabulary:
+        """The simplest vocabulary: each class written as its label (or ``prompt_names[label]``)
+        in one of ``templates``; no synonyms, no sub-classes."""
+        classes = tuple(classes)
+        names = {k: v for k, v in (prompt_names or {}).items() if k in classes}
+        return cls(name, classes, prompt_names=names, templates=tuple(templates))
 
     def with_classes(self, extra: Sequence[str]) -> Vocabulary:
         """This vocabulary plus every name of ``extra`` it lacks, appended in order (zero-shot).
@@ -196,8 +209,34 @@ class Vocabulary:
                             )
 
 
+def default_vocabulary(label_space: Sequence[str] | None = None) -> Vocabulary:
+    """The plain vocabulary over ``label_space`` (default: Pascal VOC's classes), writing VOC's
+    run-together labels as words ("pottedplant" -> "potted plant")."""
+    voc = load_vocabulary("voc")
+    classes = voc.label_space if label_space is None else tuple(label_space)
+    return Vocabulary.plain(classes, prompt_names=voc.prompt_names)
+
+
+def vocabulary_from(data: Mapping[str, Any], source: str = "vocabulary") -> Vocabulary:
+    """A :class:`Vocabulary` from its file form (what :meth:`Vocabulary.to_dict` writes);
+    errors name ``source`` and the bad key or value."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{source}: a vocabulary holds a mapping with a 'classes' list, got {type(data).__name__}")
+    unexpected = sorted(set(map(str, data)) - set(_FILE_KEYS))
+    if unexpected:
+        raise ValueError(f"{source}: unknown keys {unexpected}; a vocabulary may have {', '.join(_FILE_KEYS)}")
+    if "classes" not in data:
+        raise ValueError(f"{source}: no 'classes' list")
+    # YAML reads an empty "synonyms:" as null; that means "none", like leaving the key out.
+    given = {k: v for k, v in data.items() if v is not None}
+    try:
+        return Vocabulary(**{"name": "custom", **given})
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
 def load_vocabulary(name_or_path: str | os.PathLike) -> Vocabulary:
-    """A built-in vocabulary (``"voc"``, ``"cityscapes"``, ``"ade20k"``) or one read from a
+    """A built-in vocabulary (``"voc"``, ``"cityscapes"``, ``"ade20k"``, ``"toy"``) or one read from a
     ``.json``, ``.yaml`` or ``.yml`` file.
 
     A file holds a mapping with ``classes`` (a list, ``"background"`` first or left out: it is
@@ -219,19 +258,9 @@ def load_vocabulary(name_or_path: str | os.PathLike) -> Vocabulary:
         if not path.is_file():
             raise FileNotFoundError(f"vocabulary file {path} does not exist")
     data = _read(path)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a vocabulary file holds a mapping with a 'classes' list, got {type(data).__name__}")
-    unexpected = sorted(set(map(str, data)) - set(_FILE_KEYS))
-    if unexpected:
-        raise ValueError(f"{path}: unknown keys {unexpected}; a vocabulary file may have {', '.join(_FILE_KEYS)}")
-    if "classes" not in data:
-        raise ValueError(f"{path}: no 'classes' list")
-    # YAML reads an empty "synonyms:" as null; that means "none", like leaving the key out.
-    given = {k: v for k, v in data.items() if v is not None}
-    try:
-        return Vocabulary(**{"name": path.stem, **given})
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+    if isinstance(data, dict):
+        data = {"name": path.stem, **data}
+    return vocabulary_from(data, str(path))
 
 
 def _read(path: Path) -> Any:

@@ -1,7 +1,7 @@
 import pytest
 
 from ondemand_seg import MaskConfig, SamplerConfig
-from ondemand_seg.tiny import save_tiny_pipeline
+from ondemand_seg.testing import save_tiny_pipeline
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from ondemand_seg.augment import AugmentConfig, DiffuMaskAugment
-from ondemand_seg.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ondemand_seg.label_spaces import voc_palette
+from ondemand_seg.transforms import IMAGENET_MEAN, IMAGENET_STD, PairAugmentation
 
 SIZE = (48, 64)
 IGNORE = 255
@@ -246,3 +247,28 @@ def test_bad_inputs_raise():
         augment(np.zeros((*SIZE, 3), dtype=np.float32), np.zeros(SIZE, dtype=np.uint8))
     with pytest.raises(ValueError, match="mask"):
         augment(np.zeros((*SIZE, 3), dtype=np.uint8), np.zeros((10, 10), dtype=np.uint8))
+
+
+def test_is_a_pair_augmentation_that_splices_only_when_configured():
+    assert isinstance(DiffuMaskAugment(SIZE), PairAugmentation)
+    assert DiffuMaskAugment(SIZE, AugmentConfig(splice=0.5)).splices
+    assert not DiffuMaskAugment(SIZE, AugmentConfig(splice=0.0)).splices
+    assert not DiffuMaskAugment(SIZE, AugmentConfig.off()).splices
+
+
+def test_voc_style_pil_pairs_match_arrays():
+    """Dataset items are a PIL RGB image and a mode-"P" mask with VOC's palette; the ids are read, not the colours."""
+    samples = splice_inputs(3)
+    as_pil = []
+    for image, mask in samples:
+        target = Image.fromarray(mask)
+        target.putpalette(voc_palette())
+        assert target.mode == "P"
+        as_pil.append((Image.fromarray(image), target))
+    augment = DiffuMaskAugment(SIZE, AugmentConfig(splice=1.0, occlusion=1.0))
+    for seed in SEEDS[:3]:
+        augment.set_random_seed(seed)
+        from_arrays = augment.apply_many(samples)
+        augment.set_random_seed(seed)
+        from_pil = augment.apply_many(as_pil)
+        assert torch.equal(from_arrays[0], from_pil[0]) and torch.equal(from_arrays[1], from_pil[1])

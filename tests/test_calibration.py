@@ -2,11 +2,16 @@ import numpy as np
 import pytest
 import torch
 
+import ondemand_seg.calibration as calibration
+import ondemand_seg.source as source_module
 from ondemand_seg import MaskConfig
 from ondemand_seg.calibration import calibrate_class_thresholds
-from ondemand_seg.sampler import GeneratedBatch
+from ondemand_seg.generation import GeneratedBatch
+from ondemand_seg.loading import RANDOM_WEIGHTS_MODEL
+from ondemand_seg.seeding import SubStream, derive_seed, sample_seed
 from ondemand_seg.source import SampleSource
 from ondemand_seg.toyworld import TOY_CLASSES
+from ondemand_seg.vocabulary import Vocabulary
 
 
 class RampSampler:
@@ -14,9 +19,11 @@ class RampSampler:
 
     def __init__(self):
         self.seeds = []
+        self.prompts = []
 
     def generate(self, prompts, seeds, size, keep_maps=False):
         self.seeds += list(seeds)
+        self.prompts += list(prompts)
         ramp = torch.linspace(0, 1, size[1]).expand(*size)
         fused = ramp.expand(len(prompts), 1, *size).clone()
         images = ramp.expand(len(prompts), 3, *size).clone()
@@ -24,42 +31,119 @@ class RampSampler:
         return GeneratedBatch(images, torch.zeros(len(prompts), *size, dtype=torch.long), fused, ids)
 
 
-def ramp_source(tiny_sd1, classes):
-    source = SampleSource(tiny_sd1, classes, label_space=TOY_CLASSES, image_size=32)
+class GatedSampler:
+    """Stands in for the pipeline in training draws: the first ``reject_rounds`` calls give empty
+    masks, which the quality gate rejects, so every sample is redrawn with its next attempt."""
+
+    def __init__(self, reject_rounds):
+        self.reject_rounds = reject_rounds
+        self.calls = 0
+        self.seeds = []
+
+    def generate(self, prompts, seeds, size, keep_maps=False):
+        self.calls += 1
+        self.seeds += list(seeds)
+        masks = torch.zeros(len(prompts), *size, dtype=torch.long)
+        if self.calls > self.reject_rounds:
+            for j, prompt in enumerate(prompts):
+                masks[j, : size[0] // 2, : size[1] // 2] = prompt.class_ids[0]
+        return GeneratedBatch(torch.full((len(prompts), 3, *size), 0.5), masks)
+
+
+def ramp_source(classes, seed=0, vocabulary="toy"):
+    source = SampleSource(RANDOM_WEIGHTS_MODEL, classes, seed=seed, vocabulary=vocabulary, image_size=32)
     source._sampler = RampSampler()
     return source
 
 
-def test_each_class_gets_the_threshold_its_labels_imply(tiny_sd1):
+def test_each_class_gets_the_threshold_its_labels_imply():
     cut = {"circle": 0.6, "ring": 0.3}
-    source = ramp_source(tiny_sd1, list(cut))
+    drawings = Vocabulary.plain(TOY_CLASSES, templates=["a drawing of a {class}"])
+    source = ramp_source(list(cut), vocabulary=drawings)
     labels = lambda image, name: image[..., 0] / 255.0 >= cut[name]  # noqa: E731
     gammas = calibrate_class_thresholds(source, labels, n_per_class=3)
     assert set(gammas) == set(cut)
     for name, want in cut.items():
         assert gammas[name] == pytest.approx(want, abs=0.03)
     assert len(set(source.sampler.seeds)) == 6, "every calibration image has its own seed"
+    # One-class prompts drawn from the source's vocabulary, three per class.
+    assert sorted(p.class_names for p in source.sampler.prompts) == [("circle",)] * 3 + [("ring",)] * 3
+    assert all(p.text == f"a drawing of a {p.class_names[0]}" for p in source.sampler.prompts)
+    assert {p.class_ids for p in source.sampler.prompts} == {(source.label_space.index(n),) for n in cut}
     MaskConfig(class_thresholds=gammas)  # the result is a valid config
 
 
-def test_classes_never_drawn_are_left_out_and_none_drawn_is_an_error(tiny_sd1):
-    source = ramp_source(tiny_sd1, ["circle", "ring"])
+def test_batches_do_not_change_the_result_or_the_seeds():
+    labels = lambda image, name: image[..., 0] >= 100  # noqa: E731
+    one = ramp_source(["circle", "square"])
+    small = ramp_source(["circle", "square"])
+    assert calibrate_class_thresholds(one, labels, n_per_class=3) == calibrate_class_thresholds(
+        small, labels, n_per_class=3, batch_size=2)
+    assert one.sampler.seeds == small.sampler.seeds
+    other_base = ramp_source(["circle", "square"], seed=1)
+    calibrate_class_thresholds(other_base, labels, n_per_class=3)
+    assert not set(other_base.sampler.seeds) & set(one.sampler.seeds), "calibration seeds follow the base seed"
+
+
+def test_classes_never_drawn_are_left_out_and_none_drawn_is_an_error():
+    source = ramp_source(["circle", "ring"])
     only_circles = lambda image, name: np.full(image.shape[:2], name == "circle")  # noqa: E731
     assert set(calibrate_class_thresholds(source, only_circles, n_per_class=2)) == {"circle"}
     with pytest.raises(ValueError, match="non-empty truth"):
         calibrate_class_thresholds(source, lambda image, name: np.zeros(image.shape[:2], bool), n_per_class=2)
 
 
-def test_bad_calibration_input_is_named(tiny_sd1):
-    source = ramp_source(tiny_sd1, ["circle"])
+def test_bad_calibration_input_is_named():
+    source = ramp_source(["circle"])
     with pytest.raises(ValueError, match="n_per_class must be >= 1, got 0"):
         calibrate_class_thresholds(source, lambda image, name: image[..., 0] > 0, n_per_class=0)
     with pytest.raises(ValueError, match=r"gave a \(4, 4\) mask for a \(32, 32\) image"):
         calibrate_class_thresholds(source, lambda image, name: np.ones((4, 4), bool), n_per_class=1)
 
 
-def test_calibrates_through_a_real_pipeline(tiny_sd1, fast):
-    source = SampleSource(tiny_sd1, ["circle", "square"], label_space=TOY_CLASSES, **fast)
+def spy(monkeypatch, module, name, record):
+    real = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        seed = real(*args, **kwargs)
+        record.append(seed)
+        return seed
+
+    monkeypatch.setattr(module, name, wrapper)
+
+
+@pytest.mark.parametrize("base", [0, 3, 2024])
+def test_calibration_draws_no_training_sample(base, monkeypatch):
+    classes, n_per_class, indices, attempts = ["circle", "square"], 4, range(10), 3
+    calibration_seeds, training_seeds = [], []
+    spy(monkeypatch, calibration, "calibration_seed", calibration_seeds)
+    spy(monkeypatch, source_module, "sample_seed", training_seeds)
+
+    calibrating = ramp_source(classes, seed=base)
+    calibrate_class_thresholds(calibrating, lambda image, name: image[..., 0] >= 128, n_per_class=n_per_class)
+    calibration_images = set(calibrating.sampler.seeds)
+
+    training = SampleSource(RANDOM_WEIGHTS_MODEL, classes, seed=base, vocabulary="toy", image_size=32,
+                            sampler={"batch_size": len(indices)})
+    gated = GatedSampler(reject_rounds=attempts - 1)
+    training._sampler = gated
+    drawn = training.draw(list(indices))
+    assert [s.attempt for s in drawn] == [attempts - 1] * len(indices), "each sample was drawn at attempts 0..2"
+    training_images = set(gated.seeds)
+    assert training_images == {sample_seed(base, i, a, SubStream.IMAGE) for i in indices for a in range(attempts)}
+
+    assert len(calibration_images) == len(classes) * n_per_class
+    assert calibration_images <= set(calibration_seeds)
+    assert not calibration_images & training_images, "a calibration image is a training image"
+    assert not set(calibration_seeds) & set(training_seeds), "calibration shares a prompt or noise seed with training"
+    # The old calibration seeds, derive_seed(base, 3, class id, k), were training sample 3's
+    # (attempt = class id, stream = k): this range of samples and attempts would have caught them.
+    old = {derive_seed(base, 3, c, k) for c in training.class_ids for k in range(n_per_class)}
+    assert old & training_images and old & set(training_seeds)
+
+
+def test_calibrates_through_a_real_pipeline(fast):
+    source = SampleSource(RANDOM_WEIGHTS_MODEL, ["circle", "square"], vocabulary="toy", **fast)
     gammas = calibrate_class_thresholds(source, lambda image, name: image.mean(-1) > 127, n_per_class=2)
     assert set(gammas) <= {"circle", "square"} and gammas
     assert all(0.0 < g < 1.0 for g in gammas.values())

@@ -2,8 +2,12 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from ondemand_seg.capture import CrossAttentionCaptureProcessor, CrossAttentionStore, install_capture
-from ondemand_seg.tiny import build_tiny_pipeline
+from ondemand_seg import MaskConfig, SamplerConfig
+from ondemand_seg.capture import CapturedAttention, CrossAttentionCaptureProcessor, CrossAttentionStore, install_capture
+from ondemand_seg.generation import DiffuMaskSampler
+from ondemand_seg.loading import TOY_MODEL, load_pipeline
+from ondemand_seg.prompts import PromptSpec
+from ondemand_seg.testing import build_tiny_pipeline
 
 
 class ReferenceProcessor(AttnProcessor):
@@ -146,23 +150,39 @@ def test_self_attention_is_recorded_only_at_its_factor_when_asked():
     assert torch.allclose(got.sum(-1), torch.ones(2, 16), atol=1e-5)
 
 
-def test_sampler_refinements_produce_masks():
-    from ondemand_seg import MaskConfig, SamplerConfig
-    from ondemand_seg.prompts import PromptSpec
-    from ondemand_seg.sampler import DiffuMaskSampler
+def test_captured_holds_the_batch_detached_from_the_store():
+    unet = build_tiny_pipeline().unet.eval()
+    latents, text = unet_inputs(images=2)
+    store = CrossAttentionStore()
+    store.self_attention_factor = 2
+    install_capture(unet, store, self_attention=True)
+    store.begin(torch.rand(2, 1, 77).round(), (8, 8), num_steps=1)
+    with torch.no_grad():
+        unet(latents, 10, encoder_hidden_states=text)
+    captured = store.captured()
+    assert isinstance(captured, CapturedAttention)
+    maps = store.maps()
+    assert sorted(captured.maps) == sorted(maps) == [1, 2, 4]
+    assert all(torch.equal(captured.maps[f], maps[f]) for f in maps)
+    assert torch.equal(captured.self_attention, store.self_attention()) and captured.self_attention.shape == (2, 16, 16)
+    assert captured.self_attention_factor == 2 and captured.latent_size == (8, 8)
+    # The tiny UNet has self-attention in every transformer block, so at every factor.
+    assert captured.self_attention_factors_seen == {1, 2, 4}
+    store.reset()
+    store.self_attention_factors_seen.add(8)
+    assert captured.self_attention_factors_seen == {1, 2, 4}, "the captured set is a copy"
+    assert sorted(captured.maps) == [1, 2, 4] and captured.self_attention is not None, "reset leaves what was captured"
+    assert store.captured().maps == {} and store.captured().self_attention is None
 
-    pipe = build_tiny_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    prompt = PromptSpec("a photograph of a dog", ("dog",), (12,), ("dog",))
-    plain = DiffuMaskSampler(pipe, MaskConfig(), SamplerConfig(num_inference_steps=2)).generate([prompt], [0], (64, 64), keep_maps=True)
-    for config in (MaskConfig(threshold_mode="otsu"), MaskConfig(refine="affinity"), MaskConfig(self_attention_factor=1)):
-        batch = DiffuMaskSampler(pipe, config, SamplerConfig(num_inference_steps=2)).generate([prompt], [0], (64, 64), keep_maps=True)
-        assert torch.allclose(batch.images, plain.images, atol=1e-5), "refinement must not change the image"
-        assert set(batch.masks.unique().tolist()) <= {0, 12, 255}
-        if config.threshold_mode == "fixed":
-            assert not torch.allclose(batch.fused, plain.fused), config
-    with pytest.raises(ValueError, match="no self-attention was recorded at latent factor 8"):
-        DiffuMaskSampler(pipe, MaskConfig(self_attention_factor=8), SamplerConfig(num_inference_steps=2)).generate([prompt], [0], (64, 64))
+
+def test_captured_without_self_attention_asked():
+    store = CrossAttentionStore()
+    store.begin(torch.ones(1, 1, 77), (4, 6), num_steps=1)
+    store.add(torch.ones(1, 1, 24))
+    captured = store.captured()
+    assert captured.self_attention is None and captured.self_attention_factor is None
+    assert captured.self_attention_factors_seen == set() and captured.latent_size == (4, 6)
+    assert captured.maps[1].shape == (1, 1, 4, 6)
 
 
 def test_self_attention_refinement_on_a_unet_without_self_attention_fails_early():
@@ -177,10 +197,6 @@ def test_self_attention_refinement_on_a_unet_without_self_attention_fails_early(
 
 
 def test_missing_self_attention_factor_names_the_factors_that_exist():
-    from ondemand_seg import MaskConfig, SamplerConfig
-    from ondemand_seg.prompts import PromptSpec
-    from ondemand_seg.sampler import TOY_MODEL, DiffuMaskSampler, load_pipeline
-
     # The toy model's full-resolution block is cross-attention only; self-attention runs at 2 and 4.
     pipe = load_pipeline(TOY_MODEL, torch.device("cpu"))
     pipe.set_progress_bar_config(disable=True)
@@ -188,5 +204,6 @@ def test_missing_self_attention_factor_names_the_factors_that_exist():
     sampler = DiffuMaskSampler(pipe, MaskConfig(self_attention_factor=1), SamplerConfig(num_inference_steps=2))
     with pytest.raises(ValueError, match=r"latent factor 1; this model's self-attention layers run at factors \[2, 4\]"):
         sampler.generate([prompt], [0], (32, 32))
+    assert sampler.store.self_attention_factors_seen == {2, 4}
     sampler = DiffuMaskSampler(pipe, MaskConfig(self_attention_factor=2), SamplerConfig(num_inference_steps=2))
     assert sampler.generate([prompt], [0], (32, 32)).masks.shape == (1, 32, 32)

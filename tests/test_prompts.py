@@ -1,10 +1,7 @@
-import random
-
 import pytest
 
-from ondemand_seg.label_spaces import VOC_PROMPT_NAMES
-from ondemand_seg.prompts import class_token_weights, compose_prompt, token_positions
-from ondemand_seg.tiny import build_clip_tokenizer
+from ondemand_seg.prompts import PromptSpec, class_token_weights, token_positions
+from ondemand_seg.testing import build_clip_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -32,22 +29,27 @@ def test_missing_word_is_a_clear_error(tokenizer):
         token_positions(tokenizer, "a photograph of a dog", ["cat"])
 
 
-def test_compose_prompt_is_seeded_and_maps_names():
-    a = compose_prompt(random.Random(3), ["pottedplant", "dog"], [16, 12], ["a photograph of a {}", "a {} outdoors"],
-                       classes_per_prompt=2, prompt_names=VOC_PROMPT_NAMES)
-    b = compose_prompt(random.Random(3), ["pottedplant", "dog"], [16, 12], ["a photograph of a {}", "a {} outdoors"],
-                       classes_per_prompt=2, prompt_names=VOC_PROMPT_NAMES)
-    assert a == b
-    assert set(a.class_names) == {"pottedplant", "dog"}
-    assert "potted plant" in a.text and "pottedplant" not in a.text
-    assert dict(zip(a.class_names, a.class_ids)) == {"pottedplant": 16, "dog": 12}
-
-
 def test_class_token_weights_batch(tokenizer):
-    one = compose_prompt(random.Random(0), ["dog"], [12], ["a photograph of a {}"])
-    two = compose_prompt(random.Random(0), ["bird", "pottedplant"], [3, 16], ["a {}"], 2, VOC_PROMPT_NAMES)
+    one = PromptSpec("a photograph of a dog", ("dog",), (12,), ("dog",))
+    two = PromptSpec("a bird and a potted plant", ("bird", "pottedplant"), (3, 16), ("bird", "potted plant"))
     weights, ids = class_token_weights(tokenizer, [one, two])
     assert weights.shape == (2, 2, 77) and ids.shape == (2, 2)
     assert ids[0].tolist() == [12, 0] and weights[0, 1].sum() == 0 and weights[0, 0].sum() == 1
-    per_class = {two.class_names[k]: weights[1, k].sum().item() for k in range(2)}
-    assert per_class == {"bird": 1.0, "pottedplant": 2.0}
+    assert ids[1].tolist() == [3, 16]
+    assert weights[0, 0].nonzero().flatten().tolist() == token_positions(tokenizer, one.text, one.words)[0]
+    per_class = {two.class_names[k]: weights[1, k].nonzero().flatten().tolist() for k in range(2)}
+    assert per_class == dict(zip(two.class_names, token_positions(tokenizer, two.text, two.words)))
+    assert [len(v) for v in per_class.values()] == [1, 2]
+
+
+def test_class_token_weights_keep_repeated_classes_apart(tokenizer):
+    twice = PromptSpec("a photograph of a dog and a dog", ("dog", "dog"), (12, 12), ("dog", "dog"))
+    weights, ids = class_token_weights(tokenizer, [twice])
+    assert ids.tolist() == [[12, 12]]
+    assert weights[0, 0].nonzero().flatten().tolist() == [5] and weights[0, 1].nonzero().flatten().tolist() == [8]
+
+
+def test_class_token_weights_name_a_missing_word(tokenizer):
+    wrong = PromptSpec("a photograph of a dog", ("bird",), (3,), ("bird",))
+    with pytest.raises(ValueError, match="'bird' was not found among the tokens of prompt 'a photograph of a dog'"):
+        class_token_weights(tokenizer, [wrong])

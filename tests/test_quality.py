@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from ondemand_seg import DiffuMaskStream, QualityConfig, TooManyRejects
+from ondemand_seg.loading import RANDOM_WEIGHTS_MODEL
 from ondemand_seg.quality import GateStats, RejectCounter, gate
 
 
@@ -44,7 +45,7 @@ def test_gate_stats_count():
 
 def test_stream_stops_with_a_clear_error_instead_of_looping(fast):
     # No mask can cover 99% foreground on a random model: every sample is rejected as empty.
-    stream = DiffuMaskStream("tiny-random", ["dog"], quality=QualityConfig(min_foreground=0.99, max_foreground=1.0, max_consecutive_rejects=5), **fast)
+    stream = DiffuMaskStream(RANDOM_WEIGHTS_MODEL, ["dog"], quality=QualityConfig(min_foreground=0.99, max_foreground=1.0, max_consecutive_rejects=5), **fast)
     with pytest.raises(TooManyRejects, match=r"5 samples in a row .*'empty mask': 5"):
         next(iter(stream))
     assert stream.stats()["empty mask"] >= 5 and stream.stats()["accepted"] == 0
@@ -62,7 +63,7 @@ def test_rejected_sample_is_redrawn_not_passed_on(fast, monkeypatch):
         return ["non-finite image"] * len(reasons) if len(calls) == 1 else reasons
 
     monkeypatch.setattr(source, "gate", reject_first_batch)
-    stream = DiffuMaskStream("tiny-random", ["dog"], num_samples=4, augment=False, **fast)
+    stream = DiffuMaskStream(RANDOM_WEIGHTS_MODEL, ["dog"], num_samples=4, augment=False, **fast)
     images = [image for image, _ in stream]
     assert len(images) == 4
     assert stream.stats()["non-finite image"] == 4 and stream.stats()["accepted"] == 4

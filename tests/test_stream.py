@@ -8,7 +8,8 @@ from torch.utils.data import DataLoader
 
 from ondemand_seg import DiffuMaskDataset, DiffuMaskStream, SamplerConfig
 from ondemand_seg import seeding
-from ondemand_seg.stream import StreamIterator
+from ondemand_seg.source import RawSample
+from ondemand_seg.stream import StreamIterator, splice_partners
 
 
 def collect(stream, **loader):
@@ -30,46 +31,48 @@ def same_samples(a_images, a_masks, b_images, b_masks, atol=0.02):
     return not unmatched
 
 
-def test_yields_torchvision_format(fast):
-    stream = DiffuMaskStream("tiny-random", ["bird", "dog"], num_samples=4, **fast)
+def test_yields_torchvision_format(tiny_sd1, fast):
+    stream = DiffuMaskStream(tiny_sd1, ["bird", "dog"], num_samples=4, **fast)
     images, masks = next(iter(DataLoader(stream, batch_size=4)))
     assert images.shape == (4, 3, 64, 64) and images.dtype == torch.float32
     assert masks.shape == (4, 64, 64) and masks.dtype == torch.long
     assert set(masks.unique().tolist()) <= {0, 3, 12, 255}
     assert images.mean().abs() < 2 and images.std() > 0.1  # normalized, not [0, 255]
+    assert stream.config is stream.source.config and stream.config.image_size == (64, 64)
+    assert stream.config.sampler.batch_size == fast["sampler"].batch_size
 
 
-def test_same_seed_same_sequence_other_seed_differs(fast):
-    a = collect(DiffuMaskStream("tiny-random", ["dog"], seed=1, num_samples=6, **fast))
-    b = collect(DiffuMaskStream("tiny-random", ["dog"], seed=1, num_samples=6, **fast))
-    c = collect(DiffuMaskStream("tiny-random", ["dog"], seed=2, num_samples=6, **fast))
+def test_same_seed_same_sequence_other_seed_differs(tiny_sd1, fast):
+    a = collect(DiffuMaskStream(tiny_sd1, ["dog"], seed=1, num_samples=6, **fast))
+    b = collect(DiffuMaskStream(tiny_sd1, ["dog"], seed=1, num_samples=6, **fast))
+    c = collect(DiffuMaskStream(tiny_sd1, ["dog"], seed=2, num_samples=6, **fast))
     assert all(torch.equal(x, y) for x, y in zip(a[0] + a[1], b[0] + b[1]))
     assert not torch.allclose(a[0][0], c[0][0])
 
 
-def test_stream_sample_i_is_dataset_item_i_whatever_workers_and_batch(fast):
+def test_stream_sample_i_is_dataset_item_i_whatever_workers_and_batch(tiny_sd1, fast):
     plain = dict(fast, augment=False)
-    dataset = DiffuMaskDataset("tiny-random", ["bird", "dog"], length=8, **plain)
+    dataset = DiffuMaskDataset(tiny_sd1, ["bird", "dog"], length=8, **plain)
     items = [dataset[i] for i in range(8)]
     reference = ([x for x, _ in items], [y for _, y in items])
-    one_worker = collect(DiffuMaskStream("tiny-random", ["bird", "dog"], num_samples=8, **plain))
-    two_workers = collect(DiffuMaskStream("tiny-random", ["bird", "dog"], num_samples=8, **plain), num_workers=2)
+    one_worker = collect(DiffuMaskStream(tiny_sd1, ["bird", "dog"], num_samples=8, **plain))
+    two_workers = collect(DiffuMaskStream(tiny_sd1, ["bird", "dog"], num_samples=8, **plain), num_workers=2)
     other_batch = dict(plain, sampler=SamplerConfig(num_inference_steps=3, batch_size=3))
-    batch_of_3 = collect(DiffuMaskStream("tiny-random", ["bird", "dog"], num_samples=6, cache_size=6, **other_batch))
+    batch_of_3 = collect(DiffuMaskStream(tiny_sd1, ["bird", "dog"], num_samples=6, cache_size=6, **other_batch))
     for run in (one_worker, two_workers):
         assert same_samples(*run, *reference)
     assert same_samples(*batch_of_3, reference[0][:6], reference[1][:6])
 
 
-def test_no_duplicates_across_two_workers(fast):
-    images, _ = collect(DiffuMaskStream("tiny-random", ["dog"], num_samples=12, augment=False, **fast), num_workers=2)
+def test_no_duplicates_across_two_workers(tiny_sd1, fast):
+    images, _ = collect(DiffuMaskStream(tiny_sd1, ["dog"], num_samples=12, augment=False, **fast), num_workers=2)
     assert len(images) == 12
     for a, b in itertools.combinations(images, 2):
         assert not torch.allclose(a, b, atol=0.05)
 
 
-def test_shards_draw_disjoint_indices(fast, monkeypatch):
-    stream = DiffuMaskStream("tiny-random", ["dog"], **fast)
+def test_shards_draw_disjoint_indices(tiny_sd1, fast, monkeypatch):
+    stream = DiffuMaskStream(tiny_sd1, ["dog"], **fast)
     seen = []
     for rank in range(2):
         monkeypatch.setattr(seeding, "split_by_node", lambda rank=rank: (rank, 2))
@@ -81,8 +84,8 @@ def test_shards_draw_disjoint_indices(fast, monkeypatch):
     assert seen[0] | seen[1] == set(range(8))
 
 
-def test_reuse_serves_each_sample_k_times_within_cache_bound(fast):
-    stream = DiffuMaskStream("tiny-random", ["dog"], reuse=3, cache_size=8, augment=False, **fast)
+def test_reuse_serves_each_sample_k_times_within_cache_bound(tiny_sd1, fast):
+    stream = DiffuMaskStream(tiny_sd1, ["dog"], reuse=3, cache_size=8, augment=False, **fast)
     iterator = iter(stream)
     served, largest_cache = [], 0
     for _ in range(36):
@@ -96,15 +99,15 @@ def test_reuse_serves_each_sample_k_times_within_cache_bound(fast):
     assert max(counts) == 3 and min(counts) >= 1
 
 
-def test_reuse_gives_fresh_augmentation(fast):
-    stream = DiffuMaskStream("tiny-random", ["dog"], reuse=4, cache_size=4, **fast)
+def test_reuse_gives_fresh_augmentation(tiny_sd1, fast):
+    stream = DiffuMaskStream(tiny_sd1, ["dog"], reuse=4, cache_size=4, **fast)
     images = [image for image, _ in itertools.islice(iter(stream), 16)]
     assert stream.stats()["accepted"] == 4
     assert len({image.sum().item() for image in images}) > 12
 
 
-def test_non_square(fast):
-    stream = DiffuMaskStream("tiny-random", ["dog"], num_samples=2, **dict(fast, image_size=(64, 96)))
+def test_non_square(tiny_sd1, fast):
+    stream = DiffuMaskStream(tiny_sd1, ["dog"], num_samples=2, **dict(fast, image_size=(64, 96)))
     images, masks = next(iter(DataLoader(stream, batch_size=2)))
     assert images.shape == (2, 3, 64, 96) and masks.shape == (2, 64, 96)
 
@@ -138,9 +141,9 @@ def test_bad_model_folders(tmp_path, fast):
         DiffuMaskDataset(tmp_path, ["dog"], length=2, **fast)
 
 
-def test_resume_continues_the_sequence_without_regenerating_it(fast):
+def test_resume_continues_the_sequence_without_regenerating_it(tiny_sd1, fast):
     def make():
-        return DiffuMaskStream("tiny-random", ["dog", "bird"], reuse=2, cache_size=8, **fast)
+        return DiffuMaskStream(tiny_sd1, ["dog", "bird"], reuse=2, cache_size=8, **fast)
 
     whole = [pair for pair in itertools.islice(iter(make()), 20)]
     first = make()
@@ -157,33 +160,46 @@ def test_resume_continues_the_sequence_without_regenerating_it(fast):
         assert torch.equal(mask, want_mask) and torch.allclose(image, want_image, atol=0.02)
 
 
-def test_resume_with_other_sharding_is_refused(fast):
-    stream = DiffuMaskStream("tiny-random", ["dog"], **fast)
+def test_resume_with_other_sharding_is_refused(tiny_sd1, fast):
+    stream = DiffuMaskStream(tiny_sd1, ["dog"], **fast)
     with pytest.raises(ValueError, match="saved by shard 1 of 2"):
         stream.load_state_dict({"served": 3, "shard_id": 1, "shards": 2})
 
 
-def test_splicing_transform_gets_other_cached_samples(fast):
+def test_splicing_transform_gets_other_cached_samples(tiny_sd1, fast):
     from ondemand_seg import AugmentConfig, DiffuMaskAugment
 
     always = AugmentConfig.off()
     always.splice, always.splice_max = 1.0, 2
-    stream = DiffuMaskStream("tiny-random", ["dog", "bird"], reuse=2, cache_size=8,
-                             transform=DiffuMaskAugment(64, always), **dict(fast, mask=None))
-    plain = DiffuMaskStream("tiny-random", ["dog", "bird"], reuse=2, cache_size=8, augment=False, **fast)
+    stream = DiffuMaskStream(tiny_sd1, ["dog", "bird"], reuse=2, cache_size=8,
+                             transforms=DiffuMaskAugment(64, always), **dict(fast, mask=None))
+    plain = DiffuMaskStream(tiny_sd1, ["dog", "bird"], reuse=2, cache_size=8, augment=False, **fast)
     spliced = [m for _, m in itertools.islice(iter(stream), 6)]
     whole = [m for _, m in itertools.islice(iter(plain), 6)]
     assert any(not torch.equal(a, b) for a, b in zip(spliced, whole))
-    again = [m for _, m in itertools.islice(iter(DiffuMaskStream("tiny-random", ["dog", "bird"], reuse=2, cache_size=8,
-                                                                  transform=DiffuMaskAugment(64, always), **dict(fast, mask=None))), 6)]
+    again = [m for _, m in itertools.islice(iter(DiffuMaskStream(tiny_sd1, ["dog", "bird"], reuse=2, cache_size=8,
+                                                                  transforms=DiffuMaskAugment(64, always), **dict(fast, mask=None))), 6)]
     assert all(torch.equal(a, b) for a, b in zip(spliced, again))
 
 
-def test_vocabulary_prompts_and_zero_shot_classes(fast):
-    dataset = DiffuMaskDataset("tiny-random", ["bird", "tugboat"], length=12, vocabulary="voc", **fast)
+def test_vocabulary_prompts_and_zero_shot_classes(tiny_sd1, fast):
+    dataset = DiffuMaskDataset(tiny_sd1, ["bird", "tugboat"], length=12, vocabulary="voc", **fast)
     assert dataset.source.label_space[-1] == "tugboat" and dataset.source.class_ids == [3, 21]
     prompts = [dataset.source.prompt(i).text for i in range(12)]
     assert len(set(prompts)) > 4, "templates, synonyms and sub-classes vary per image"
     assert any("tugboat" in p for p in prompts)
     sample = dataset.raw([0])[0]
     assert set(np.unique(sample.mask).tolist()) <= {0, 3, 21, 255}
+
+
+def test_splice_partners_are_picked_from_the_seed_alone():
+    blank = np.zeros((2, 2, 3), np.uint8)
+    samples = [RawSample(blank, blank[..., 0], "", i, 0) for i in range(7)]
+    candidates = samples[1:]
+    picks = splice_partners(samples[0], candidates, seed=5)
+    assert len(picks) == 3 and len({id(p) for p in picks}) == 3 and all(p in candidates for p in picks)
+    assert splice_partners(samples[0], list(candidates), seed=5) == picks
+    assert candidates == samples[1:], "the candidates are left as they were"
+    assert len({tuple(p.index for p in splice_partners(samples[0], candidates, seed)) for seed in range(10)}) > 1
+    assert [p.index for p in splice_partners(samples[0], candidates[:2], seed=5, count=3)] in ([1, 2], [2, 1])
+    assert len(splice_partners(samples[0], candidates, seed=5, count=5)) == 5

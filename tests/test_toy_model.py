@@ -1,4 +1,7 @@
 """The embedded toy model: ships in the package, loads offline like real SD, and its masks are good."""
+import json
+import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -7,11 +10,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from ondemand_seg import DiffuMaskStream
-from ondemand_seg.sampler import TOY_MODEL_DIR, load_pipeline, read_preset
+from ondemand_seg.config import resolve_config
+from ondemand_seg.loading import TOY_MODEL_DIR, load_pipeline, read_preset
+from ondemand_seg.source import SampleSource
 from ondemand_seg.toyworld import TOY_CLASSES
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import mask_quality  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_toy_model_loads_offline_through_from_pretrained(monkeypatch):
@@ -21,7 +25,17 @@ def test_toy_model_loads_offline_through_from_pretrained(monkeypatch):
         "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors", "model.safetensors"]
     pipeline = load_pipeline("toy", torch.device("cpu"))
     assert isinstance(pipeline, StableDiffusionPipeline) and pipeline.unet.dtype == torch.float32
-    assert read_preset("toy")["label_space"] == list(TOY_CLASSES)
+    assert read_preset("toy")["vocabulary"] == "toy"
+    assert resolve_config("toy").label_space == TOY_CLASSES
+
+
+def test_toy_prompts_are_the_training_captions_form():
+    # The toy model learnt "a photo of a {class}"; its preset's vocabulary must write exactly that.
+    source = SampleSource("toy", list(TOY_CLASSES[1:]))
+    for name in TOY_CLASSES[1:]:
+        prompt = source.class_prompt(random.Random(0), [name])
+        assert prompt.text == f"a photo of a {name}"
+        assert prompt.class_ids == (TOY_CLASSES.index(name),) and prompt.words == (name,)
 
 
 def test_two_sample_stream_passes_the_gate():
@@ -34,8 +48,12 @@ def test_two_sample_stream_passes_the_gate():
     assert image.shape == (3, 32, 32) and mask.shape == (32, 32)
 
 
-def test_mask_quality_floor_well_above_baselines():
-    result = mask_quality.measure("toy", n=20, batch_size=10, progress=False)
+def test_mask_quality_floor_well_above_baselines(tmp_path):
+    out = tmp_path / "mask_quality.json"
+    done = subprocess.run([sys.executable, "benchmarks/mask_quality.py", "--n", "20", "--batch-size", "10",
+                           "--json", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
     ours = result["diffumask"]["mean"]
     assert ours >= 0.6, result["diffumask"]
     assert ours > result["centre_box"]["mean"] + 0.3
@@ -46,10 +64,10 @@ def test_mask_quality_floor_well_above_baselines():
 @pytest.mark.parametrize("factor", [1, 2, 4])
 def test_cross_attention_at_several_resolutions(factor):
     from ondemand_seg import MaskConfig, SamplerConfig
+    from ondemand_seg.generation import DiffuMaskSampler
     from ondemand_seg.prompts import PromptSpec
-    from ondemand_seg.sampler import DiffuMaskSampler
 
     sampler = DiffuMaskSampler(load_pipeline("toy", torch.device("cpu")), MaskConfig(resolution_weights={factor: 1.0}),
-                               SamplerConfig(num_inference_steps=2, templates=("a photo of a {}",)))
+                               SamplerConfig(num_inference_steps=2))
     batch = sampler.generate([PromptSpec("a photo of a ring", ("ring",), (4,), ("ring",))], [0], (32, 32))
     assert batch.masks.shape == (1, 32, 32)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ondemand_seg.label_spaces import voc_palette
 from ondemand_seg.toyworld import TOY_CLASSES, ToyWorld, color_oracle, write_voc
 from ondemand_seg.toyworld.__main__ import main as cli_main
 
@@ -109,7 +110,8 @@ def test_voc_round_trip(tmp_path):
         ids[split] = (voc / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
         for image_id, (image, target) in zip(ids[split], dataset):
             truth = world.sample(int(image_id))
-            assert target.mode == "P"
+            assert image.mode == "RGB" and target.mode == "P"
+            assert target.getpalette() == voc_palette(), "VOC's colours, as the DiffuMask datasets' raw masks"
             assert np.array_equal(np.array(target), truth.mask)
             diff = np.abs(np.asarray(image, np.int16) - truth.image.astype(np.int16))
             assert diff.mean() < 3.0  # JPEG quality 95

@@ -1,7 +1,9 @@
-"""The training script, run as users run it: single process, resume, DDP with gloo, bad flags."""
+"""The training script, run as users run it: single process, resume, DDP with gloo, bad flags,
+its help and the generator settings it resolves (``--print-config``)."""
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,17 +13,27 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ondemand_seg import DiffuMaskStream
+from ondemand_seg.config import resolve_config
 from ondemand_seg.toyworld import TOY_CLASSES
+from ondemand_seg.vocabulary import load_vocabulary
 
 SCRIPT = Path(__file__).resolve().parents[1] / "train" / "train_deeplab.py"
-FAST = ["--model", "tiny-random", "--label-space", "toy", "--batch-size", "4", "--gen-steps", "2",
+FAST = ["--model", "random-weights", "--vocabulary", "toy", "--batch-size", "4", "--gen-steps", "2",
         "--eval-limit", "8", "--threads", "1"]
 
 
-def run(args, tmp_path, launcher=(sys.executable,), timeout=600):
-    command = [*launcher, str(SCRIPT), *FAST, "--data-dir", str(tmp_path / "data"), *args]
+def run(args, tmp_path, launcher=(sys.executable,), timeout=600, base=FAST):
+    command = [*launcher, str(SCRIPT), *base, "--data-dir", str(tmp_path / "data"), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+
+
+def printed_config(*flags, cwd=None):
+    """The generator settings ``train_deeplab.py --synthetic-only FLAGS --print-config`` prints."""
+    done = subprocess.run([sys.executable, str(SCRIPT), "--synthetic-only", *flags, "--print-config"],
+                          capture_output=True, text=True, timeout=300, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
 
 
 def rows(directory, event):
@@ -31,7 +43,7 @@ def rows(directory, event):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_stateful_loader_resume_continues_the_stream(fast, workers):
     def loader():
-        stream = DiffuMaskStream("tiny-random", ["dog", "bird"], reuse=2, cache_size=8, **fast)
+        stream = DiffuMaskStream("random-weights", ["dog", "bird"], reuse=2, cache_size=8, **fast)
         return StatefulDataLoader(stream, batch_size=2, num_workers=workers)
 
     whole = [masks for _, masks in itertools.islice(iter(loader()), 8)]
@@ -53,6 +65,9 @@ def test_synthetic_only_run_writes_metrics_and_resumes(tmp_path):
     final = rows(tmp_path / "whole", "final")[0]
     assert 0.0 <= final["miou"] <= 1.0 and set(final["per_class_iou"]) >= {"background", "circle"}
     assert (tmp_path / "whole" / "metrics.csv").read_text().startswith("event,step,key,value")
+    # The generator settings of the run are saved beside its metrics, in the preset's form.
+    saved = json.loads((tmp_path / "whole" / "generator_config.json").read_text())
+    assert saved["label_space"] == list(TOY_CLASSES) and saved["sampler"]["num_inference_steps"] == 2
 
     half = run(["--synthetic-only", "--steps", "4", "--checkpoint-every", "2", "--output-dir", "half", "--workers", "0"], tmp_path)
     assert half.returncode == 0, half.stderr[-3000:]
@@ -67,11 +82,13 @@ def test_synthetic_only_run_writes_metrics_and_resumes(tmp_path):
     assert got == pytest.approx(want, rel=1e-4), "a resumed run sees the same batches as an uninterrupted one"
 
 
-def test_mixed_with_real_voc(tmp_path):
+def test_mixed_with_real_voc_and_full_augmentation(tmp_path):
+    # The full recipe splices in the map-style synthetic set too (its items tile with other items
+    # of their generation block), next to real VOC-format data in one ConcatDataset.
     from ondemand_seg.toyworld import write_voc
 
     write_voc(tmp_path / "real", n_train=8, n_val=4, image_size=32)
-    done = run(["--voc-root", str(tmp_path / "real"), "--synthetic-ratio", "0.5", "--steps", "3",
+    done = run(["--voc-root", str(tmp_path / "real"), "--synthetic-ratio", "0.5", "--steps", "3", "--augment", "full",
                 "--output-dir", "mixed", "--workers", "0"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert rows(tmp_path / "mixed", "final")[0]["step"] == 3
@@ -93,10 +110,9 @@ def test_ddp_two_ranks_with_gloo(tmp_path):
     [
         (["--voc-root", "nowhere"], "--voc-root nowhere has no VOCdevkit/VOC2012 folder"),
         (["--backbone", "vgg"], "unknown backbone 'vgg'"),
-        (["--classes", "dragon"], "unknown class 'dragon'"),
         (["--backbone-weights", "missing.safetensors"], "is not a file"),
         (["--classes-per-prompt", "0"], "classes_per_prompt must be >= 1, got 0"),
-        (["--class-thresholds", "ring=0.5", "dragon=0.3"], "--class-thresholds names 'dragon'"),
+        (["--class-thresholds", "ring=0.5", "dragon=0.3"], "outside the label space: ['dragon']"),
         (["--class-thresholds", "ring"], "takes CLASS=γ items, got 'ring'"),
         (["--class-thresholds", "ring=1.5"], "threshold for 'ring' must be in (0, 1), got 1.5"),
         (["--class-thresholds", "ring=0.5", "--threshold-mode", "otsu"], "need threshold_mode 'fixed'"),
@@ -108,12 +124,44 @@ def test_bad_flags_fail_early_and_clearly(tmp_path, args, message):
     assert "Traceback" not in done.stderr
 
 
-def test_help_documents_every_flag():
-    done = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+def test_unknown_class_fails_when_no_vocabulary_is_given(tmp_path):
+    # With the model preset's vocabulary a misspelt class is an error, not a new zero-shot class
+    # (a class outside the preset's vocabulary is free text only with --vocabulary).
+    done = run(["--synthetic-only", "--classes", "dragon"], tmp_path, timeout=120, base=["--model", "toy"])
+    assert done.returncode != 0 and "unknown class 'dragon'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def help_entries(text):
+    """``{first flag: its help, whitespace collapsed}`` for every option in argparse help output."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        if re.match(r"^  -", line):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif current and line.startswith("    "):
+            entries[current] += " " + line
+        else:
+            current = None
+    return {flag: " ".join(entry.split()) for flag, entry in entries.items()}
+
+
+def test_help_documents_every_flag_and_each_default_once():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, COLUMNS="100"))
     assert done.returncode == 0
+    entries = help_entries(done.stdout)
     for flag in ("--synthetic-only", "--voc-root", "--eval-root", "--synthetic-ratio", "--backbone",
-                 "--backbone-weights", "--resume", "--reuse", "--workers"):
-        assert flag in done.stdout
+                 "--backbone-weights", "--resume", "--reuse", "--workers", "--vocabulary", "--gen-steps",
+                 "--gen-batch-size", "--threshold", "--print-config"):
+        assert flag in entries, flag
+    assert "--label-space" in entries["--vocabulary"], "the old flag name still works"
+    assert "(default: None)" not in done.stdout and "(default: False)" not in done.stdout
+    twice = {flag: entry for flag, entry in entries.items() if entry.lower().count("default") > 1}
+    assert not twice, twice
+    # Flags with a value of their own say it; generator flags say where an unset value comes from.
+    for flag in ("--steps", "--reuse", "--crop-size", "--lr", "--gen-steps", "--threshold", "--vocabulary"):
+        assert "default" in entries[flag].lower(), entries[flag]
 
 
 def test_online_noise_learning_counts_dropped_samples(tmp_path):
@@ -132,28 +180,38 @@ def test_online_noise_learning_counts_dropped_samples(tmp_path):
     assert bad.returncode != 0 and "drop_fraction must be in (0, 1], got 0.0" in bad.stderr
 
 
-def test_classes_per_prompt_reaches_the_generator():
-    sys.path.insert(0, str(SCRIPT.parent))
-    import train_deeplab
+def test_generator_flags_override_only_their_fields_of_the_preset():
+    preset = resolve_config("toy")
+    config = printed_config("--vocabulary", "toy", "--classes-per-prompt", "1", "--threshold", "0.3",
+                            "--threshold-mode", "fixed", "--class-thresholds", "ring=0.56", "circle=0.3")
+    assert config["sampler"]["classes_per_prompt"] == 1
+    assert config["mask"]["class_thresholds"] == {"ring": 0.56, "circle": 0.3}
+    assert config["mask"]["threshold_mode"] == "fixed" and config["mask"]["threshold"] == 0.3
+    # Every field no flag names stays the toy preset's (not the library's defaults).
+    assert {int(k): v for k, v in config["mask"]["resolution_weights"].items()} == preset.mask.resolution_weights
+    assert tuple(config["mask"]["timestep_window"]) == preset.mask.timestep_window
+    assert config["sampler"]["num_inference_steps"] == preset.sampler.num_inference_steps
+    assert config["image_size"] == list(preset.image_size)
+    assert config["label_space"] == list(TOY_CLASSES)
 
-    def sampler_for(*flags):
-        args = train_deeplab.get_args_parser().parse_args(["--synthetic-only", *flags])
-        return train_deeplab.generator_options(args, TOY_CLASSES)["sampler"]
 
-    assert sampler_for().classes_per_prompt == 2  # the toy preset: its training captions' form
-    assert sampler_for("--classes-per-prompt", "1").classes_per_prompt == 1
-    assert sampler_for("--model", "tiny-random", "--classes-per-prompt", "3").classes_per_prompt == 3
+@pytest.mark.parametrize("vocabulary", ["voc", "cityscapes", "ade20k"])
+def test_vocabulary_accepts_each_builtin(vocabulary):
+    config = printed_config("--vocabulary", vocabulary)
+    assert config["label_space"] == list(load_vocabulary(vocabulary).label_space)
+    assert config["vocabulary"]["name"] == vocabulary
+    # Nothing but the vocabulary was asked for: the rest is the toy preset's.
+    preset = resolve_config("toy")
+    assert config["sampler"]["classes_per_prompt"] == preset.sampler.classes_per_prompt == 2
+    assert config["mask"]["class_thresholds"] == {}
 
 
-def test_class_thresholds_reach_the_mask_config():
-    sys.path.insert(0, str(SCRIPT.parent))
-    import train_deeplab
-
-    def mask_for(*flags):
-        args = train_deeplab.get_args_parser().parse_args(["--synthetic-only", *flags])
-        return train_deeplab.generator_options(args, TOY_CLASSES)["mask"]
-
-    assert mask_for().class_thresholds == {}
-    mask = mask_for("--threshold-mode", "fixed", "--class-thresholds", "ring=0.56", "circle=0.3")
-    assert mask.class_thresholds == {"ring": 0.56, "circle": 0.3}
-    assert mask.threshold_mode == "fixed"
+def test_vocabulary_reads_a_user_file_and_label_space_is_its_old_name(tmp_path):
+    (tmp_path / "pets.json").write_text(json.dumps({"classes": ["background", "cat", "dog"],
+                                                    "templates": ["a photo of a {class}"]}))
+    config = printed_config("--label-space", "pets.json", "--model", "random-weights", "--classes-per-prompt", "3",
+                            "--classes", "dog", "hamster", cwd=tmp_path)
+    # A class the file lacks joins as free text (zero-shot), after the file's own classes.
+    assert config["label_space"] == ["background", "cat", "dog", "hamster"]
+    assert config["vocabulary"]["name"] == "pets" and config["vocabulary"]["templates"] == ["a photo of a {class}"]
+    assert config["sampler"]["classes_per_prompt"] == 3

@@ -6,10 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from ondemand_seg.label_spaces import VOC_CLASSES, VOC_PROMPT_NAMES, class_ids
+from ondemand_seg.label_spaces import VOC_CLASSES, class_ids
 from ondemand_seg.prompts import token_positions
-from ondemand_seg.tiny import build_clip_tokenizer
-from ondemand_seg.vocabulary import BUILTIN_VOCABULARIES, DEFAULT_TEMPLATES, Vocabulary, load_vocabulary
+from ondemand_seg.testing import build_clip_tokenizer
+from ondemand_seg.toyworld import TOY_CLASSES
+from ondemand_seg.vocabulary import (
+    BUILTIN_VOCABULARIES, DEFAULT_TEMPLATES, PLAIN_TEMPLATES, Vocabulary, default_vocabulary, load_vocabulary,
+    vocabulary_from,
+)
 
 BUILTIN_DIR = Path(__file__).resolve().parents[1] / "ondemand_seg" / "vocabularies"
 CITYSCAPES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
@@ -50,15 +54,22 @@ def test_builtin_sizes_and_order(builtins):
     # Official SceneParsing indices, 1-based like the dataset's annotation PNGs.
     assert {ade.label_space.index(c): c for c in ("wall", "person", "bottle", "flag")} == {
         1: "wall", 13: "person", 99: "bottle", 150: "flag"}
-    assert all(voc.prompt_names.get(c, c) == VOC_PROMPT_NAMES.get(c, c) for c in voc.classes)
+    # VOC's run-together labels are written as words in prompts; prompt names only re-space the label.
+    assert {"diningtable", "pottedplant", "tvmonitor"} <= set(voc.prompt_names)
+    assert all(words.replace(" ", "") == label and " " in words for label, words in voc.prompt_names.items())
+    toy = builtins["toy"]
+    assert toy.label_space == TOY_CLASSES and toy.name == "toy"
+    assert all(t.format(**{"class": "circle"}) == "a photo of a circle" for t in toy.templates)
 
 
 def test_builtin_files_are_canonical_and_refer_to_known_classes(builtins):
     for name, vocab in builtins.items():
         raw = json.loads((BUILTIN_DIR / f"{name}.json").read_text(encoding="utf-8"))
-        assert raw == vocab.to_dict()
+        # Every key a file writes is in canonical form; a key it leaves out is one that is empty.
+        empty = {"description": "", "prompt_names": {}, "synonyms": {}, "subclasses": {}}
+        assert {**empty, **raw} == vocab.to_dict(), name
         for key in ("prompt_names", "synonyms", "subclasses"):
-            assert set(raw[key]) <= set(raw["classes"][1:]), (name, key)
+            assert set(raw.get(key, {})) <= set(raw["classes"][1:]), (name, key)
 
 
 def test_builtin_subclass_vocabularies(builtins):
@@ -206,7 +217,7 @@ def test_bad_files_are_clear_errors(tmp_path, content, message):
 
 
 def test_bad_names_and_paths(tmp_path):
-    with pytest.raises(ValueError, match="unknown built-in vocabulary 'coco'; built-ins are voc, cityscapes, ade20k"):
+    with pytest.raises(ValueError, match="unknown built-in vocabulary 'coco'; built-ins are voc, cityscapes, ade20k, toy"):
         load_vocabulary("coco")
     with pytest.raises(ValueError, match=r"must end in \.json, \.yaml or \.yml"):
         load_vocabulary(write(tmp_path / "classes.txt", "dog\n"))
@@ -221,3 +232,49 @@ def test_phrases_found_only_in_place():
     assert booth.sample_prompt(random.Random(0), "photo booth", 1).text == "a photo of a photo booth"
     with pytest.raises(ValueError, match="'bus' is written 'bus'"):
         Vocabulary("x", ["bus"], templates=["a minibus next to a {class}"])
+
+
+def test_plain_vocabulary_writes_each_class_in_its_templates():
+    plain = Vocabulary.plain(["dog", "pottedplant"], prompt_names={"pottedplant": "potted plant", "cat": "kitty"})
+    assert plain.name == "plain" and plain.templates == PLAIN_TEMPLATES
+    assert plain.prompt_names == {"pottedplant": "potted plant"}, "names of other classes are left out"
+    assert plain.synonyms == {} and plain.subclasses == {}
+    texts = {plain.sample_prompt(random.Random(s), "pottedplant", 2).text for s in range(20)}
+    assert texts == {t.format(**{"class": "potted plant"}) for t in PLAIN_TEMPLATES}
+    two = Vocabulary.plain(["dog"], templates=["a {class} at dawn", "a photo of a {class}"], name="dawn")
+    assert two.name == "dawn" and {two.sample_prompt(random.Random(s), "dog", 1).text for s in range(30)} == {
+        "a dog at dawn", "a photo of a dog"}
+
+
+def test_multi_class_prompts_are_seeded_and_use_prompt_names():
+    # What compose_prompt did, now the vocabulary's job.
+    voc = default_vocabulary()
+    draw = lambda seed: voc.sample_multi(random.Random(seed), ["pottedplant", "dog"], [16, 12])  # noqa: E731
+    assert draw(3) == draw(3)
+    spec = draw(3)
+    assert spec.class_names == ("pottedplant", "dog") and spec.class_ids == (16, 12)
+    assert "potted plant" in spec.text and "pottedplant" not in spec.text
+    assert spec.words == ("potted plant", "dog")
+
+
+def test_default_vocabulary_is_plain_over_a_label_space():
+    voc = load_vocabulary("voc")
+    default = default_vocabulary()
+    assert default.label_space == VOC_CLASSES and default.templates == PLAIN_TEMPLATES
+    assert default.prompt_names == voc.prompt_names and default.subclasses == {}
+    custom = default_vocabulary(["background", "blob", "tvmonitor"])
+    assert custom.label_space == ("background", "blob", "tvmonitor")
+    assert custom.prompt_names == {"tvmonitor": voc.prompt_names["tvmonitor"]}
+
+
+def test_vocabulary_from_names_its_source():
+    assert vocabulary_from({"classes": ["cow"]}) == Vocabulary("custom", ("cow",))
+    assert vocabulary_from(pets().to_dict()) == pets()
+    with pytest.raises(ValueError, match=r"^settings\.vocabulary: no 'classes' list"):
+        vocabulary_from({"templates": ["a {class}"]}, source="settings.vocabulary")
+    with pytest.raises(ValueError, match=r"^preset: unknown keys \['colour'\]"):
+        vocabulary_from({"classes": ["cow"], "colour": "red"}, source="preset")
+    with pytest.raises(ValueError, match=r"^preset: .*must have \{class\} once"):
+        vocabulary_from({"classes": ["cow"], "templates": ["a {}"]}, source="preset")
+    with pytest.raises(ValueError, match="holds a mapping with a 'classes' list, got list"):
+        vocabulary_from(["cow"])

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -26,18 +24,13 @@ from torchvision.datasets import VOCSegmentation
 from torchvision.models import segmentation
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from utils import MetricLog, all_reduce_mean, init_distributed, is_main_process, load_checkpoint, save_checkpoint  # noqa: E402
-
-from ondemand_seg import (  # noqa: E402
-    AugmentConfig, DiffuMaskAugment, DiffuMaskDataset, DiffuMaskStream, MaskConfig, SamplerConfig, SegmentationTransform,
-)
-from ondemand_seg.config import from_dict  # noqa: E402
-from ondemand_seg.label_spaces import VOC_CLASSES, class_ids  # noqa: E402
-from ondemand_seg.metrics import ConfusionMatrix  # noqa: E402
-from ondemand_seg.noise import NoiseFilter  # noqa: E402
-from ondemand_seg.sampler import read_preset  # noqa: E402
-from ondemand_seg.toyworld import TOY_CLASSES, write_voc  # noqa: E402
+from ondemand_seg import AugmentConfig, DiffuMaskAugment, DiffuMaskDataset, DiffuMaskStream, SegmentationTransform
+from ondemand_seg.cli import HelpFormatter, add_generator_arguments, resolve_generator
+from ondemand_seg.label_noise import LabelNoiseFilter
+from ondemand_seg.label_spaces import class_ids
+from ondemand_seg.metrics import ConfusionMatrix
+from ondemand_seg.toyworld import TOY_CLASSES, write_voc
+from utils import MetricLog, all_reduce_mean, init_distributed, is_main_process, load_checkpoint, save_checkpoint
 
 # torchdata 0.11 calls an API torch has deprecated; the message says nothing about this run.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
@@ -47,11 +40,10 @@ BACKBONES = {
     "resnet50": segmentation.deeplabv3_resnet50,
     "resnet101": segmentation.deeplabv3_resnet101,
 }
-LABEL_SPACES = {"toy": TOY_CLASSES, "voc": VOC_CLASSES}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     data = p.add_argument_group("data")
     source = data.add_mutually_exclusive_group()
     source.add_argument("--synthetic-only", action="store_true", help="train on the DiffuMask stream alone")
@@ -61,27 +53,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--eval-root", type=Path, default=None,
                       help="folder holding VOCdevkit/VOC2012 whose val split is evaluated (default: same as --voc-root)")
     data.add_argument("--data-dir", type=Path, default=Path("data/toyworld"),
-                      help="where the default ToyWorld VOC folder is written if missing")
+                      help="where the ToyWorld VOC folder is written when no --voc-root/--eval-root is given")
     data.add_argument("--synthetic-ratio", type=float, default=0.5, help="share of synthetic samples when mixing")
     data.add_argument("--crop-size", type=int, default=64, help="training and evaluation image size")
-    gen = p.add_argument_group("generator")
-    gen.add_argument("--model", default="toy", help="diffusion model: 'toy', a diffusers folder or a hub id")
-    gen.add_argument("--label-space", choices=sorted(LABEL_SPACES), default=None, help="default: the model's preset, else voc")
-    gen.add_argument("--classes", nargs="+", default=None, help="classes to generate (default: all in the label space)")
-    gen.add_argument("--gen-steps", type=int, default=None, help="denoising steps (default: the model's preset)")
-    gen.add_argument("--gen-batch-size", type=int, default=None, help="images per pipeline call")
-    gen.add_argument("--classes-per-prompt", type=int, default=None,
-                     help="classes named in one prompt, e.g. 2: 'a photo of a circle and a ring' (default: preset, else 1)")
+    add_generator_arguments(p, step_flag="--gen-steps", batch_flag="--gen-batch-size")
+    gen = p.add_argument_group("synthetic data")
     gen.add_argument("--reuse", type=int, default=8, help="times each generated sample is served")
     gen.add_argument("--cache-size", type=int, default=64, help="generated samples kept per worker")
-    gen.add_argument("--no-ignore-band", action="store_true", help="label the uncertain band instead of ignoring it")
-    gen.add_argument("--threshold-mode", choices=["fixed", "otsu"], default=None, help="γ: fixed (preset) or Otsu per image")
-    gen.add_argument("--class-thresholds", nargs="+", default=None, metavar="CLASS=γ",
-                     help="per-class γ with --threshold-mode fixed, e.g. ring=0.5 circle=0.3 (calibrated on a few "
-                          "labelled images: ondemand_seg.calibration); other classes keep the preset's γ")
-    gen.add_argument("--refine", choices=["none", "affinity"], default=None, help="random-walk refinement along image colour")
-    gen.add_argument("--self-attention-factor", type=int, default=None,
-                     help="propagate masks through the UNet's self-attention at this latent factor")
     gen.add_argument("--augment", choices=["basic", "full", "off"], default="full",
                      help="synthetic-sample augmentation: the full recipe (splicing, blur, occlusion, perspective, "
                           "scale jitter; default), crop+flip only, or none")
@@ -95,7 +73,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     gen.add_argument("--noise-warmup", type=int, default=200, help="steps before noise learning starts")
     gen.add_argument("--noise-drop-fraction", type=float, default=0.1,
                      help="prune only a class's lowest-scoring share of regions (recent history); 1 = plain cutoff")
-    gen.add_argument("--noise-mode", choices=["drop", "relabel"], default="drop")
+    gen.add_argument("--noise-mode", choices=["drop", "relabel"], default="drop",
+                     help="what a pruned region becomes: ignore, or the model's prediction")
     gen.add_argument("--synthetic-length", type=int, default=None,
                      help="size of the map-style synthetic set when mixing (default: from --synthetic-ratio)")
     model = p.add_argument_group("model and optimisation")
@@ -113,14 +92,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     run.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end only)")
     run.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many val images")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="seed of the generator, the model and the data order")
+    run.add_argument("--print-config", action="store_true",
+                     help="print the generator settings (model preset merged with the flags) as JSON and exit")
     run.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     return p
 
 
 def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
-    """Every bad flag fails here, before data or models load."""
+    """Every bad flag fails here, before data or models load (generator values already failed in
+    :func:`generator_config`)."""
     if args.backbone not in BACKBONES:
         raise SystemExit(f"error: unknown backbone {args.backbone!r}; choose one of {', '.join(BACKBONES)}")
     for flag in ("voc_root", "eval_root"):
@@ -140,10 +122,18 @@ def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
         raise SystemExit("error: the default real data is ToyWorld; with another label space pass --voc-root and --eval-root")
     try:
         class_ids(args.classes, label_space)
-        generator_options(args, label_space)  # the config dataclasses name a bad generator value
         if args.noise_cutoff is not None:
             noise_filter(args)
     except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def generator_config(args: argparse.Namespace):
+    """The generator's settings: the model's preset merged with the flags (the library's
+    :func:`~ondemand_seg.config.resolve_config`); a bad value fails here, naming it."""
+    try:
+        return resolve_generator(args)
+    except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
 
 
@@ -183,41 +173,8 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     return model
 
 
-def noise_filter(args: argparse.Namespace) -> NoiseFilter:
-    return NoiseFilter(args.noise_cutoff, args.noise_warmup, args.noise_mode, args.noise_drop_fraction)
-
-
-def parse_class_thresholds(items: list[str], label_space: tuple[str, ...]) -> dict[str, float]:
-    """``["ring=0.5", ...]`` as ``{"ring": 0.5}``; a malformed item or unknown class is a ValueError naming it."""
-    thresholds = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        try:
-            gamma = float(value)
-        except ValueError:
-            raise ValueError(f"--class-thresholds takes CLASS=γ items, got {item!r}") from None
-        if name not in label_space:
-            raise ValueError(f"--class-thresholds names {name!r}, not in the label space {list(label_space)}")
-        thresholds[name] = gamma
-    return thresholds
-
-
-def generator_options(args: argparse.Namespace, label_space: tuple[str, ...]) -> dict:
-    """DiffuMask options: the model's preset, then the command line's overrides."""
-    preset = read_preset(args.model)
-    sampler = from_dict(SamplerConfig, preset.get("sampler", {}))
-    sampler = dataclasses.replace(sampler, **{k: v for k, v in {
-        "num_inference_steps": args.gen_steps, "batch_size": args.gen_batch_size,
-        "classes_per_prompt": args.classes_per_prompt}.items() if v is not None})
-    mask = from_dict(MaskConfig, preset.get("mask", {}))
-    mask = dataclasses.replace(mask, **{k: v for k, v in {
-        "threshold_mode": args.threshold_mode, "refine": args.refine,
-        "self_attention_factor": args.self_attention_factor}.items() if v is not None})
-    if args.no_ignore_band:
-        mask = dataclasses.replace(mask, ignore_band=0.0)
-    if args.class_thresholds:
-        mask = dataclasses.replace(mask, class_thresholds={**mask.class_thresholds, **parse_class_thresholds(args.class_thresholds, label_space)})
-    return dict(label_space=label_space, seed=args.seed, sampler=sampler, mask=mask)
+def noise_filter(args: argparse.Namespace) -> LabelNoiseFilter:
+    return LabelNoiseFilter(args.noise_cutoff, args.noise_warmup, args.noise_mode, args.noise_drop_fraction)
 
 
 def synthetic_transform(args: argparse.Namespace):
@@ -226,23 +183,24 @@ def synthetic_transform(args: argparse.Namespace):
     return SegmentationTransform(args.crop_size, train=args.augment == "basic")
 
 
-def build_train_loader(args, label_space, rank: int, world: int, device: torch.device) -> tuple[StatefulDataLoader, object]:
+def build_train_loader(args, config, rank: int, world: int, device: torch.device) -> tuple[StatefulDataLoader, object]:
     transform = SegmentationTransform(args.crop_size, train=True)
     # CUDA cannot start in forked workers; generation on the GPU needs spawned ones.
     context = "spawn" if device.type == "cuda" and args.workers > 0 else None
     common = dict(batch_size=args.batch_size, num_workers=args.workers, multiprocessing_context=context, drop_last=True,
                   persistent_workers=args.workers > 0)
     if args.synthetic_only:
-        stream = DiffuMaskStream(args.model, args.classes, reuse=args.reuse, cache_size=args.cache_size,
-                                 transform=synthetic_transform(args), **generator_options(args, label_space))
+        stream = DiffuMaskStream(args.model, args.classes, reuse=args.reuse, cache_size=args.cache_size, seed=args.seed,
+                                 transforms=synthetic_transform(args), **config.to_dict())
         return StatefulDataLoader(stream, **common), stream
     real = VOCSegmentation(str(args.voc_root), year="2012", image_set="train", transforms=transform)
     parts = [real]
     if not args.real_only:
         length = args.synthetic_length or max(1, round(len(real) * args.synthetic_ratio / (1 - args.synthetic_ratio)))
-        parts.append(DiffuMaskDataset(args.model, args.classes, length=length, transform=synthetic_transform(args),
-                                      cache_size=length,
-                                      **generator_options(args, label_space)))
+        # The whole synthetic set stays cached: later epochs reuse it, and splicing draws each item's
+        # partners from its generation block, generated once.
+        parts.append(DiffuMaskDataset(args.model, args.classes, length=length, transforms=synthetic_transform(args),
+                                      cache_size=length, seed=args.seed, **config.to_dict()))
     dataset = ConcatDataset(parts)
     sampler = (DistributedSampler(dataset, world, rank, seed=args.seed) if world > 1
                else RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed)))
@@ -254,8 +212,8 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> None:
     """Re-estimate BatchNorm running statistics as exact averages over recent training batches.
 
     A randomly initialised MobileNetV3 moves faster than BatchNorm's running averages follow,
-    and evaluating with the lagging averages predicts all background (measured: mIoU 0.15 vs
-    0.43 after recalibration, same weights). torchvision has no precise-BN helper, hence these lines.
+    and evaluating with the lagging averages can predict all background. torchvision has no
+    precise-BN helper, hence these lines.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or not batches:
@@ -301,21 +259,27 @@ def gather_loader_states(loader: StatefulDataLoader) -> list:
 
 
 def main(args: argparse.Namespace) -> dict:
-    preset = read_preset(args.model) if not args.real_only else {}
-    label_space = LABEL_SPACES[args.label_space] if args.label_space else tuple(preset.get("label_space", TOY_CLASSES if args.model == "toy" else VOC_CLASSES))
-    args.classes = args.classes or list(label_space[1:])
+    config, args.classes = generator_config(args)
+    if args.print_config:
+        print(config.to_json())
+        return {"config": config.to_dict()}
+    label_space = config.label_space
     check_args(args, label_space)
     rank, world, local_rank = init_distributed()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed + rank)
-    image_size = preset.get("image_size", args.crop_size)
+    # ToyWorld is written at the generator's image size, so real and synthetic images match; a
+    # real-only run has no generator and writes it at the crop size.
+    image_size = args.crop_size if args.real_only else config.image_size
     if args.voc_root is None and not args.synthetic_only or args.eval_root is None:
         toy_root = default_voc_root(args, image_size)
         args.voc_root = args.voc_root or toy_root
         args.eval_root = args.eval_root or args.voc_root
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process() and not args.real_only:
+        config.save(args.output_dir / "generator_config.json")
 
     model = build_model(args, len(label_space)).to(device)
     if world > 1:
@@ -324,7 +288,7 @@ def main(args: argparse.Namespace) -> dict:
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=args.steps, power=0.9)
     criterion = nn.CrossEntropyLoss(ignore_index=255)
     noise = noise_filter(args) if args.noise_cutoff is not None else None
-    loader, train_data = build_train_loader(args, label_space, rank, world, device)
+    loader, train_data = build_train_loader(args, config, rank, world, device)
     step, epoch = 0, 0
     if args.resume:
         checkpoint = load_checkpoint(args.resume)

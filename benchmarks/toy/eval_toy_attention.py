@@ -27,23 +27,19 @@ Choose on one ``--seed``, confirm on another.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import itertools
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from ondemand_seg import DiffuMaskDataset, MaskConfig, QualityConfig, SamplerConfig  # noqa: E402
-from ondemand_seg.masks import fuse_resolutions, labels_from_maps  # noqa: E402
-from ondemand_seg.toyworld import TOY_CLASSES, color_oracle  # noqa: E402
+from ondemand_seg import DiffuMaskDataset, MaskConfig, QualityConfig, SamplerConfig
+from ondemand_seg.masks import fuse_resolutions, labels_from_maps
+from ondemand_seg.toyworld import TOY_CLASSES, color_oracle
 
 CLASSES = TOY_CLASSES[1:]
 
@@ -85,9 +81,9 @@ class Recorder:
             steps.append(({f: s.clone() for f, s in store._sums.items()}, dict(store.counts)))
             return original_step_end(pipeline, step, timestep, callback_kwargs)
 
-        def generate(prompts, seeds, size):
+        def generate(prompts, seeds, size, keep_maps=False):
             steps.clear()
-            batch = original_generate(prompts, seeds, size)
+            batch = original_generate(prompts, seeds, size, keep_maps)
             images = batch.uint8_images()
             for j, prompt in enumerate(prompts):
                 cumulative = [({f: s[j] for f, s in sums.items()}, counts) for sums, counts in steps]
@@ -162,14 +158,19 @@ def centre_box(class_ids, size) -> np.ndarray:
 
 
 def run_library(args, config: MaskConfig):
-    """Generate ``per_class`` samples per class through DiffuMaskDataset; return samples, items."""
+    """Generate ``per_class`` samples per class through DiffuMaskDataset; return samples, items.
+
+    Prompts come from the built-in "toy" vocabulary (ToyWorld's label space, "a photo of a
+    {class}"); ``config`` is used whole, whatever the model folder's preset says.
+    """
     samples, items, stats = [], [], []
     for k, cls in enumerate(CLASSES):
         ds = DiffuMaskDataset(
-            model=args.model, classes=[cls], length=args.per_class, label_space=TOY_CLASSES,
-            image_size=args.image_size, seed=args.seed * 1000 + k, augment=False, mask=config,
-            sampler=SamplerConfig(templates=("a photo of a {}",), num_inference_steps=args.steps,
-                                  guidance_scale=args.guidance, batch_size=args.batch_size),
+            model=args.model, classes=[cls], length=args.per_class, vocabulary="toy", label_space=TOY_CLASSES,
+            image_size=args.image_size, seed=args.seed * 1000 + k, augment=False, mask=dataclasses.replace(config),
+            cache_size=args.per_class,  # each sample is generated once, however raw() fetches it
+            sampler=SamplerConfig(num_inference_steps=args.steps, guidance_scale=args.guidance,
+                                  batch_size=args.batch_size),
             quality=QualityConfig(max_consecutive_rejects=500), device="cpu",
         )
         recorder = Recorder(ds)
@@ -247,9 +248,9 @@ def main(argv=None) -> None:
     found["mean"] = float(np.mean(list(found.values())))
     ours = score(masks, oracles, class_ids)
     box = score(centre_box(class_ids, size), oracles, class_ids)
-    same_05 = score(masks_for(items, MaskConfig(**{**config.__dict__, "threshold": 0.5, "ignore_band": 0.0}), size),
+    same_05 = score(masks_for(items, dataclasses.replace(config, threshold=0.5, ignore_band=0.0), size),
                     oracles, class_ids)
-    no_band = score(masks_for(items, MaskConfig(**{**config.__dict__, "ignore_band": 0.0}), size), oracles, class_ids)
+    no_band = score(masks_for(items, dataclasses.replace(config, ignore_band=0.0), size), oracles, class_ids)
     # sanity: recomputing the library's masks from the recorded maps gives the same masks
     recomputed = masks_for(items, config, size)
     agree = float(np.mean([np.array_equal(a, b) for a, b in zip(recomputed, masks)]))
@@ -257,19 +258,21 @@ def main(argv=None) -> None:
     print(f"model {args.model}; {ours['mean']['n']} samples ({args.per_class}/class), seed {args.seed}, "
           f"DDIM {args.steps} steps, guidance {args.guidance}; generated {gen['generated']} "
           f"(accepted {gen['accepted']}); {time.time() - start:.0f}s")
-    print(f"config: {json.dumps(config.__dict__)}; recomputed masks identical: {agree:.3f}")
+    print(f"config: {json.dumps(dataclasses.asdict(config))}; recomputed masks identical: {agree:.3f}")
     print(f"{'':<34} mIoU              | " + " ".join(f"{c[:5]:>5}" for c in CLASSES))
     print(fmt("ours", ours) + f"   (ignored px {ours['mean']['ignored']:.3f})")
     print(fmt("ours without ignore band", no_band))
     print(fmt("centre box", box))
     print(fmt("fixed 0.5, this fusion", same_05))
     result = dict(model=args.model, seed=args.seed, per_class=args.per_class, steps=args.steps,
-                  guidance=args.guidance, config=config.__dict__, generated=gen, ours=ours, centre_box=box,
+                  guidance=args.guidance, config=dataclasses.asdict(config), generated=gen, ours=ours, centre_box=box,
                   fixed05_same_fusion=same_05, ours_no_band=no_band, found=found)
     if not args.no_default_baseline:
-        default_cfg = MaskConfig(threshold=0.5, ignore_band=0.0)
+        # The library's default fusion (every factor the model has, every step), not the preset's.
         available = set(items[0]["steps"][-1][0])
-        default_cfg.resolution_weights = {f: w for f, w in default_cfg.resolution_weights.items() if f in available}
+        defaults = MaskConfig()
+        default_cfg = dataclasses.replace(defaults, threshold=0.5, ignore_band=0.0, resolution_weights={
+            f: w for f, w in defaults.resolution_weights.items() if f in available})
         d_samples, d_items, _ = run_library(args, default_cfg)
         d_oracles = [color_oracle(s.image) for s in d_samples]
         d_ids = [TOY_CLASSES.index(it["prompt"].class_names[0]) for it in d_items]
@@ -290,7 +293,7 @@ def main(argv=None) -> None:
         for miou, siou, ign, cfg in results[:12]:
             print(f"  mIoU {miou:.3f} sIoU {siou:.3f} ignored {ign:.3f}  weights {cfg.resolution_weights} "
                   f"window {cfg.timestep_window} {cfg.normalization} gamma {cfg.threshold} band {cfg.ignore_band}")
-        result["search"] = [dict(miou=m, siou=s, ignored=i, config=c.__dict__) for m, s, i, c in results[:50]]
+        result["search"] = [dict(miou=m, siou=s, ignored=i, config=dataclasses.asdict(c)) for m, s, i, c in results[:50]]
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
 

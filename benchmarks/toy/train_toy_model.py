@@ -13,7 +13,7 @@ requires_safety_checker=False, use_safetensors=True)``:
   trained first (L1 + MSE reconstruction, KL weight 1e-6); ``scaling_factor`` = 1 / latent std.
 * Text encoder: ``CLIPTextModel`` with 0 transformer layers (token + position embeddings and the
   final layer norm), so no token can carry another token's class; tokenizer from
-  ``ondemand_seg.tiny.build_clip_tokenizer`` (each word one token, max_length 16).
+  ``ondemand_seg.testing.build_clip_tokenizer`` (each word one token, max_length 16).
 * UNet: ``UNet2DConditionModel`` on the 16x16 latent, ``block_out_channels=(32, 64, 128)``;
   cross-attention at 16x16 (latent factor 1), 8x8 (factor 2) and 4x4 (factor 4, mid block);
   self-attention only at 8x8 and 4x4 (at 16x16 the transformer's first attention is a second
@@ -42,6 +42,11 @@ Usage::
 ``OUT/pipeline`` (EMA weights, exported at every checkpoint) is the model folder; ``OUT/ckpt.pt``
 holds the full training state; ``OUT/log.txt`` the losses. ``--minutes`` counts training time over
 all resumed sessions (the VAE phase included).
+
+An exported folder ships ``ondemand_seg.json``, the settings ``ondemand_seg`` reads with the model:
+the export target's own preset is kept (one written before vocabularies, with ``label_space`` and
+``sampler.templates``, is rewritten as ``"vocabulary": "toy"``); a folder without one gets
+:data:`DEFAULT_PRESET` at the run's image size.
 """
 from __future__ import annotations
 
@@ -50,28 +55,33 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from transformers import CLIPTextConfig, CLIPTextModel
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,  # noqa: E402
-                       UNet2DConditionModel)
-from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
-
-from ondemand_seg.tiny import build_clip_tokenizer  # noqa: E402
-from ondemand_seg.toyworld import TOY_CLASSES, ToyWorld, color_oracle  # noqa: E402
+from ondemand_seg.config import resolve_config
+from ondemand_seg.loading import PRESET_FILE
+from ondemand_seg.testing import build_clip_tokenizer
+from ondemand_seg.toyworld import TOY_CLASSES, ToyWorld, color_oracle
 
 WORDS = ("a", "photo", "of", "and") + TOY_CLASSES[1:]
 MAX_SLOTS = 3
+# The preset an exported folder ships (``ondemand_seg.json``) when the export target has none:
+# the built-in "toy" vocabulary (ToyWorld's classes, "a photo of a {class}", the captions' form)
+# and the settings chosen for the shipped model (benchmarks/toy/PROBES.md); image_size is the run's.
+DEFAULT_PRESET = {
+    "vocabulary": "toy",
+    "sampler": {"classes_per_prompt": 2, "num_inference_steps": 25, "guidance_scale": 4.0, "batch_size": 20},
+    "mask": {"resolution_weights": {"1": 1.0}, "timestep_window": [0.9, 1.0], "threshold": 0.4, "ignore_band": 0.05},
+}
+# What presets written before vocabularies said instead of ``"vocabulary": "toy"``.
+OLD_TOY_TEMPLATES = (None, ["a photo of a {}"])
 
 
 def parse_args(argv=None):
@@ -113,7 +123,7 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--fp16-export", action="store_true",
                    help="save UNet and VAE weights in fp16 (the text encoder stays fp32, so a load without "
-                        "torch_dtype gives an all-fp32 pipeline: diffusers upcasts, transformers would not)")
+                        "a dtype gives an all-fp32 pipeline: diffusers upcasts, transformers would not)")
     p.add_argument("--export", type=Path, help="only write the checkpoint's EMA pipeline to this folder")
     return p.parse_args(argv)
 
@@ -303,7 +313,34 @@ def make_scheduler_config() -> dict:
                 prediction_type="epsilon")
 
 
-def export_pipeline(path: Path, vae, text_encoder, tokenizer, unet, fp16: bool) -> None:
+def current_preset(preset: dict) -> dict:
+    """``preset`` in the form the library reads: the ToyWorld label space with the captions'
+    template (written before vocabularies as ``label_space`` and ``sampler.templates``) becomes
+    the built-in "toy" vocabulary; anything else is kept as it is."""
+    preset = json.loads(json.dumps(preset))
+    templates = preset.get("sampler", {}).pop("templates", None)
+    if "vocabulary" not in preset and ("label_space" in preset or templates is not None):
+        if preset.get("label_space", list(TOY_CLASSES)) != list(TOY_CLASSES) or templates not in OLD_TOY_TEMPLATES:
+            raise SystemExit(f"cannot rewrite the preset's label space and templates {templates} as the 'toy' "
+                             f"vocabulary; write its vocabulary by hand (see ondemand_seg.vocabulary)")
+        preset.pop("label_space", None)
+        preset = {"vocabulary": "toy", **preset}
+    elif templates is not None:
+        raise SystemExit(f"the preset has a vocabulary and sampler templates {templates}; templates belong "
+                         f"in the vocabulary")
+    return preset
+
+
+def write_preset(folder: Path, preset: dict) -> None:
+    """Write ``preset`` as ``folder/ondemand_seg.json`` and check that the library resolves it."""
+    (folder / PRESET_FILE).write_text(json.dumps(preset, indent=4) + "\n")
+    try:
+        resolve_config(folder)
+    except ValueError as error:
+        raise SystemExit(f"the preset written to {folder / PRESET_FILE} does not resolve: {error}") from None
+
+
+def export_pipeline(path: Path, vae, text_encoder, tokenizer, unet, fp16: bool, image_size: int) -> None:
     unet = copy.deepcopy(unet)
     unet.set_attn_processor(AttnProcessor2_0())  # standard processors in the shipped model
     text_encoder = copy.deepcopy(text_encoder)
@@ -317,6 +354,9 @@ def export_pipeline(path: Path, vae, text_encoder, tokenizer, unet, fp16: bool) 
         vae.to(torch.float16)
     tmp = path.with_name(path.name + ".tmp")
     pipe.save_pretrained(tmp, safe_serialization=True)
+    old = path / PRESET_FILE
+    write_preset(tmp, current_preset(json.loads(old.read_text())) if old.is_file()
+                 else {"vocabulary": DEFAULT_PRESET["vocabulary"], "image_size": image_size, **DEFAULT_PRESET})
     if path.exists():
         import shutil
         shutil.rmtree(path)
@@ -380,7 +420,7 @@ def main(argv=None) -> None:
         torch.set_rng_state(state["torch_rng"])
         log(f"resumed at step {step}, {elapsed / 60:.1f} min spent")
     if args.export:
-        export_pipeline(args.export, vae, ema_text, tokenizer, ema_unet, args.fp16_export)
+        export_pipeline(args.export, vae, ema_text, tokenizer, ema_unet, args.fp16_export, args.image_size)
         log(f"exported step {step} EMA weights to {args.export} (fp16 unet/vae: {args.fp16_export})")
         return
     log(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, {n_cross} cross-attn layers; "
@@ -401,7 +441,7 @@ def main(argv=None) -> None:
                         ema_text=ema_text.state_dict(), opt=opt.state_dict(), step=step, elapsed=elapsed,
                         np_rng=rng, torch_rng=torch.get_rng_state()), str(ckpt_file) + ".tmp")
         os.replace(str(ckpt_file) + ".tmp", ckpt_file)
-        export_pipeline(args.out / "pipeline", vae, ema_text, tokenizer, ema_unet, args.fp16_export)
+        export_pipeline(args.out / "pipeline", vae, ema_text, tokenizer, ema_unet, args.fp16_export, args.image_size)
         log(f"checkpoint at step {step} ({elapsed / 60:.1f} min)")
 
     last_ckpt = time.time()

@@ -1,8 +1,8 @@
-"""Tiny random-weight Stable Diffusion pipelines in the real SD 1.x / 2.x layouts.
+"""Test scaffolding: tiny random-weight Stable Diffusion pipelines in the real SD 1.x / 2.x layouts.
 
 They make noise, not pictures: they exist so that the whole data path (tokenizer, text encoder,
 UNet with cross-attention at three resolutions, VAE, scheduler, ``from_pretrained``) runs offline
-in seconds, for tests and for a first look at the tooling.
+in seconds, for tests and smoke runs (``model="random-weights"``).
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .label_spaces import VOC_CLASSES, VOC_PROMPT_NAMES
 
 TINY_IMAGE_SIZE = 64
 BASE_WORDS = ("a", "photograph", "photo", "of", "and", "the")
@@ -54,7 +53,10 @@ def build_tiny_pipeline(flavor: str = "sd1", words: Sequence[str] | None = None,
     if flavor not in ("sd1", "sd2"):
         raise ValueError(f"flavor must be 'sd1' or 'sd2', got {flavor!r}")
     if words is None:
-        words = BASE_WORDS + tuple(VOC_PROMPT_NAMES.get(c, c) for c in VOC_CLASSES[1:])
+        from .vocabulary import default_vocabulary
+
+        vocabulary = default_vocabulary()
+        words = BASE_WORDS + tuple(vocabulary.prompt_names.get(c, c) for c in vocabulary.classes)
     tokenizer = build_clip_tokenizer(words)
     # Seeded weights without touching the caller's global RNG (a training loop's dropout, say).
     with torch.random.fork_rng(devices=[]):

@@ -1,4 +1,4 @@
-"""Online noise learning: the segmenter being trained scores each synthetic label and prunes bad ones.
+"""Online label-noise learning: the segmenter being trained scores each synthetic label and prunes bad ones.
 
 DiffuMask prunes noisy synthetic masks offline. Here it happens in the training process, on the
 batch in hand: after a warm-up, each class's region in each sample is compared with the model's own
@@ -7,13 +7,12 @@ region whose agreement is low is dropped (it becomes ignore) or relabelled with 
 Scoring in the training process works with any number of DataLoader workers and never ships
 weights to them.
 
-Why per class and relative, not one absolute cutoff per sample: measured on ToyWorld (RESULTS.md,
-section 5), a sample-level IoU cutoff of 0.3 dropped 38% of all samples once splicing and occlusion
-augmentation were on (a mosaic of good masks still disagrees with a half-trained model), and it
-dropped the classes the model was still bad at most, so those classes got worse (ring 0.37 -> 0.18).
-A region is therefore pruned only when its score is both below ``cutoff`` and among the lowest
-``drop_fraction`` of its own class's recent scores: a class the model has not learnt yet keeps its
-labels, and the pruned share is bounded.
+Why per class and relative, not one absolute cutoff per sample: with splicing and occlusion a
+mosaic of good masks still disagrees with a half-trained model, so a sample-level cutoff drops a
+large share of all samples, most of them of the classes the model is still bad at, and those
+classes get worse (compared in RESULTS.md). A region is therefore pruned only when its score is
+both below ``cutoff`` and among the lowest ``drop_fraction`` of its own class's recent scores: a
+class the model has not learnt yet keeps its labels, and the pruned share is bounded.
 """
 from __future__ import annotations
 
@@ -49,7 +48,7 @@ def class_agreement(
 
 
 @dataclass
-class NoiseFilter:
+class LabelNoiseFilter:
     """Drops or relabels synthetic class regions the model disagrees with, after ``warmup`` steps.
 
     Each (sample, class) pair present in a mask is scored with :func:`class_agreement`. A pair is

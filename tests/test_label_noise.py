@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ondemand_seg.noise import NoiseFilter, class_agreement
+from ondemand_seg.label_noise import LabelNoiseFilter, class_agreement
 
 
 def square(value, top, left, size=8, shape=(16, 16)):
@@ -34,7 +34,7 @@ def test_class_agreement():
 def test_noise_filter_drops_a_planted_bad_sample_after_warmup():
     pred = torch.stack([square(2, 0, 0)] * 3)
     masks = torch.stack([square(2, 0, 0), square(2, 1, 1), square(2, 8, 8)])  # the last one is planted noise
-    noise = NoiseFilter(cutoff=0.3, warmup=5)
+    noise = LabelNoiseFilter(cutoff=0.3, warmup=5)
     assert torch.equal(noise(4, logits_for(pred), masks), masks), "no filtering during warm-up"
     kept = noise(5, logits_for(pred), masks)
     assert torch.equal(kept[:2], masks[:2])
@@ -47,7 +47,7 @@ def test_noise_filter_prunes_only_the_bad_class_of_a_sample():
     pred = square(2, 0, 0)[None]
     mask = square(2, 0, 0)
     mask[8:, 8:] = 3  # class 3 is noise the model does not see; class 2 agrees
-    kept = NoiseFilter(cutoff=0.3, warmup=0, drop_fraction=1.0)(0, logits_for(pred), mask[None])[0]
+    kept = LabelNoiseFilter(cutoff=0.3, warmup=0, drop_fraction=1.0)(0, logits_for(pred), mask[None])[0]
     assert (kept[8:, 8:] == 255).all() and (kept[:8, :8] == 2).all()
 
 
@@ -55,16 +55,16 @@ def test_noise_filter_keeps_a_class_the_model_has_not_learnt():
     # The model predicts no class 2 anywhere: every class-2 label scores 0, none is evidence of noise.
     pred = torch.zeros(4, 16, 16, dtype=torch.long)
     masks = torch.stack([square(2, i, i) for i in range(4)])
-    noise = NoiseFilter(cutoff=0.3, warmup=0, drop_fraction=0.25)
+    noise = LabelNoiseFilter(cutoff=0.3, warmup=0, drop_fraction=0.25)
     assert torch.equal(noise(0, logits_for(pred), masks), masks)
     assert noise.counts["scored"] == 4 and noise.counts["dropped"] == 0
-    absolute = NoiseFilter(cutoff=0.3, warmup=0, drop_fraction=1.0)  # a plain cutoff drops them all
+    absolute = LabelNoiseFilter(cutoff=0.3, warmup=0, drop_fraction=1.0)  # a plain cutoff drops them all
     assert (absolute(0, logits_for(pred), masks) == 255).flatten(1).any(1).all()
 
 
 def test_noise_filter_drop_fraction_bounds_the_pruned_share():
     torch.manual_seed(0)
-    noise = NoiseFilter(cutoff=1.0, warmup=0, drop_fraction=0.1, window=1000)
+    noise = LabelNoiseFilter(cutoff=1.0, warmup=0, drop_fraction=0.1, window=1000)
     for _ in range(20):
         pred = torch.stack([square(2, 0, 0)] * 10)
         shifts = torch.randint(0, 8, (10, 2)).tolist()
@@ -78,7 +78,7 @@ def test_noise_filter_relabels_with_prediction():
     pred = square(1, 0, 0)[None]
     mask = square(1, 8, 8)
     mask[0, 0] = 255
-    noise = NoiseFilter(cutoff=0.5, warmup=0, mode="relabel", drop_fraction=1.0)
+    noise = LabelNoiseFilter(cutoff=0.5, warmup=0, mode="relabel", drop_fraction=1.0)
     out = noise(0, logits_for(pred), mask[None])
     assert out[0, 0, 0] == 255, "ignore stays ignore"
     assert out[0, 3, 3] == 1 and out[0, 12, 12] == 0, "both sides of the disagreement take the prediction"
@@ -87,10 +87,10 @@ def test_noise_filter_relabels_with_prediction():
 
 def test_bad_settings():
     with pytest.raises(ValueError, match="cutoff"):
-        NoiseFilter(cutoff=2)
+        LabelNoiseFilter(cutoff=2)
     with pytest.raises(ValueError, match="'fix'"):
-        NoiseFilter(mode="fix")
+        LabelNoiseFilter(mode="fix")
     with pytest.raises(ValueError, match="drop_fraction.*0"):
-        NoiseFilter(drop_fraction=0)
+        LabelNoiseFilter(drop_fraction=0)
     with pytest.raises(ValueError, match="window"):
-        NoiseFilter(window=0)
+        LabelNoiseFilter(window=0)

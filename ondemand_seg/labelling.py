@@ -1,0 +1,73 @@
+"""From captured attention to label masks: the order in which the mask math runs.
+
+Fuse resolutions, optionally propagate through self-attention and refine along image colour,
+pick γ per map (fixed, per class, or Otsu), then label. Pure tensor code, testable without a
+model; the functions it chains live in :mod:`ondemand_seg.masks`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .capture import CapturedAttention
+from .config import MaskConfig
+from .masks import (
+    fuse_resolutions, labels_from_maps, normalize_maps, otsu_thresholds, propagate_self_attention, refine_with_affinity,
+)
+
+
+def masks_from_attention(
+    captured: CapturedAttention,
+    images: torch.Tensor,
+    class_ids: torch.Tensor,
+    class_names: Sequence[Sequence[str]],
+    config: MaskConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label masks of one generated batch.
+
+    Args:
+        captured: the batch's recorded attention.
+        images: ``[B, 3, H, W]`` generated images in [0, 1] (used by ``refine="affinity"``).
+        class_ids: ``[B, K]`` long label id of each class slot (0 = unused slot).
+        class_names: per image, the class names of its used slots, in slot order (for
+            ``config.class_thresholds``).
+        config: how maps become labels.
+    Returns:
+        fused: ``[B, K, H, W]`` the final maps in [0, 1]; masks: ``[B, H, W]`` long ids, 255 ignore.
+    """
+    size = tuple(images.shape[-2:])
+    fused = fuse_resolutions(captured.maps, config.resolution_weights, size, config.normalization)
+    if config.self_attention_factor is not None:
+        fused = _propagate(fused, captured, config)
+    if config.refine == "affinity":
+        fused = refine_with_affinity(fused, images.float(), config.refine_iterations)
+    if config.threshold_mode == "otsu":
+        thresholds = otsu_thresholds(fused)
+    else:
+        slots = class_ids.shape[1]
+        thresholds = torch.tensor(
+            [[config.class_thresholds.get(n, config.threshold) for n in names] + [config.threshold] * (slots - len(names))
+             for names in class_names]
+        )
+    masks = labels_from_maps(fused, class_ids.to(fused.device), thresholds, config.ignore_band)
+    return fused, masks
+
+
+def _propagate(fused: torch.Tensor, captured: CapturedAttention, config: MaskConfig) -> torch.Tensor:
+    """Self-attention refinement of ``[B, K, H, W]`` fused maps at the recorded resolution."""
+    factor = config.self_attention_factor
+    if captured.self_attention is None:
+        raise ValueError(f"no self-attention was recorded at latent factor {factor}; "
+                         f"this model's self-attention layers run at factors {sorted(captured.self_attention_factors_seen)}")
+    h, w = (math.ceil(s / factor) for s in captured.latent_size)
+    small = F.interpolate(fused, size=(h, w), mode="area").flatten(2)
+    spread = propagate_self_attention(small, captured.self_attention, config.self_attention_power)
+    # Only the change the propagation makes is upsampled and added: self-attention is usually
+    # coarser than the fused map, and replacing the map by its propagated self would throw away
+    # the map's finer detail.
+    change = F.interpolate((spread - small).view(*fused.shape[:2], h, w), size=fused.shape[-2:], mode="bilinear",
+                           align_corners=False)
+    return normalize_maps(fused + change, config.normalization)

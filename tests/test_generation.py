@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from ondemand_seg import MaskConfig, SamplerConfig
+from ondemand_seg.generation import DiffuMaskSampler, GeneratedBatch
+from ondemand_seg.loading import load_pipeline
+from ondemand_seg.prompts import PromptSpec
+from ondemand_seg.testing import build_tiny_pipeline
+
+DOG = PromptSpec("a photograph of a dog", ("dog",), (12,), ("dog",))
+BIRD_DOG = PromptSpec("a photograph of a bird and a dog", ("bird", "dog"), (3, 12), ("bird", "dog"))
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    pipe = build_tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("flavor", ["tiny_sd1", "tiny_sd2"])
+def test_folder_pipelines_generate_images_and_masks(flavor, request):
+    folder = request.getfixturevalue(flavor)
+    sampler = DiffuMaskSampler(load_pipeline(folder, torch.device("cpu")), MaskConfig(), SamplerConfig(num_inference_steps=3))
+    batch = sampler.generate([DOG, BIRD_DOG], [1, 2], (64, 96))
+    assert batch.images.shape == (2, 3, 64, 96) and batch.images.dtype == torch.float32
+    assert 0 <= batch.images.min() and batch.images.max() <= 1
+    assert batch.masks.shape == (2, 64, 96) and batch.masks.dtype == torch.long
+    assert set(batch.masks[0].unique().tolist()) <= {0, 12, 255}
+    assert set(batch.masks[1].unique().tolist()) <= {0, 3, 12, 255}
+    assert (batch.masks[1] == 3).any() and (batch.masks[1] == 12).any(), "both classes of a shared prompt get pixels"
+    assert batch.fused is None and batch.class_ids is None, "maps are kept only when asked"
+
+
+def test_keep_maps_returns_the_maps_the_masks_came_from(tiny_pipe):
+    sampler = DiffuMaskSampler(tiny_pipe, MaskConfig(), SamplerConfig(num_inference_steps=2))
+    batch = sampler.generate([DOG, BIRD_DOG], [1, 2], (64, 64), keep_maps=True)
+    assert batch.fused.shape == (2, 2, 64, 64) and batch.fused.device.type == "cpu"
+    assert 0 <= batch.fused.min() and batch.fused.max() <= 1
+    assert batch.class_ids.tolist() == [[12, 0], [3, 12]]
+    # Where a class's map clears γ + band and beats the other slot, the mask carries that class.
+    band = MaskConfig().threshold + MaskConfig().ignore_band
+    sure_dog = (batch.fused[0, 0] >= band)
+    assert sure_dog.any() and (batch.masks[0][sure_dog] == 12).all()
+    assert ((batch.masks[0] == 12) <= sure_dog).all()
+
+
+def test_image_depends_on_its_seed_not_its_batch(tiny_sd1):
+    sampler = DiffuMaskSampler(load_pipeline(tiny_sd1, torch.device("cpu")), MaskConfig(), SamplerConfig(num_inference_steps=3))
+    alone = sampler.generate([DOG], [7], (64, 64))
+    batched = sampler.generate([BIRD_DOG, DOG, DOG], [1, 7, 8], (64, 64))
+    # Batched BLAS kernels may round differently from single ones; anything beyond that is a bug.
+    assert torch.allclose(alone.images[0], batched.images[1], atol=1e-4)
+    assert torch.equal(alone.masks[0], batched.masks[1])
+    assert not torch.allclose(batched.images[1], batched.images[2], atol=1e-2)
+
+
+def test_swapped_scheduler_generates(tiny_sd1):
+    pipeline = load_pipeline(tiny_sd1, torch.device("cpu"), scheduler="DPMSolverMultistepScheduler")
+    batch = DiffuMaskSampler(pipeline, MaskConfig(), SamplerConfig(num_inference_steps=3)).generate([DOG], [0], (64, 64))
+    assert torch.isfinite(batch.images).all() and batch.masks.shape == (1, 64, 64)
+
+
+def test_callable_model_and_window_with_no_guidance(tiny_sd1):
+    pipeline = load_pipeline(lambda: load_pipeline(tiny_sd1, torch.device("cpu")), torch.device("cpu"))
+    sampler = DiffuMaskSampler(pipeline, MaskConfig(timestep_window=(0.5, 1.0)), SamplerConfig(num_inference_steps=4, guidance_scale=1.0))
+    batch = sampler.generate([DOG, DOG], [0, 1], (64, 64))
+    assert batch.masks.shape == (2, 64, 64)
+
+
+def test_refinements_change_the_maps_not_the_images(tiny_pipe):
+    plain = DiffuMaskSampler(tiny_pipe, MaskConfig(), SamplerConfig(num_inference_steps=2)).generate([DOG], [0], (64, 64), keep_maps=True)
+    for config in (MaskConfig(threshold_mode="otsu"), MaskConfig(refine="affinity"), MaskConfig(self_attention_factor=1)):
+        batch = DiffuMaskSampler(tiny_pipe, config, SamplerConfig(num_inference_steps=2)).generate([DOG], [0], (64, 64), keep_maps=True)
+        assert torch.allclose(batch.images, plain.images, atol=1e-5), "refinement must not change the image"
+        assert set(batch.masks.unique().tolist()) <= {0, 12, 255}
+        if config.threshold_mode == "fixed":
+            assert not torch.allclose(batch.fused, plain.fused), config
+        else:
+            assert torch.equal(batch.fused, plain.fused), "Otsu changes γ, not the maps"
+    with pytest.raises(ValueError, match="no self-attention was recorded at latent factor 8"):
+        DiffuMaskSampler(tiny_pipe, MaskConfig(self_attention_factor=8), SamplerConfig(num_inference_steps=2)).generate([DOG], [0], (64, 64))
+
+
+def test_a_failed_batch_leaves_the_sampler_usable(tiny_pipe):
+    sampler = DiffuMaskSampler(tiny_pipe, MaskConfig(resolution_weights={1: 1.0, 16: 1.0}), SamplerConfig(num_inference_steps=2))
+    with pytest.raises(ValueError, match=r"no cross-attention was captured at latent factor\(s\) \[16\]"):
+        sampler.generate([DOG], [0], (64, 64))
+    assert sampler.store.memory_bytes() == 0 and not sampler.store.recording
+    sampler.mask_config = MaskConfig()
+    assert sampler.generate([DOG], [0], (64, 64)).masks.shape == (1, 64, 64)
+
+
+def test_uint8_images_rounds_and_clamps():
+    images = torch.tensor([0.0, 0.5, 1.0, 1.5, -0.2, 0.999]).view(1, 3, 1, 2)
+    batch = GeneratedBatch(images, torch.zeros(1, 1, 2, dtype=torch.long))
+    out = batch.uint8_images()
+    assert out.shape == (1, 1, 2, 3) and out.dtype.name == "uint8"
+    # channel-last: pixel (0, 0) is (R, G, B) = (0.0, 1.0, -0.2), pixel (0, 1) is (0.5, 1.5, 0.999)
+    assert out[0, 0, 0].tolist() == [0, 255, 0] and out[0, 0, 1].tolist() == [128, 255, 255]

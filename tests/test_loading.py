@@ -1,0 +1,163 @@
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import ondemand_seg
+import ondemand_seg.loading as loading
+from ondemand_seg.loading import (
+    PRESET_FILE, RANDOM_WEIGHTS_MODEL, TOY_MODEL, TOY_MODEL_DIR, check_image_size, check_model_source, load_pipeline,
+    pick_device, read_preset, resolve_model,
+)
+from ondemand_seg.testing import TINY_IMAGE_SIZE
+
+PACKAGE_DIR = Path(ondemand_seg.__file__).resolve().parent
+
+
+def test_folder_pipelines_load_in_fp32_without_safety_checker(tiny_sd1, tiny_sd2):
+    for folder in (tiny_sd1, tiny_sd2):
+        pipeline = load_pipeline(folder, torch.device("cpu"))
+        assert pipeline.unet.dtype == torch.float32 and pipeline.vae.dtype == torch.float32
+        assert pipeline.safety_checker is None
+        assert pipeline.unet.device.type == "cpu"
+
+
+def test_random_weights_model_loads_without_files():
+    pipeline = load_pipeline(RANDOM_WEIGHTS_MODEL, torch.device("cpu"))
+    assert pipeline.unet.dtype == torch.float32 and pipeline.safety_checker is None
+    assert pipeline.unet.config.sample_size * pipeline.vae_scale_factor == TINY_IMAGE_SIZE
+
+
+def test_scheduler_is_swappable(tiny_sd1):
+    pipeline = load_pipeline(tiny_sd1, torch.device("cpu"), scheduler="DPMSolverMultistepScheduler")
+    assert type(pipeline.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    with pytest.raises(ValueError, match="unknown diffusers scheduler 'NoSuchScheduler'"):
+        load_pipeline(tiny_sd1, torch.device("cpu"), scheduler="NoSuchScheduler")
+
+
+def test_callable_model_is_called_once(tiny_sd1):
+    calls = []
+
+    def make():
+        calls.append(1)
+        return load_pipeline(tiny_sd1, torch.device("cpu"))
+
+    pipeline = load_pipeline(make, torch.device("cpu"))
+    assert calls == [1] and pipeline.unet.dtype == torch.float32
+
+
+def test_unloadable_folder_is_a_runtime_error_naming_it(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(RuntimeError, match="could not load a Stable Diffusion pipeline from .*broken"):
+        load_pipeline(folder, torch.device("cpu"))
+
+
+def ours(caught):
+    return [w for w in caught if Path(w.filename).resolve().is_relative_to(PACKAGE_DIR)]
+
+
+@pytest.mark.parametrize("model", [TOY_MODEL, "tiny_sd1"])
+def test_load_pipeline_raises_no_warning_of_ours(model, request):
+    if model == "tiny_sd1":
+        model = request.getfixturevalue("tiny_sd1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_pipeline(model, torch.device("cpu"))
+    listed = "\n".join(f"{w.category.__name__} at {w.filename}:{w.lineno}: {w.message}" for w in caught)
+    dtype_warnings = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+                      and "torch_dtype" in str(w.message)]
+    assert not dtype_warnings, f"the pinned diffusers deprecates the loading argument we pass:\n{listed}"
+    assert not ours(caught), f"warnings raised from ondemand_seg while loading:\n{listed}"
+
+
+def test_resolve_model_maps_only_the_toy_name():
+    assert resolve_model(TOY_MODEL) == TOY_MODEL_DIR
+    assert (TOY_MODEL_DIR / "model_index.json").is_file()
+    assert resolve_model("org/name") == "org/name"
+    assert resolve_model(RANDOM_WEIGHTS_MODEL) == RANDOM_WEIGHTS_MODEL
+
+
+def test_missing_toy_model_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(loading, "TOY_MODEL_DIR", tmp_path / "gone")
+    with pytest.raises(FileNotFoundError, match="embedded toy model is missing.*train_toy_model.py"):
+        resolve_model(TOY_MODEL)
+
+
+def test_read_preset(tmp_path):
+    toy = read_preset(TOY_MODEL)
+    assert toy == json.loads((TOY_MODEL_DIR / PRESET_FILE).read_text())
+    assert read_preset(RANDOM_WEIGHTS_MODEL) == {"image_size": TINY_IMAGE_SIZE}
+    assert read_preset(lambda: None) == {}
+    assert read_preset("org/name") == {}
+    assert read_preset(tmp_path) == {}, "a folder without a preset has none"
+    (tmp_path / PRESET_FILE).write_text('{"image_size": ')
+    with pytest.raises(ValueError, match=f"{PRESET_FILE} is not valid JSON"):
+        read_preset(tmp_path)
+    (tmp_path / PRESET_FILE).write_text("[32]")
+    with pytest.raises(ValueError, match="must hold a JSON object of settings, got list"):
+        read_preset(str(tmp_path))
+
+
+def test_check_model_source(tmp_path, tiny_sd1):
+    assert check_model_source(tiny_sd1) == 8
+    assert check_model_source("runwayml/stable-diffusion-v1-5") == 8
+    assert check_model_source(RANDOM_WEIGHTS_MODEL) == 8
+    assert check_model_source(lambda: None) == 8
+    toy_vae = json.loads((TOY_MODEL_DIR / "vae" / "config.json").read_text())
+    assert check_model_source(TOY_MODEL) == 2 ** (len(toy_vae["block_out_channels"]) - 1)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_model_source(str(tmp_path / "missing" / "model"))
+    with pytest.raises(ValueError, match="no model_index.json"):
+        check_model_source(tmp_path)
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="is a file"):
+        check_model_source(tmp_path / "weights.bin")
+    with pytest.raises(TypeError, match="got int"):
+        check_model_source(3)
+    wide_vae = tmp_path / "wide"
+    (wide_vae / "vae").mkdir(parents=True)
+    (wide_vae / "model_index.json").write_text("{}")
+    (wide_vae / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [1, 1, 1, 1, 1]}))
+    assert check_model_source(wide_vae) == 16
+
+
+def test_check_image_size():
+    assert check_image_size(512) == (512, 512)
+    assert check_image_size((512, 768)) == (512, 768)
+    with pytest.raises(ValueError, match=r"image_size \(512, 100\) is not a multiple of 8"):
+        check_image_size((512, 100))
+    with pytest.raises(ValueError, match="positive ints"):
+        check_image_size(-8)
+    with pytest.raises(ValueError, match="positive ints"):
+        check_image_size((64, 64, 64))
+    with pytest.raises(ValueError, match="positive ints"):
+        check_image_size(True)
+    with pytest.raises(ValueError, match="not a multiple of 16"):
+        check_image_size(72, 16)
+
+
+def test_pick_device_round_robin_or_cpu():
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device(torch.device("cpu")) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert pick_device(None, slot=3) == torch.device("cpu")
+    else:
+        assert pick_device(None, slot=3).index == 3 % torch.cuda.device_count()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pipelines_are_fp16(tiny_sd1):
+    from ondemand_seg import MaskConfig, SamplerConfig
+    from ondemand_seg.generation import DiffuMaskSampler
+    from ondemand_seg.prompts import PromptSpec
+
+    pipeline = load_pipeline(tiny_sd1, torch.device("cuda"))
+    assert pipeline.unet.dtype == torch.float16 and pipeline.unet.device.type == "cuda"
+    dog = PromptSpec("a photograph of a dog", ("dog",), (12,), ("dog",))
+    batch = DiffuMaskSampler(pipeline, MaskConfig(), SamplerConfig(num_inference_steps=3)).generate([dog], [0], (64, 64))
+    assert batch.images.device.type == "cpu" and torch.isfinite(batch.images).all()
