@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from common import centre_box, intersection_union, write_json
+from ondemand_seg.config import to_dict
 from ondemand_seg.masks import labels_from_maps
 from ondemand_seg.quality import gate
 from ondemand_seg.seeding import evaluation_seed
@@ -111,7 +112,7 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
                 sums[method][name][1] += union
     seconds = time.perf_counter() - started
     result = {"model": str(model), "n": n, "seed": seed, "image_size": [height, width],
-              "mask_config": fields_of(source.mask_config), "sampler_config": fields_of(source.sampler_config),
+              "mask_config": to_dict(source.mask_config), "sampler_config": to_dict(source.sampler_config),
               "vocabulary": {"name": source.vocabulary.name, "templates": list(source.vocabulary.templates)},
               "drawn_fraction": {c: drawn[c] / max(1, sum(classes[i % len(classes)] == c for i in range(n))) for c in classes},
               "gate_rejected": rejected, "seconds": round(seconds, 1)}
@@ -119,11 +120,6 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
         ious = {c: (i / u if u else float("nan")) for c, (i, u) in per_class.items()}
         result[method] = {"per_class": ious, "mean": float(np.nanmean(list(ious.values())))}
     return result
-
-
-def fields_of(config) -> dict:
-    """A config dataclass's fields and values, as the JSON reports them."""
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
 def markdown(result: dict) -> str:

@@ -42,9 +42,9 @@ def add_generator_arguments(parser: argparse.ArgumentParser, step_flag: str = "-
                        help="classes to generate (default: every class of the vocabulary)")
     group.add_argument("--image-size", type=int, nargs="+", default=None, metavar="SIDE",
                        help="generated image size, H or H W (default: the preset's, else 512)")
-    group.add_argument(step_flag, dest="gen_steps", type=int, default=None, help="denoising steps (default: preset, else 50)")
+    group.add_argument(step_flag, dest="gen_steps", type=int, default=None, metavar="N", help="denoising steps (default: preset, else 50)")
     group.add_argument("--guidance", type=float, default=None, help="guidance scale (default: preset, else 7.5)")
-    group.add_argument(batch_flag, dest="gen_batch_size", type=int, default=None,
+    group.add_argument(batch_flag, dest="gen_batch_size", type=int, default=None, metavar="N",
                        help="images per pipeline call (default: preset, else 4)")
     group.add_argument("--classes-per-prompt", type=int, default=None,
                        help="classes named in one prompt, e.g. 2: 'a photo of a circle and a ring' (default: preset, else 1)")

@@ -94,6 +94,17 @@ def test_mixed_with_real_voc_and_full_augmentation(tmp_path):
     assert rows(tmp_path / "mixed", "final")[0]["step"] == 3
 
 
+def test_toyworld_is_written_at_the_generator_size_whatever_the_run(tmp_path):
+    # Real-only, synthetic and mixed runs sharing a --data-dir must be scored on the same val images.
+    from PIL import Image
+
+    done = run(["--real-only", "--steps", "1", "--crop-size", "32", "--output-dir", "real", "--workers", "0"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    generated = resolve_config("random-weights").image_size
+    images = sorted((tmp_path / "data" / "VOCdevkit" / "VOC2012" / "JPEGImages").glob("*.jpg"))
+    assert images and Image.open(images[0]).size[::-1] == generated != (32, 32)
+
+
 def test_ddp_two_ranks_with_gloo(tmp_path):
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517")
     done = run(["--synthetic-only", "--steps", "3", "--output-dir", "ddp", "--workers", "1"], tmp_path, launcher)

@@ -270,9 +270,9 @@ def main(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed + rank)
-    # ToyWorld is written at the generator's image size, so real and synthetic images match; a
-    # real-only run has no generator and writes it at the crop size.
-    image_size = args.crop_size if args.real_only else config.image_size
+    # ToyWorld is written at the generator's image size whatever the run, so real-only, synthetic
+    # and mixed runs sharing a --data-dir are scored on the same val images.
+    image_size = config.image_size
     if args.voc_root is None and not args.synthetic_only or args.eval_root is None:
         toy_root = default_voc_root(args, image_size)
         args.voc_root = args.voc_root or toy_root

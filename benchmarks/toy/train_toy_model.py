@@ -44,8 +44,7 @@ holds the full training state; ``OUT/log.txt`` the losses. ``--minutes`` counts 
 all resumed sessions (the VAE phase included).
 
 An exported folder ships ``ondemand_seg.json``, the settings ``ondemand_seg`` reads with the model:
-the export target's own preset is kept (one written before vocabularies, with ``label_space`` and
-``sampler.templates``, is rewritten as ``"vocabulary": "toy"``); a folder without one gets
+the export target's own preset is kept (and checked to resolve); a folder without one gets
 :data:`DEFAULT_PRESET` at the run's image size.
 """
 from __future__ import annotations
@@ -80,8 +79,6 @@ DEFAULT_PRESET = {
     "sampler": {"classes_per_prompt": 2, "num_inference_steps": 25, "guidance_scale": 4.0, "batch_size": 20},
     "mask": {"resolution_weights": {"1": 1.0}, "timestep_window": [0.9, 1.0], "threshold": 0.4, "ignore_band": 0.05},
 }
-# What presets written before vocabularies said instead of ``"vocabulary": "toy"``.
-OLD_TOY_TEMPLATES = (None, ["a photo of a {}"])
 
 
 def parse_args(argv=None):
@@ -313,24 +310,6 @@ def make_scheduler_config() -> dict:
                 prediction_type="epsilon")
 
 
-def current_preset(preset: dict) -> dict:
-    """``preset`` in the form the library reads: the ToyWorld label space with the captions'
-    template (written before vocabularies as ``label_space`` and ``sampler.templates``) becomes
-    the built-in "toy" vocabulary; anything else is kept as it is."""
-    preset = json.loads(json.dumps(preset))
-    templates = preset.get("sampler", {}).pop("templates", None)
-    if "vocabulary" not in preset and ("label_space" in preset or templates is not None):
-        if preset.get("label_space", list(TOY_CLASSES)) != list(TOY_CLASSES) or templates not in OLD_TOY_TEMPLATES:
-            raise SystemExit(f"cannot rewrite the preset's label space and templates {templates} as the 'toy' "
-                             f"vocabulary; write its vocabulary by hand (see ondemand_seg.vocabulary)")
-        preset.pop("label_space", None)
-        preset = {"vocabulary": "toy", **preset}
-    elif templates is not None:
-        raise SystemExit(f"the preset has a vocabulary and sampler templates {templates}; templates belong "
-                         f"in the vocabulary")
-    return preset
-
-
 def write_preset(folder: Path, preset: dict) -> None:
     """Write ``preset`` as ``folder/ondemand_seg.json`` and check that the library resolves it."""
     (folder / PRESET_FILE).write_text(json.dumps(preset, indent=4) + "\n")
@@ -355,8 +334,7 @@ def export_pipeline(path: Path, vae, text_encoder, tokenizer, unet, fp16: bool, 
     tmp = path.with_name(path.name + ".tmp")
     pipe.save_pretrained(tmp, safe_serialization=True)
     old = path / PRESET_FILE
-    write_preset(tmp, current_preset(json.loads(old.read_text())) if old.is_file()
-                 else {"vocabulary": DEFAULT_PRESET["vocabulary"], "image_size": image_size, **DEFAULT_PRESET})
+    write_preset(tmp, json.loads(old.read_text()) if old.is_file() else {"image_size": image_size, **DEFAULT_PRESET})
     if path.exists():
         import shutil
         shutil.rmtree(path)
