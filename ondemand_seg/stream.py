@@ -5,7 +5,6 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import torch
 from torch.utils.data import IterableDataset
 
 from .loading import ModelSource
