@@ -153,11 +153,7 @@ def to_dict(config: Any) -> dict:
 
 def from_dict(cls: type, data: dict) -> Any:
     """Rebuild a config dataclass from :func:`to_dict` output, rejecting unknown keys by name."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} option(s): {unknown}")
-    return cls(**data)
+    return merge_section(cls, data)
 
 
 SECTIONS: dict[str, type] = {"mask": MaskConfig, "sampler": SamplerConfig, "quality": QualityConfig}

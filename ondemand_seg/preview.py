@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.utils import draw_segmentation_masks, make_grid
+from torchvision.utils import draw_segmentation_masks
 
 from .label_spaces import IGNORE_INDEX, validate_label_space, voc_palette
 
@@ -24,27 +24,6 @@ BLACK = (0, 0, 0)
 def _colors(ids: Sequence[int]) -> list[tuple[int, int, int]]:
     palette = voc_palette()
     return [tuple(palette[3 * i : 3 * i + 3]) for i in ids]
-
-
-def overlay_grid(images: torch.Tensor, masks: torch.Tensor, num_classes: int, alpha: float = 0.5) -> torch.Tensor:
-    """Each image beside itself with its mask painted over in VOC colours (ignore in VOC's cream).
-
-    No captions or legend; see :func:`render_preview` for the annotated picture.
-
-    Args:
-        images: ``[N, 3, H, W]`` uint8.
-        masks: ``[N, H, W]`` long label ids, 255 ignore.
-        num_classes: size of the label space.
-    Returns:
-        ``[3, GH, GW]`` uint8 grid, one row of (image, overlay) pairs per 4 samples.
-    """
-    ids = list(range(1, num_classes)) + [IGNORE_INDEX]
-    colors = _colors(ids)
-    tiles = []
-    for image, mask in zip(images, masks):
-        painted = draw_segmentation_masks(image, torch.stack([mask == i for i in ids]), alpha=alpha, colors=colors)
-        tiles += [image, painted]
-    return make_grid(torch.stack(tiles), nrow=8, padding=2, pad_value=255)
 
 
 def _check_inputs(
