@@ -16,6 +16,13 @@ attention:
   of the gain is γ and the band rather than the fusion);
 - ``centre_box``: the middle half of each side.
 
+On joint-attention models (SD3/Flux layout, e.g. ``toy-mmdit``) two more rows read the same
+images' attention differently, with the preset's fusion, γ and band:
+
+- ``output_space``: ConceptAttention's output-space maps (``map_source="output"``);
+- ``softmax_over_text``: the class mass renormalised over the text keys (``joint_softmax="text"``)
+  instead of under the model's softmax over all keys.
+
 The plain map comes from a second capture of the same images (same seeds; capture does not
 change what the pipeline draws, which the tests check).
 
@@ -46,8 +53,11 @@ from ondemand_seg.source import SampleSource
 from ondemand_seg.toyworld import TOY_CLASSES, color_oracle
 
 METHODS = ("diffumask", "diffumask_band_as_miss", "fixed_0.5", "fixed_0.5_tuned_fusion", "centre_box")
-PLAIN_ATTENTION = dict(resolution_weights={1: 1.0, 2: 1.0, 4: 1.0}, timestep_window=(0.0, 1.0), threshold=0.5,
-                       ignore_band=0.0, threshold_mode="fixed", refine="none", self_attention_factor=None)
+JOINT_METHODS = {"output_space": {"map_source": "output"},
+                 "softmax_over_text": {"map_source": "attention", "joint_softmax": "text"}}
+# The plain map: every grid the model's text attention runs at, every step, γ 0.5, no band.
+PLAIN_ATTENTION = dict(timestep_window=(0.0, 1.0), threshold=0.5, ignore_band=0.0, threshold_mode="fixed",
+                       refine="none", self_attention_factor=None)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -72,11 +82,19 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
     classes = TOY_CLASSES[1:]
     mask = {**(mask_overrides or {}), **({} if threshold is None else {"threshold": threshold})}
     source = SampleSource(model, classes, label_space=TOY_CLASSES, seed=seed, mask=mask)
+    spec = source.sampler.spec
+    every_grid = {factor: 1.0 for factor in spec.text_factors}
     plain = SampleSource(model, classes, label_space=TOY_CLASSES, seed=seed,
-                         mask=dataclasses.replace(source.mask_config, **PLAIN_ATTENTION))
+                         mask=dataclasses.replace(source.mask_config, resolution_weights=every_grid, **PLAIN_ATTENTION))
+    alternatives = {
+        method: SampleSource(model, classes, label_space=TOY_CLASSES, seed=seed,
+                             mask=dataclasses.replace(source.mask_config, **settings))
+        for method, settings in JOINT_METHODS.items() if spec.family.output_maps
+    }
+    methods = METHODS + tuple(alternatives)
     height, width = source.image_size
     box = centre_box(height, width)
-    sums = {m: {c: [0, 0] for c in classes} for m in METHODS + ("accepted",)}
+    sums = {m: {c: [0, 0] for c in classes} for m in methods + ("accepted",)}
     drawn = {c: 0 for c in classes}
     rejected = 0
     started = time.perf_counter()
@@ -89,6 +107,7 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
         batch = source.sampler.generate(prompts, seeds, source.image_size, keep_maps=True)
         tuned = labels_from_maps(batch.fused, batch.class_ids, torch.full(batch.class_ids.shape, 0.5), 0.0)
         fixed = plain.sampler.generate(prompts, seeds, source.image_size).masks
+        other = {m: alt.sampler.generate(prompts, seeds, source.image_size).masks for m, alt in alternatives.items()}
         reasons = gate(batch.images, batch.masks, source.quality_config)
         images = batch.uint8_images()
         for j, name in enumerate(names):
@@ -102,6 +121,7 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
                 "fixed_0.5": intersection_union(fixed[j] == class_id, truth),
                 "fixed_0.5_tuned_fusion": intersection_union(tuned[j] == class_id, truth),
                 "centre_box": intersection_union(box, truth),
+                **{m: intersection_union(masks[j] == class_id, truth, valid=masks[j] != 255) for m, masks in other.items()},
             }
             if reasons[j] is None:
                 scores["accepted"] = scores["diffumask"]
@@ -111,7 +131,8 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
                 sums[method][name][0] += inter
                 sums[method][name][1] += union
     seconds = time.perf_counter() - started
-    result = {"model": str(model), "n": n, "seed": seed, "image_size": [height, width],
+    result = {"model": str(model), "family": spec.family.name, "methods": list(methods), "n": n, "seed": seed,
+              "image_size": [height, width],
               "mask_config": to_dict(source.mask_config), "sampler_config": to_dict(source.sampler_config),
               "vocabulary": {"name": source.vocabulary.name, "templates": list(source.vocabulary.templates)},
               "drawn_fraction": {c: drawn[c] / max(1, sum(classes[i % len(classes)] == c for i in range(n))) for c in classes},
@@ -125,7 +146,7 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
 def markdown(result: dict) -> str:
     classes = list(result["diffumask"]["per_class"])
     lines = ["| method | " + " | ".join(classes) + " | mean |", "|---" * (len(classes) + 2) + "|"]
-    for method in METHODS + ("accepted",):
+    for method in list(result.get("methods", METHODS)) + ["accepted"]:
         row = result[method]
         lines.append(f"| {method} | " + " | ".join(f"{row['per_class'][c]:.3f}" for c in classes) + f" | **{row['mean']:.3f}** |")
     return "\n".join(lines)

@@ -1,10 +1,18 @@
-"""Cross-attention capture through diffusers' attention-processor API.
+"""Text-attention capture through diffusers' attention-processor API.
 
-``install_capture(unet, store)`` swaps in :class:`CrossAttentionCaptureProcessor` on every
-cross-attention layer and the stock fused processor on every self-attention layer. The capture
-processor keeps the fused ``scaled_dot_product_attention`` path for its output and, only on the
-steps the store wants, computes the softmax for the class tokens of the conditional half of the
-batch and adds it to a running sum: memory does not grow with layers or steps.
+``install_capture(denoiser, store, family)`` swaps a capture processor in on every layer where
+image queries meet the text: cross-attention layers (SD 1.x/2.x, SDXL, PixArt, Sana) and joint
+attention layers (SD3's MM-DiT blocks, Flux's double- and single-stream blocks). Every other
+layer keeps its own processor (Sana's linear attention, SD3.5's image-only ``attn2``). The capture
+processors keep the fused attention path for the layer's output and, only on the steps the store
+wants, compute the class tokens' share of each image query's attention for the conditional part
+of the batch and add it to a running sum: memory does not grow with layers or steps.
+
+Two kinds of map (``map_source``): ``"attention"``, the softmax probability mass on the class
+tokens, and, for joint attention, ``"output"``, ConceptAttention's output-space map (Helbling et
+al., ICML 2025): image tokens' attention outputs compared with the class tokens' own attention
+outputs. For joint attention, ``joint_softmax`` says whether the mass is taken under the model's
+softmax over all keys (image and text) or renormalised over the text keys.
 """
 from __future__ import annotations
 
@@ -13,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention
+
+from .families import Family
 
 
 @dataclass
@@ -40,7 +50,9 @@ class CrossAttentionStore:
     ``callback_on_step_end`` so the store knows the denoising step; read :meth:`maps` after.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, map_source: str = "attention", joint_softmax: str = "all") -> None:
+        self.map_source = map_source
+        self.joint_softmax = joint_softmax
         self._sums: dict[int, torch.Tensor] = {}
         self.counts: dict[int, int] = {}
         self.self_attention_factor: int | None = None
@@ -88,10 +100,40 @@ class CrossAttentionStore:
     def recording(self) -> bool:
         return self.token_weights is not None and self._first_step <= self.step < self._end_step
 
-    def on_step_end(self, pipeline, step: int, timestep, callback_kwargs: dict) -> dict:
-        """``callback_on_step_end`` hook: the next UNet call is step ``step + 1``."""
+    def on_step(self, step: int) -> None:
+        """Denoising step ``step`` has ended: the next denoiser call is step ``step + 1``."""
         self.step = step + 1
+
+    def on_step_end(self, pipeline, step: int, timestep, callback_kwargs: dict) -> dict:
+        """``callback_on_step_end`` hook (see :meth:`on_step`)."""
+        self.on_step(step)
         return callback_kwargs
+
+    @property
+    def text_length(self) -> int:
+        return self.token_weights.shape[-1]
+
+    def conditional(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """The images' own rows of denoiser-batch tensors.
+
+        With classifier-free guidance run as one batch the denoiser sees ``[unconditional;
+        conditional]`` (SD, SDXL, SD3, PixArt, Sana): the last ``B`` rows are kept. Without it
+        (guidance-distilled Flux, guidance 1) the batch is the ``B`` images themselves.
+        """
+        images = self.token_weights.shape[0]
+        if tensors[0].shape[0] not in (images, 2 * images):
+            raise RuntimeError(
+                f"capture expected a denoiser batch of {images} or {2 * images}, got {tensors[0].shape[0]}; "
+                "generate with num_images_per_prompt=1"
+            )
+        return [t[-images:] for t in tensors]
+
+    def check_text_length(self, length: int) -> None:
+        if length != self.text_length:
+            raise RuntimeError(
+                f"the denoiser received {length} text tokens but the class-token positions were computed for "
+                f"{self.text_length}; the pipeline's text encoding differs from what the capture assumes"
+            )
 
     def factor_of(self, num_queries: int) -> int:
         """The latent downsampling factor of an attention layer with ``num_queries`` positions."""
@@ -151,12 +193,22 @@ class CrossAttentionStore:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _class_mass(scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``[B, K, N]`` head-averaged softmax mass on each class's tokens, from ``[B, heads, N, T]`` scores."""
+    mass = torch.matmul(scores.softmax(dim=-1), weights.to(scores).transpose(1, 2)[:, None])  # [B, heads, N, K]
+    return mass.mean(1).transpose(1, 2)
+
+
 class CrossAttentionCaptureProcessor:
     """Attention processor that feeds a :class:`CrossAttentionStore`: class-token probabilities of
-    cross-attention layers and, for self-attention refinement, self-attention at one resolution."""
+    cross-attention layers and, for self-attention refinement, self-attention at one resolution.
 
-    def __init__(self, store: CrossAttentionStore) -> None:
+    Adapted from diffusers' ``AttnProcessor2_0`` (0.42): re-check when that processor changes.
+    """
+
+    def __init__(self, store: CrossAttentionStore, replaced=None) -> None:
         self.store = store
+        self.replaced = replaced
 
     def __call__(
         self,
@@ -214,55 +266,195 @@ class CrossAttentionCaptureProcessor:
         return hidden_states / attn.rescale_output_factor
 
     def _record(self, attn: Attention, query, key, attention_mask) -> None:
-        weights = self.store.token_weights
-        images = weights.shape[0]
-        # With classifier-free guidance the batch is [unconditional; conditional]: keep the second half.
-        if query.shape[0] not in (images, 2 * images):
-            raise RuntimeError(
-                f"capture expected a UNet batch of {images} or {2 * images}, got {query.shape[0]}; "
-                "generate with num_images_per_prompt=1"
-            )
-        query, key = query[-images:], key[-images:]
+        self.store.check_text_length(key.shape[2])
+        query, key = self.store.conditional(query, key)
         # Only the class tokens' probability mass is kept: softmax(q·kᵀ)·Wᵀ. An explicit softmax over
         # the T text tokens beats handing Wᵀ to SDPA as values (SDPA's CPU kernel is slow for a value
         # width of K; see RESULTS.md); the layer's output still takes the fused path.
         scores = torch.matmul(query, key.transpose(-1, -2)).float() * attn.scale  # [B, heads, N, T]
         if attention_mask is not None:
-            scores = scores + attention_mask[-images:].float()
-        mass = torch.matmul(scores.softmax(dim=-1), weights.to(scores).transpose(1, 2)[:, None])  # [B, heads, N, K]
-        self.store.add(mass.mean(1).transpose(1, 2))
+            (mask,) = self.store.conditional(attention_mask)
+            scores = scores + mask.float()
+        self.store.add(_class_mass(scores, self.store.token_weights))
 
     def _record_self(self, attn: Attention, query, key) -> None:
-        images = self.store.token_weights.shape[0]
-        query, key = query[-images:], key[-images:]
+        query, key = self.store.conditional(query, key)
         probs = (torch.matmul(query, key.transpose(-1, -2)).float() * attn.scale).softmax(dim=-1)
         self.store.add_self(probs.mean(1))
 
 
-def install_capture(unet: torch.nn.Module, store: CrossAttentionStore, self_attention: bool = False) -> list[str]:
-    """Route ``unet``'s cross-attention layers through the capture processor.
+def record_joint(store: CrossAttentionStore, scale: float, query: torch.Tensor, key: torch.Tensor,
+                 output: torch.Tensor, text: slice, image: slice) -> None:
+    """Record one joint-attention layer's class maps (and self-attention, when wanted).
 
-    Self-attention layers get diffusers' fused ``AttnProcessor2_0``, unless ``self_attention``
-    (refinement on): then they run the capture processor too, which records only at the store's
-    ``self_attention_factor`` and stays on the fused path elsewhere.
-    Returns:
-        The processor names (``"...attn2.processor"``) of the capturing cross-attention layers.
+    Args:
+        query, key: ``[batch, heads, S, D]`` after normalisation and rotary embedding, ``S`` the
+            joint image + text sequence; output: the layer's ``[batch, heads, S, D]`` attention
+            output before its projection; text, image: where each part sits in the sequence.
     """
-    processors, captured = {}, []
-    for name in unet.attn_processors:
-        module = unet.get_submodule(name[: -len(".processor")])
-        if getattr(module, "is_cross_attention", False):
-            processors[name] = CrossAttentionCaptureProcessor(store)
+    store.check_text_length(text.stop - text.start)
+    query, key, output = (t.float() for t in store.conditional(query, key, output))
+    weights = store.token_weights.to(query)  # [B, K, T]
+    q_image = query[:, :, image]
+    if store.map_source == "output":
+        # ConceptAttention, with the prompt's own tokens as the concepts: each image token's
+        # attention output is compared with every text token's, and the class tokens' share of
+        # the softmax over text tokens is the map (no extra concept tokens are run).
+        scores = torch.matmul(output[:, :, image], output[:, :, text].transpose(-1, -2)) * scale
+        store.add(_class_mass(scores, weights))
+    elif store.joint_softmax == "text":
+        store.add(_class_mass(torch.matmul(q_image, key[:, :, text].transpose(-1, -2)) * scale, weights))
+    else:
+        # The model's own softmax runs over every key; handing SDPA the class-token indicator as
+        # values gives each class's mass under it without the [N, N] image-image score matrix.
+        indicator = torch.zeros(*weights.shape[:2], key.shape[2], device=key.device, dtype=key.dtype)
+        indicator[:, :, text] = weights
+        values = indicator.transpose(1, 2)[:, None].expand(-1, key.shape[1], -1, -1)  # [B, heads, S, K]
+        mass = F.scaled_dot_product_attention(q_image, key, values.contiguous(), scale=scale)
+        store.add(mass.mean(1).transpose(1, 2))
+    if store.wants_self_attention(q_image.shape[2]):
+        probs = (torch.matmul(q_image, key[:, :, image].transpose(-1, -2)) * scale).softmax(dim=-1)
+        store.add_self(probs.mean(1))
+
+
+class JointAttentionCaptureProcessor:
+    """SD3's joint attention (image tokens first, then text) with capture.
+
+    Adapted from diffusers' ``JointAttnProcessor2_0`` (0.42): re-check when that processor changes.
+    """
+
+    def __init__(self, store: CrossAttentionStore, replaced=None) -> None:
+        self.store = store
+        self.replaced = replaced
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
+                 attention_mask: torch.Tensor | None = None, *args, **kwargs):
+        residual = hidden_states
+        batch_size = hidden_states.shape[0]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            context = [attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                       attn.add_v_proj(encoder_hidden_states)]
+            context = [t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for t in context]
+            if attn.norm_added_q is not None:
+                context[0] = attn.norm_added_q(context[0])
+            if attn.norm_added_k is not None:
+                context[1] = attn.norm_added_k(context[1])
+            query = torch.cat([query, context[0]], dim=2)
+            key = torch.cat([key, context[1]], dim=2)
+            value = torch.cat([value, context[2]], dim=2)
+
+        output = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        if encoder_hidden_states is not None and self.store.recording:
+            images = residual.shape[1]
+            record_joint(self.store, attn.scale, query, key, output, slice(images, key.shape[2]), slice(0, images))
+        hidden_states = output.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = hidden_states[:, : residual.shape[1]], hidden_states[:, residual.shape[1]:]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+class FluxAttentionCaptureProcessor:
+    """Flux's attention (text tokens first) with capture, in double-stream blocks (separate text
+    and image inputs) and single-stream blocks (one sequence whose first ``T`` tokens are text).
+
+    Adapted from diffusers' ``FluxAttnProcessor`` (0.42): re-check when that processor changes.
+    """
+
+    def __init__(self, store: CrossAttentionStore, replaced=None) -> None:
+        self.store = store
+        self.replaced = replaced
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states)
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None:
+            encoder_query, encoder_key, encoder_value = (
+                t.unflatten(-1, (-1, attn.head_dim)) for t in (encoder_query, encoder_key, encoder_value))
+            encoder_query, encoder_key = attn.norm_added_q(encoder_query), attn.norm_added_k(encoder_key)
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        output = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)  # [batch, S, heads, D]
+        if self.store.recording:
+            texts = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.store.text_length
+            record_joint(self.store, attn.head_dim**-0.5, query.transpose(1, 2), key.transpose(1, 2),
+                         output.transpose(1, 2), slice(0, texts), slice(texts, query.shape[1]))
+        hidden_states = output.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+_CAPTURE_PROCESSORS = (CrossAttentionCaptureProcessor, JointAttentionCaptureProcessor, FluxAttentionCaptureProcessor)
+
+
+def _reads_text(module, family: Family) -> bool:
+    if family.name == "flux":
+        return type(module).__name__ == "FluxAttention"
+    if family.attention == "joint":
+        return getattr(module, "added_kv_proj_dim", None) is not None
+    return bool(getattr(module, "is_cross_attention", False))
+
+
+def install_capture(denoiser: torch.nn.Module, store: CrossAttentionStore, family: Family,
+                    self_attention: bool = False) -> list[str]:
+    """Route ``denoiser``'s text-attention layers through the family's capture processor.
+
+    Every other layer keeps its processor, except that with ``self_attention`` (refinement on) a
+    cross-attention family's softmax self-attention layers run the capture processor too, which
+    records only at the store's ``self_attention_factor`` and stays on the fused path elsewhere.
+    Installing twice replaces the first installation.
+    Returns:
+        The processor names of the capturing layers.
+    """
+    capture = {"flux": FluxAttentionCaptureProcessor}.get(
+        family.name, JointAttentionCaptureProcessor if family.attention == "joint" else CrossAttentionCaptureProcessor)
+    processors, captured, self_layers = {}, [], 0
+    for name, current in denoiser.attn_processors.items():
+        if isinstance(current, _CAPTURE_PROCESSORS):
+            current = current.replaced
+        module = denoiser.get_submodule(name[: -len(".processor")])
+        if _reads_text(module, family):
+            processors[name] = capture(store, current)
             captured.append(name)
-        elif self_attention:
-            processors[name] = CrossAttentionCaptureProcessor(store)
+        elif self_attention and family.attention == "cross" and family.self_attention and isinstance(module, Attention):
+            processors[name] = CrossAttentionCaptureProcessor(store, current)
+            self_layers += 1
         else:
-            processors[name] = AttnProcessor2_0()
+            processors[name] = current
     if not captured:
-        raise ValueError("this UNet has no cross-attention layers, so there is no text attention to capture")
-    if self_attention and len(captured) == len(processors):
+        raise ValueError(f"this {type(denoiser).__name__} has no layer where image queries attend to text, "
+                         "so there is no text attention to capture")
+    if self_attention and family.attention == "cross" and not self_layers:
         # e.g. ``only_cross_attention=True`` (the embedded toy model): every attention reads the text.
-        raise ValueError("self-attention refinement needs self-attention layers, and this UNet has none "
+        raise ValueError("self-attention refinement needs self-attention layers, and this model has none "
                          "(all its attention layers are cross-attention); set self_attention_factor=None")
-    unet.set_attn_processor(processors)
+    denoiser.set_attn_processor(processors)
     return captured

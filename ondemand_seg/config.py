@@ -2,9 +2,10 @@
 place where a model's preset and a caller's explicit settings are merged.
 
 Like diffusers' ``from_pretrained(..., **kwargs)`` over a saved config, :func:`resolve_config`
-starts from the defaults, applies the model folder's ``ondemand_seg.json`` preset, then the
-caller's arguments, field by field: ``mask={"threshold": 0.3}`` or ``mask=MaskConfig(threshold=0.3)``
-changes γ and keeps every other field the preset sets. The library's datasets, the command line
+starts from the defaults, applies what the model has and its pipeline recommends, the model
+folder's ``ondemand_seg.json`` preset, then the caller's arguments, field by field:
+``mask={"threshold": 0.3}`` or ``mask=MaskConfig(threshold=0.3)`` changes γ and keeps every other
+field the preset sets. The library's datasets, the command line
 and the trainer all go through it, and the result prints and saves as JSON in the preset's form.
 """
 from __future__ import annotations
@@ -44,20 +45,29 @@ def config_dataclass(cls: type) -> type:
 
 @config_dataclass
 class MaskConfig:
-    """How captured cross-attention becomes a label mask.
+    """How captured text attention becomes a label mask.
 
     ``resolution_weights`` is keyed by the latent downsampling factor of an attention map
     (1 = the latent grid itself, 2 = half of it, ...). For SD at 512 px (64×64 latents) the paper's
-    64/32/16 maps are factors 1/2/4, averaged with equal weight in the authors' code.
+    64/32/16 maps are factors 1/2/4, averaged with equal weight in the authors' code. ``None`` (the
+    default) means the model's own: every grid its text attention runs at with at least 16 cells
+    on a side (SD 1.x/2.x at 512 px: 1, 2, 4; SDXL: 2, 4; SD3, Flux, PixArt: 2; Sana: 1), or its
+    finest grid when none is that fine.
+
+    ``map_source``: ``"attention"`` reads the softmax mass on the class tokens; ``"output"``
+    (joint-attention families: SD3, Flux) reads ConceptAttention's output-space map, the image
+    tokens' attention outputs against the class tokens' own. ``joint_softmax``: for joint
+    attention, the mass under the model's softmax over all keys (``"all"``) or renormalised over
+    the text keys (``"text"``).
 
     Beyond the paper's fixed γ: ``threshold_mode="otsu"`` picks γ per image and class from the
     fused map itself; ``class_thresholds`` holds per-class γ (e.g. from
     :func:`~ondemand_seg.masks.calibrate_threshold` on a few labelled images); ``refine="affinity"``
     spreads the map along the image's colour affinities; ``self_attention_factor`` propagates it
-    through the UNet's self-attention at that latent factor, ``self_attention_power`` times.
+    through the model's self-attention at that latent factor, ``self_attention_power`` times.
     """
 
-    resolution_weights: dict[int, float] = field(default_factory=lambda: {1: 1.0, 2: 1.0, 4: 1.0})
+    resolution_weights: dict[int, float] | None = None
     timestep_window: tuple[float, float] = (0.0, 1.0)
     normalization: str = "minmax"
     threshold: float = 0.4
@@ -68,17 +78,24 @@ class MaskConfig:
     refine_iterations: int = 10
     self_attention_factor: int | None = None
     self_attention_power: int = 1
+    map_source: str = "attention"
+    joint_softmax: str = "all"
 
     def __post_init__(self) -> None:
-        self.resolution_weights = {int(k): float(v) for k, v in self.resolution_weights.items()}
+        if self.resolution_weights is not None:
+            self.resolution_weights = {int(k): float(v) for k, v in self.resolution_weights.items()}
+            if not self.resolution_weights or any(w < 0 for w in self.resolution_weights.values()):
+                raise ValueError(f"resolution_weights must be non-empty and >= 0, got {self.resolution_weights}")
+            if sum(self.resolution_weights.values()) <= 0:
+                raise ValueError(f"resolution_weights sum to zero: {self.resolution_weights}")
+            bad = [k for k in self.resolution_weights if k < 1 or k & (k - 1)]
+            if bad:
+                raise ValueError(f"resolution_weights keys are latent downsampling factors (1, 2, 4, ...), got {bad}")
         self.timestep_window = tuple(self.timestep_window)
-        if not self.resolution_weights or any(w < 0 for w in self.resolution_weights.values()):
-            raise ValueError(f"resolution_weights must be non-empty and >= 0, got {self.resolution_weights}")
-        if sum(self.resolution_weights.values()) <= 0:
-            raise ValueError(f"resolution_weights sum to zero: {self.resolution_weights}")
-        bad = [k for k in self.resolution_weights if k < 1 or k & (k - 1)]
-        if bad:
-            raise ValueError(f"resolution_weights keys are latent downsampling factors (1, 2, 4, ...), got {bad}")
+        if self.map_source not in ("attention", "output"):
+            raise ValueError(f"map_source must be 'attention' or 'output', got {self.map_source!r}")
+        if self.joint_softmax not in ("all", "text"):
+            raise ValueError(f"joint_softmax must be 'all' or 'text', got {self.joint_softmax!r}")
         start, end = self.timestep_window
         if not 0.0 <= start < end <= 1.0:
             raise ValueError(f"timestep_window must satisfy 0 <= start < end <= 1, got {self.timestep_window}")
@@ -107,20 +124,25 @@ class MaskConfig:
 
 @config_dataclass
 class SamplerConfig:
-    """How images are generated. Defaults follow DiffuMask's generation script (SD v1.x).
+    """How images are generated.
+
+    ``num_inference_steps`` and ``guidance_scale`` default (``None``) to what the model's own
+    pipeline recommends (SD 1.x/2.x: 50 and 7.5, DiffuMask's settings; SDXL: 50 and 5; SD3: 28 and
+    7; Flux dev: 28 and 3.5; Flux schnell: 4 and 0; PixArt, Sana: 20 and 4.5); ``scheduler``
+    ``None`` keeps the model's scheduler.
 
     Prompt wording (templates, names, synonyms) is the vocabulary's job, not the sampler's:
     see :class:`~ondemand_seg.vocabulary.Vocabulary`.
     """
 
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
     classes_per_prompt: int = 1
     batch_size: int = 4
     scheduler: str | None = None
 
     def __post_init__(self) -> None:
-        if self.num_inference_steps < 1:
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if self.classes_per_prompt < 1:
             raise ValueError(f"classes_per_prompt must be >= 1, got {self.classes_per_prompt}")
@@ -158,6 +180,8 @@ def from_dict(cls: type, data: dict) -> Any:
 
 SECTIONS: dict[str, type] = {"mask": MaskConfig, "sampler": SamplerConfig, "quality": QualityConfig}
 _TOP_LEVEL = ("vocabulary", "label_space", "image_size", *SECTIONS)
+# The image side for a model known only once loaded (a callable, an uncached hub id): every
+# supported family can generate at it.
 DEFAULT_IMAGE_SIZE = 512
 
 
@@ -224,7 +248,13 @@ class DiffuMaskConfig:
 
 
 def resolve_config(model: Any, classes: Sequence[str] = (), **overrides: Any) -> DiffuMaskConfig:
-    """Defaults, then ``model``'s preset, then ``overrides``, merged field by field.
+    """Defaults, then what ``model`` itself has and recommends, then its preset, then ``overrides``,
+    merged field by field.
+
+    The model layer (:meth:`~ondemand_seg.families.ModelSpec.defaults`: its pipeline's steps and
+    guidance, its image size, the attention grids it has) is read from the folder's configs without
+    loading weights; for a model known only once loaded (a callable, an uncached hub id) the
+    fields left ``None`` are filled in the generating process, by the same rules.
 
     Args:
         model: what :func:`~ondemand_seg.loading.read_preset` reads a preset from (a folder, a
@@ -237,8 +267,8 @@ def resolve_config(model: Any, classes: Sequence[str] = (), **overrides: Any) ->
             vocabulary's), ``image_size`` (int or ``(H, W)``), and ``mask`` / ``sampler`` /
             ``quality`` (config instances or dicts of fields). ``None`` means "not given".
     Raises:
-        ValueError: an unknown option, field or class, a bad value, an image size the model's
-            VAE cannot take, naming it. FileNotFoundError: a model folder that does not exist.
+        ValueError: an unknown option, field or class, a bad value, an image size or attention
+            resolution the model cannot take, an unsupported pipeline class, naming it. FileNotFoundError: a model folder that does not exist.
     """
     unknown = sorted(set(overrides) - set(_TOP_LEVEL))
     if unknown:
@@ -276,10 +306,16 @@ def resolve_config(model: Any, classes: Sequence[str] = (), **overrides: Any) ->
     label_space = validate_label_space(labels if labels is not None else vocabulary.label_space)
     if classes:
         class_ids(classes, label_space)
+    spec = check_model_source(model)
     size = overrides.get("image_size")
-    size = preset.get("image_size", DEFAULT_IMAGE_SIZE) if size is None else size
-    size = check_image_size(size, check_model_source(model))
-    sections = {name: merge_section(cls, preset.get(name), overrides.get(name)) for name, cls in SECTIONS.items()}
+    if size is None:
+        size = preset.get("image_size", spec.default_size if spec is not None else DEFAULT_IMAGE_SIZE)
+    size = check_image_size(size, spec)
+    model_layer = spec.defaults(size) if spec is not None else {}
+    sections = {name: merge_section(cls, model_layer.get(name), preset.get(name), overrides.get(name))
+                for name, cls in SECTIONS.items()}
+    if spec is not None:
+        spec.check_mask(sections["mask"])
     unknown = sorted(set(sections["mask"].class_thresholds) - set(label_space))
     if unknown:
         raise ValueError(f"class_thresholds names classes outside the label space: {unknown}")

@@ -1,7 +1,9 @@
-"""Generation: a loaded diffusers pipeline with attention capture turns prompts into images and,
-through :func:`~ondemand_seg.labelling.masks_from_attention`, label masks, in one call."""
+"""Generation: a loaded diffusers pipeline of any supported family, with attention capture, turns
+prompts into images and, through :func:`~ondemand_seg.labelling.masks_from_attention`, label
+masks, in one call."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -10,6 +12,7 @@ import torch
 
 from .capture import CrossAttentionStore, install_capture
 from .config import MaskConfig, SamplerConfig
+from .families import ModelSpec, call_options, describe_pipeline, latent_size, step_callback, text_segments
 from .labelling import masks_from_attention
 from .prompts import PromptSpec, class_token_weights
 
@@ -34,29 +37,56 @@ class GeneratedBatch:
 
 
 class DiffuMaskSampler:
-    """Generates images with a pipeline and reads a label mask out of its cross-attention."""
+    """Generates images with a pipeline of any supported family and reads a label mask out of its
+    text attention.
+
+    Settings left ``None`` (resolution weights, steps, guidance) take the model's own values, and
+    mask settings the model cannot serve (a resolution it lacks, output-space maps on cross-
+    attention) are an error here, at first load, naming what the model has.
+    """
 
     def __init__(self, pipeline, mask_config: MaskConfig, sampler_config: SamplerConfig) -> None:
         self.pipeline = pipeline
+        self.spec: ModelSpec = describe_pipeline(pipeline)
+        self.family = self.spec.family
+        self.spec.check_mask(mask_config)
         self.mask_config = mask_config
-        self.sampler_config = sampler_config
-        self.store = CrossAttentionStore()
+        steps = sampler_config.num_inference_steps or self.spec.num_inference_steps
+        guidance = sampler_config.guidance_scale
+        self.sampler_config = dataclasses.replace(
+            sampler_config, num_inference_steps=steps,
+            guidance_scale=self.spec.guidance_scale if guidance is None else guidance)
+        self.store = CrossAttentionStore(mask_config.map_source, mask_config.joint_softmax)
         self.store.self_attention_factor = mask_config.self_attention_factor
-        self.capturing_layers = install_capture(pipeline.unet, self.store, mask_config.self_attention_factor is not None)
+        self.call_options = call_options(pipeline, self.family)
+        self.text = text_segments(pipeline, self.family, self.call_options)
+        self.capturing_layers = install_capture(self.denoiser, self.store, self.family,
+                                                mask_config.self_attention_factor is not None)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipeline, self.family.denoiser)
 
     @property
     def device(self) -> torch.device:
-        return self.pipeline.unet.device
+        return self.denoiser.device
+
+    def mask_config_for(self, size: tuple[int, int]) -> MaskConfig:
+        """The mask settings used at ``size``, the model's resolution weights filled in."""
+        if self.mask_config.resolution_weights is not None:
+            return self.mask_config
+        return dataclasses.replace(self.mask_config, resolution_weights=self.spec.default_resolution_weights(size))
 
     def generate(
         self, prompts: Sequence[PromptSpec], seeds: Sequence[int], size: tuple[int, int], keep_maps: bool = False
     ) -> GeneratedBatch:
         """One image and mask per prompt; image ``i`` depends on ``prompts[i]`` and ``seeds[i]`` only."""
         pipe, cfg = self.pipeline, self.sampler_config
-        weights, ids = class_token_weights(pipe.tokenizer, prompts)
-        factor = pipe.vae_scale_factor
-        self.store.begin(weights.to(self.device), (size[0] // factor, size[1] // factor),
-                         cfg.num_inference_steps, self.mask_config.timestep_window)
+        self.spec.check_image_size(size)
+        mask_config = self.mask_config_for(size)
+        weights, ids = class_token_weights(self.text, prompts)
+        self.store.begin(weights.to(self.device), latent_size(self.spec, size),
+                         cfg.num_inference_steps, mask_config.timestep_window)
         # One generator per image, so an image does not depend on the batch it was drawn in.
         generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
         try:
@@ -69,10 +99,11 @@ class DiffuMaskSampler:
                     guidance_scale=cfg.guidance_scale,
                     generator=generators,
                     output_type="pt",
-                    callback_on_step_end=self.store.on_step_end,
+                    **self.call_options,
+                    **step_callback(pipe, self.store.on_step),
                 ).images
                 fused, masks = masks_from_attention(self.store.captured(), images, ids,
-                                                    [p.class_names for p in prompts], self.mask_config)
+                                                    [p.class_names for p in prompts], mask_config)
         finally:
             self.store.reset()
         if keep_maps:

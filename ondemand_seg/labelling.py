@@ -39,7 +39,10 @@ def masks_from_attention(
         fused: ``[B, K, H, W]`` the final maps in [0, 1]; masks: ``[B, H, W]`` long ids, 255 ignore.
     """
     size = tuple(images.shape[-2:])
-    fused = fuse_resolutions(captured.maps, config.resolution_weights, size, config.normalization)
+    # Unset weights are normally the model's own (DiffuMaskSampler fills them in); without a model
+    # to ask, every captured grid counts equally.
+    weights = config.resolution_weights or {factor: 1.0 for factor in captured.maps}
+    fused = fuse_resolutions(captured.maps, weights, size, config.normalization)
     if config.self_attention_factor is not None:
         fused = _propagate(fused, captured, config)
     if config.refine == "affinity":

@@ -10,24 +10,31 @@ from typing import Callable, Sequence, Union
 
 import torch
 
+from .families import ModelSpec, cached_hub_reader, describe, family_of, folder_reader
+
 ModelSource = Union[str, os.PathLike, Callable[[], object]]
 
 TOY_MODEL = "toy"
 TOY_MODEL_DIR = Path(__file__).parent / "models" / "toy"
+TOY_MMDIT_MODEL = "toy-mmdit"
+# Built-in model names and the folders shipped inside the package.
+BUILTIN_MODELS = {TOY_MODEL: TOY_MODEL_DIR, TOY_MMDIT_MODEL: Path(__file__).parent / "models" / "toy-mmdit"}
+_TRAINERS = {TOY_MODEL: "benchmarks/toy/train_toy_model.py", TOY_MMDIT_MODEL: "benchmarks/toy/train_toy_mmdit.py"}
 RANDOM_WEIGHTS_MODEL = "random-weights"
 PRESET_FILE = "ondemand_seg.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def resolve_model(model: ModelSource) -> ModelSource:
-    """The folder behind a built-in name (``"toy"``), else ``model`` unchanged."""
-    if isinstance(model, str) and model == TOY_MODEL:
-        if not (TOY_MODEL_DIR / "model_index.json").is_file():
+    """The folder behind a built-in name (``"toy"``, ``"toy-mmdit"``), else ``model`` unchanged."""
+    if isinstance(model, str) and model in BUILTIN_MODELS:
+        folder = BUILTIN_MODELS[model]
+        if not (folder / "model_index.json").is_file():
             raise FileNotFoundError(
-                f"the embedded toy model is missing from this install ({TOY_MODEL_DIR}); train it with "
-                "python benchmarks/toy/train_toy_model.py and copy the result there"
+                f"the embedded {model!r} model is missing from this install ({folder}); train it with "
+                f"python {_TRAINERS[model]} and copy the result there"
             )
-        return TOY_MODEL_DIR
+        return folder
     return model
 
 
@@ -53,40 +60,46 @@ def read_preset(model: ModelSource) -> dict:
     return preset
 
 
-def check_model_source(model: ModelSource) -> int:
-    """Validate ``model`` without loading weights; return the VAE's downsampling factor.
+def check_model_source(model: ModelSource) -> ModelSpec | None:
+    """Validate ``model`` without loading weights and describe it when its configs are at hand.
 
-    A local folder must be a diffusers pipeline folder (``model_index.json``); a string that
-    looks like a path but does not exist is an error rather than a hub request.
+    A local folder must be a diffusers pipeline folder (``model_index.json``) of a supported
+    family; a string that looks like a path but does not exist is an error rather than a hub
+    request. Returns the model's :class:`~ondemand_seg.families.ModelSpec` for folders and for hub
+    ids whose configs are in the local cache; ``None`` when the model is only known once loaded
+    (a callable, ``"random-weights"``, an uncached hub id).
     """
     if callable(model) or model == RANDOM_WEIGHTS_MODEL:
-        return 8
+        return None
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a hub id, a local diffusers folder or a callable, got {type(model).__name__}")
     path = Path(resolve_model(model)).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ValueError(f"model folder {str(path)!r} is not a diffusers pipeline folder: it has no model_index.json")
-        vae_config = path / "vae" / "config.json"
-        if vae_config.is_file():
-            return 2 ** (len(json.loads(vae_config.read_text())["block_out_channels"]) - 1)
-        return 8
+        try:
+            return describe(folder_reader(path))
+        except ValueError as error:
+            raise ValueError(f"model folder {str(path)!r}: {error}") from None
     if path.exists():
         raise ValueError(f"model {str(path)!r} is a file; give a diffusers pipeline folder or a hub id")
     if not _HUB_ID.match(str(model)):
         raise FileNotFoundError(f"model folder {str(model)!r} does not exist (and it is not a hub id like 'org/name')")
-    return 8
+    reader = cached_hub_reader(str(model))
+    return None if reader is None else describe(reader)
 
 
-def check_image_size(image_size: int | Sequence[int], multiple: int = 8) -> tuple[int, int]:
-    """``(height, width)`` from an int or a pair, each a positive multiple of the VAE factor."""
+def check_image_size(image_size: int | Sequence[int], spec: ModelSpec | None = None) -> tuple[int, int]:
+    """``(height, width)`` from an int or a pair of positive ints, each a multiple of the model's
+    pixels per attention token when the model is known (8 otherwise: every supported VAE's factor)."""
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(size) != 2 or any(not isinstance(s, int) or isinstance(s, bool) or s <= 0 for s in size):
         raise ValueError(f"image_size must be an int or (height, width) of positive ints, got {image_size!r}")
-    if any(s % multiple for s in size):
-        raise ValueError(
-            f"image_size {image_size!r} is not a multiple of {multiple} on each side (this model's VAE downsamples by {multiple})"
-        )
+    if spec is not None:
+        spec.check_image_size(size)
+    elif any(s % 8 for s in size):
+        raise ValueError(f"image_size {image_size!r} is not a multiple of 8 on each side (the VAEs of the supported "
+                         "families downsample by 8 or more; this model is known only once loaded)")
     return size
 
 
@@ -99,33 +112,60 @@ def pick_device(device: str | torch.device | None, slot: int = 0) -> torch.devic
     return torch.device("cuda", slot % torch.cuda.device_count())
 
 
-def load_pipeline(model: ModelSource, device: torch.device, scheduler: str | None = None):
-    """Load a Stable Diffusion pipeline on ``device``: fp16 on CUDA, fp32 elsewhere.
+def _model_index(model: ModelSource) -> dict:
+    """The ``model_index.json`` of a folder or hub id."""
+    from diffusers import DiffusionPipeline
 
-    The safety checker is dropped: it replaces flagged images with black ones, which would only
-    become rejected samples.
+    path = Path(str(model)).expanduser()
+    if path.is_dir():
+        return folder_reader(path)("model_index.json")
+    return dict(DiffusionPipeline.load_config(str(model)))
+
+
+def load_pipeline(model: ModelSource, device: torch.device, scheduler: str | None = None):
+    """Load a supported text-to-image pipeline on ``device``: half precision on CUDA (the family's:
+    fp16, or bf16 for Flux and Sana), fp32 elsewhere.
+
+    Folders and hub ids load through ``DiffusionPipeline.from_pretrained`` (safetensors only), which
+    picks the pipeline class the folder names. The safety checker of SD 1.x/2.x is dropped: it
+    replaces flagged images with black ones, which would only become rejected samples.
+    Raises:
+        ValueError: the pipeline is of a family the library cannot capture from (naming its class
+            and the supported ones), or ``scheduler`` names no diffusers scheduler.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     if device.type == "cuda" and torch.cuda._is_in_bad_fork():
         raise RuntimeError(
             "CUDA cannot be initialised in a forked DataLoader worker; create the DataLoader with "
             "multiprocessing_context='spawn' (or 'forkserver') when generating on the GPU"
         )
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
     if callable(model):
         pipeline = model()
+        family = family_of(type(pipeline).__name__)
     elif model == RANDOM_WEIGHTS_MODEL:
         from .testing import build_tiny_pipeline
 
         pipeline = build_tiny_pipeline()
+        family = family_of(type(pipeline).__name__)
     else:
+        source = str(resolve_model(model))
         try:
-            pipeline = StableDiffusionPipeline.from_pretrained(
-                str(resolve_model(model)), dtype=dtype, safety_checker=None, requires_safety_checker=False, use_safetensors=True
-            )
+            index = _model_index(source)
+            family = family_of(index.get("_class_name") or "")
         except (OSError, ValueError) as error:
-            raise RuntimeError(f"could not load a Stable Diffusion pipeline from {str(model)!r}: {error}") from error
+            raise ValueError(f"model {str(model)!r}: {error}") from error
+        # Components saved as absent ([null, null], e.g. SD3 without its T5 encoder) are passed as
+        # None: diffusers only accepts that for the few components it declares optional.
+        extra = {name: None for name, entry in index.items() if isinstance(entry, list) and entry == [None, None]}
+        if family.name == "sd":
+            extra.update(safety_checker=None, requires_safety_checker=False)
+        dtype = family.gpu_dtype if device.type == "cuda" else torch.float32
+        try:
+            pipeline = DiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=True, **extra)
+        except (OSError, ValueError) as error:
+            raise RuntimeError(f"could not load a {family.title} pipeline from {str(model)!r}: {error}") from error
+    dtype = family.gpu_dtype if device.type == "cuda" else torch.float32
     if getattr(pipeline, "safety_checker", None) is not None:
         pipeline.safety_checker = None
     if scheduler is not None:
@@ -137,4 +177,4 @@ def load_pipeline(model: ModelSource, device: torch.device, scheduler: str | Non
         pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     pipeline = pipeline.to(device)
-    return pipeline if pipeline.unet.dtype == dtype else pipeline.to(dtype=dtype)
+    return pipeline if getattr(pipeline, family.denoiser).dtype == dtype else pipeline.to(dtype=dtype)

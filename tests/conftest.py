@@ -1,7 +1,18 @@
 import pytest
+import torch
 
 from ondemand_seg import MaskConfig, SamplerConfig
 from ondemand_seg.testing import save_tiny_pipeline
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine every op of a
+    two-thread run waits for a descheduled thread (a 1 s DC-AE decode takes 30 ms on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,14 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from ondemand_seg import MaskConfig, SamplerConfig
 from ondemand_seg.capture import CapturedAttention, CrossAttentionCaptureProcessor, CrossAttentionStore, install_capture
+from ondemand_seg.families import family_of
 from ondemand_seg.generation import DiffuMaskSampler
 from ondemand_seg.loading import TOY_MODEL, load_pipeline
 from ondemand_seg.prompts import PromptSpec
 from ondemand_seg.testing import build_tiny_pipeline
+
+
+SD = family_of("StableDiffusionPipeline")
 
 
 class ReferenceProcessor(AttnProcessor):
@@ -34,7 +38,7 @@ def unet_inputs(images=2, tokens=77, seed=0):
 def test_install_capture_routes_cross_attention_only():
     unet = build_tiny_pipeline().unet
     store = CrossAttentionStore()
-    captured = install_capture(unet, store)
+    captured = install_capture(unet, store, SD)
     processors = unet.attn_processors
     assert set(captured) == {n for n in processors if n.endswith("attn2.processor")}
     assert len(captured) == 10  # 3 down, 1 mid, 6 up (two per up block) transformer blocks
@@ -64,7 +68,7 @@ def test_capture_matches_reference_probabilities_of_chosen_tokens_conditional_ha
         expected.setdefault(maps.shape[-1], []).append(maps)
 
     store = CrossAttentionStore()
-    install_capture(unet, store)
+    install_capture(unet, store, SD)
     store.begin(weights, (8, 8), num_steps=1)
     with torch.no_grad():
         captured_out = unet(latents, 10, encoder_hidden_states=text).sample
@@ -83,7 +87,7 @@ def test_store_memory_constant_in_steps_and_window_respected():
     pipe = build_tiny_pipeline()
     pipe.set_progress_bar_config(disable=True)
     store = CrossAttentionStore()
-    install_capture(pipe.unet, store)
+    install_capture(pipe.unet, store, SD)
     weights = torch.zeros(1, 1, 77)
     weights[0, 0, 4] = 1
     sizes, counts = {}, {}
@@ -140,7 +144,7 @@ def test_self_attention_is_recorded_only_at_its_factor_when_asked():
 
     store = CrossAttentionStore()
     store.self_attention_factor = 2
-    install_capture(unet, store, self_attention=True)
+    install_capture(unet, store, SD, self_attention=True)
     store.begin(torch.ones(2, 1, 77), (8, 8), num_steps=1)
     with torch.no_grad():
         unet(latents, 10, encoder_hidden_states=text)
@@ -155,7 +159,7 @@ def test_captured_holds_the_batch_detached_from_the_store():
     latents, text = unet_inputs(images=2)
     store = CrossAttentionStore()
     store.self_attention_factor = 2
-    install_capture(unet, store, self_attention=True)
+    install_capture(unet, store, SD, self_attention=True)
     store.begin(torch.rand(2, 1, 77).round(), (8, 8), num_steps=1)
     with torch.no_grad():
         unet(latents, 10, encoder_hidden_states=text)
@@ -191,9 +195,9 @@ def test_self_attention_refinement_on_a_unet_without_self_attention_fails_early(
     unet = UNet2DConditionModel(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
                                 down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
                                 cross_attention_dim=32, attention_head_dim=8, only_cross_attention=True, mid_block_type=None)
-    with pytest.raises(ValueError, match="needs self-attention layers, and this UNet has none"):
-        install_capture(unet, CrossAttentionStore(), self_attention=True)
-    assert install_capture(unet, CrossAttentionStore())  # without refinement the same UNet is fine
+    with pytest.raises(ValueError, match="needs self-attention layers, and this model has none"):
+        install_capture(unet, CrossAttentionStore(), SD, self_attention=True)
+    assert install_capture(unet, CrossAttentionStore(), SD)  # without refinement the same UNet is fine
 
 
 def test_missing_self_attention_factor_names_the_factors_that_exist():
@@ -201,9 +205,9 @@ def test_missing_self_attention_factor_names_the_factors_that_exist():
     pipe = load_pipeline(TOY_MODEL, torch.device("cpu"))
     pipe.set_progress_bar_config(disable=True)
     prompt = PromptSpec("a photo of a circle", ("circle",), (1,), ("circle",))
-    sampler = DiffuMaskSampler(pipe, MaskConfig(self_attention_factor=1), SamplerConfig(num_inference_steps=2))
-    with pytest.raises(ValueError, match=r"latent factor 1; this model's self-attention layers run at factors \[2, 4\]"):
-        sampler.generate([prompt], [0], (32, 32))
-    assert sampler.store.self_attention_factors_seen == {2, 4}
+    # Named when the sampler is built (first load), from the UNet's config, before any generation.
+    with pytest.raises(ValueError, match=r"self_attention_factor=1: .* self-attention runs at factor\(s\) \[2, 4\]"):
+        DiffuMaskSampler(pipe, MaskConfig(self_attention_factor=1), SamplerConfig(num_inference_steps=2))
     sampler = DiffuMaskSampler(pipe, MaskConfig(self_attention_factor=2), SamplerConfig(num_inference_steps=2))
     assert sampler.generate([prompt], [0], (32, 32)).masks.shape == (1, 32, 32)
+    assert sampler.store.self_attention_factors_seen == {2, 4}  # what the config said is what ran

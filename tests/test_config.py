@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import shutil
 
 import pytest
 
@@ -14,10 +15,11 @@ PRESET_MASK = {"resolution_weights": {"1": 2.0, "2": 1.0}, "timestep_window": [0
 
 
 def model_folder(path, preset):
-    """A model folder with a preset; ``model_index.json`` makes it pass the model check, and with
-    no weights in it, anything that tried to load them would fail."""
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "model_index.json").write_text("{}")
+    """A model folder with a preset and the toy model's configs (so it passes the model check and
+    is described as the toy is), but no weights: anything that tried to load them would fail."""
+    for config in ("model_index.json", "unet/config.json", "vae/config.json"):
+        (path / config).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(TOY_MODEL_DIR / config, path / config)
     (path / PRESET_FILE).write_text(json.dumps(preset))
     return path
 
@@ -135,7 +137,8 @@ def test_sampler_and_quality_sections_merge_the_same_way(tmp_path):
                                            "quality": {"min_foreground": 0.1, "max_consecutive_rejects": 9}})
     config = resolve_config(folder, sampler=SamplerConfig(batch_size=5), quality={"max_foreground": 0.9})
     assert (config.sampler.num_inference_steps, config.sampler.batch_size) == (7, 5)
-    assert config.sampler.guidance_scale == SamplerConfig().guidance_scale
+    # Not given anywhere: the model's own pipeline recommends it (StableDiffusionPipeline: 7.5).
+    assert config.sampler.guidance_scale == 7.5 and SamplerConfig().guidance_scale is None
     assert (config.quality.min_foreground, config.quality.max_foreground, config.quality.max_consecutive_rejects) == (
         0.1, 0.9, 9)
 
@@ -174,7 +177,7 @@ def test_toy_config_round_trips_through_its_dict(tmp_path):
     # Saved, it is a preset file: a folder shipping it resolves to the same config.
     saved = config.save(tmp_path / "nested" / "copy" / PRESET_FILE)
     assert json.loads(saved.read_text()) == data
-    (saved.parent / "model_index.json").write_text("{}")
+    model_folder(saved.parent, data)
     assert resolve_config(saved.parent) == config
 
 
@@ -270,7 +273,9 @@ def test_sample_source_resolves_the_same_way(tmp_path):
     assert source.mask_config.threshold == 0.45 and source.mask_config.resolution_weights == {1: 2.0, 2: 1.0}
     assert source.vocabulary.templates == ("a {class} drawing",)
     assert source.prompt(0).text == "a blob drawing"
-    assert source.sampler_config == SamplerConfig() and source.quality_config == QualityConfig()
+    # The sampler fields nobody set are the model's own pipeline defaults (StableDiffusionPipeline's).
+    assert source.sampler_config == SamplerConfig(num_inference_steps=50, guidance_scale=7.5)
+    assert source.quality_config == QualityConfig()
     explicit = SampleSource(folder, ["dog"], image_size=64, mask=MaskConfig(threshold=0.5))
     assert explicit.image_size == (64, 64) and explicit.mask_config.threshold == 0.5
     assert explicit.mask_config.resolution_weights == {1: 2.0, 2: 1.0}, "the preset's other fields stay"

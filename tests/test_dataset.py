@@ -86,10 +86,12 @@ def test_a_single_index_generates_its_block_when_everything_fits(tiny_sd1, fast)
     assert dataset.stats()["generated"] == 3, "a neighbour generated with the block is served from the cache"
     dataset[6]  # the last block is cut at the length
     assert sorted(dataset._cache) == [3, 4, 5, 6]
-    # Items stay a pure function of their index: the same as drawn alone, without any block.
+    # Items stay a pure function of their index: the same as drawn alone, without any block, up to
+    # float rounding of batched kernels (images within one grey level, which can move a pixel of
+    # the random-weight model's flat maps across γ).
     alone = DiffuMaskDataset(tiny_sd1, ["dog"], length=7, augment=False, **options)
     for i in (3, 5, 6):
-        assert np.array_equal(dataset.raw([i])[0].mask, alone.raw([i])[0].mask)
+        assert (dataset.raw([i])[0].mask != alone.raw([i])[0].mask).mean() < 0.002
         assert np.abs(dataset.raw([i])[0].image.astype(int) - alone.raw([i])[0].image.astype(int)).max() <= 1
     # A cache that cannot keep everything generates only what is asked for.
     small = DiffuMaskDataset(tiny_sd1, ["dog"], length=7, cache_size=6, augment=False, **options)

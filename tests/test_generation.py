@@ -78,12 +78,18 @@ def test_refinements_change_the_maps_not_the_images(tiny_pipe):
             assert not torch.allclose(batch.fused, plain.fused), config
         else:
             assert torch.equal(batch.fused, plain.fused), "Otsu changes γ, not the maps"
-    with pytest.raises(ValueError, match="no self-attention was recorded at latent factor 8"):
-        DiffuMaskSampler(tiny_pipe, MaskConfig(self_attention_factor=8), SamplerConfig(num_inference_steps=2)).generate([DOG], [0], (64, 64))
+    with pytest.raises(ValueError, match=r"self_attention_factor=8: .* self-attention runs at factor\(s\) \[1, 2, 4\]"):
+        DiffuMaskSampler(tiny_pipe, MaskConfig(self_attention_factor=8), SamplerConfig(num_inference_steps=2))
 
 
 def test_a_failed_batch_leaves_the_sampler_usable(tiny_pipe):
-    sampler = DiffuMaskSampler(tiny_pipe, MaskConfig(resolution_weights={1: 1.0, 16: 1.0}), SamplerConfig(num_inference_steps=2))
+    # A resolution the model lacks is named at construction ...
+    with pytest.raises(ValueError, match=r"factor\(s\) \[16\], but this Stable Diffusion 1.x/2.x model's text "
+                                         r"attention runs at factor\(s\) \[1, 2, 4\] only"):
+        DiffuMaskSampler(tiny_pipe, MaskConfig(resolution_weights={1: 1.0, 16: 1.0}), SamplerConfig(num_inference_steps=2))
+    # ... so a batch that fails after the denoising (here: the same setting slipped in later) is made.
+    sampler = DiffuMaskSampler(tiny_pipe, MaskConfig(), SamplerConfig(num_inference_steps=2))
+    sampler.mask_config = MaskConfig(resolution_weights={1: 1.0, 16: 1.0})
     with pytest.raises(ValueError, match=r"no cross-attention was captured at latent factor\(s\) \[16\]"):
         sampler.generate([DOG], [0], (64, 64))
     assert sampler.store.memory_bytes() == 0 and not sampler.store.recording

@@ -109,7 +109,12 @@ def test_resolutions_are_fused_at_image_size_with_their_weights():
                                         MaskConfig(resolution_weights={1: 1.0, 2: 4.0}))
     assert masks[0, 0, 0] == 3 and fused[0, 0, 0, 0] > fused[0, 0, 7, 7]
     with pytest.raises(ValueError, match=r"factor\(s\) \[4\].*captured factors: \[1, 2\]"):
-        masks_from_attention(maps, images_like(1, (8, 8)), ids, [["dog"]], MaskConfig())
+        masks_from_attention(maps, images_like(1, (8, 8)), ids, [["dog"]], MaskConfig(resolution_weights={1: 1, 4: 1}))
+    # Weights not set (no model to ask): every captured factor, equally.
+    unset, _ = masks_from_attention(maps, images_like(1, (8, 8)), ids, [["dog"]], MaskConfig())
+    equal, _ = masks_from_attention(maps, images_like(1, (8, 8)), ids, [["dog"]],
+                                    MaskConfig(resolution_weights={1: 1.0, 2: 1.0}))
+    assert torch.equal(unset, equal)
 
 
 def test_unused_slots_never_label_pixels():

@@ -1,4 +1,5 @@
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def test_unloadable_folder_is_a_runtime_error_naming_it(tmp_path):
     folder = tmp_path / "broken"
     folder.mkdir()
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    with pytest.raises(RuntimeError, match="could not load a Stable Diffusion pipeline from .*broken"):
+    with pytest.raises(RuntimeError, match="could not load a Stable Diffusion 1.x/2.x pipeline from .*broken"):
         load_pipeline(folder, torch.device("cpu"))
 
 
@@ -82,8 +83,8 @@ def test_resolve_model_maps_only_the_toy_name():
 
 
 def test_missing_toy_model_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(loading, "TOY_MODEL_DIR", tmp_path / "gone")
-    with pytest.raises(FileNotFoundError, match="embedded toy model is missing.*train_toy_model.py"):
+    monkeypatch.setitem(loading.BUILTIN_MODELS, "toy", tmp_path / "gone")
+    with pytest.raises(FileNotFoundError, match="embedded 'toy' model is missing.*train_toy_model.py"):
         resolve_model(TOY_MODEL)
 
 
@@ -103,12 +104,14 @@ def test_read_preset(tmp_path):
 
 
 def test_check_model_source(tmp_path, tiny_sd1):
-    assert check_model_source(tiny_sd1) == 8
-    assert check_model_source("runwayml/stable-diffusion-v1-5") == 8
-    assert check_model_source(RANDOM_WEIGHTS_MODEL) == 8
-    assert check_model_source(lambda: None) == 8
+    spec = check_model_source(tiny_sd1)
+    assert spec.family.name == "sd" and spec.vae_factor == 8 and spec.text_factors == (1, 2, 4)
+    # Known only once loaded: no spec, and no error.
+    assert check_model_source("runwayml/stable-diffusion-v1-5") is None  # not in the local cache
+    assert check_model_source(RANDOM_WEIGHTS_MODEL) is None
+    assert check_model_source(lambda: None) is None
     toy_vae = json.loads((TOY_MODEL_DIR / "vae" / "config.json").read_text())
-    assert check_model_source(TOY_MODEL) == 2 ** (len(toy_vae["block_out_channels"]) - 1)
+    assert check_model_source(TOY_MODEL).vae_factor == 2 ** (len(toy_vae["block_out_channels"]) - 1)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         check_model_source(str(tmp_path / "missing" / "model"))
     with pytest.raises(ValueError, match="no model_index.json"):
@@ -119,25 +122,40 @@ def test_check_model_source(tmp_path, tiny_sd1):
     with pytest.raises(TypeError, match="got int"):
         check_model_source(3)
     wide_vae = tmp_path / "wide"
-    (wide_vae / "vae").mkdir(parents=True)
-    (wide_vae / "model_index.json").write_text("{}")
+    shutil.copytree(tiny_sd1, wide_vae, ignore=shutil.ignore_patterns("*.safetensors"))
     (wide_vae / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [1, 1, 1, 1, 1]}))
-    assert check_model_source(wide_vae) == 16
+    assert check_model_source(wide_vae).vae_factor == 16
+
+
+def test_folders_naming_no_supported_pipeline_fail_early(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match="names no pipeline class"):
+        check_model_source(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
+    with pytest.raises(ValueError, match="cannot capture text attention from a KandinskyV22Pipeline; supported "
+                                         "pipelines: Stable Diffusion 1.x/2.x .*FluxPipeline"):
+        check_model_source(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(ValueError, match="unet/config.json is missing"):
+        check_model_source(tmp_path)
+    (tmp_path / "model_index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="model_index.json is not valid JSON"):
+        check_model_source(tmp_path)
 
 
 def test_check_image_size():
     assert check_image_size(512) == (512, 512)
     assert check_image_size((512, 768)) == (512, 768)
-    with pytest.raises(ValueError, match=r"image_size \(512, 100\) is not a multiple of 8"):
-        check_image_size((512, 100))
     with pytest.raises(ValueError, match="positive ints"):
         check_image_size(-8)
     with pytest.raises(ValueError, match="positive ints"):
         check_image_size((64, 64, 64))
     with pytest.raises(ValueError, match="positive ints"):
         check_image_size(True)
-    with pytest.raises(ValueError, match="not a multiple of 16"):
-        check_image_size(72, 16)
+    toy = check_model_source(TOY_MODEL)  # 2 px per latent cell, one cell per attention token
+    assert check_image_size(34, toy) == (34, 34)
+    with pytest.raises(ValueError, match=r"image_size \(33, 33\) is not a multiple of 2 on each side"):
+        check_image_size(33, toy)
 
 
 def test_pick_device_round_robin_or_cpu():

@@ -51,5 +51,5 @@ def test_class_token_weights_keep_repeated_classes_apart(tokenizer):
 
 def test_class_token_weights_name_a_missing_word(tokenizer):
     wrong = PromptSpec("a photograph of a dog", ("bird",), (3,), ("bird",))
-    with pytest.raises(ValueError, match="'bird' was not found among the tokens of prompt 'a photograph of a dog'"):
+    with pytest.raises(ValueError, match="'bird' was not found in prompt 'a photograph of a dog'"):
         class_token_weights(tokenizer, [wrong])
