@@ -20,8 +20,8 @@ On joint-attention models (SD3/Flux layout, e.g. ``toy-mmdit``) two more rows re
 images' attention differently, with the preset's fusion, γ and band:
 
 - ``output_space``: ConceptAttention's output-space maps (``map_source="output"``);
-- ``softmax_over_text``: the class mass renormalised over the text keys (``joint_softmax="text"``)
-  instead of under the model's softmax over all keys.
+- ``other_softmax``: the class mass under the other softmax than the preset's: over all keys (the
+  model's own, ``joint_softmax="all"``) or renormalised over the text keys (``"text"``).
 
 The plain map comes from a second capture of the same images (same seeds; capture does not
 change what the pipeline draws, which the tests check).
@@ -53,8 +53,7 @@ from ondemand_seg.source import SampleSource
 from ondemand_seg.toyworld import TOY_CLASSES, color_oracle
 
 METHODS = ("diffumask", "diffumask_band_as_miss", "fixed_0.5", "fixed_0.5_tuned_fusion", "centre_box")
-JOINT_METHODS = {"output_space": {"map_source": "output"},
-                 "softmax_over_text": {"map_source": "attention", "joint_softmax": "text"}}
+JOINT_METHODS = ("output_space", "other_softmax")
 # The plain map: every grid the model's text attention runs at, every step, γ 0.5, no band.
 PLAIN_ATTENTION = dict(timestep_window=(0.0, 1.0), threshold=0.5, ignore_band=0.0, threshold_mode="fixed",
                        refine="none", self_attention_factor=None)
@@ -86,10 +85,13 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
     every_grid = {factor: 1.0 for factor in spec.text_factors}
     plain = SampleSource(model, classes, label_space=TOY_CLASSES, seed=seed,
                          mask=dataclasses.replace(source.mask_config, resolution_weights=every_grid, **PLAIN_ATTENTION))
+    other = "text" if source.mask_config.joint_softmax == "all" else "all"
+    settings = {"output_space": {"map_source": "output"},
+                "other_softmax": {"map_source": "attention", "joint_softmax": other}}
     alternatives = {
         method: SampleSource(model, classes, label_space=TOY_CLASSES, seed=seed,
-                             mask=dataclasses.replace(source.mask_config, **settings))
-        for method, settings in JOINT_METHODS.items() if spec.family.output_maps
+                             mask=dataclasses.replace(source.mask_config, **settings[method]))
+        for method in JOINT_METHODS if spec.family.output_maps
     }
     methods = METHODS + tuple(alternatives)
     height, width = source.image_size
