@@ -75,11 +75,11 @@ class Recorder:
         sampler = dataset.source.sampler
         store = sampler.store
         steps: list = []
-        original_step_end, original_generate = store.on_step_end, sampler.generate
+        original_on_step, original_generate = store.on_step, sampler.generate
 
-        def on_step_end(pipeline, step, timestep, callback_kwargs):
+        def on_step(step):
             steps.append(({f: s.clone() for f, s in store._sums.items()}, dict(store.counts)))
-            return original_step_end(pipeline, step, timestep, callback_kwargs)
+            original_on_step(step)
 
         def generate(prompts, seeds, size, keep_maps=False):
             steps.clear()
@@ -90,7 +90,7 @@ class Recorder:
                 self.items[image_key(images[j])] = dict(prompt=prompt, steps=cumulative, latent=store.latent_size)
             return batch
 
-        store.on_step_end = on_step_end
+        store.on_step = on_step
         sampler.generate = generate
 
 
