@@ -86,7 +86,8 @@ T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length: the z
 DEFAULT_PRESET = {
     "vocabulary": "toy",
     "sampler": {"classes_per_prompt": 2, "num_inference_steps": 25, "guidance_scale": 4.0, "batch_size": 20},
-    "mask": {"resolution_weights": {"1": 1.0}, "timestep_window": [0.9, 1.0], "threshold": 0.4, "ignore_band": 0.05},
+    "mask": {"resolution_weights": {"1": 1.0}, "timestep_window": [0.9, 1.0], "threshold": 0.4, "ignore_band": 0.05,
+             "joint_softmax": "text"},
 }
 
 
