@@ -249,3 +249,13 @@ def test_a_pipeline_of_another_kind_is_named_early():
         load_pipeline(lambda: unconditional, torch.device("cpu"))
     assert {f.name for f in FAMILIES} == set(FAMILY_OF_FLAVOR.values())
     assert family_of("PixArtAlphaPipeline").name == "pixart"
+
+
+@pytest.mark.parametrize("flavor", ["sd3", "flux", "pixart"])
+def test_self_attention_refinement_reads_the_image_part(pipes, flavor):
+    pipe = pipes(flavor)
+    plain = sampler_for(pipe).generate(PROMPTS, [0, 1], size_of(flavor), keep_maps=True)
+    sampler = sampler_for(pipe, self_attention_factor=2)
+    refined = sampler.generate(PROMPTS, [0, 1], size_of(flavor), keep_maps=True)
+    assert torch.equal(plain.images, refined.images) and not torch.allclose(plain.fused, refined.fused)
+    assert sampler.store.self_attention_factors_seen == {2}
