@@ -33,6 +33,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from ondemand_seg.masks import fuse_resolutions, labels_from_maps
+from train_toy_mmdit import joint_output, joint_qkv  # this folder: the script's own sys.path entry
 from ondemand_seg.toyworld import TOY_CLASSES, color_oracle
 
 CLASSES = TOY_CLASSES[1:]
@@ -72,19 +73,7 @@ class CaptureProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         b, n, _ = hidden_states.shape
         h = attn.heads
-        d = attn.to_q.out_features // h
-
-        def split(x):
-            return x.view(b, -1, h, d).transpose(1, 2)
-
-        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
-        cq, ck, cv = (split(attn.add_q_proj(encoder_hidden_states)), split(attn.add_k_proj(encoder_hidden_states)),
-                      split(attn.add_v_proj(encoder_hidden_states)))
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        if attn.norm_added_q is not None:
-            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        q, k, v = joint_qkv(attn, hidden_states, encoder_hidden_states)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         cond = slice(b - self.positions.shape[0], b)  # CFG batches are [uncond, cond]
         scores = q[cond, :, :n] @ k[cond].transpose(-1, -2) * attn.scale  # [B, H, N, N + T]
@@ -94,11 +83,7 @@ class CaptureProcessor:
         index = self.positions[:, None, None, :].expand(-1, h, n, -1)
         self.calls.append({kind: probs.gather(-1, index).mean(1).transpose(1, 2)
                            for kind, probs in (("text", text), ("joint", joint), ("output", output))})
-        out = out.transpose(1, 2).reshape(b, -1, h * d)
-        image, context = out[:, :n], out[:, n:]
-        if not attn.context_pre_only:
-            context = attn.to_add_out(context)
-        return attn.to_out[1](attn.to_out[0](image)), context
+        return joint_output(attn, out, n)
 
 
 def caption(names) -> str:

@@ -181,6 +181,34 @@ def encode_prompt(encoders, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return torch.cat([clip, clip.new_zeros(clip.shape[0], 1, clip.shape[2])], 1), pooled
 
 
+def joint_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor):
+    """q, k, v ``[B, heads, N_image + T, d]`` of SD3's joint attention, image tokens first, built as
+    diffusers' ``JointAttnProcessor2_0`` (0.42) builds them: re-check when that processor changes."""
+    b, h = hidden_states.shape[0], attn.heads
+    d = attn.to_q.out_features // h
+
+    def split(x):
+        return x.view(b, -1, h, d).transpose(1, 2)
+
+    q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+    cq, ck, cv = (split(attn.add_q_proj(encoder_hidden_states)), split(attn.add_k_proj(encoder_hidden_states)),
+                  split(attn.add_v_proj(encoder_hidden_states)))
+    if attn.norm_q is not None:
+        q, k = attn.norm_q(q), attn.norm_k(k)
+    if attn.norm_added_q is not None:
+        cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+    return torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+
+
+def joint_output(attn, out: torch.Tensor, images: int):
+    """The layer's (image, text) outputs from the ``[B, heads, N_image + T, d]`` attention output."""
+    out = out.transpose(1, 2).flatten(2)
+    image, context = out[:, :images], out[:, images:]
+    if not attn.context_pre_only:
+        context = attn.to_add_out(context)
+    return attn.to_out[1](attn.to_out[0](image)), context
+
+
 class TrainingJointProcessor:
     """SD3 joint attention for training: ``JointAttnProcessor2_0``'s math plus the T5 bias.
 
@@ -194,20 +222,7 @@ class TrainingJointProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         b, n, _ = hidden_states.shape
-        h = attn.heads
-        d = attn.to_q.out_features // h
-
-        def split(x):
-            return x.view(b, -1, h, d).transpose(1, 2)
-
-        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
-        cq, ck, cv = (split(attn.add_q_proj(encoder_hidden_states)), split(attn.add_k_proj(encoder_hidden_states)),
-                      split(attn.add_v_proj(encoder_hidden_states)))
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        if attn.norm_added_q is not None:
-            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        q, k, v = joint_qkv(attn, hidden_states, encoder_hidden_states)
         bias = torch.zeros(k.shape[2], dtype=q.dtype)
         bias[-1] = math.log(T5_TOKENS)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(k.shape[2], -1))
@@ -215,11 +230,7 @@ class TrainingJointProcessor:
             keys = k[:, :, n:] if self.softmax == "text" else k
             probs = (q[:, :, :n] @ keys.transpose(-1, -2) * attn.scale + bias[-keys.shape[2]:]).softmax(-1)
             self.records.append(probs[..., -(k.shape[2] - n):].mean(1))
-        out = out.transpose(1, 2).reshape(b, -1, h * d)
-        image, context = out[:, :n], out[:, n:]
-        if not attn.context_pre_only:
-            context = attn.to_add_out(context)
-        return attn.to_out[1](attn.to_out[0](image)), context
+        return joint_output(attn, out, n)
 
 
 # ------------------------------------------------------------------------------------- export
