@@ -259,3 +259,10 @@ def test_self_attention_refinement_reads_the_image_part(pipes, flavor):
     refined = sampler.generate(PROMPTS, [0, 1], size_of(flavor), keep_maps=True)
     assert torch.equal(plain.images, refined.images) and not torch.allclose(plain.fused, refined.fused)
     assert sampler.store.self_attention_factors_seen == {2}
+
+
+def test_unknown_map_settings_are_named():
+    with pytest.raises(ValueError, match="map_source must be 'attention' or 'output', got 'concept'"):
+        MaskConfig(map_source="concept")
+    with pytest.raises(ValueError, match="joint_softmax must be 'all' or 'text', got 'image'"):
+        MaskConfig(joint_softmax="image")
