@@ -1,5 +1,6 @@
 """The training script, run as users run it: single process, resume, DDP with gloo, bad flags,
 its help and the generator settings it resolves (``--print-config``)."""
+import importlib.util
 import itertools
 import json
 import os
@@ -22,10 +23,28 @@ FAST = ["--model", "random-weights", "--vocabulary", "toy", "--batch-size", "4",
         "--eval-limit", "8", "--threads", "1"]
 
 
-def run(args, tmp_path, launcher=(sys.executable,), timeout=600, base=FAST):
+def run(args, tmp_path, launcher=(sys.executable,), timeout=600, base=FAST, max_file_bytes=None):
+    """The script in a subprocess; ``max_file_bytes`` makes larger writes fail (EFBIG) as a full disk would."""
     command = [*launcher, str(SCRIPT), *base, "--data-dir", str(tmp_path / "data"), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+
+    def limit_file_size():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path,
+                          preexec_fn=None if max_file_bytes is None else limit_file_size)
+
+
+def load_trainer(monkeypatch):
+    """train_deeplab.py imported in this process, with train/utils.py as its ``utils``, to call main()."""
+    for name in ("utils", "train_deeplab"):
+        spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)
+        spec.loader.exec_module(module)
+    return module
 
 
 def printed_config(*flags, cwd=None):
@@ -133,6 +152,76 @@ def test_bad_flags_fail_early_and_clearly(tmp_path, args, message):
     done = run(["--synthetic-only", *args], tmp_path, timeout=120)
     assert done.returncode != 0 and message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def truncated_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}, "step": 2}, path)
+    path.write_bytes(path.read_bytes()[:1500])
+    return path
+
+
+def backbone_weights(tmp_path):
+    path = tmp_path / "mobilenet.pth"
+    torch.save({"features.0.0.weight": torch.zeros(16, 3, 3, 3)}, path)
+    return path
+
+
+def regular_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a folder")
+    return path
+
+
+@pytest.mark.parametrize(
+    "flag, make, message",
+    [
+        ("--resume", lambda tmp: tmp / "missing.pt", "error: --resume: checkpoint {path} does not exist"),
+        ("--resume", truncated_checkpoint, "error: --resume: checkpoint {path} is truncated, corrupt or not a PyTorch file"),
+        ("--resume", backbone_weights, "error: --resume: {path} is not a train_deeplab.py checkpoint: it lacks model"),
+        ("--output-dir", regular_file, "error: --output-dir {path} is a file"),
+        ("--output-dir", lambda tmp: regular_file(tmp) / "run", "error: --output-dir {path} is under {path.parent}, which is a file"),
+        ("--checkpoint-every", lambda tmp: 0, "error: --checkpoint-every must be >= 1, got 0"),
+    ],
+    ids=["resume-missing", "resume-truncated", "resume-foreign", "output-is-file", "output-under-file", "checkpoint-every-0"],
+)
+def test_bad_resume_or_output_dir_fails_before_the_model_and_data_are_built(tmp_path, monkeypatch, flag, make, message):
+    trainer = load_trainer(monkeypatch)
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the run got as far as building things before the bad flag was refused")
+
+    for builder in ("init_distributed", "default_voc_root", "build_model", "build_train_loader"):
+        monkeypatch.setattr(trainer, builder, too_late)
+    path = make(tmp_path)
+    args = trainer.get_args_parser().parse_args([*FAST, "--synthetic-only", "--data-dir", str(tmp_path / "data"),
+                                                 "--output-dir", str(tmp_path / "out"), flag, str(path)])
+    with pytest.raises(SystemExit) as refused:
+        trainer.main(args)
+    assert str(refused.value).startswith(message.format(path=path)), str(refused.value)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="RLIMIT_FSIZE is POSIX")
+def test_a_disk_too_full_for_checkpoints_warns_then_stops_clearly_keeping_the_previous_one(tmp_path):
+    # A file-size limit makes every write past 1 MB fail (EFBIG), as a nearly full disk does: the
+    # metrics and ToyWorld images fit, a checkpoint does not.
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"the previous good checkpoint")
+    done = run(["--synthetic-only", "--steps", "2", "--checkpoint-every", "1", "--output-dir", "full", "--workers", "0"],
+               tmp_path, max_file_bytes=1 << 20)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    # Step 1: a warning naming the file and the cause, and training goes on.
+    assert ("warning: could not write checkpoint full/checkpoint_000001.pt: [Errno 27] File too large; "
+            "training continues") in done.stderr, done.stderr[-3000:]
+    assert [r["step"] for r in rows(out, "checkpoint_failed")] == [1]
+    assert [r["step"] for r in rows(out, "train")] == [1, 2]
+    # The last step: nothing after it retries, so the run stops with an error naming the file.
+    assert "error: could not write checkpoint full/checkpoint_000002.pt: [Errno 27] File too large" in done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "generator_config.json", "metrics.csv",
+                                                     "metrics.jsonl"], "no partial .tmp is left"
+    assert (out / "checkpoint.pt").read_bytes() == b"the previous good checkpoint"
 
 
 def test_unknown_class_fails_when_no_vocabulary_is_given(tmp_path):

@@ -5,12 +5,15 @@
     torchrun --nproc_per_node=2 train/train_deeplab.py --synthetic-only   # DDP (nccl on GPUs, gloo on CPU)
     python train/train_deeplab.py --synthetic-only --resume out/train/checkpoint.pt
 
-Only rank 0 logs and writes checkpoints and metrics (``metrics.jsonl``/``metrics.csv``).
+Only rank 0 logs and writes checkpoints and metrics (``metrics.jsonl``/``metrics.csv``). A checkpoint that
+cannot be written (disk full) is a warning and training continues, the previous one kept; the last one
+failing stops the run with an error.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -30,7 +33,8 @@ from ondemand_seg.label_noise import LabelNoiseFilter
 from ondemand_seg.label_spaces import class_ids
 from ondemand_seg.metrics import ConfusionMatrix
 from ondemand_seg.toyworld import TOY_CLASSES, write_voc
-from utils import MetricLog, all_reduce_mean, init_distributed, is_main_process, load_checkpoint, save_checkpoint
+from utils import (CheckpointError, MetricLog, all_reduce_mean, init_distributed, is_main_process, load_checkpoint,
+                   output_dir_problem, save_checkpoint)
 
 # torchdata 0.11 calls an API torch has deprecated; the message says nothing about this run.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
@@ -115,7 +119,10 @@ def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
         raise SystemExit("error: --noise-cutoff scores synthetic samples and needs --synthetic-only")
     if not 0.0 < args.synthetic_ratio < 1.0:
         raise SystemExit(f"error: --synthetic-ratio must be in (0, 1), got {args.synthetic_ratio}")
-    for flag in ("steps", "batch_size", "reuse", "cache_size", "crop_size"):
+    problem = output_dir_problem(args.output_dir)
+    if problem:
+        raise SystemExit(f"error: --output-dir {args.output_dir} {problem}")
+    for flag in ("steps", "batch_size", "reuse", "cache_size", "crop_size", "checkpoint_every"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if label_space != TOY_CLASSES and (args.eval_root is None or (args.voc_root is None and not args.synthetic_only)):
@@ -265,7 +272,14 @@ def main(args: argparse.Namespace) -> dict:
         return {"config": config.to_dict()}
     label_space = config.label_space
     check_args(args, label_space)
+    try:  # read before the model and data are built, so a bad file fails at once
+        checkpoint = load_checkpoint(args.resume) if args.resume else None
+    except CheckpointError as error:
+        raise SystemExit(f"error: --resume: {error}") from None
     rank, world, local_rank = init_distributed()
+    if checkpoint is not None and len(checkpoint["loader"]) != world:
+        raise SystemExit(f"error: --resume {args.resume} was written by {len(checkpoint['loader'])} ranks, "
+                         f"this run has {world}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
@@ -277,7 +291,10 @@ def main(args: argparse.Namespace) -> dict:
         toy_root = default_voc_root(args, image_size)
         args.voc_root = args.voc_root or toy_root
         args.eval_root = args.eval_root or args.voc_root
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"error: --output-dir {args.output_dir} cannot be created: {error}") from None
     if is_main_process() and not args.real_only:
         config.save(args.output_dir / "generator_config.json")
 
@@ -290,14 +307,11 @@ def main(args: argparse.Namespace) -> dict:
     noise = noise_filter(args) if args.noise_cutoff is not None else None
     loader, train_data = build_train_loader(args, config, rank, world, device)
     step, epoch = 0, 0
-    if args.resume:
-        checkpoint = load_checkpoint(args.resume)
+    if checkpoint is not None:
         (model.module if world > 1 else model).load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         step, epoch = checkpoint["step"], checkpoint["epoch"]
-        if len(checkpoint["loader"]) != world:
-            raise SystemExit(f"error: checkpoint was written by {len(checkpoint['loader'])} ranks, this run has {world}")
         loader.load_state_dict(checkpoint["loader"][rank])
         if is_main_process():
             print(f"resumed from {args.resume} at step {step}")
@@ -305,12 +319,13 @@ def main(args: argparse.Namespace) -> dict:
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)
     batches = iter(loader)
-    if args.resume:
+    if checkpoint is not None:
         # After iter(loader), which draws a base seed: dropout then continues as in an uninterrupted run.
         torch.set_rng_state(checkpoint["rng"])
     recent = collections.deque(maxlen=20)  # training images for BatchNorm recalibration before evaluation
     waited = trained = startup = 0.0
     first_batch = True
+    last_saved = args.resume
     bar = tqdm(total=args.steps, initial=step, desc="train", disable=not is_main_process(), dynamic_ncols=True)
     model.train()
     while step < args.steps:
@@ -354,8 +369,21 @@ def main(args: argparse.Namespace) -> dict:
                 state = {"model": (model.module if world > 1 else model).state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "loader": states,
                          "rng": torch.get_rng_state(), "args": {k: str(v) for k, v in vars(args).items()}}
-                save_checkpoint(args.output_dir / f"checkpoint_{step:06d}.pt", state)
-                save_checkpoint(args.output_dir / "checkpoint.pt", state)
+                try:
+                    for path in (args.output_dir / f"checkpoint_{step:06d}.pt", args.output_dir / "checkpoint.pt"):
+                        save_checkpoint(path, state)
+                        last_saved = path
+                except CheckpointError as error:
+                    # A failed periodic save (disk full, quota) leaves the previous good checkpoint as it
+                    # was: training on loses nothing saved, while stopping would lose every step since it
+                    # for certain, and the next save retries, succeeding once space is freed. The last
+                    # save has nothing after it to retry, so its failure stops the run.
+                    latest = f"latest good checkpoint: {last_saved or 'none'}"
+                    if step == args.steps:
+                        raise SystemExit(f"error: {error} ({latest})") from None
+                    tqdm.write(f"warning: {error}; training continues and the next checkpoint retries ({latest})",
+                               file=sys.stderr)
+                    log.write({"event": "checkpoint_failed", "step": step, "error": str(error)})
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             recalibrate_batchnorm(model, recent)
             confusion = evaluate(model, args, len(label_space), device)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -38,16 +40,113 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     return tensor.item() / dist.get_world_size()
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the file and the cause."""
+
+
+# What save_checkpoint writes; a file without them is some other kind of file.
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "loader", "rng")
+
+
+class _KeepWriteError:
+    """The file torch.save writes through, keeping the OSError of a failed write: torch's zip writer
+    replaces it with "unexpected pos", dropping the cause (ENOSPC, EDQUOT, EIO) a user needs."""
+
+    def __init__(self, file) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically, so a run killed mid-save keeps its previous checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write ``state`` to ``path`` atomically and durably, or raise :class:`CheckpointError` naming
+    ``path`` and the cause (disk full, no permission, ...).
+
+    The bytes go to ``<path>.tmp``, are fsynced, and only then renamed over ``path``; the folder is
+    fsynced after the rename. A save that fails or is interrupted removes its partial file and leaves
+    the previous checkpoint at ``path`` as it was; a power cut cannot leave a renamed, empty file.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    sink = None
+    try:
+        with open(tmp, "wb") as file:
+            sink = _KeepWriteError(file)
+            torch.save(state, sink)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        cause = sink.error if sink is not None and sink.error is not None else error
+        leftover = ""
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError as unlink_error:
+            leftover = f"; the partial file {tmp} could not be removed either: {unlink_error}"
+        if not isinstance(cause, OSError):
+            raise  # interrupted, or a state torch cannot save: not the disk's doing (a .tmp left is overwritten next save)
+        raise CheckpointError(f"could not write checkpoint {path}: {cause}{leftover}") from error
+    try:
+        _fsync_directory(path.parent)
+    except OSError as error:
+        raise CheckpointError(f"checkpoint {path} was written but its folder could not be synced: {error}") from error
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable. Windows cannot open a folder, and some filesystems
+    (network and FUSE mounts) cannot sync one: there the rename is as durable as the OS makes it."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Our own checkpoints: tensors and plain containers only, loaded without unpickling code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint :func:`save_checkpoint` wrote, loaded without unpickling code (tensors and plain
+    containers only), or :class:`CheckpointError` naming ``path``: missing, unreadable, truncated,
+    corrupt, or some other kind of file."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+    except Exception as error:  # foreign or damaged bytes fail as RuntimeError, EOFError, KeyError, UnpicklingError, ...
+        if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error):
+            raise CheckpointError(f"checkpoint {path} holds Python objects besides tensors and containers, which "
+                                  "train_deeplab.py never saves; it is not loaded (weights_only=True)") from error
+        detail = type(error).__name__ + (f": {str(error).strip().splitlines()[0]}" if str(error).strip() else "")
+        raise CheckpointError(f"checkpoint {path} is truncated, corrupt or not a PyTorch file ({detail})") from error
+    missing = [key for key in CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise CheckpointError(f"{path} is not a train_deeplab.py checkpoint: it lacks {', '.join(missing)}")
+    return state
+
+
+def output_dir_problem(directory: Path) -> str | None:
+    """Why ``directory`` cannot hold a run's files (it is a file, is under a file, or is not
+    writable), or None when it exists or can be created."""
+    existing = next(folder for folder in (directory, *directory.parents) if folder.exists())
+    if not existing.is_dir():
+        return "is a file" if existing == directory else f"is under {existing}, which is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return "is not writable" if existing == directory else f"cannot be created: {existing} is not writable"
+    return None
 
 
 class MetricLog:
