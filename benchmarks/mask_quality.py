@@ -110,7 +110,7 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
         tuned = labels_from_maps(batch.fused, batch.class_ids, torch.full(batch.class_ids.shape, 0.5), 0.0)
         fixed = plain.sampler.generate(prompts, seeds, source.image_size).masks
         other = {m: alt.sampler.generate(prompts, seeds, source.image_size).masks for m, alt in alternatives.items()}
-        reasons = gate(batch.images, batch.masks, source.quality_config)
+        reasons = gate(batch.images, batch.masks, source.quality_config, finite_maps=batch.finite_maps)
         images = batch.uint8_images()
         for j, name in enumerate(names):
             class_id = TOY_CLASSES.index(name)

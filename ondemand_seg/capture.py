@@ -193,6 +193,16 @@ class CrossAttentionStore:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _scores(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """``[..., N, M]`` scaled scores q·kᵀ in float32, from ``[..., N, D]`` queries and ``[..., M, D]`` keys.
+
+    Always float32, whatever the model's dtype: in float16, q·kᵀ can pass 65504 (then inf, and the
+    softmax NaN) on layers whose own output stays finite, because diffusers upcasts such scores
+    (``Attention.upcast_attention``, set by SD 2.x) and the fused kernel keeps them in float32.
+    """
+    return torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+
+
 def _class_mass(scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``[B, K, N]`` head-averaged softmax mass on each class's tokens, from ``[B, heads, N, T]`` scores."""
     mass = torch.matmul(scores.softmax(dim=-1), weights.to(scores).transpose(1, 2)[:, None])  # [B, heads, N, K]
@@ -271,7 +281,7 @@ class CrossAttentionCaptureProcessor:
         # Only the class tokens' probability mass is kept: softmax(q·kᵀ)·Wᵀ. An explicit softmax over
         # the T text tokens beats handing Wᵀ to SDPA as values (SDPA's CPU kernel is slow for a value
         # width of K; see RESULTS.md); the layer's output still takes the fused path.
-        scores = torch.matmul(query, key.transpose(-1, -2)).float() * attn.scale  # [B, heads, N, T]
+        scores = _scores(query, key, attn.scale)  # [B, heads, N, T]
         if attention_mask is not None:
             (mask,) = self.store.conditional(attention_mask)
             scores = scores + mask.float()
@@ -279,7 +289,7 @@ class CrossAttentionCaptureProcessor:
 
     def _record_self(self, attn: Attention, query, key) -> None:
         query, key = self.store.conditional(query, key)
-        probs = (torch.matmul(query, key.transpose(-1, -2)).float() * attn.scale).softmax(dim=-1)
+        probs = _scores(query, key, attn.scale).softmax(dim=-1)
         self.store.add_self(probs.mean(1))
 
 
@@ -293,6 +303,7 @@ def record_joint(store: CrossAttentionStore, scale: float, query: torch.Tensor, 
             output before its projection; text, image: where each part sits in the sequence.
     """
     store.check_text_length(text.stop - text.start)
+    # Float32 for the same reason as :func:`_scores`; the layer's own output path is untouched.
     query, key, output = (t.float() for t in store.conditional(query, key, output))
     weights = store.token_weights.to(query)  # [B, K, T]
     q_image = query[:, :, image]
@@ -300,10 +311,9 @@ def record_joint(store: CrossAttentionStore, scale: float, query: torch.Tensor, 
         # ConceptAttention, with the prompt's own tokens as the concepts: each image token's
         # attention output is compared with every text token's, and the class tokens' share of
         # the softmax over text tokens is the map (no extra concept tokens are run).
-        scores = torch.matmul(output[:, :, image], output[:, :, text].transpose(-1, -2)) * scale
-        store.add(_class_mass(scores, weights))
+        store.add(_class_mass(_scores(output[:, :, image], output[:, :, text], scale), weights))
     elif store.joint_softmax == "text":
-        store.add(_class_mass(torch.matmul(q_image, key[:, :, text].transpose(-1, -2)) * scale, weights))
+        store.add(_class_mass(_scores(q_image, key[:, :, text], scale), weights))
     else:
         # The model's own softmax runs over every key; handing SDPA the class-token indicator as
         # values gives each class's mass under it without the [N, N] image-image score matrix.
@@ -313,7 +323,7 @@ def record_joint(store: CrossAttentionStore, scale: float, query: torch.Tensor, 
         mass = F.scaled_dot_product_attention(q_image, key, values.contiguous(), scale=scale)
         store.add(mass.mean(1).transpose(1, 2))
     if store.wants_self_attention(q_image.shape[2]):
-        probs = (torch.matmul(q_image, key[:, :, image].transpose(-1, -2)) * scale).softmax(dim=-1)
+        probs = _scores(q_image, key[:, :, image], scale).softmax(dim=-1)
         store.add_self(probs.mean(1))
 
 

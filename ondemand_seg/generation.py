@@ -13,7 +13,7 @@ import torch
 from .capture import CrossAttentionStore, install_capture
 from .config import MaskConfig, SamplerConfig
 from .families import ModelSpec, call_options, describe_pipeline, latent_size, step_callback, text_segments
-from .labelling import masks_from_attention
+from .labelling import finite_samples, masks_from_attention
 from .prompts import PromptSpec, class_token_weights
 
 
@@ -23,13 +23,15 @@ class GeneratedBatch:
 
     images: ``[B, 3, H, W]`` float in [0, 1]; masks: ``[B, H, W]`` long label ids (255 ignore);
     with ``keep_maps``, fused: ``[B, K, H, W]`` the fused attention the masks came from and
-    class_ids: ``[B, K]`` the label of each map (0 = unused slot).
+    class_ids: ``[B, K]`` the label of each map (0 = unused slot); finite_maps: ``[B]`` bool, False
+    where a sample's attention maps held a non-finite value (``None``: not checked).
     """
 
     images: torch.Tensor
     masks: torch.Tensor
     fused: torch.Tensor | None = None
     class_ids: torch.Tensor | None = None
+    finite_maps: torch.Tensor | None = None
 
     def uint8_images(self) -> np.ndarray:
         """The images as ``[B, H, W, 3]`` uint8 RGB (what samples, oracles and labellers take)."""
@@ -102,10 +104,11 @@ class DiffuMaskSampler:
                     **self.call_options,
                     **step_callback(pipe, self.store.on_step),
                 ).images
-                fused, masks = masks_from_attention(self.store.captured(), images, ids,
-                                                    [p.class_names for p in prompts], mask_config)
+                captured = self.store.captured()
+                finite = finite_samples(captured)
+                fused, masks = masks_from_attention(captured, images, ids, [p.class_names for p in prompts], mask_config)
         finally:
             self.store.reset()
         if keep_maps:
-            return GeneratedBatch(images.float().cpu(), masks.cpu(), fused.cpu(), ids)
-        return GeneratedBatch(images.float().cpu(), masks.cpu())
+            return GeneratedBatch(images.float().cpu(), masks.cpu(), fused.cpu(), ids, finite.cpu())
+        return GeneratedBatch(images.float().cpu(), masks.cpu(), finite_maps=finite.cpu())

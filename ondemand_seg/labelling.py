@@ -2,7 +2,9 @@
 
 Fuse resolutions, optionally propagate through self-attention and refine along image colour,
 pick γ per map (fixed, per class, or Otsu), then label. Pure tensor code, testable without a
-model; the functions it chains live in :mod:`ondemand_seg.masks`.
+model; the functions it chains live in :mod:`ondemand_seg.masks`. :func:`finite_samples` says
+which samples' recordings were corrupt (the math keeps their non-finite pixels out of the labels;
+the quality gate drops the samples).
 """
 from __future__ import annotations
 
@@ -17,6 +19,21 @@ from .config import MaskConfig
 from .masks import (
     fuse_resolutions, labels_from_maps, normalize_maps, otsu_thresholds, propagate_self_attention, refine_with_affinity,
 )
+
+
+def finite_samples(captured: CapturedAttention) -> torch.Tensor:
+    """``[B]`` bool: True where every recorded map of the sample (each resolution's ``[K, h_f, w_f]``
+    and, when recorded, its ``[N, N]`` self-attention) is finite.
+
+    Checked on the raw recording, before any normalisation or resizing can hide or spread a value.
+    """
+    if not captured.maps:
+        raise ValueError("no attention was captured for this batch, so there is nothing to check")
+    recorded = list(captured.maps.values())
+    if captured.self_attention is not None:
+        recorded.append(captured.self_attention)
+    finite = [torch.isfinite(r).flatten(1).all(1) for r in recorded]
+    return torch.stack(finite).all(0)
 
 
 def masks_from_attention(

@@ -5,6 +5,7 @@ Shapes: ``B`` images, ``K`` class slots per image (several classes can share a p
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
@@ -14,21 +15,30 @@ from .label_spaces import IGNORE_INDEX
 
 
 def normalize_maps(maps: torch.Tensor, mode: str = "max", eps: float = 1e-8) -> torch.Tensor:
-    """Scale each map to [0, 1] over its spatial dims.
+    """Scale each map to [0, 1] over its spatial dims, from its finite values only.
 
     Args:
         maps: ``[..., h, w]`` non-negative attention.
         mode: ``"max"`` divides by the peak (the DiffuMask authors' choice, keeps the zero point);
             ``"minmax"`` also subtracts the minimum.
     Returns:
-        ``[..., h, w]`` in [0, 1]; an all-constant map becomes all zeros under ``"minmax"``.
+        ``[..., h, w]`` in [0, 1] where ``maps`` is finite and NaN where it is not; an all-constant
+        map becomes all zeros under ``"minmax"``.
     """
     if mode not in ("max", "minmax"):
         raise ValueError(f"normalization must be 'max' or 'minmax', got {mode!r}")
-    flat = maps.flatten(-2)
-    low = flat.amin(-1, keepdim=True) if mode == "minmax" else torch.zeros_like(flat[..., :1])
-    high = flat.amax(-1, keepdim=True)
-    return ((flat - low) / (high - low).clamp_min(eps)).view_as(maps)
+    flat = (maps if maps.is_floating_point() else maps.float()).flatten(-2)
+    finite = torch.isfinite(flat)
+    # The peak and floor come from finite values, so one NaN or inf pixel stays one unknown pixel
+    # instead of turning the whole map into NaN (or every other pixel into 0).
+    values = torch.where(finite, flat, torch.zeros_like(flat))
+    high = torch.where(finite, flat, torch.full_like(flat, -torch.inf)).amax(-1, keepdim=True)
+    if mode == "minmax":
+        low = torch.where(finite, flat, torch.full_like(flat, torch.inf)).amin(-1, keepdim=True)
+    else:
+        low = torch.zeros_like(high)
+    scaled = (values - low) / (high - low).nan_to_num(0.0, posinf=0.0, neginf=0.0).clamp_min(eps)
+    return torch.where(finite, scaled, torch.full_like(flat, torch.nan)).view_as(maps)
 
 
 def fuse_resolutions(
@@ -75,15 +85,21 @@ def labels_from_maps(
     A pixel goes to the class whose normalised attention is highest among the classes that reach
     ``threshold - ignore_band``; it is labelled with that class at or above ``threshold +
     ignore_band``, ignore (255) inside the band, and background (0) when no class reaches the band.
+    A pixel where any used slot's map is not finite is ignore (255): the class it would have
+    gone to is unknown.
 
     Args:
-        fused: ``[B, K, H, W]`` maps in [0, 1].
+        fused: ``[B, K, H, W]`` maps in [0, 1], NaN where unknown.
         class_ids: ``[B, K]`` long label ids; 0 marks an unused slot.
         thresholds: ``[B, K]`` per-slot threshold γ.
-        ignore_band: half-width of the uncertain band around γ.
+        ignore_band: half-width of the uncertain band around γ, >= 0.
     Returns:
         ``[B, H, W]`` long mask of label ids, 0 background, 255 ignore.
     """
+    if not math.isfinite(ignore_band) or ignore_band < 0:
+        raise ValueError(f"ignore_band must be a finite number >= 0, got {ignore_band}")
+    if not torch.isfinite(thresholds).all():
+        raise ValueError(f"thresholds must be finite, got {thresholds.tolist()}")
     thresholds = thresholds.to(fused)[..., None, None]
     used = (class_ids > 0)[..., None, None]
     candidate = used & (fused >= thresholds - ignore_band)
@@ -91,22 +107,27 @@ def labels_from_maps(
     best, slot = score.max(dim=1)
     best_threshold = thresholds.squeeze(-1).squeeze(-1).gather(1, slot.flatten(1)).view_as(best)
     best_class = class_ids.gather(1, slot.flatten(1)).view_as(best)
-    labels = torch.where(best >= best_threshold + ignore_band, best_class, torch.full_like(best_class, IGNORE_INDEX))
-    return torch.where(best < 0, torch.zeros_like(labels), labels)
+    ignore = torch.full_like(best_class, IGNORE_INDEX)
+    labels = torch.where(best >= best_threshold + ignore_band, best_class, ignore)
+    labels = torch.where(best < 0, torch.zeros_like(labels), labels)
+    unknown = (used & ~torch.isfinite(fused)).any(dim=1)
+    return torch.where(unknown, ignore, labels)
 
 
 def otsu_thresholds(maps: torch.Tensor, bins: int = 64) -> torch.Tensor:
     """Per-map Otsu threshold: the cut that maximises between-class variance of the map's values.
 
     Args:
-        maps: ``[B, K, H, W]`` in [0, 1].
+        maps: ``[B, K, H, W]`` in [0, 1]; non-finite pixels take no part.
     Returns:
         ``[B, K]`` thresholds in (0, 1), one per map, chosen without any labels.
     """
-    flat = maps.flatten(2).clamp(0, 1)
+    flat = maps.flatten(2)
+    finite = torch.isfinite(flat)
+    flat = torch.where(finite, flat, torch.zeros_like(flat)).clamp(0, 1)
     index = (flat * (bins - 1)).round().long()
-    hist = torch.zeros(*flat.shape[:2], bins, device=maps.device).scatter_add_(2, index, torch.ones_like(flat))
-    prob = hist / hist.sum(-1, keepdim=True)
+    hist = torch.zeros(*flat.shape[:2], bins, device=maps.device).scatter_add_(2, index, finite.float())
+    prob = hist / hist.sum(-1, keepdim=True).clamp_min(1)
     centers = torch.linspace(0, 1, bins, device=maps.device)
     weight_low = prob.cumsum(-1)
     mean_low = (prob * centers).cumsum(-1)
@@ -130,8 +151,12 @@ def calibrate_threshold(maps: list[torch.Tensor], truths: list[torch.Tensor], ca
     if not maps or len(maps) != len(truths):
         raise ValueError(f"need as many truths as maps (got {len(maps)} maps, {len(truths)} truths)")
     candidates = torch.linspace(0.1, 0.9, 41) if candidates is None else candidates
-    values = torch.cat([m.flatten() for m in maps])[None]
-    truth = torch.cat([t.flatten() for t in truths]).bool()[None]
+    values = torch.cat([m.flatten() for m in maps])
+    truth = torch.cat([t.flatten() for t in truths]).bool()
+    # A non-finite pixel says nothing about where the class is; counting it as "below γ" would
+    # bias γ downwards.
+    known = torch.isfinite(values)
+    values, truth = values[known][None], truth[known][None]
     predicted = values >= candidates[:, None]
     iou = (predicted & truth).sum(1) / (predicted | truth).sum(1).clamp_min(1)
     return float(candidates[iou.argmax()])

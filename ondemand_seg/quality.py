@@ -8,33 +8,54 @@ import torch
 from .config import QualityConfig
 from .label_spaces import IGNORE_INDEX
 
-REJECT_REASONS = ("non-finite image", "all-black image", "empty mask", "full mask")
+# Each reason the gate gives, with what a run of it means (for :class:`TooManyRejects`).
+REJECT_CAUSES = {
+    "non-finite image": "the model or its dtype is broken (NaN/inf pixels; try float32 or bfloat16)",
+    "non-finite attention": "the captured attention held NaN/inf: a numerics or dtype problem in the "
+                            "denoiser (try float32 or bfloat16), not a threshold problem",
+    "all-black image": "the model or its dtype is broken (the decoder gives black images)",
+    "empty mask": "the threshold is too high for this model (MaskConfig.threshold) or "
+                  "QualityConfig.min_foreground too strict",
+    "full mask": "the threshold is too low for this model (MaskConfig.threshold) or "
+                 "QualityConfig.max_foreground too strict",
+}
+REJECT_REASONS = tuple(REJECT_CAUSES)
 
 
-def gate(images: torch.Tensor, masks: torch.Tensor, config: QualityConfig) -> list[str | None]:
+def gate(images: torch.Tensor, masks: torch.Tensor, config: QualityConfig,
+         finite_maps: torch.Tensor | None = None) -> list[str | None]:
     """Why each sample fails the gate, or ``None`` when it passes.
 
     Args:
         images: ``[B, 3, H, W]`` float in [0, 1].
         masks: ``[B, H, W]`` long label ids, 255 ignore.
+        finite_maps: ``[B]`` bool, False where the sample's attention maps were non-finite
+            (``None``: not checked).
     Returns:
         One entry per sample: ``None`` or one of :data:`REJECT_REASONS`.
     """
+    batch = images.shape[0]
+    if finite_maps is not None and (finite_maps.dtype != torch.bool or tuple(finite_maps.shape) != (batch,)):
+        raise ValueError(f"finite_maps must be a [{batch}] bool tensor (one per image), "
+                         f"got {finite_maps.dtype} of shape {tuple(finite_maps.shape)}")
     finite = torch.isfinite(images).flatten(1).all(1)
+    finite_attention = torch.ones(batch, dtype=torch.bool) if finite_maps is None else finite_maps.cpu()
     black = torch.nan_to_num(images, nan=0.0).flatten(1).amax(1) <= config.black_level
     pixels = masks[0].numel()
     foreground = ((masks > 0) & (masks != IGNORE_INDEX)).flatten(1).sum(1) / pixels
     background = (masks == 0).flatten(1).sum(1) / pixels
     reasons = []
-    for i in range(images.shape[0]):
+    for i in range(batch):
         if not finite[i]:
-            reasons.append(REJECT_REASONS[0])
+            reasons.append("non-finite image")
+        elif not finite_attention[i]:
+            reasons.append("non-finite attention")
         elif black[i]:
-            reasons.append(REJECT_REASONS[1])
+            reasons.append("all-black image")
         elif foreground[i] < config.min_foreground:
-            reasons.append(REJECT_REASONS[2])
+            reasons.append("empty mask")
         elif background[i] < 1.0 - config.max_foreground:
-            reasons.append(REJECT_REASONS[3])
+            reasons.append("full mask")
         else:
             reasons.append(None)
     return reasons
@@ -57,14 +78,16 @@ class RejectCounter:
             if reason is None:
                 self.consecutive = 0
                 continue
+            if reason not in REJECT_CAUSES:
+                raise ValueError(f"unknown reject reason {reason!r}; the gate's reasons are {REJECT_REASONS}")
             self.by_reason[reason] += 1
             self.consecutive += 1
             if self.consecutive >= self.max_consecutive:
+                causes = "; ".join(f"{r}: {REJECT_CAUSES[r]}" for r, _ in self.by_reason.most_common())
                 raise TooManyRejects(
                     f"the quality gate rejected {self.consecutive} samples in a row (all rejects so far: "
-                    f"{dict(self.by_reason)}). Empty or full masks mean the threshold does not suit this "
-                    "model (MaskConfig.threshold); black or non-finite images mean the model or its "
-                    "dtype is broken. Raise QualityConfig.max_consecutive_rejects to keep trying."
+                    f"{dict(self.by_reason)}). What they mean: {causes}. "
+                    "Raise QualityConfig.max_consecutive_rejects to keep trying."
                 )
 
 

@@ -1,9 +1,11 @@
 import pytest
 import torch
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from ondemand_seg import MaskConfig, SamplerConfig
-from ondemand_seg.capture import CapturedAttention, CrossAttentionCaptureProcessor, CrossAttentionStore, install_capture
+from ondemand_seg.capture import (
+    CapturedAttention, CrossAttentionCaptureProcessor, CrossAttentionStore, install_capture, record_joint,
+)
 from ondemand_seg.families import family_of
 from ondemand_seg.generation import DiffuMaskSampler
 from ondemand_seg.loading import TOY_MODEL, load_pipeline
@@ -211,3 +213,75 @@ def test_missing_self_attention_factor_names_the_factors_that_exist():
     sampler = DiffuMaskSampler(pipe, MaskConfig(self_attention_factor=2), SamplerConfig(num_inference_steps=2))
     assert sampler.generate([prompt], [0], (32, 32)).masks.shape == (1, 32, 32)
     assert sampler.store.self_attention_factors_seen == {2, 4}  # what the config said is what ran
+
+
+def large_tokens(count, lead, seed):
+    """``[1, count, 8]`` float16 tokens: ``lead`` in the first channel, N(0, 1) in the rest, so
+    q·kᵀ of two such sets is ``lead_q * lead_k`` (past float16's 65504) plus an O(1) part that
+    decides the softmax."""
+    rest = torch.randn(1, count, 7, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([torch.full((1, count, 1), float(lead)), rest], dim=-1).half()
+
+
+def identity_attention(dtype, cross=True):
+    """A one-head diffusers attention layer with identity q/k/v/out projections (so float16 and
+    float32 see the same q and k), upcasting its scores as SD 2.x does."""
+    attn = Attention(8, cross_attention_dim=8 if cross else None, heads=1, dim_head=8, upcast_attention=True)
+    with torch.no_grad():
+        for projection in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):
+            projection.weight.copy_(torch.eye(8))
+    return attn.to(dtype)
+
+
+def recorded(dtype, hidden, text=None):
+    """What the capture processor records (class maps, self-attention) and returns on ``hidden``."""
+    store = CrossAttentionStore()
+    store.self_attention_factor = None if text is not None else 1
+    weights = torch.zeros(1, 2, 5)
+    weights[0, 0, 1] = weights[0, 1, [2, 3]] = 1
+    store.begin(weights, (2, 2), num_steps=1)
+    attn = identity_attention(dtype, cross=text is not None)
+    args = (hidden.to(dtype),) if text is None else (hidden.to(dtype), text.to(dtype))
+    with torch.no_grad():
+        out = CrossAttentionCaptureProcessor(store)(attn, *args)
+        stock = attn.processor(attn, *args)
+    return store, out, stock
+
+
+def test_half_precision_scores_do_not_overflow_the_recorded_maps():
+    hidden, text = large_tokens(4, 256, seed=0), large_tokens(5, 300, seed=1)
+    assert torch.isinf(hidden[0] @ text[0].T).all(), "premise: q·kᵀ overflows when computed in float16"
+    half, out, stock = recorded(torch.float16, hidden, text)
+    reference, _, _ = recorded(torch.float32, hidden.float(), text.float())
+    maps, want = half.maps()[1], reference.maps()[1]
+    assert torch.isfinite(maps).all() and maps.dtype == torch.float32
+    assert 0.05 < want.max() < 0.95, "premise: the maps are not one-hot, so a match means something"
+    assert torch.allclose(maps, want, atol=1e-5)
+    assert out.dtype == torch.float16 and torch.equal(out, stock), "the layer's own output path is unchanged"
+
+
+def test_half_precision_self_attention_does_not_overflow():
+    hidden = large_tokens(4, 256, seed=2)
+    half, out, stock = recorded(torch.float16, hidden)
+    reference, _, _ = recorded(torch.float32, hidden.float())
+    assert half.self_count == 1 and torch.isfinite(half.self_attention()).all()
+    assert torch.allclose(half.self_attention(), reference.self_attention(), atol=1e-5)
+    assert torch.equal(out, stock)
+
+
+@pytest.mark.parametrize("map_source, joint_softmax", [("attention", "all"), ("attention", "text"), ("output", "all")])
+def test_half_precision_joint_attention_records_the_float32_maps(map_source, joint_softmax):
+    # [1, heads=2, S=4 image + 5 text, D=8] with q·kᵀ past float16's range.
+    query = torch.cat([large_tokens(9, 256, seed=3), large_tokens(9, 256, seed=4)])[None]
+    key = torch.cat([large_tokens(9, 300, seed=5), large_tokens(9, 300, seed=6)])[None]
+    output = torch.cat([large_tokens(9, 300, seed=7), large_tokens(9, 256, seed=8)])[None]
+    maps = {}
+    for dtype in (torch.float16, torch.float32):
+        store = CrossAttentionStore(map_source, joint_softmax)
+        store.self_attention_factor = 1
+        store.begin(torch.ones(1, 1, 5), (2, 2), num_steps=1)
+        with torch.no_grad():
+            record_joint(store, 8 ** -0.5, query.to(dtype), key.to(dtype), output.to(dtype), slice(4, 9), slice(0, 4))
+        maps[dtype] = (store.maps()[1], store.self_attention())
+    for half, full in zip(maps[torch.float16], maps[torch.float32]):
+        assert torch.isfinite(half).all() and torch.allclose(half, full, atol=1e-5)

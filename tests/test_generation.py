@@ -38,11 +38,38 @@ def test_keep_maps_returns_the_maps_the_masks_came_from(tiny_pipe):
     assert batch.fused.shape == (2, 2, 64, 64) and batch.fused.device.type == "cpu"
     assert 0 <= batch.fused.min() and batch.fused.max() <= 1
     assert batch.class_ids.tolist() == [[12, 0], [3, 12]]
+    assert batch.finite_maps.tolist() == [True, True]
     # Where a class's map clears γ + band and beats the other slot, the mask carries that class.
     band = MaskConfig().threshold + MaskConfig().ignore_band
     sure_dog = (batch.fused[0, 0] >= band)
     assert sure_dog.any() and (batch.masks[0][sure_dog] == 12).all()
     assert ((batch.masks[0] == 12) <= sure_dog).all()
+
+
+def test_non_finite_attention_is_flagged_and_kept_out_of_the_mask(tiny_pipe, monkeypatch):
+    sampler = DiffuMaskSampler(tiny_pipe, MaskConfig(), SamplerConfig(num_inference_steps=2))
+    clean = sampler.generate([DOG, DOG], [1, 2], (64, 64), keep_maps=True)
+    assert (clean.masks[1] == 12).any(), "premise: the clean dog map labels pixels"
+    real_add = sampler.store.add
+
+    def add_with_nan(class_maps):
+        # One latent pixel of image 1's dog map at factor 1 (8x8 queries), in every layer there.
+        if class_maps.shape[-1] == 64:
+            class_maps = class_maps.clone()
+            class_maps[1, 0, 0] = float("nan")
+        real_add(class_maps)
+
+    monkeypatch.setattr(sampler.store, "add", add_with_nan)
+    batch = sampler.generate([DOG, DOG], [1, 2], (64, 64), keep_maps=True)
+    assert batch.finite_maps.tolist() == [True, False] and batch.finite_maps.device.type == "cpu"
+    assert torch.equal(batch.images, clean.images), "the NaN is in the recording, not the image"
+    assert torch.equal(batch.masks[0], clean.masks[0])
+    unknown = ~torch.isfinite(batch.fused[1, 0])
+    assert unknown[0, 0] and not unknown[16:, :].any() and not unknown[:, 16:].any(), "the NaN stays local"
+    assert (batch.masks[1][unknown] == 255).all(), "unknown pixels are ignore, never background"
+    assert (batch.masks[1] == 12).any(), "the rest of the dog map still labels the dog"
+    plain = sampler.generate([DOG, DOG], [1, 2], (64, 64))
+    assert plain.finite_maps.tolist() == [True, False], "flagged without keep_maps too"
 
 
 def test_image_depends_on_its_seed_not_its_batch(tiny_sd1):

@@ -3,7 +3,7 @@ import torch
 
 from ondemand_seg import MaskConfig
 from ondemand_seg.capture import CapturedAttention
-from ondemand_seg.labelling import masks_from_attention
+from ondemand_seg.labelling import finite_samples, masks_from_attention
 
 ONLY_LATENT = {1: 1.0}  # one map at the latent grid; with latent size == image size nothing is resized
 
@@ -201,3 +201,33 @@ def test_affinity_refinement_reads_the_image():
     b, _ = masks_from_attention(captured(maps), split, ids, names, plain)
     assert torch.equal(a, b), "without refinement the image is not read"
     assert 0 <= on_split.min() and on_split.max() <= 1
+
+
+def test_finite_samples_flags_any_non_finite_recording_per_sample():
+    fine, coarse = torch.rand(3, 2, 4, 4), torch.rand(3, 2, 2, 2)
+    coarse[1, 1, 0, 0] = float("nan")  # sample 1: one pixel of its second class at one resolution
+    self_attention = torch.rand(3, 16, 16)
+    self_attention[2, 5, 7] = float("inf")  # sample 2: its self-attention only
+    record = captured({1: fine, 2: coarse}, self_attention=self_attention, factor=1, latent_size=(4, 4))
+    assert finite_samples(record).tolist() == [True, False, False]
+    assert finite_samples(captured({1: fine, 2: coarse}, latent_size=(4, 4))).tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="no attention was captured"):
+        finite_samples(captured({}, latent_size=(4, 4)))
+
+
+def test_a_nan_pixel_costs_that_pixel_not_the_class():
+    # One NaN attention pixel used to make the whole max-normalised map NaN and its class vanish.
+    dog, cat = ramp(), ramp().flip(-1)
+    dog[0, 3] = float("nan")
+    maps = {1: torch.stack([dog, cat])[None]}
+    for normalization in ("max", "minmax"):
+        config = MaskConfig(resolution_weights=ONLY_LATENT, threshold=0.3, ignore_band=0.05, normalization=normalization)
+        fused, masks = masks_from_attention(captured(maps), images_like(1, (1, 20)), torch.tensor([[4, 9]]),
+                                            [["dog", "cat"]], config)
+        assert masks[0, 0, 3] == 255, "the unknown pixel is ignored, neither background nor a class"
+        assert (masks[0] == 4).sum() >= 8 and (masks[0] == 9).sum() >= 8, normalization
+        assert torch.isfinite(fused[0, 0]).sum() == 19 and torch.isfinite(fused[0, 1]).all()
+    otsu = MaskConfig(resolution_weights=ONLY_LATENT, threshold_mode="otsu")
+    _, masks = masks_from_attention(captured(maps), images_like(1, (1, 20)), torch.tensor([[4, 9]]),
+                                    [["dog", "cat"]], otsu)
+    assert masks[0, 0, 3] == 255 and (masks[0] == 4).any() and (masks[0] == 9).any()

@@ -121,3 +121,62 @@ def test_propagate_self_attention():
     blocks = torch.block_diag(torch.full((2, 2), 0.5), torch.full((2, 2), 0.5))[None]
     spread = propagate_self_attention(cross, blocks, power=2)
     assert spread[0, 0].tolist() == [0.5, 0.5, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("mode", ["max", "minmax"])
+def test_one_non_finite_pixel_stays_one_unknown_pixel(bad, mode):
+    maps = torch.tensor([[[[1.0, 2.0], [3.0, 5.0]]]])
+    poisoned = maps.clone()
+    poisoned[0, 0, 0, 0] = bad
+    out = normalize_maps(poisoned, mode)
+    assert out[0, 0, 0, 0].isnan(), "the unknown pixel is marked, not given a value"
+    clean = normalize_maps(torch.tensor([[[[2.0, 2.0], [3.0, 5.0]]]]), mode)  # same finite min and max
+    assert torch.equal(out.flatten()[1:], clean.flatten()[1:]), "the other pixels are scaled as without it"
+
+
+def test_all_non_finite_map_is_all_unknown_and_its_neighbour_is_untouched():
+    maps = torch.stack([torch.full((3, 3), float("nan")), blob(3, 0, 0, 2, 2, 4.0)])[None]
+    out = normalize_maps(maps)
+    assert out[0, 0].isnan().all() and torch.equal(out[0, 1], blob(3, 0, 0, 2, 2))
+
+
+def test_labels_non_finite_pixels_are_ignore_never_a_class_or_background():
+    # The attack: one NaN pixel in the dog map used to turn the whole map NaN and every pixel background.
+    dog = torch.tensor([[0.9, 0.1, float("nan"), 0.8]])
+    cat = torch.tensor([[0.0, 0.7, 0.9, float("inf")]])
+    fused = normalize_maps(torch.stack([dog, cat])[None])
+    labels = labels_from_maps(fused, torch.tensor([[12, 8]]), torch.full((1, 2), 0.4), ignore_band=0.05)
+    assert labels.tolist() == [[[12, 8, 255, 255]]]
+    # A non-finite value in an unused slot changes nothing.
+    unused = labels_from_maps(fused, torch.tensor([[0, 8]]), torch.full((1, 2), 0.4), ignore_band=0.05)
+    assert unused.tolist() == [[[0, 8, 8, 255]]]
+
+
+def test_labels_reject_bad_threshold_and_band():
+    fused, ids = torch.rand(1, 1, 2, 2), torch.tensor([[3]])
+    with pytest.raises(ValueError, match=r"thresholds must be finite, got \[\[nan\]\]"):
+        labels_from_maps(fused, ids, torch.tensor([[float("nan")]]), 0.05)
+    with pytest.raises(ValueError, match="ignore_band must be a finite number >= 0, got -0.1"):
+        labels_from_maps(fused, ids, torch.tensor([[0.4]]), -0.1)
+
+
+def test_otsu_skips_non_finite_pixels():
+    low = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.2
+    maps = low + blob(16, 4, 4, 8, 8, 0.7)[None, None]
+    clean = otsu_thresholds(maps)
+    poisoned = maps.clone()
+    poisoned[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    cut = otsu_thresholds(poisoned)
+    assert 0.2 < cut[0, 0] < 0.7 and abs(float(cut[0, 0] - clean[0, 0])) < 0.05
+    nothing = otsu_thresholds(torch.full((1, 1, 4, 4), float("nan")))
+    assert torch.isfinite(nothing).all() and 0 < nothing[0, 0] < 1
+
+
+def test_calibrate_threshold_ignores_non_finite_pixels():
+    # Known pixels: 6 sure (0.8) and 4 faint (0.5) object pixels, 8 background pixels at 0.55, so a
+    # γ above 0.55 wins (IoU 6/10 against 10/18). Ten unknown object pixels counted as misses would
+    # tip it below 0.5 (10/28 against 6/20).
+    truth = torch.tensor([True] * 20 + [False] * 8)
+    fused = torch.tensor([float("nan")] * 10 + [0.8] * 6 + [0.5] * 4 + [0.55] * 8)
+    assert 0.55 < calibrate_threshold([fused], [truth]) <= 0.8

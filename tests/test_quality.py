@@ -3,7 +3,7 @@ import torch
 
 from ondemand_seg import DiffuMaskStream, QualityConfig, TooManyRejects
 from ondemand_seg.loading import RANDOM_WEIGHTS_MODEL
-from ondemand_seg.quality import GateStats, RejectCounter, gate
+from ondemand_seg.quality import REJECT_REASONS, GateStats, RejectCounter, gate
 
 
 def good():
@@ -28,6 +28,35 @@ def test_gate_reasons():
     assert gate(images, masks, cfg) == [None, "non-finite image", "all-black image", "empty mask", "full mask", "full mask"]
 
 
+def test_gate_rejects_non_finite_attention_under_its_own_reason():
+    cfg = QualityConfig()
+    image, mask = good()
+    nan = image.clone()
+    nan[0, 0, 0] = float("nan")
+    images, masks = torch.stack([image, image, nan, image]), torch.stack([mask] * 4)
+    finite_maps = torch.tensor([True, False, False, True])
+    # A good-looking mask does not save a sample whose attention was corrupt; a broken image is named first.
+    assert gate(images, masks, cfg, finite_maps=finite_maps) == [None, "non-finite attention", "non-finite image", None]
+    assert gate(images, masks, cfg) == [None, None, "non-finite image", None], "None means not checked"
+    with pytest.raises(ValueError, match=r"finite_maps must be a \[4\] bool tensor .* got torch.bool of shape \(3,\)"):
+        gate(images, masks, cfg, finite_maps=finite_maps[:3])
+    with pytest.raises(ValueError, match=r"got torch.int64 of shape \(4,\)"):
+        gate(images, masks, cfg, finite_maps=finite_maps.long())
+
+
+def test_too_many_rejects_explains_each_reason_seen():
+    counter = RejectCounter(3)
+    with pytest.raises(TooManyRejects) as raised:
+        counter.update(["empty mask", "non-finite attention", "non-finite attention"])
+    message = str(raised.value)
+    assert "'non-finite attention': 2" in message and "'empty mask': 1" in message
+    assert "non-finite attention: the captured attention held NaN/inf: a numerics or dtype problem" in message
+    assert "empty mask: the threshold is too high" in message
+    assert "full mask" not in message and "non-finite image" not in message, "only the reasons seen are explained"
+    with pytest.raises(ValueError, match=r"unknown reject reason 'cosmic ray'"):
+        RejectCounter(3).update(["cosmic ray"])
+
+
 def test_reject_counter_raises_after_too_many_in_a_row():
     counter = RejectCounter(3)
     counter.update(["empty mask", "empty mask", None, "full mask", "empty mask"])
@@ -38,9 +67,10 @@ def test_reject_counter_raises_after_too_many_in_a_row():
 
 def test_gate_stats_count():
     stats = GateStats()
-    stats.add([None, "empty mask", None])
-    assert stats.as_dict()["generated"] == 3 and stats.as_dict()["accepted"] == 2
-    assert stats.as_dict()["empty mask"] == 1
+    stats.add([None, "empty mask", None, "non-finite attention"])
+    assert stats.as_dict()["generated"] == 4 and stats.as_dict()["accepted"] == 2
+    assert stats.as_dict()["empty mask"] == 1 and stats.as_dict()["non-finite attention"] == 1
+    assert set(stats.as_dict()) == {"generated", "accepted", *REJECT_REASONS}
 
 
 def test_stream_stops_with_a_clear_error_instead_of_looping(fast):
@@ -57,9 +87,9 @@ def test_rejected_sample_is_redrawn_not_passed_on(fast, monkeypatch):
     real_gate = source.gate
     calls = []
 
-    def reject_first_batch(images, masks, config):
+    def reject_first_batch(images, masks, config, finite_maps=None):
         calls.append(images.shape[0])
-        reasons = real_gate(images, masks, config)
+        reasons = real_gate(images, masks, config, finite_maps=finite_maps)
         return ["non-finite image"] * len(reasons) if len(calls) == 1 else reasons
 
     monkeypatch.setattr(source, "gate", reject_first_batch)
@@ -67,3 +97,33 @@ def test_rejected_sample_is_redrawn_not_passed_on(fast, monkeypatch):
     images = [image for image, _ in stream]
     assert len(images) == 4
     assert stream.stats()["non-finite image"] == 4 and stream.stats()["accepted"] == 4
+
+
+def test_a_nan_in_one_attention_map_is_rejected_counted_and_never_served(tiny_sd1, fast, monkeypatch):
+    import numpy as np
+
+    from ondemand_seg.source import SampleSource
+
+    clean = SampleSource(tiny_sd1, ["dog"], **fast)
+    expected = clean.draw([0, 1])
+    assert expected[0].attempt == 0, "premise: without the NaN, sample 0's first attempt is accepted"
+    source = SampleSource(tiny_sd1, ["dog"], **fast)
+    store = source.sampler.store
+    real_add, calls = store.add, []
+
+    def add_with_one_nan(class_maps):
+        # First layer of the first batch: one attention pixel of image 0 (sample 0, attempt 0).
+        if not calls:
+            class_maps = class_maps.clone()
+            class_maps[0, 0, 0] = float("nan")
+        calls.append(class_maps.shape)
+        real_add(class_maps)
+
+    monkeypatch.setattr(store, "add", add_with_one_nan)
+    drawn = source.draw([0, 1])
+    stats, clean_stats = source.stats.as_dict(), clean.stats.as_dict()
+    assert stats["non-finite attention"] == 1 and clean_stats["non-finite attention"] == 0
+    assert stats["generated"] == clean_stats["generated"] + 1 and stats["accepted"] == 2
+    assert [(s.index, s.attempt) for s in drawn] == [(0, 1), (1, expected[1].attempt)], \
+        "sample 0's corrupt attempt is redrawn, not served"
+    assert np.array_equal(drawn[1].mask, expected[1].mask), "the other sample of the batch is untouched"
