@@ -1,4 +1,10 @@
 """ondemand_seg: an endless, pixel-labelled segmentation dataset from a text-to-image diffusion model."""
+import os
+
+# albumentations asks PyPI for a newer version whenever it is imported (here, in every DataLoader
+# worker too) unless this is set; a data library must not touch the network unasked.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
 from .augment import AugmentConfig, DiffuMaskAugment
 from .config import DiffuMaskConfig, MaskConfig, QualityConfig, SamplerConfig, resolve_config
 from .dataset import DiffuMaskDataset

@@ -134,11 +134,17 @@ def run_stream(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     from .stream import DiffuMaskStream
 
+    if args.n < 1:
+        parser.error(f"--n must be >= 1, got {args.n}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
     try:
         config, classes = resolve_generator(args)
         stream = DiffuMaskStream(args.model, classes, seed=args.seed, reuse=args.reuse, num_samples=args.n,
                                  device=args.device, **config.to_dict())
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError) as error:
         parser.error(str(error))
     label_space = stream.config.label_space
     context = "spawn" if args.workers and torch.cuda.is_available() else None
@@ -167,7 +173,7 @@ def run_preview(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         config, classes = resolve_generator(args)
         dataset = DiffuMaskDataset(args.model, classes, length=args.n, seed=args.seed, device=args.device,
                                    **config.to_dict())
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError) as error:
         parser.error(str(error))
     batch = dataset.config.sampler.batch_size
     samples = []
@@ -183,7 +189,7 @@ def run_preview(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         config, _ = resolve_generator(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError) as error:
         parser.error(str(error))
     print(config.to_json())
     if args.out:
@@ -192,6 +198,7 @@ def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; a bad flag value is a usage error (exit 2) naming it, before any model loads."""
     parser = build_parser()
     args = parser.parse_args(argv)
     run = {"stream": run_stream, "preview": run_preview, "config": run_config}[args.command]

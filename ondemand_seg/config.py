@@ -13,14 +13,83 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .label_spaces import class_ids, validate_label_space
-from .loading import check_image_size, check_model_source, read_preset
+from .loading import check_image_size, check_model_source, read_preset, scheduler_class
 from .vocabulary import Vocabulary, default_vocabulary, load_vocabulary, vocabulary_from
+
+
+# ------------------------------------------------------------------------------ validators
+# Every constructor checks its arguments with these, so a bad value is an error naming it at
+# construction, in the main process, not a crash in a worker at the first draw.
+def check_int(name: str, value: Any, minimum: int | None = None) -> int:
+    """``value`` as an int when it is one (``bool``, ``float`` and ``str`` are not) and ``>= minimum``.
+
+    Raises:
+        TypeError: not an integer. ValueError: below ``minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_finite(name: str, value: Any) -> float:
+    """``value`` as a float when it is a finite real number (not a ``bool`` nor a ``str``).
+
+    Raises:
+        TypeError: not a real number. ValueError: NaN or infinite.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` when it is ``True`` or ``False`` (a truthy string is not)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_callable(name: str, value: Any) -> Any:
+    """``value`` when it is ``None`` or callable (a transform)."""
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable or None, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_names(name: str, value: Any) -> tuple[str, ...]:
+    """A list or tuple of non-empty strings as a tuple (one string is not a list of names)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a list of names, got {value!r} ({type(value).__name__})")
+    bad = [item for item in value if not isinstance(item, str) or not item.strip()]
+    if bad:
+        raise TypeError(f"{name} must hold non-empty strings, got {bad[0]!r} in {list(value)!r}")
+    return tuple(value)
+
+
+def check_classes(classes: Any) -> tuple[str, ...]:
+    """The classes to generate as a tuple: one name or a list of names."""
+    if isinstance(classes, str):
+        classes = (classes,)
+    return check_names("classes", classes)
+
+
+def _latent_factor(key: Any) -> int:
+    """A ``resolution_weights`` key: an int, or its decimal string (as JSON keys are)."""
+    if isinstance(key, str) and key.strip().isdigit():
+        return int(key)
+    return check_int(f"resolution_weights key {key!r}", key)
 
 
 def config_dataclass(cls: type) -> type:
@@ -83,7 +152,11 @@ class MaskConfig:
 
     def __post_init__(self) -> None:
         if self.resolution_weights is not None:
-            self.resolution_weights = {int(k): float(v) for k, v in self.resolution_weights.items()}
+            if not isinstance(self.resolution_weights, Mapping):
+                raise TypeError(f"resolution_weights must be a dict of latent factor: weight or None, got "
+                                f"{self.resolution_weights!r}")
+            self.resolution_weights = {_latent_factor(k): check_finite(f"resolution_weights[{k!r}]", v)
+                                       for k, v in self.resolution_weights.items()}
             if not self.resolution_weights or any(w < 0 for w in self.resolution_weights.values()):
                 raise ValueError(f"resolution_weights must be non-empty and >= 0, got {self.resolution_weights}")
             if sum(self.resolution_weights.values()) <= 0:
@@ -91,7 +164,20 @@ class MaskConfig:
             bad = [k for k in self.resolution_weights if k < 1 or k & (k - 1)]
             if bad:
                 raise ValueError(f"resolution_weights keys are latent downsampling factors (1, 2, 4, ...), got {bad}")
-        self.timestep_window = tuple(self.timestep_window)
+        if isinstance(self.timestep_window, (str, bytes)) or not isinstance(self.timestep_window, Sequence) \
+                or len(self.timestep_window) != 2:
+            raise TypeError(f"timestep_window must be (start, end), got {self.timestep_window!r}")
+        self.timestep_window = tuple(check_finite("timestep_window", t) for t in self.timestep_window)
+        self.threshold = check_finite("threshold", self.threshold)
+        if not isinstance(self.class_thresholds, Mapping) or not all(isinstance(k, str) for k in self.class_thresholds):
+            raise TypeError(f"class_thresholds must be a dict of class name: threshold, got {self.class_thresholds!r}")
+        self.class_thresholds = {k: check_finite(f"class_thresholds[{k!r}]", v)
+                                 for k, v in self.class_thresholds.items()}
+        self.ignore_band = check_finite("ignore_band", self.ignore_band)
+        self.refine_iterations = check_int("refine_iterations", self.refine_iterations)
+        if self.self_attention_factor is not None:
+            self.self_attention_factor = check_int("self_attention_factor", self.self_attention_factor)
+        self.self_attention_power = check_int("self_attention_power", self.self_attention_power)
         if self.map_source not in ("attention", "output"):
             raise ValueError(f"map_source must be 'attention' or 'output', got {self.map_source!r}")
         if self.joint_softmax not in ("all", "text"):
@@ -129,7 +215,9 @@ class SamplerConfig:
     ``num_inference_steps`` and ``guidance_scale`` default (``None``) to what the model's own
     pipeline recommends (SD 1.x/2.x: 50 and 7.5, DiffuMask's settings; SDXL: 50 and 5; SD3: 28 and
     7; Flux dev: 28 and 3.5; Flux schnell: 4 and 0; PixArt, Sana: 20 and 4.5); ``scheduler``
-    ``None`` keeps the model's scheduler.
+    ``None`` keeps the model's scheduler, else names a scheduler class diffusers exports. A
+    ``guidance_scale`` at or below 1 is refused for a model whose pipeline would then skip
+    classifier-free guidance (all but Flux, whose guidance is a model input).
 
     Prompt wording (templates, names, synonyms) is the vocabulary's job, not the sampler's:
     see :class:`~ondemand_seg.vocabulary.Vocabulary`.
@@ -142,17 +230,26 @@ class SamplerConfig:
     scheduler: str | None = None
 
     def __post_init__(self) -> None:
-        if self.num_inference_steps is not None and self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
-        if self.classes_per_prompt < 1:
-            raise ValueError(f"classes_per_prompt must be >= 1, got {self.classes_per_prompt}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_inference_steps is not None:
+            self.num_inference_steps = check_int("num_inference_steps", self.num_inference_steps, minimum=1)
+        if self.guidance_scale is not None:
+            # Whether a scale <= 1 is meaningful depends on the model (ModelSpec.check_sampler).
+            self.guidance_scale = check_finite("guidance_scale", self.guidance_scale)
+            if self.guidance_scale < 0:
+                raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        self.classes_per_prompt = check_int("classes_per_prompt", self.classes_per_prompt, minimum=1)
+        self.batch_size = check_int("batch_size", self.batch_size, minimum=1)
+        if self.scheduler is not None:
+            scheduler_class(self.scheduler)
 
 
 @config_dataclass
 class QualityConfig:
-    """The gate every sample passes before it may reach training."""
+    """The gate every sample passes before it may reach training.
+
+    ``black_level``: an image whose brightest value (in [0, 1]) is at most this is "all black"; in
+    [0, 1), since at 1 every image would be.
+    """
 
     min_foreground: float = 0.005
     max_foreground: float = 0.98
@@ -160,6 +257,13 @@ class QualityConfig:
     max_consecutive_rejects: int = 50
 
     def __post_init__(self) -> None:
+        self.min_foreground = check_finite("min_foreground", self.min_foreground)
+        self.max_foreground = check_finite("max_foreground", self.max_foreground)
+        self.black_level = check_finite("black_level", self.black_level)
+        # Images are in [0, 1]: at 1 every image counts as black, below 0 none does.
+        if not 0.0 <= self.black_level < 1.0:
+            raise ValueError(f"black_level must be in [0, 1), got {self.black_level}")
+        self.max_consecutive_rejects = check_int("max_consecutive_rejects", self.max_consecutive_rejects)
         if not 0.0 <= self.min_foreground < self.max_foreground <= 1.0:
             raise ValueError(
                 f"need 0 <= min_foreground < max_foreground <= 1, got {self.min_foreground}, {self.max_foreground}"
@@ -268,8 +372,13 @@ def resolve_config(model: Any, classes: Sequence[str] = (), **overrides: Any) ->
             ``quality`` (config instances or dicts of fields). ``None`` means "not given".
     Raises:
         ValueError: an unknown option, field or class, a bad value, an image size or attention
-            resolution the model cannot take, an unsupported pipeline class, naming it. FileNotFoundError: a model folder that does not exist.
+            resolution the model cannot take, a guidance scale that turns its guidance off, an
+            unsupported pipeline class or a broken model folder, naming it. TypeError: a value of the
+            wrong type (the model first), naming it. FileNotFoundError: a model folder that does not
+            exist, or a hub model neither cached nor downloadable (``HF_HUB_OFFLINE``).
     """
+    spec = check_model_source(model)
+    classes = check_classes(classes)
     unknown = sorted(set(overrides) - set(_TOP_LEVEL))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown}; the settings are {', '.join(_TOP_LEVEL)}")
@@ -283,8 +392,11 @@ def resolve_config(model: Any, classes: Sequence[str] = (), **overrides: Any) ->
     patch = isinstance(given_vocabulary, Mapping) and "classes" not in given_vocabulary
     if labels is None and (given_vocabulary is None or patch):
         labels = preset.get("label_space")
+    if isinstance(labels, str):
+        raise TypeError(f"label_space must be a list of class names, got the string {labels!r} (a built-in label "
+                        f"space is chosen with vocabulary={labels!r})")
     if labels is not None:
-        labels = validate_label_space(labels)
+        labels = validate_label_space(check_names("label_space", labels))
     vocabulary = None
     for layer in (preset.get("vocabulary"), given_vocabulary):
         if layer is None:
@@ -296,8 +408,11 @@ def resolve_config(model: Any, classes: Sequence[str] = (), **overrides: Any) ->
             vocabulary = vocabulary_from({**base.to_dict(), **layer})
         elif isinstance(layer, Mapping):
             vocabulary = vocabulary_from(layer)
-        else:
+        elif isinstance(layer, (str, os.PathLike)):
             vocabulary = load_vocabulary(layer)
+        else:
+            raise TypeError(f"vocabulary must be a built-in name, a file path, a Vocabulary or a mapping, got "
+                            f"{layer!r} ({type(layer).__name__})")
     vocabulary = vocabulary or default_vocabulary(labels)
     if given_vocabulary is not None:
         # Free-text classes only when a vocabulary is asked for: otherwise a misspelt class would
@@ -306,7 +421,6 @@ def resolve_config(model: Any, classes: Sequence[str] = (), **overrides: Any) ->
     label_space = validate_label_space(labels if labels is not None else vocabulary.label_space)
     if classes:
         class_ids(classes, label_space)
-    spec = check_model_source(model)
     size = overrides.get("image_size")
     if size is None:
         size = preset.get("image_size", spec.default_size if spec is not None else DEFAULT_IMAGE_SIZE)
@@ -316,6 +430,7 @@ def resolve_config(model: Any, classes: Sequence[str] = (), **overrides: Any) ->
                 for name, cls in SECTIONS.items()}
     if spec is not None:
         spec.check_mask(sections["mask"])
+        spec.check_sampler(sections["sampler"])
     unknown = sorted(set(sections["mask"].class_thresholds) - set(label_space))
     if unknown:
         raise ValueError(f"class_thresholds names classes outside the label space: {unknown}")

@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 
 from torch.utils.data import Dataset
 
+from .config import check_bool, check_callable, check_int
 from .loading import ModelSource
 from .source import RawSample, SampleSource
 from .stream import splice_partners
@@ -38,10 +39,11 @@ class DiffuMaskDataset(Dataset):
     def __init__(self, model: ModelSource, classes: Sequence[str], length: int, augment: bool = True,
                  transforms: JointTransform | None = None, transform: Callable | None = None,
                  target_transform: Callable | None = None, cache_size: int = 0, **settings: Any) -> None:
-        if length < 1:
-            raise ValueError(f"length must be >= 1, got {length}")
-        if cache_size < 0:
-            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        length = check_int("length", length, minimum=1)
+        cache_size = check_int("cache_size", cache_size, minimum=0)
+        check_bool("augment", augment)
+        for name, value in (("transforms", transforms), ("transform", transform), ("target_transform", target_transform)):
+            check_callable(name, value)
         self.source = SampleSource(model, classes, **settings)
         self.length = length
         self.transforms = joint_transforms(transforms, transform, target_transform,
@@ -101,8 +103,9 @@ class DiffuMaskDataset(Dataset):
         return list(dict.fromkeys(wanted))
 
     def stats(self) -> dict[str, int]:
-        """Generated, accepted and rejected-by-reason counts over all workers so far."""
-        return self.source.stats.as_dict()
+        """Generated, accepted and rejected-by-reason counts, and ``oom_retries`` (generation calls
+        retried with a smaller batch after running out of memory), over all workers so far."""
+        return self.source.counts()
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         return self.__getitems__([index])[0]

@@ -29,7 +29,11 @@ class Family:
     denoiser: pipeline attribute of the denoising network (``"unet"`` or ``"transformer"``);
     attention: ``"cross"`` (image queries over text keys, SD's ``attn2``) or ``"joint"`` (one
     image + text sequence, MM-DiT); text_first: joint sequence order; gpu_dtype: half precision
-    the family is run in on CUDA; self_attention: whether self-attention refinement can be read.
+    the family is run in on CUDA; self_attention: whether self-attention refinement can be read;
+    pixel_multiple: what the pipeline's own ``check_inputs`` requires image sides to be multiples
+    of, whatever the VAE (1: only the latent patch, which :attr:`ModelSpec.size_multiple` adds);
+    classifier_free: ``guidance_scale`` runs classifier-free guidance (off at <= 1), rather than
+    being an embedded guidance input (Flux).
     """
 
     name: str
@@ -40,6 +44,8 @@ class Family:
     text_first: bool = False
     gpu_dtype: torch.dtype = torch.float16
     self_attention: bool = True
+    pixel_multiple: int = 1
+    classifier_free: bool = True
 
     @property
     def output_maps(self) -> bool:
@@ -47,16 +53,21 @@ class Family:
         return self.attention == "joint"
 
 
+# pixel_multiple is the literal of each pipeline's check_inputs (``height % 8``, Sana's ``% 32``);
+# SD3's ``vae_scale_factor * patch_size`` and Flux's ``vae_scale_factor * 2`` are the latent patch.
 FAMILIES: tuple[Family, ...] = (
-    Family("sd", "Stable Diffusion 1.x/2.x", ("StableDiffusionPipeline",), "unet", "cross"),
-    Family("sdxl", "Stable Diffusion XL", ("StableDiffusionXLPipeline",), "unet", "cross"),
+    Family("sd", "Stable Diffusion 1.x/2.x", ("StableDiffusionPipeline",), "unet", "cross", pixel_multiple=8),
+    Family("sdxl", "Stable Diffusion XL", ("StableDiffusionXLPipeline",), "unet", "cross", pixel_multiple=8),
     Family("sd3", "Stable Diffusion 3/3.5", ("StableDiffusion3Pipeline",), "transformer", "joint"),
-    # Flux is trained in bf16; in fp16 its activations overflow.
+    # Flux is trained in bf16; in fp16 its activations overflow. Its guidance_scale is an input of
+    # the guidance-distilled transformer (dev) or unused (schnell), not classifier-free guidance.
     Family("flux", "Flux.1 (dev, schnell)", ("FluxPipeline",), "transformer", "joint", text_first=True,
-           gpu_dtype=torch.bfloat16),
-    Family("pixart", "PixArt-α/Σ", ("PixArtAlphaPipeline", "PixArtSigmaPipeline"), "transformer", "cross"),
+           gpu_dtype=torch.bfloat16, classifier_free=False),
+    Family("pixart", "PixArt-α/Σ", ("PixArtAlphaPipeline", "PixArtSigmaPipeline"), "transformer", "cross",
+           pixel_multiple=8),
     # Sana's self-attention is linear (no softmax matrix to read), so no self-attention refinement.
-    Family("sana", "Sana", ("SanaPipeline",), "transformer", "cross", gpu_dtype=torch.bfloat16, self_attention=False),
+    Family("sana", "Sana", ("SanaPipeline",), "transformer", "cross", gpu_dtype=torch.bfloat16, self_attention=False,
+           pixel_multiple=32),
 )
 
 
@@ -85,7 +96,9 @@ class ModelSpec:
     vae_factor: image pixels per latent cell; patch: latent cells per text-attention token side
     (1 for UNets); text_factors: latent downsampling factors at which text attention runs;
     self_factors: factors of readable (softmax) self-attention; default_size: the pipeline's
-    default image side; num_inference_steps, guidance_scale: the pipeline's recommendations.
+    default image side; num_inference_steps, guidance_scale: the pipeline's recommendations;
+    classifier_free: ``guidance_scale`` runs classifier-free guidance (not for Flux, nor for a UNet
+    that takes guidance as an embedding, ``time_cond_proj_dim``: LCM-distilled models).
     """
 
     family: Family
@@ -97,11 +110,13 @@ class ModelSpec:
     default_size: int
     num_inference_steps: int
     guidance_scale: float
+    classifier_free: bool = True
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this (pixels per text-attention token)."""
-        return self.vae_factor * self.patch
+        """Image sides must be multiples of this: of the pixels per text-attention token, and of what
+        the pipeline's ``check_inputs`` requires (8 for SD, SDXL and PixArt whatever the VAE)."""
+        return math.lcm(self.vae_factor * self.patch, self.family.pixel_multiple)
 
     def default_resolution_weights(self, image_size: Sequence[int]) -> dict[int, float]:
         """Equal weights on every text-attention grid with >= :data:`MIN_DEFAULT_GRID` cells on its
@@ -141,10 +156,22 @@ class ModelSpec:
     def check_image_size(self, size: Sequence[int]) -> None:
         bad = [s for s in size if s % self.size_multiple]
         if bad:
+            pipeline = self.family.pixel_multiple
+            required = f"; {self.pipeline_class} takes multiples of {pipeline}" if pipeline > 1 else ""
             raise ValueError(
                 f"image_size {tuple(size)} is not a multiple of {self.size_multiple} on each side (this "
                 f"{self.family.title} model has {self.vae_factor} px per latent cell and {self.patch} latent "
-                f"cell(s) per attention token)"
+                f"cell(s) per attention token{required})"
+            )
+
+    def check_sampler(self, sampler: Any) -> None:
+        """An error for a guidance scale that would silently turn this model's guidance off."""
+        guidance = sampler.guidance_scale
+        if guidance is not None and self.classifier_free and guidance <= 1:
+            raise ValueError(
+                f"guidance_scale={guidance} turns classifier-free guidance off in a {self.pipeline_class} (it "
+                f"runs only above 1), so images follow the prompt's classes weakly; give a value > 1 (this "
+                f"model's default: {self.guidance_scale})"
             )
 
 
@@ -227,8 +254,10 @@ def describe(read: ConfigReader) -> ModelSpec:
         # A guidance-distilled few-step model (schnell): its card recommends 4 steps and no guidance;
         # FluxPipeline's signature defaults are dev's.
         steps, guidance = 4, 0.0
+    # A UNet with a guidance embedding (LCM distillation) takes guidance_scale as an input instead.
+    classifier_free = family.classifier_free and denoiser.get("time_cond_proj_dim") is None
     return ModelSpec(family, pipeline_class, vae_factor, patch, text, self_factors,
-                     int(sample_size) * vae_factor, int(steps), float(guidance))
+                     int(sample_size) * vae_factor, int(steps), float(guidance), classifier_free)
 
 
 def folder_reader(path: str | os.PathLike) -> ConfigReader:
@@ -241,7 +270,7 @@ def folder_reader(path: str | os.PathLike) -> ConfigReader:
             return None
         try:
             data = json.loads(file.read_text())
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{file} is not valid JSON: {error}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{file} must hold a JSON object")

@@ -2,6 +2,9 @@
 pipeline loaded lazily in whichever process draws, and sample ``i`` drawn from ``(seed, i)``."""
 from __future__ import annotations
 
+import dataclasses
+import logging
+import multiprocessing
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -11,15 +14,17 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .config import DiffuMaskConfig, resolve_config
-from .generation import DiffuMaskSampler
+from .config import DiffuMaskConfig, check_classes, check_int, resolve_config
+from .generation import DiffuMaskSampler, GeneratedBatch
 from .label_spaces import class_ids, voc_palette
-from .loading import ModelSource, load_pipeline, pick_device
+from .loading import ModelSource, check_device, load_pipeline, pick_device
 from .prompts import PromptSpec
 from .quality import GateStats, RejectCounter, gate
 from .seeding import SubStream, augment_seed, sample_seed, shard
 
 _PALETTE = voc_palette()
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -47,6 +52,33 @@ class RawSample:
         return PIL.Image.fromarray(self.image), mask
 
 
+class SharedCount:
+    """One count shared by every DataLoader worker (a spawn-context ``multiprocessing.Value``, as
+    :class:`~ondemand_seg.quality.GateStats` is), so the main process reads what workers add."""
+
+    def __init__(self) -> None:
+        self._value = multiprocessing.get_context("spawn").Value("q", 0)
+
+    def add(self, n: int = 1) -> None:
+        with self._value.get_lock():
+            self._value.value += n
+
+    @property
+    def value(self) -> int:
+        return self._value.value
+
+
+def concat_batches(parts: Sequence[GeneratedBatch]) -> GeneratedBatch:
+    """One :class:`GeneratedBatch` of ``parts`` in order (a field ``None`` in any part is ``None``)."""
+    if len(parts) == 1:
+        return parts[0]
+    fields = {}
+    for field in dataclasses.fields(GeneratedBatch):
+        values = [getattr(part, field.name) for part in parts]
+        fields[field.name] = None if any(v is None for v in values) else torch.cat(values)
+    return GeneratedBatch(**fields)
+
+
 class SampleSource:
     """Draws accepted samples by index; every setting is resolved and checked before any model loads.
 
@@ -62,10 +94,13 @@ class SampleSource:
 
     def __init__(self, model: ModelSource, classes: Sequence[str], seed: int = 0,
                  device: str | torch.device | None = None, **settings: Any) -> None:
-        classes = (classes,) if isinstance(classes, str) else tuple(classes)
+        seed = check_int("seed", seed, minimum=0)
+        check_device(device)
+        # resolve_config checks the model before anything else, then the classes.
+        self.config: DiffuMaskConfig = resolve_config(model, classes, **settings)
+        classes = check_classes(classes)
         if not classes:
             raise ValueError("classes is empty: name at least one class to generate")
-        self.config: DiffuMaskConfig = resolve_config(model, classes, **settings)
         self.classes = classes
         self.class_ids = class_ids(self.classes, self.label_space)
         self.image_size = self.config.image_size
@@ -73,6 +108,8 @@ class SampleSource:
         self.seed = int(seed)
         self.device = device
         self.stats = GateStats()
+        self.oom_retries = SharedCount()
+        self._generation_batch = self.config.sampler.batch_size
         self._sampler: DiffuMaskSampler | None = None
         self._rejects: RejectCounter | None = None
 
@@ -118,11 +155,18 @@ class SampleSource:
         """A prompt naming ``names`` in order, drawn from the vocabulary with ``rng``."""
         return self.vocabulary.sample_multi(rng, names, [self.label_space.index(n) for n in names])
 
+    def counts(self) -> dict[str, int]:
+        """Generated, accepted and rejected-by-reason counts, and ``oom_retries`` (generation calls
+        retried with a smaller batch), over all workers so far."""
+        return {**self.stats.as_dict(), "oom_retries": self.oom_retries.value}
+
     def draw(self, indices: Sequence[int]) -> list[RawSample]:
         """Accepted samples for ``indices``, in order, generated in batches.
 
         A sample the quality gate rejects is redrawn with the next attempt seed; too many
-        rejects in a row raise :class:`~ondemand_seg.quality.TooManyRejects`.
+        rejects in a row raise :class:`~ondemand_seg.quality.TooManyRejects`. Running out of memory
+        retries with a smaller batch (see :meth:`_generate`). Nothing is kept from a draw that
+        raises, so drawing the same indices again gives the same samples.
         """
         if self._rejects is None:
             self._rejects = RejectCounter(self.quality_config.max_consecutive_rejects)
@@ -132,8 +176,8 @@ class SampleSource:
             keys = [pending.popleft() for _ in range(min(self.sampler_config.batch_size, len(pending)))]
             prompts = [self.prompt(i, a) for i, a in keys]
             seeds = [sample_seed(self.seed, i, a, SubStream.IMAGE) for i, a in keys]
-            batch = self.sampler.generate(prompts, seeds, self.image_size)
-            reasons = gate(batch.images, batch.masks, self.quality_config)
+            batch = self._generate(prompts, seeds)
+            reasons = gate(batch.images, batch.masks, self.quality_config, finite_maps=batch.finite_maps)
             self.stats.add(reasons)
             self._rejects.update(reasons)
             images = batch.uint8_images()
@@ -144,3 +188,38 @@ class SampleSource:
                 else:
                     pending.append((index, attempt + 1))
         return [done[int(i)] for i in indices]
+
+    def _generate(self, prompts: Sequence[PromptSpec], seeds: Sequence[int]) -> GeneratedBatch:
+        """``sampler.generate`` in calls of at most ``_generation_batch`` images.
+
+        Out of memory, the generation batch is halved for the rest of this process and the call
+        retried, down to one image, then the error names the sizes tried. Each image depends on
+        its prompt and seed alone (one generator per image), so the samples are those a run that
+        never ran out of memory draws.
+        """
+        parts: list[GeneratedBatch] = []
+        tried: list[int] = []
+        start = 0
+        while start < len(prompts):
+            size = self._generation_batch
+            try:
+                parts.append(self.sampler.generate(prompts[start:start + size], seeds[start:start + size],
+                                                   self.image_size))
+            except torch.OutOfMemoryError as error:
+                tried.append(size)
+                if size == 1:
+                    raise torch.OutOfMemoryError(
+                        f"generation ran out of memory on {self.sampler.device} at every generation batch size "
+                        f"tried ({', '.join(map(str, tried))}; configured sampler.batch_size="
+                        f"{self.sampler_config.batch_size}), down to one {self.image_size[0]}x{self.image_size[1]} "
+                        "image: free memory on that device (other processes or models on it, fewer DataLoader "
+                        "workers per GPU) or lower image_size"
+                    ) from error
+                self._generation_batch = size // 2
+                self.oom_retries.add()
+                logger.warning("generation ran out of memory at batch size %d on %s; retrying with %d for the "
+                               "rest of this process (%s)", size, self.sampler.device, self._generation_batch, error)
+                torch.cuda.empty_cache()  # hand the failed call's cached blocks back before the retry
+                continue
+            start += size
+        return concat_batches(parts)

@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 
 from torch.utils.data import IterableDataset
 
+from .config import check_bool, check_callable, check_int
 from .loading import ModelSource
 from .seeding import schedule_seed, shard
 from .source import RawSample, SampleSource
@@ -28,7 +29,9 @@ class DiffuMaskStream(IterableDataset):
     with ``reuse=k`` a generated sample is served up to ``k`` times under fresh augmentation, so
     the trainer is fed ``k`` samples per generated one. For CUDA generation in workers, create the
     DataLoader with ``multiprocessing_context="spawn"``; with several GPUs, workers take them
-    round-robin.
+    round-robin. A generation that runs out of memory is retried with half the batch (counted in
+    ``stats()["oom_retries"]``), and a ``next()`` that raises is not counted as served: the next
+    call serves that sample again.
 
     Args:
         model: hub id, local diffusers folder, ``"toy"`` (the embedded ToyWorld model),
@@ -70,12 +73,13 @@ class DiffuMaskStream(IterableDataset):
         **settings: Any,
     ) -> None:
         super().__init__()
-        if reuse < 1:
-            raise ValueError(f"reuse must be >= 1, got {reuse}")
-        if cache_size < 1:
-            raise ValueError(f"cache_size must be >= 1, got {cache_size}")
-        if num_samples is not None and num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1 or None, got {num_samples}")
+        reuse = check_int("reuse", reuse, minimum=1)
+        cache_size = check_int("cache_size", cache_size, minimum=1)
+        if num_samples is not None:
+            num_samples = check_int("num_samples", num_samples, minimum=1)
+        check_bool("augment", augment)
+        for name, value in (("transforms", transforms), ("transform", transform), ("target_transform", target_transform)):
+            check_callable(name, value)
         self.source = SampleSource(model, classes, **settings)
         batch = self.source.sampler_config.batch_size
         if cache_size < batch:
@@ -92,8 +96,9 @@ class DiffuMaskStream(IterableDataset):
         return self.source.config
 
     def stats(self) -> dict[str, int]:
-        """Generated, accepted and rejected-by-reason counts over all workers so far."""
-        return self.source.stats.as_dict()
+        """Generated, accepted and rejected-by-reason counts, and ``oom_retries`` (generation calls
+        retried with a smaller batch after running out of memory), over all workers so far."""
+        return self.source.counts()
 
     def _quota(self, shard_id: int, shards: int) -> int | None:
         if self.num_samples is None:
@@ -132,7 +137,9 @@ class StreamIterator:
 
     The serving schedule (which index is served next) is a pure function of the stream settings
     and the count served, so ``served=n`` replays it without generating anything and only the
-    samples still in the cache are generated again.
+    samples still in the cache are generated again. A serving commits only when its sample is
+    returned: a ``next()`` that raises (a failed generation, a transform error) leaves the schedule
+    as it was, so the next call serves the same index and ``state_dict()`` never counts it.
     """
 
     def __init__(self, stream: DiffuMaskStream, shard_id: int, shards: int, served: int = 0) -> None:
@@ -166,9 +173,30 @@ class StreamIterator:
             self.cache.remove(entry)
         return entry
 
+    def _checkpoint(self) -> tuple:
+        """Everything :meth:`_schedule` changes, for :meth:`_rollback`."""
+        return ([(e, e.uses) for e in self.cache], self.pick.getstate(), self.next_local, self.served,
+                self.served_since_draw)
+
+    def _rollback(self, checkpoint: tuple) -> None:
+        entries, pick_state, self.next_local, self.served, self.served_since_draw = checkpoint
+        self.cache = [e for e, _ in entries]
+        for e, uses in entries:
+            e.uses = uses
+        self.pick.setstate(pick_state)
+
     def __next__(self) -> tuple[Any, Any]:
         if self.quota is not None and self.served >= self.quota:
             raise StopIteration
+        checkpoint = self._checkpoint()
+        try:
+            return self._serve()
+        except BaseException:
+            self._rollback(checkpoint)
+            raise
+
+    def _serve(self) -> tuple[Any, Any]:
+        """Advance the schedule by one serving, generate what it drew, and transform the entry served."""
         entry = self._schedule()
         # Generate whatever the schedule has drawn, so every cached sample is ready for splicing and
         # a resumed iterator (whose whole cache is pending) reaches the same state.

@@ -1,4 +1,6 @@
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -89,3 +91,54 @@ def test_config_prints_the_preset_merged_with_the_flags_and_saves_it(tmp_path, c
     assert saved == printed
     # What is saved can be passed back as settings.
     assert resolve_config("toy", **saved).mask.threshold == 0.3
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["config", "--image-size", "12"], r"image_size \(12, 12\) is not a multiple of 8"),
+        (["config", "--image-size", "0"], "positive ints, got 0"),
+        (["config", "--image-size", "32", "32", "32"], r"positive ints, got \(32, 32, 32\)"),
+        (["config", "--guidance", "nan"], "guidance_scale must be finite, got nan"),
+        (["config", "--guidance", "1"], "guidance_scale=1.0 turns classifier-free guidance off"),
+        (["config", "--steps", "0"], "num_inference_steps must be >= 1, got 0"),
+        (["config", "--threshold", "nan"], "threshold must be finite, got nan"),
+        (["config", "--self-attention-factor", "3"], "self_attention_factor must be None or a latent factor"),
+        (["config", "--model", "no/such/folder"], "model folder 'no/such/folder' does not exist"),
+        (["stream", "--seed", "-1"], "seed must be >= 0, got -1"),
+        (["stream", "--device", "bogus"], "device 'bogus' is not a torch device name"),
+        (["stream", "--n", "0"], "--n must be >= 1, got 0"),
+        (["stream", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["stream", "--workers", "-1"], "--workers must be >= 0, got -1"),
+        (["stream", "--reuse", "0"], "reuse must be >= 1, got 0"),
+        (["preview", "--seed", "-3"], "seed must be >= 0, got -3"),
+        (["preview", "--batch-size", "0"], "batch_size must be >= 1, got 0"),
+    ],
+)
+def test_bad_flags_are_clean_usage_errors_before_any_model_loads(argv, message, capsys, monkeypatch, tmp_path):
+    import ondemand_seg.source as source
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pipeline was loaded")
+
+    monkeypatch.setattr(source, "load_pipeline", refuse)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+
+
+def test_a_broken_model_folder_is_a_usage_error_naming_the_file(tmp_path):
+    from ondemand_seg.loading import TOY_MODEL_DIR
+
+    folder = shutil.copytree(TOY_MODEL_DIR, tmp_path / "toy")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = subprocess.run([sys.executable, "-m", "ondemand_seg", "preview", "--model", str(folder), "--out",
+                             str(tmp_path / "x.png")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert f"{weights} is truncated" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x.png").exists()

@@ -15,11 +15,9 @@ PRESET_MASK = {"resolution_weights": {"1": 2.0, "2": 1.0}, "timestep_window": [0
 
 
 def model_folder(path, preset):
-    """A model folder with a preset and the toy model's configs (so it passes the model check and
-    is described as the toy is), but no weights: anything that tried to load them would fail."""
-    for config in ("model_index.json", "unet/config.json", "vae/config.json"):
-        (path / config).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(TOY_MODEL_DIR / config, path / config)
+    """A copy of the toy model (so it passes the model check and is described as the toy is) with
+    ``preset`` as its preset."""
+    shutil.copytree(TOY_MODEL_DIR, path, ignore=shutil.ignore_patterns(PRESET_FILE), dirs_exist_ok=True)
     (path / PRESET_FILE).write_text(json.dumps(preset))
     return path
 

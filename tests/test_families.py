@@ -1,6 +1,7 @@
 """Every supported family end to end on tiny random pipelines: loading, capture, token positions,
 model-aware defaults and the errors for what a family cannot do."""
 import inspect
+import re
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from ondemand_seg import DiffuMaskStream, MaskConfig, SamplerConfig, resolve_con
 from ondemand_seg.capture import CrossAttentionStore, record_joint
 from ondemand_seg.families import FAMILIES, describe_pipeline, family_of
 from ondemand_seg.generation import DiffuMaskSampler
-from ondemand_seg.loading import load_pipeline
+from ondemand_seg.loading import check_model_source, load_pipeline
 from ondemand_seg.prompts import PromptSpec, class_token_weights
 from ondemand_seg.testing import (
     FLAVORS, TEXT_ATTENTION_FACTORS, TINY_IMAGE_SIZES, build_tiny_pipeline, save_tiny_pipeline, sentencepiece_pieces,
@@ -266,3 +267,53 @@ def test_unknown_map_settings_are_named():
         MaskConfig(map_source="concept")
     with pytest.raises(ValueError, match="joint_softmax must be 'all' or 'text', got 'image'"):
         MaskConfig(joint_softmax="image")
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_size_multiple_covers_what_the_pipeline_itself_checks(pipes, flavor):
+    # Read from the installed diffusers: each pipeline's check_inputs tests ``height % <expr> != 0``.
+    pipe = pipes(flavor)
+    required = re.findall(r"height % (.+?) != 0", inspect.getsource(type(pipe).check_inputs))
+    assert required, f"{type(pipe).__name__}.check_inputs no longer checks the height"
+    spec = describe_pipeline(pipe)
+    for expression in required:
+        multiple = eval(expression, {}, {"self": pipe})
+        assert spec.size_multiple % multiple == 0, (expression, multiple, spec.size_multiple)
+    assert spec.size_multiple % (spec.vae_factor * spec.patch) == 0, "and whole attention tokens"
+    side = TINY_IMAGE_SIZES[flavor]
+    spec.check_image_size((side, side))
+    with pytest.raises(ValueError, match=f"is not a multiple of {spec.size_multiple}"):
+        spec.check_image_size((side, side + spec.size_multiple // 2))
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_saved_folders_of_every_family_pass_the_folder_check(pipes, flavor, tmp_path):
+    pipes(flavor).save_pretrained(tmp_path, safe_serialization=True)
+    assert check_model_source(tmp_path).family.name == FAMILY_OF_FLAVOR[flavor]
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_guidance_at_or_below_one_is_refused_only_where_it_turns_guidance_off(pipes, flavor):
+    spec = describe_pipeline(pipes(flavor))
+    spec.check_sampler(SamplerConfig(guidance_scale=spec.guidance_scale))
+    if FAMILY_OF_FLAVOR[flavor] == "flux":  # guidance-distilled: the scale is a model input, not CFG
+        assert not spec.classifier_free
+        spec.check_sampler(SamplerConfig(guidance_scale=0.0))
+        spec.check_sampler(SamplerConfig(guidance_scale=1.0))
+    else:
+        assert spec.classifier_free
+        with pytest.raises(ValueError, match=f"guidance_scale=1.0 turns classifier-free guidance off in a "
+                                             f"{type(pipes(flavor)).__name__}"):
+            spec.check_sampler(SamplerConfig(guidance_scale=1.0))
+
+
+def test_a_unet_with_a_guidance_embedding_takes_guidance_as_an_input():
+    from ondemand_seg.families import describe, folder_reader
+    from ondemand_seg.loading import TOY_MODEL_DIR
+
+    toy = folder_reader(TOY_MODEL_DIR)
+    lcm = {**toy("unet/config.json"), "time_cond_proj_dim": 256}  # LCM-distilled: no CFG in the pipeline
+    spec = describe(lambda name: lcm if name == "unet/config.json" else toy(name))
+    assert not spec.classifier_free
+    spec.check_sampler(SamplerConfig(guidance_scale=1.0))
+    assert describe(toy).classifier_free

@@ -1,0 +1,280 @@
+"""Bad input fails at construction, in the main process, with an error naming the value: one table
+of bad values (and one of broken model folders), each raised before any pipeline loads."""
+import json
+import math
+import shutil
+import time
+
+import pytest
+import torch
+
+import ondemand_seg.source as source
+from ondemand_seg import DiffuMaskDataset, DiffuMaskStream
+from ondemand_seg.config import check_finite, check_int
+from ondemand_seg.loading import PRESET_FILE, TOY_MODEL, check_device, check_model_source, check_safetensors
+
+STREAM_ONLY = {"reuse", "num_samples"}
+DATASET_ONLY = {"length"}
+
+# (override of DiffuMaskStream("toy", ["circle"]) / DiffuMaskDataset("toy", ["circle"], length=4),
+#  the exception, the message it must carry). The toy model is a StableDiffusionPipeline with a
+# 2x VAE, guided by classifier-free guidance.
+BAD_VALUES = [
+    # image size: types, range, and the pipeline's own multiple (check_inputs: 8), not the VAE's 2
+    (dict(image_size=0), ValueError, r"image_size must be an int or \(height, width\) of positive ints, got 0"),
+    (dict(image_size=(32, -8)), ValueError, r"positive ints, got \(32, -8\)"),
+    (dict(image_size=32.0), ValueError, "positive ints, got 32.0"),
+    (dict(image_size=True), ValueError, "positive ints, got True"),
+    (dict(image_size=12), ValueError, r"image_size \(12, 12\) is not a multiple of 8 .*StableDiffusionPipeline takes "
+                                      "multiples of 8"),
+    (dict(image_size=30), ValueError, r"image_size \(30, 30\) is not a multiple of 8"),
+    (dict(image_size=(32, 36)), ValueError, r"image_size \(32, 36\) is not a multiple of 8"),
+    # seed
+    (dict(seed=-1), ValueError, "seed must be >= 0, got -1"),
+    (dict(seed=1.7), TypeError, r"seed must be an int, got 1.7 \(float\)"),
+    (dict(seed=True), TypeError, r"seed must be an int, got True \(bool\)"),
+    (dict(seed="0"), TypeError, r"seed must be an int, got '0' \(str\)"),
+    # stream and dataset sizes
+    (dict(reuse=1.5), TypeError, r"reuse must be an int, got 1.5 \(float\)"),
+    (dict(reuse=0), ValueError, "reuse must be >= 1, got 0"),
+    (dict(num_samples=2.0), TypeError, r"num_samples must be an int, got 2.0 \(float\)"),
+    (dict(num_samples=0), ValueError, "num_samples must be >= 1, got 0"),
+    (dict(length=2.5), TypeError, r"length must be an int, got 2.5 \(float\)"),
+    (dict(length=0), ValueError, "length must be >= 1, got 0"),
+    (dict(cache_size="64"), TypeError, r"cache_size must be an int, got '64' \(str\)"),
+    (dict(cache_size=-1), ValueError, "cache_size must be >= "),
+    # sampler
+    (dict(sampler={"num_inference_steps": 2.5}), TypeError, r"num_inference_steps must be an int, got 2.5"),
+    (dict(sampler={"num_inference_steps": True}), TypeError, r"num_inference_steps must be an int, got True \(bool\)"),
+    (dict(sampler={"num_inference_steps": 0}), ValueError, "num_inference_steps must be >= 1, got 0"),
+    (dict(sampler={"batch_size": 2.0}), TypeError, r"batch_size must be an int, got 2.0 \(float\)"),
+    (dict(sampler={"classes_per_prompt": "2"}), TypeError, "classes_per_prompt must be an int, got '2'"),
+    (dict(sampler={"guidance_scale": math.nan}), ValueError, "guidance_scale must be finite, got nan"),
+    (dict(sampler={"guidance_scale": math.inf}), ValueError, "guidance_scale must be finite, got inf"),
+    (dict(sampler={"guidance_scale": "7.5"}), TypeError, r"guidance_scale must be a number, got '7.5' \(str\)"),
+    (dict(sampler={"guidance_scale": -2.0}), ValueError, "guidance_scale must be >= 0, got -2.0"),
+    (dict(sampler={"guidance_scale": 1.0}), ValueError, "guidance_scale=1.0 turns classifier-free guidance off in a "
+                                                        r"StableDiffusionPipeline .*> 1 \(this model's default: 7.5\)"),
+    (dict(sampler={"guidance_scale": 0.5}), ValueError, "guidance_scale=0.5 turns classifier-free guidance off"),
+    (dict(sampler={"scheduler": "NoSuchScheduler"}), ValueError, "unknown diffusers scheduler 'NoSuchScheduler'"),
+    (dict(sampler={"scheduler": "DDIMSchedular"}), ValueError, "unknown diffusers scheduler 'DDIMSchedular'; did you "
+                                                               "mean 'DDIMScheduler'"),
+    (dict(sampler={"scheduler": "StableDiffusionPipeline"}), ValueError, "unknown diffusers scheduler"),
+    (dict(sampler={"scheduler": 42}), TypeError, r"scheduler must be a diffusers scheduler class name .*got 42"),
+    # mask
+    (dict(mask={"resolution_weights": {1: math.nan}}), ValueError, r"resolution_weights\[1\] must be finite, got nan"),
+    (dict(mask={"resolution_weights": {1: math.inf}}), ValueError, r"resolution_weights\[1\] must be finite, got inf"),
+    (dict(mask={"resolution_weights": {1.5: 1.0}}), TypeError, "resolution_weights key 1.5 must be an int"),
+    (dict(mask={"resolution_weights": [1, 2]}), TypeError, r"resolution_weights must be a dict .*got \[1, 2\]"),
+    (dict(mask={"threshold": math.nan}), ValueError, "threshold must be finite, got nan"),
+    (dict(mask={"class_thresholds": {"circle": math.nan}}), ValueError, r"class_thresholds\['circle'\] must be finite"),
+    (dict(mask={"timestep_window": (0.5, math.nan)}), ValueError, "timestep_window must be finite, got nan"),
+    (dict(mask={"timestep_window": 0.5}), TypeError, r"timestep_window must be \(start, end\), got 0.5"),
+    (dict(mask={"self_attention_factor": 2.0}), TypeError, r"self_attention_factor must be an int, got 2.0 \(float\)"),
+    (dict(mask={"refine_iterations": 2.5}), TypeError, "refine_iterations must be an int, got 2.5"),
+    # quality
+    (dict(quality={"black_level": math.nan}), ValueError, "black_level must be finite, got nan"),
+    (dict(quality={"black_level": -0.1}), ValueError, r"black_level must be in \[0, 1\), got -0.1"),
+    (dict(quality={"black_level": 5}), ValueError, r"black_level must be in \[0, 1\), got 5"),
+    (dict(quality={"black_level": 1.0}), ValueError, r"black_level must be in \[0, 1\), got 1.0"),
+    (dict(quality={"min_foreground": math.nan}), ValueError, "min_foreground must be finite, got nan"),
+    (dict(quality={"max_consecutive_rejects": 1.5}), TypeError, "max_consecutive_rejects must be an int, got 1.5"),
+    # device
+    (dict(device="bogus"), ValueError, "device 'bogus' is not a torch device name"),
+    (dict(device=0), TypeError, r"device must be a str .*got 0 \(int\)"),
+    # transforms
+    (dict(transform=42), TypeError, r"transform must be callable or None, got 42 \(int\)"),
+    (dict(transforms="flip"), TypeError, "transforms must be callable or None, got 'flip'"),
+    (dict(target_transform=1.0), TypeError, "target_transform must be callable or None, got 1.0"),
+    (dict(augment="no"), TypeError, r"augment must be True or False, got 'no' \(str\)"),
+    # label space, classes, vocabulary
+    (dict(label_space=["background", None, "ring"]), TypeError,
+     r"label_space must hold non-empty strings, got None in \['background', None, 'ring'\]"),
+    (dict(label_space="voc"), TypeError, "label_space must be a list of class names, got the string 'voc' .*"
+                                         "vocabulary='voc'"),
+    (dict(classes=None), TypeError, r"classes must be a list of names, got None \(NoneType\)"),
+    (dict(classes=["circle", 3]), TypeError, r"classes must hold non-empty strings, got 3"),
+    (dict(vocabulary=42), TypeError, r"vocabulary must be .*got 42 \(int\)"),
+    # the model, checked before anything else (here: before the classes it would not know)
+    (dict(model=123, classes=["no-such-class"]), TypeError,
+     r"model must be a hub id, a local diffusers folder or a callable, got 123 \(int\)"),
+    (dict(model="", classes=["no-such-class"]), ValueError, "model is an empty name"),
+]
+
+
+def cases(kind):
+    skip = DATASET_ONLY if kind == "stream" else STREAM_ONLY
+    return [pytest.param(kind, options, error, message, id=f"{kind}-{options}")
+            for options, error, message in BAD_VALUES if not set(options) & skip]
+
+
+def construct(kind, **options):
+    kwargs = dict(model=TOY_MODEL, classes=["circle"], **({"length": 4} if kind == "dataset" else {}))
+    kwargs.update(options)
+    return (DiffuMaskStream if kind == "stream" else DiffuMaskDataset)(**kwargs)
+
+
+@pytest.fixture(autouse=True)
+def refuse_loading(monkeypatch):
+    """Fail whatever loads a pipeline: every error here must come before."""
+    from diffusers import DiffusionPipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pipeline was loaded during construction")
+
+    monkeypatch.setattr(source, "load_pipeline", refuse)
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("kind, options, error, message", cases("stream") + cases("dataset"))
+def test_bad_values_fail_at_construction_naming_the_value(kind, options, error, message):
+    with pytest.raises(error, match=message):
+        construct(kind, **options)
+
+
+@pytest.mark.parametrize("kind", ["stream", "dataset"])
+def test_good_values_pass_and_construction_loads_nothing(kind):
+    started = time.perf_counter()
+    made = construct(kind, seed=3, image_size=(32, 40), device="cpu", sampler={"scheduler": "DDIMScheduler",
+                                                                            "guidance_scale": 4}, augment=False)
+    assert made.config.image_size == (32, 40) and made.config.sampler.guidance_scale == 4.0
+    assert made.source.seed == 3
+    assert time.perf_counter() - started < 30, "construction reads configs and headers, never weights"
+
+
+def test_unavailable_cuda_is_an_error_at_construction(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device 'cuda' is not available on this machine \(torch.cuda.is_available"):
+        construct("stream", device="cuda")
+    with pytest.raises(ValueError, match="device 'cuda:1' is not available"):
+        check_device(torch.device("cuda", 1))
+
+
+def test_cuda_index_beyond_the_count_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"device 'cuda:2': this machine has 2 cuda device\(s\)"):
+        check_device("cuda:2")
+    assert check_device(None) is None and check_device("cpu") == torch.device("cpu")
+
+
+def test_an_uncached_hub_model_is_an_error_when_offline(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="model 'tiny-random' is neither a local folder nor in the Hugging "
+                                                "Face cache, and HF_HUB_OFFLINE is set"):
+        construct("stream", model="tiny-random")
+
+
+def test_guidance_distilled_flux_takes_guidance_up_to_one(tmp_path):
+    from ondemand_seg.testing import save_tiny_pipeline
+
+    schnell = save_tiny_pipeline(tmp_path / "schnell", "flux-schnell")
+    stream = DiffuMaskStream(schnell, ["dog"], image_size=64, sampler={"guidance_scale": 0.0})
+    assert stream.config.sampler.guidance_scale == 0.0
+    assert DiffuMaskStream(schnell, ["dog"], image_size=64, sampler={"guidance_scale": 1.0})
+    with pytest.raises(ValueError, match="guidance_scale must be finite, got nan"):
+        DiffuMaskStream(schnell, ["dog"], image_size=64, sampler={"guidance_scale": math.nan})
+
+
+def test_validators_name_the_value():
+    assert check_int("n", 3, minimum=1) == 3 and check_finite("x", 2) == 2.0
+    with pytest.raises(TypeError, match=r"n must be an int, got False \(bool\)"):
+        check_int("n", False)
+    with pytest.raises(TypeError, match=r"x must be a number, got None \(NoneType\)"):
+        check_finite("x", None)
+
+
+# ------------------------------------------------------------------------------ model folders
+def write_header(path, header, data=b""):
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+def edit_index(change):
+    def apply(folder):
+        index = json.loads((folder / "model_index.json").read_text())
+        change(index)
+        (folder / "model_index.json").write_text(json.dumps(index))
+    return apply
+
+
+# (how to break a copy of the tiny SD folder, the ValueError's message: it names the file at fault)
+BROKEN_FOLDERS = [
+    ("index not JSON", lambda f: (f / "model_index.json").write_text("{not json"), r"model_index.json is not valid JSON"),
+    ("index binary", lambda f: (f / "model_index.json").write_bytes(b"\xff\xfe\x00"), r"model_index.json is not valid JSON"),
+    ("index without tokenizer", edit_index(lambda i: i.pop("tokenizer")),
+     r"model_index.json names no tokenizer: a StableDiffusionPipeline needs them"),
+    ("index entry not a pair", edit_index(lambda i: i.update(unet="UNet2DConditionModel")),
+     r"component 'unet' must be \[library, class name\], got 'UNet2DConditionModel'"),
+    ("no unet folder", lambda f: shutil.rmtree(f / "unet"), r"unet/config.json is missing"),
+    ("no text encoder folder", lambda f: shutil.rmtree(f / "text_encoder"),
+     r"text_encoder is missing \(model_index.json names a CLIPTextModel there\)"),
+    ("no scheduler config", lambda f: (f / "scheduler" / "scheduler_config.json").unlink(),
+     r"scheduler/scheduler_config.json is missing \(a DDIMScheduler needs it\)"),
+    ("no text encoder config", lambda f: (f / "text_encoder" / "config.json").unlink(),
+     r"text_encoder/config.json is missing \(a CLIPTextModel needs it\)"),
+    ("vae config not JSON", lambda f: (f / "vae" / "config.json").write_text("{"), r"vae/config.json is not valid JSON"),
+    ("text encoder config not JSON", lambda f: (f / "text_encoder" / "config.json").write_text("]"),
+     r"text_encoder/config.json is not valid JSON"),
+    ("preset not JSON", lambda f: (f / PRESET_FILE).write_text('{"image_size": '), rf"{PRESET_FILE} is not valid JSON"),
+    ("no unet weights", lambda f: (f / UNET_WEIGHTS).unlink(), r"unet holds no .safetensors weights"),
+    ("truncated weights", lambda f: truncate(f / UNET_WEIGHTS), rf"{UNET_WEIGHTS} is truncated: tensor '.*' ends at byte"),
+    ("header of 2^40 bytes", lambda f: (f / UNET_WEIGHTS).write_bytes((2**40).to_bytes(8, "little") + b"{}"),
+     rf"{UNET_WEIGHTS} is truncated or corrupt: its header claims 1099511627776 bytes"),
+    ("weights shorter than a header", lambda f: (f / UNET_WEIGHTS).write_bytes(b"abc"),
+     rf"{UNET_WEIGHTS} is not a safetensors file: 3 bytes"),
+    ("header not JSON", lambda f: (f / UNET_WEIGHTS).write_bytes((4).to_bytes(8, "little") + b"{{{{"),
+     rf"{UNET_WEIGHTS} is corrupt: its header is not valid JSON"),
+    ("offsets beyond the data", lambda f: write_header(f / UNET_WEIGHTS, {"w": {"dtype": "F32", "shape": [4],
+                                                                             "data_offsets": [0, 16]}}, b"\0" * 8),
+     rf"{UNET_WEIGHTS} is truncated: tensor 'w' ends at byte 16 of the data, but the file holds 8 bytes"),
+    ("offsets malformed", lambda f: write_header(f / UNET_WEIGHTS, {"w": {"dtype": "F32", "shape": [1],
+                                                                       "data_offsets": [8, 4]}}, b"\0" * 8),
+     rf"{UNET_WEIGHTS} is corrupt: tensor 'w' has no valid data_offsets"),
+    ("missing shard", lambda f: (f / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "diffusion_pytorch_model-00002-of-00002.safetensors"}})),
+     r"names shard\(s\) that are missing: \['diffusion_pytorch_model-00002-of-00002.safetensors'\]"),
+]
+
+
+@pytest.fixture
+def sd_copy(tiny_sd1, tmp_path):
+    return shutil.copytree(tiny_sd1, tmp_path / "model")
+
+
+def test_an_intact_folder_passes_the_folder_check(sd_copy):
+    spec = check_model_source(sd_copy)
+    assert spec.family.name == "sd"
+    assert DiffuMaskStream(sd_copy, ["dog"], image_size=64).config.image_size == (64, 64)
+
+
+@pytest.mark.parametrize("kind", ["stream", "dataset"])
+@pytest.mark.parametrize("break_it, message", [pytest.param(b, m, id=name) for name, b, m in BROKEN_FOLDERS])
+def test_broken_model_folders_fail_at_construction_naming_the_file(sd_copy, kind, break_it, message):
+    break_it(sd_copy)
+    with pytest.raises(ValueError, match=message):
+        construct(kind, model=sd_copy, classes=["dog"], image_size=64)
+
+
+def test_check_safetensors_reads_only_the_header(tmp_path):
+    from safetensors.torch import save_file
+
+    good = tmp_path / "good.safetensors"
+    save_file({"a": torch.zeros(3), "b": torch.ones(2, 2)}, str(good))
+    check_safetensors(good)
+    with open(good, "ab") as stream:  # trailing bytes are not our concern; missing ones are
+        stream.write(b"\0")
+    check_safetensors(good)
+    truncate(good)
+    with pytest.raises(ValueError, match=r"good.safetensors is truncated"):
+        check_safetensors(good)
