@@ -8,17 +8,24 @@ peak memory is its own (CUDA max allocated on GPU, peak RSS on CPU):
 - ``naive``: DAAM-style capture that materialises the softmax of every attention layer (self and
   cross) at every step and keeps it until the end.
 
-CPU default: the embedded toy model. GPU: ``--arch sd15 --random-weights`` builds the full-size
-Stable Diffusion 1.5 architecture from its published config with random weights (same FLOPs as
-the real model, no download).
+``naive`` exists for the UNet families (SD 1.x/2.x, SDXL) only. ``bare`` runs the denoiser with
+the attention processors it was built with (diffusers' fused defaults for every family).
+
+CPU default: the embedded toy model. GPU: ``--arch sd15|sdxl|sd3|flux --random-weights`` builds
+that model's full-size architecture from its published config with random weights (same FLOPs as
+the real model, no download; see ``architectures.py``); ``--tiny`` builds the family's tiny test
+pipeline instead, to try a GPU command on a CPU in seconds.
 
     python benchmarks/throughput.py --json out.json
     python benchmarks/throughput.py --arch sd15 --random-weights --batch-sizes 1 4 16 \
         --schedules ddim:50 dpm:20 --json gpu.json
+    python benchmarks/throughput.py --arch sdxl --random-weights --batch-sizes 1 4 --schedules default:20 \
+        --modes bare diffumask --json sdxl.json
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import resource
@@ -32,16 +39,25 @@ import torch
 
 from common import write_json
 
+from architectures import ARCHITECTURES, IMAGE_SIZES, build_pipeline
+
 MODES = ("bare", "diffumask", "naive")
-SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
+# "default" keeps the pipeline's own scheduler (flow matching for SD3 and Flux).
+SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "flow": "FlowMatchEulerDiscreteScheduler",
+              "default": None}
+NAIVE_FAMILIES = ("sd", "sdxl")  # NaiveProcessor is UNet cross/self-attention
+TINY_FLAVORS = {"sd15": "sd1", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="images/s and peak memory: bare pipeline vs DiffuMask vs naive capture")
     parser.add_argument("--model", default="toy", help="model for CPU runs (default: the embedded toy model)")
-    parser.add_argument("--arch", choices=["sd15"], default=None, help="build this architecture instead of --model")
+    parser.add_argument("--arch", choices=ARCHITECTURES, default=None, help="build this architecture instead of --model")
     parser.add_argument("--random-weights", action="store_true", help="with --arch: random weights (no download)")
-    parser.add_argument("--image-size", type=int, default=None, help="default: the model preset's, 512 for sd15")
+    parser.add_argument("--tiny", action="store_true",
+                        help="with --arch: the family's tiny test pipeline (a CPU try-out of a GPU command)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="default: the model preset's; with --arch the model's own (512 sd15, 1024 others)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4])
     parser.add_argument("--schedules", nargs="+", default=["ddim:20", "ddim:50"],
                         help="scheduler:steps pairs, scheduler in " + ", ".join(SCHEDULERS))
@@ -53,37 +69,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="also write each mode's torch.profiler table (top kernels by device time) to this folder")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser
-
-
-def sd15_pipeline():
-    """Stable Diffusion 1.5's UNet, VAE and CLIP ViT-L/14 text encoder, from their published
-    configs, with random weights."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from ondemand_seg.testing import BASE_WORDS, build_clip_tokenizer
-
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu",
-    ))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    # A real CLIP vocabulary cannot be downloaded; token ids only index the random embeddings.
-    tokenizer = build_clip_tokenizer(BASE_WORDS + ("dog", "bird", "cat"))
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
 
 
 class NaiveStore:
@@ -122,14 +107,24 @@ def build(args, device: torch.device, scheduler: str):
     """
     from ondemand_seg import MaskConfig
     from ondemand_seg.config import resolve_config
+    from ondemand_seg.families import family_of
     from ondemand_seg.loading import load_pipeline, read_preset
     from ondemand_seg.prompts import PromptSpec
 
-    if args.arch == "sd15":
+    if args.arch is not None:
         if not args.random_weights:
-            raise SystemExit("--arch sd15 needs --random-weights (real weights are loaded with --model)")
-        pipeline = load_pipeline(sd15_pipeline, device, SCHEDULERS[scheduler])
-        return pipeline, args.image_size or 512, PromptSpec("a photograph of a dog", ("dog",), (0,), ("dog",)), MaskConfig()
+            raise SystemExit(f"--arch {args.arch} needs --random-weights (real weights are loaded with --model)")
+        if args.tiny:
+            from ondemand_seg.testing import TINY_IMAGE_SIZES, build_tiny_pipeline
+
+            flavor = TINY_FLAVORS[args.arch]
+            build, size = functools.partial(build_tiny_pipeline, flavor), TINY_IMAGE_SIZES[flavor]
+        else:
+            family = family_of(type(build_pipeline(args.arch, device="meta")).__name__)
+            dtype = family.gpu_dtype if device.type == "cuda" else torch.float32
+            build, size = functools.partial(build_pipeline, args.arch, device, dtype), IMAGE_SIZES[args.arch]
+        pipeline = load_pipeline(build, device, SCHEDULERS[scheduler])
+        return pipeline, args.image_size or size, PromptSpec("a photograph of a dog", ("dog",), (0,), ("dog",)), MaskConfig()
     preset = read_preset(args.model)
     settings = {} if "vocabulary" in preset or "label_space" in preset else {"label_space": ("background", "dog")}
     config = resolve_config(args.model, **settings)
@@ -145,17 +140,22 @@ def make_calls(args, device, scheduler: str, steps: int, batch: int):
     Returns ``(calls, store_bytes, size)``: ``calls[mode]()`` generates one batch, ``store_bytes[mode]``
     lists the capture memory each call held.
     """
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
     from ondemand_seg import SamplerConfig
+    from ondemand_seg.families import describe_pipeline, family_of
     from ondemand_seg.generation import DiffuMaskSampler
 
     pipeline, size, prompt, mask_config = build(args, device, scheduler)
+    family = family_of(type(pipeline).__name__)
+    if "naive" in args.modes and family.name not in NAIVE_FAMILIES:
+        raise SystemExit(f"--modes naive needs a UNet model (SD 1.x/2.x, SDXL); this is {family.title}")
+    denoiser = getattr(pipeline, family.denoiser)
+    bare_processors = dict(denoiser.attn_processors)  # as built: diffusers' fused defaults
+    describe_pipeline(pipeline).check_image_size((size, size))
     prompts = [prompt] * batch
     seeds = list(range(batch))
     store_bytes = {mode: [] for mode in MODES}
     sampler = DiffuMaskSampler(pipeline, mask_config, SamplerConfig(num_inference_steps=steps))
-    capture = dict(pipeline.unet.attn_processors)
+    capture = dict(denoiser.attn_processors)
     original_reset = sampler.store.reset
 
     def reset_and_measure():
@@ -166,20 +166,23 @@ def make_calls(args, device, scheduler: str, steps: int, batch: int):
     naive = NaiveStore()
 
     def run_pipeline():
+        # The sampler's own call: same guidance, text lengths and size options, so only capture differs.
         with torch.inference_mode():
             pipeline([p.text for p in prompts], height=size, width=size, num_inference_steps=steps,
-                     generator=[torch.Generator(device).manual_seed(s) for s in seeds], output_type="pt")
+                     guidance_scale=sampler.sampler_config.guidance_scale,
+                     generator=[torch.Generator(device).manual_seed(s) for s in seeds], output_type="pt",
+                     **sampler.call_options)
 
     def bare():
-        pipeline.unet.set_attn_processor(AttnProcessor2_0())
+        denoiser.set_attn_processor(dict(bare_processors))  # diffusers consumes the dict it is given
         run_pipeline()
 
     def diffumask():
-        pipeline.unet.set_attn_processor(dict(capture))  # diffusers consumes the dict it is given
+        denoiser.set_attn_processor(dict(capture))
         sampler.generate(prompts, seeds, (size, size))
 
     def naive_capture():
-        pipeline.unet.set_attn_processor(NaiveProcessor(naive))
+        denoiser.set_attn_processor(NaiveProcessor(naive))
         naive.maps.clear()
         run_pipeline()
         store_bytes["naive"].append(naive.bytes())
