@@ -186,3 +186,18 @@ def test_output_dir_problem_names_what_is_wrong(tmp_path):
     assert utils.output_dir_problem(tmp_path) is None
     assert utils.output_dir_problem(tmp_path / "new" / "run") is None, "a folder that can be created is fine"
     assert utils.output_dir_problem(Path("relative-run")) is None
+
+
+def test_a_metrics_log_that_cannot_be_appended_names_the_file(tmp_path, monkeypatch):
+    log = utils.MetricLog(tmp_path)
+    log.write({"event": "train", "step": 1, "loss": 1.0})
+    real_open = Path.open
+
+    def full(self, mode="r", *args, **kwargs):
+        if self == log.csv and "a" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", full)
+    with pytest.raises(utils.MetricLogError, match=f"{log.csv}: No space left on device"):
+        log.write({"event": "train", "step": 2, "loss": 0.5})

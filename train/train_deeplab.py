@@ -33,8 +33,8 @@ from ondemand_seg.label_noise import LabelNoiseFilter
 from ondemand_seg.label_spaces import class_ids
 from ondemand_seg.metrics import ConfusionMatrix
 from ondemand_seg.toyworld import TOY_CLASSES, write_voc
-from utils import (CheckpointError, MetricLog, all_reduce_mean, init_distributed, is_main_process, load_checkpoint,
-                   output_dir_problem, save_checkpoint)
+from utils import (CheckpointError, MetricLog, MetricLogError, all_reduce_mean, init_distributed, is_main_process,
+                   load_checkpoint, output_dir_problem, save_checkpoint)
 
 # torchdata 0.11 calls an API torch has deprecated; the message says nothing about this run.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
@@ -409,4 +409,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except MetricLogError as error:
+        raise SystemExit(f"error: {error}; checkpoints written so far are kept") from None

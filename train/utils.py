@@ -44,6 +44,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; the message names the file and the cause."""
 
 
+class MetricLogError(RuntimeError):
+    """The metrics log cannot be appended to; the message names the file and the cause."""
+
+
 # What save_checkpoint writes; a file without them is some other kind of file.
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "loader", "rng")
 
@@ -157,15 +161,22 @@ class MetricLog:
         self.csv = directory / "metrics.csv"
 
     def write(self, row: dict) -> None:
+        """Append ``row``; a full disk or unwritable log is :class:`MetricLogError` naming the file (the
+        run's figures are its result, so losing rows silently is worse than stopping)."""
         if not is_main_process():
             return
-        with self.jsonl.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        new = not self.csv.exists()
-        with self.csv.open("a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(["event", "step", "key", "value"])
-            for key, value in row.items():
-                if key not in ("event", "step"):
-                    writer.writerow([row.get("event"), row.get("step"), key, value])
+        path = self.jsonl
+        try:
+            with path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            path = self.csv
+            new = not path.exists()
+            with path.open("a", newline="") as f:
+                writer = csv.writer(f)
+                if new:
+                    writer.writerow(["event", "step", "key", "value"])
+                for key, value in row.items():
+                    if key not in ("event", "step"):
+                        writer.writerow([row.get("event"), row.get("step"), key, value])
+        except OSError as error:
+            raise MetricLogError(f"could not append to metrics log {path}: {error.strerror or error}") from error
