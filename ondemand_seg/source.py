@@ -141,7 +141,11 @@ class SampleSource:
     def sampler(self) -> DiffuMaskSampler:
         if self._sampler is None:
             pipeline = load_pipeline(self.model, pick_device(self.device, shard()[0]), self.sampler_config.scheduler)
-            self._sampler = DiffuMaskSampler(pipeline, self.mask_config, self.sampler_config)
+            sampler = DiffuMaskSampler(pipeline, self.mask_config, self.sampler_config)
+            # Folders and cached hub ids were checked in resolve_config; a callable's or an uncached
+            # hub id's model is known only now.
+            sampler.spec.check_sampler(self.sampler_config)
+            self._sampler = sampler
         return self._sampler
 
     def prompt(self, index: int, attempt: int = 0) -> PromptSpec:

@@ -179,6 +179,20 @@ def test_guidance_distilled_flux_takes_guidance_up_to_one(tmp_path):
         DiffuMaskStream(schnell, ["dog"], image_size=64, sampler={"guidance_scale": math.nan})
 
 
+def test_a_callable_models_guidance_is_checked_when_it_loads(monkeypatch):
+    # A callable's pipeline class is known only once it is called, in whichever process draws.
+    from ondemand_seg.loading import load_pipeline
+    from ondemand_seg.testing import build_tiny_pipeline
+
+    monkeypatch.setattr(source, "load_pipeline", load_pipeline)
+
+    stream = DiffuMaskStream(lambda: build_tiny_pipeline("sd1"), ["dog"], image_size=32,
+                             sampler={"guidance_scale": 1.0, "num_inference_steps": 2})
+    with pytest.raises(ValueError, match="guidance_scale=1.0 turns classifier-free guidance off in a "
+                                         "StableDiffusionPipeline"):
+        next(iter(stream))
+
+
 def test_validators_name_the_value():
     assert check_int("n", 3, minimum=1) == 3 and check_finite("x", 2) == 2.0
     with pytest.raises(TypeError, match=r"n must be an int, got False \(bool\)"):
