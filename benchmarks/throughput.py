@@ -19,6 +19,8 @@ pipeline instead, to try a GPU command on a CPU in seconds.
     python benchmarks/throughput.py --json out.json
     python benchmarks/throughput.py --arch sd15 --random-weights --batch-sizes 1 4 16 \
         --schedules ddim:50 dpm:20 --json gpu.json
+    python benchmarks/throughput.py --arch sd15 --random-weights --batch-sizes 8 --schedules ddim:50 \
+        --modes bare diffumask --capture-kernel explicit --json gpu_explicit.json
     python benchmarks/throughput.py --arch sdxl --random-weights --batch-sizes 1 4 --schedules default:20 \
         --modes bare diffumask --json sdxl.json
 """
@@ -64,6 +66,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per setting (after one warm-up)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--capture-kernel", choices=("auto", "sdpa", "explicit"), default="auto",
+                        help="how capture computes the class-token mass (ondemand_seg.capture.class_mass): "
+                             "auto is sdpa on CUDA, explicit elsewhere")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--profile", type=Path, default=None,
                         help="also write each mode's torch.profiler table (top kernels by device time) to this folder")
@@ -140,10 +145,11 @@ def make_calls(args, device, scheduler: str, steps: int, batch: int):
     Returns ``(calls, store_bytes, size)``: ``calls[mode]()`` generates one batch, ``store_bytes[mode]``
     lists the capture memory each call held.
     """
-    from ondemand_seg import SamplerConfig
+    from ondemand_seg import SamplerConfig, capture
     from ondemand_seg.families import describe_pipeline, family_of
     from ondemand_seg.generation import DiffuMaskSampler
 
+    capture.CLASS_MASS_KERNEL = args.capture_kernel
     pipeline, size, prompt, mask_config = build(args, device, scheduler)
     family = family_of(type(pipeline).__name__)
     if "naive" in args.modes and family.name not in NAIVE_FAMILIES:
@@ -226,6 +232,7 @@ def run_worker(args) -> dict:
         return time.perf_counter() - start
 
     info = {"scheduler": scheduler, "steps": steps, "batch": batch, "image_size": size,
+            "capture_kernel": args.capture_kernel,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     if job == "timing":
         for mode in args.modes:

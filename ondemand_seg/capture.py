@@ -203,10 +203,55 @@ def _scores(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tenso
     return torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
 
 
-def _class_mass(scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``[B, K, N]`` head-averaged softmax mass on each class's tokens, from ``[B, heads, N, T]`` scores."""
-    mass = torch.matmul(scores.softmax(dim=-1), weights.to(scores).transpose(1, 2)[:, None])  # [B, heads, N, K]
-    return mass.mean(1).transpose(1, 2)
+CLASS_MASS_KERNELS = ("auto", "sdpa", "explicit")
+# The kernel :func:`class_mass` uses when its caller names none; benchmarks and tests set it to
+# compare the two kernels on the same run.
+CLASS_MASS_KERNEL = "auto"
+
+
+def class_mass(query: torch.Tensor, key: torch.Tensor, weights: torch.Tensor, scale: float,
+               mask: torch.Tensor | None = None, kernel: str | None = None) -> torch.Tensor:
+    """``[B, K, N]`` float32 head-averaged softmax mass on each class's keys: mean over heads of
+    ``softmax(q·kᵀ·scale + mask)·Wᵀ``.
+
+    Args:
+        query: ``[B, heads, N, D]``; key: ``[B, heads, M, D]``; weights: ``[B, K, M]``, 1 where key
+            ``m`` belongs to class ``k``; mask: additive float mask broadcastable to
+            ``[B, heads, N, M]`` (diffusers' text masks), or ``None``.
+        kernel: ``"explicit"`` builds the ``[B, heads, N, M]`` scores in float32 and takes their
+            softmax; ``"sdpa"`` hands the weights to ``F.scaled_dot_product_attention`` as values
+            (in the model's dtype on CUDA, float32 elsewhere): on CUDA a fused kernel, with no
+            score tensor in memory; ``"auto"`` is ``"sdpa"`` on CUDA and ``"explicit"`` elsewhere;
+            ``None`` reads :data:`CLASS_MASS_KERNEL`.
+    """
+    kernel = kernel or CLASS_MASS_KERNEL
+    if kernel not in CLASS_MASS_KERNELS:
+        raise ValueError(f"class-mass kernel must be one of {CLASS_MASS_KERNELS}, got {kernel!r}")
+    if kernel == "auto":
+        # On CPU, SDPA runs a value width of K (not D) on its unfused math path, slower than the
+        # explicit softmax; on CUDA a fused kernel needs no score tensor in memory.
+        kernel = "sdpa" if query.is_cuda else "explicit"
+    classes = weights.shape[1]
+    if kernel == "explicit":
+        scores = _scores(query, key, scale)
+        if mask is not None:
+            scores = scores + mask.float()
+        mass = torch.matmul(scores.softmax(dim=-1), weights.float().transpose(1, 2)[:, None])  # [B, heads, N, K]
+        return mass.mean(1).transpose(1, 2)
+    # On CUDA, no float32 upcast: the fused kernels (memory-efficient, cuDNN) keep q·kᵀ and the
+    # softmax in float32 accumulators, so a float16 model's scores cannot overflow, and only the
+    # returned mass is rounded to the model's dtype. Elsewhere SDPA's math path would upcast
+    # float16 inputs anyway, so float32 costs nothing and keeps the mass in float32.
+    if not query.is_cuda:
+        query, key = query.float(), key.float()
+    # The memory-efficient and cuDNN kernels take a value width unlike the head dimension only when
+    # it is a multiple of 8 (flash needs them equal), so the K class columns are padded with zeros.
+    values = F.pad(weights.transpose(1, 2).to(query.dtype), (0, -classes % 8))  # [B, M, K + pad]
+    values = values[:, None].expand(-1, query.shape[1], -1, -1).contiguous()
+    if mask is not None:
+        mask = mask.to(query.dtype)
+    mass = F.scaled_dot_product_attention(query, key, values, attn_mask=mask, scale=scale)[..., :classes]
+    return mass.float().mean(1).transpose(1, 2)
 
 
 class CrossAttentionCaptureProcessor:
@@ -278,14 +323,8 @@ class CrossAttentionCaptureProcessor:
     def _record(self, attn: Attention, query, key, attention_mask) -> None:
         self.store.check_text_length(key.shape[2])
         query, key = self.store.conditional(query, key)
-        # Only the class tokens' probability mass is kept: softmax(q·kᵀ)·Wᵀ. An explicit softmax over
-        # the T text tokens beats handing Wᵀ to SDPA as values (SDPA's CPU kernel is slow for a value
-        # width of K; see RESULTS.md); the layer's output still takes the fused path.
-        scores = _scores(query, key, attn.scale)  # [B, heads, N, T]
-        if attention_mask is not None:
-            (mask,) = self.store.conditional(attention_mask)
-            scores = scores + mask.float()
-        self.store.add(_class_mass(scores, self.store.token_weights))
+        mask = None if attention_mask is None else self.store.conditional(attention_mask)[0]
+        self.store.add(class_mass(query, key, self.store.token_weights, attn.scale, mask))
 
     def _record_self(self, attn: Attention, query, key) -> None:
         query, key = self.store.conditional(query, key)
@@ -303,25 +342,22 @@ def record_joint(store: CrossAttentionStore, scale: float, query: torch.Tensor, 
             output before its projection; text, image: where each part sits in the sequence.
     """
     store.check_text_length(text.stop - text.start)
-    # Float32 for the same reason as :func:`_scores`; the layer's own output path is untouched.
-    query, key, output = (t.float() for t in store.conditional(query, key, output))
-    weights = store.token_weights.to(query)  # [B, K, T]
+    query, key, output = store.conditional(query, key, output)
+    weights = store.token_weights
     q_image = query[:, :, image]
     if store.map_source == "output":
         # ConceptAttention, with the prompt's own tokens as the concepts: each image token's
         # attention output is compared with every text token's, and the class tokens' share of
         # the softmax over text tokens is the map (no extra concept tokens are run).
-        store.add(_class_mass(_scores(output[:, :, image], output[:, :, text], scale), weights))
+        store.add(class_mass(output[:, :, image], output[:, :, text], weights, scale))
     elif store.joint_softmax == "text":
-        store.add(_class_mass(_scores(q_image, key[:, :, text], scale), weights))
+        store.add(class_mass(q_image, key[:, :, text], weights, scale))
     else:
-        # The model's own softmax runs over every key; handing SDPA the class-token indicator as
-        # values gives each class's mass under it without the [N, N] image-image score matrix.
-        indicator = torch.zeros(*weights.shape[:2], key.shape[2], device=key.device, dtype=key.dtype)
+        # The model's own softmax runs over every key, image keys included: always the SDPA kernel,
+        # which on CUDA needs no [N, N + T] score tensor (the explicit kernel always writes one).
+        indicator = weights.new_zeros(*weights.shape[:2], key.shape[2])
         indicator[:, :, text] = weights
-        values = indicator.transpose(1, 2)[:, None].expand(-1, key.shape[1], -1, -1)  # [B, heads, S, K]
-        mass = F.scaled_dot_product_attention(q_image, key, values.contiguous(), scale=scale)
-        store.add(mass.mean(1).transpose(1, 2))
+        store.add(class_mass(q_image, key, indicator, scale, kernel="sdpa"))
     if store.wants_self_attention(q_image.shape[2]):
         probs = _scores(q_image, key[:, :, image], scale).softmax(dim=-1)
         store.add_self(probs.mean(1))

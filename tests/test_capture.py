@@ -2,9 +2,9 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-from ondemand_seg import MaskConfig, SamplerConfig
+from ondemand_seg import MaskConfig, SamplerConfig, capture
 from ondemand_seg.capture import (
-    CapturedAttention, CrossAttentionCaptureProcessor, CrossAttentionStore, install_capture, record_joint,
+    CapturedAttention, CrossAttentionCaptureProcessor, CrossAttentionStore, class_mass, install_capture, record_joint,
 )
 from ondemand_seg.families import family_of
 from ondemand_seg.generation import DiffuMaskSampler
@@ -49,7 +49,9 @@ def test_install_capture_routes_cross_attention_only():
         assert type(proc) is expected, name
 
 
-def test_capture_matches_reference_probabilities_of_chosen_tokens_conditional_half():
+@pytest.mark.parametrize("kernel", ["explicit", "sdpa"])
+def test_capture_matches_reference_probabilities_of_chosen_tokens_conditional_half(kernel, monkeypatch):
+    monkeypatch.setattr(capture, "CLASS_MASS_KERNEL", kernel)
     torch.manual_seed(0)
     unet = build_tiny_pipeline().unet.eval()
     latents, text = unet_inputs(images=2)
@@ -248,7 +250,9 @@ def recorded(dtype, hidden, text=None):
     return store, out, stock
 
 
-def test_half_precision_scores_do_not_overflow_the_recorded_maps():
+@pytest.mark.parametrize("kernel", ["explicit", "sdpa"])
+def test_half_precision_scores_do_not_overflow_the_recorded_maps(kernel, monkeypatch):
+    monkeypatch.setattr(capture, "CLASS_MASS_KERNEL", kernel)
     hidden, text = large_tokens(4, 256, seed=0), large_tokens(5, 300, seed=1)
     assert torch.isinf(hidden[0] @ text[0].T).all(), "premise: q·kᵀ overflows when computed in float16"
     half, out, stock = recorded(torch.float16, hidden, text)
@@ -269,8 +273,10 @@ def test_half_precision_self_attention_does_not_overflow():
     assert torch.equal(out, stock)
 
 
+@pytest.mark.parametrize("kernel", ["explicit", "sdpa"])
 @pytest.mark.parametrize("map_source, joint_softmax", [("attention", "all"), ("attention", "text"), ("output", "all")])
-def test_half_precision_joint_attention_records_the_float32_maps(map_source, joint_softmax):
+def test_half_precision_joint_attention_records_the_float32_maps(map_source, joint_softmax, kernel, monkeypatch):
+    monkeypatch.setattr(capture, "CLASS_MASS_KERNEL", kernel)  # "all" always runs SDPA
     # [1, heads=2, S=4 image + 5 text, D=8] with q·kᵀ past float16's range.
     query = torch.cat([large_tokens(9, 256, seed=3), large_tokens(9, 256, seed=4)])[None]
     key = torch.cat([large_tokens(9, 300, seed=5), large_tokens(9, 300, seed=6)])[None]
@@ -285,3 +291,154 @@ def test_half_precision_joint_attention_records_the_float32_maps(map_source, joi
         maps[dtype] = (store.maps()[1], store.self_attention())
     for half, full in zip(maps[torch.float16], maps[torch.float32]):
         assert torch.isfinite(half).all() and torch.allclose(half, full, atol=1e-5)
+
+
+def reference_mass(query, key, weights, scale, mask=None):
+    """``[B, K, N]`` class mass in float64 from the same (rounded) inputs."""
+    scores = query.double() @ key.double().transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores + mask.double()
+    return torch.einsum("bhnm,bkm->bkn", scores.softmax(-1), weights.double()) / query.shape[1]
+
+
+def mass_inputs(dtype, classes, joint, masked, lead=None, seed=0):
+    """Random ``[2, heads=3, N=16, D=8]`` queries and keys, class weights over the text keys (the
+    last 6 keys of a joint sequence of 16 image + 6 text keys), and a text mask hiding key 4 of
+    image 1's text. With ``lead``, the first channel is ``lead`` everywhere: q·kᵀ is ``lead²``
+    (past float16's range for 300) plus an O(1) part that decides the softmax."""
+    g = torch.Generator().manual_seed(seed)
+    texts, images = 6, 16
+    keys = images + texts if joint else texts
+    query, key = torch.randn(2, 3, images, 8, generator=g), torch.randn(2, 3, keys, 8, generator=g)
+    if lead is not None:
+        query[..., 0] = key[..., 0] = lead
+    weights = torch.zeros(2, classes, keys)
+    for k in range(classes):
+        weights[:, k, keys - texts + k % texts] = 1
+    weights[1, 0, keys - texts + 4] = 1  # image 1's class 0 also names the masked token
+    mask = None
+    if masked:
+        mask = torch.zeros(2, 1, 1, keys)
+        mask[1, ..., keys - texts + 4] = -10000.0  # diffusers' additive text-mask value
+    return query.to(dtype), key.to(dtype), weights, mask
+
+
+@pytest.mark.parametrize("joint", [False, True], ids=["cross", "joint"])
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+@pytest.mark.parametrize("classes", [3, 9])  # value width padded to 8 and to 16
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_class_mass_kernels_agree(dtype, classes, masked, joint):
+    query, key, weights, mask = mass_inputs(dtype, classes, joint, masked)
+    scale = 8 ** -0.5
+    want = reference_mass(query, key, weights, scale, mask)
+    for kernel in ("explicit", "sdpa"):
+        got = class_mass(query, key, weights, scale, mask, kernel=kernel)
+        assert got.dtype == torch.float32 and got.shape == (2, classes, 16)
+        assert torch.allclose(got.double(), want, atol=1e-5), kernel
+    if masked:
+        unmasked = class_mass(query, key, weights, scale, kernel="sdpa")
+        assert not torch.allclose(got, unmasked, atol=1e-3), "premise: the mask changes the mass"
+        assert torch.allclose(got[0], unmasked[0]), "image 0's text is not masked"
+
+
+@pytest.mark.parametrize("joint", [False, True], ids=["cross", "joint"])
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_class_mass_kernels_stay_finite_in_half_precision(joint, masked):
+    query, key, weights, mask = mass_inputs(torch.float16, 2, joint, masked, lead=300.0)
+    assert torch.isinf(query[0, 0] @ key[0, 0].T).all(), "premise: q·kᵀ overflows when computed in float16"
+    want = reference_mass(query, key, weights, 8 ** -0.5, None if mask is None else mask.half())
+    assert 0.05 < want.max() < 0.95, "premise: the mass is not one-hot, so a match means something"
+    got = {kernel: class_mass(query, key, weights, 8 ** -0.5, None if mask is None else mask.half(), kernel=kernel)
+           for kernel in ("explicit", "sdpa")}
+    assert all(torch.isfinite(m).all() for m in got.values())
+    assert torch.allclose(got["explicit"], got["sdpa"], atol=1e-5)
+    # float32 resolves scores of 90,000 to about 0.01, so the float64 reference is met to about 3e-4.
+    assert all(torch.allclose(m.double(), want, atol=1e-3) for m in got.values())
+
+
+def test_class_mass_kernel_choice(monkeypatch):
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    query, key, weights, _ = mass_inputs(torch.float32, 2, joint=False, masked=False)
+    class_mass(query, key, weights, 1.0)
+    assert calls == [], "auto: the explicit softmax on CPU"
+    monkeypatch.setattr(capture, "CLASS_MASS_KERNEL", "sdpa")
+    class_mass(query, key, weights, 1.0)
+    assert calls == [1], "the module setting forces the kernel"
+    class_mass(query, key, weights, 1.0, kernel="explicit")
+    assert calls == [1], "a named kernel beats the module setting"
+    with pytest.raises(ValueError, match="class-mass kernel must be one of"):
+        class_mass(query, key, weights, 1.0, kernel="flash")
+
+
+@pytest.mark.parametrize("kernel", ["explicit", "sdpa"])
+def test_cross_attention_capture_honours_the_text_mask(kernel, monkeypatch):
+    # PixArt and Sana hand their cross-attention an additive [batch, 1, T] mask over padded text.
+    monkeypatch.setattr(capture, "CLASS_MASS_KERNEL", kernel)
+    g = torch.Generator().manual_seed(0)
+    hidden, text = torch.randn(2, 4, 8, generator=g), torch.randn(2, 5, 8, generator=g)  # [uncond; cond]
+    mask = torch.zeros(2, 1, 5)
+    mask[1, 0, 3] = -10000.0  # the conditional prompt's token 3 is padding
+    weights = torch.zeros(1, 1, 5)
+    weights[0, 0, [2, 3]] = 1
+    attn = identity_attention(torch.float32)
+
+    def maps(mask):
+        store = CrossAttentionStore()
+        store.begin(weights, (2, 2), num_steps=1)
+        with torch.no_grad():
+            CrossAttentionCaptureProcessor(store)(attn, hidden, text, attention_mask=mask)
+        return store.maps()[1].flatten(2)
+
+    probs = (hidden[1] @ text[1].T * attn.scale + mask[1]).softmax(-1)
+    assert probs[:, 3].max() < 1e-6, "premise: the mask hides token 3"
+    assert torch.allclose(maps(mask)[0, 0], probs[:, 2], atol=1e-6)
+    assert not torch.allclose(maps(None), maps(mask), atol=1e-3)
+
+
+def test_capture_computes_nothing_outside_the_timestep_window(monkeypatch):
+    calls = []
+    monkeypatch.setattr(capture, "class_mass", lambda *a, **k: calls.append(a[0].shape[2]) or torch.zeros(
+        a[2].shape[0], a[2].shape[1], a[0].shape[2]))
+    unet = build_tiny_pipeline().unet.eval()
+    latents, text = unet_inputs(images=1)
+    store = CrossAttentionStore()
+    install_capture(unet, store, SD)
+    store.begin(torch.ones(1, 1, 77), (8, 8), num_steps=2, timestep_window=(0.5, 1.0))
+    with torch.no_grad():
+        unet(latents, 10, encoder_hidden_states=text)  # step 0: outside the window
+        assert calls == [] and store.counts == {}
+        store.on_step(0)
+        unet(latents, 10, encoder_hidden_states=text)  # step 1: inside
+    assert sorted(calls) == [4] * 4 + [16] * 3 + [64] * 3  # every cross-attention layer, the finest included
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused SDPA kernels need CUDA")
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_sdpa_class_mass_on_cuda_is_fused_and_finite_in_half_precision(masked):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # SD 1.5's finest cross-attention: 8 heads of 40 over 64x64 queries and 77 text keys; q·kᵀ is
+    # 300² = 90,000 (past float16's 65,504) plus an O(1) part that decides the softmax.
+    g = torch.Generator().manual_seed(0)
+    query, key = torch.randn(2, 8, 4096, 40, generator=g).half(), torch.randn(2, 8, 77, 40, generator=g).half()
+    query[..., 0] = key[..., 0] = 300.0
+    weights = torch.zeros(2, 3, 77)
+    weights[:, 0, 2] = weights[:, 1, [4, 5]] = weights[:, 2, 7] = 1
+    mask = torch.zeros(2, 1, 1, 77)
+    mask[1, ..., 5] = -10000.0
+    mask = mask if masked else None
+    scale = 40 ** -0.5
+    want = class_mass(query, key, weights, scale, mask, kernel="explicit")  # float32 on the CPU
+    assert 0.05 < want.max() < 0.95, "premise: the mass is not one-hot, so a match means something"
+    cuda = [t.cuda() if t is not None else None for t in (query, key, weights, mask)]
+    assert torch.isinf(cuda[0][0, 0, :4] @ cuda[1][0, 0].T).all(), "premise: q·kᵀ overflows in float16"
+    # Without the math fallback: a fused kernel must take the padded value width.
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        got = class_mass(*cuda[:3], scale, cuda[3], kernel="sdpa")
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    # Float32 scores near 90,000 (about 0.01 apart) and the float16 result (5e-4 relative) on both
+    # sides, against a mass of at most 0.08.
+    assert torch.allclose(got.cpu(), want, atol=1e-3)
