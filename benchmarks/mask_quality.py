@@ -28,9 +28,12 @@ change what the pipeline draws, which the tests check).
 
 Per class, IoU = summed intersection / summed union over its samples; "mean" averages classes.
 Figures are over *all* generated samples; ``accepted`` repeats ours over the samples the quality
-gate lets through (what a stream actually serves).
+gate lets through (what a stream actually serves). ``generation_seconds`` is the time spent in the
+DiffuMask sampler's calls alone (generation, capture, masks; the model loaded before), not in the
+other readings.
 
     python benchmarks/mask_quality.py --model toy --n 200 --json out.json
+    python benchmarks/mask_quality.py --model toy --scheduler DPMSolverMultistepScheduler --steps 20
 """
 from __future__ import annotations
 
@@ -66,39 +69,48 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=20, help="images per pipeline call")
     parser.add_argument("--threshold", type=float, default=None, help="override the model preset's γ")
+    parser.add_argument("--scheduler", default=None,
+                        help="a diffusers scheduler class name (default: the model's own)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model preset's)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     return parser
 
 
 def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float | None = None, progress: bool = True,
-            mask_overrides: dict | None = None) -> dict:
+            mask_overrides: dict | None = None, sampler_overrides: dict | None = None,
+            other_readings: bool = True) -> dict:
     """Score ``n`` generated samples; returns per-class and mean IoU per method, and counts.
 
-    ``mask_overrides`` replaces fields of the model preset's :class:`MaskConfig` (for ablations).
+    ``mask_overrides`` / ``sampler_overrides`` replace fields of the model preset's
+    :class:`MaskConfig` / :class:`SamplerConfig` (for ablations; ``scheduler``,
+    ``num_inference_steps``). ``other_readings=False`` skips the readings that need a second
+    generation pass (``fixed_0.5`` and the joint-attention rows).
     """
     from tqdm.auto import tqdm
 
     classes = TOY_CLASSES[1:]
     mask = {**(mask_overrides or {}), **({} if threshold is None else {"threshold": threshold})}
-    source = SampleSource(model, classes, label_space=TOY_CLASSES, seed=seed, mask=mask)
+    sampler = sampler_overrides or {}
+    source = SampleSource(model, classes, label_space=TOY_CLASSES, seed=seed, mask=mask, sampler=sampler)
     spec = source.sampler.spec
     every_grid = {factor: 1.0 for factor in spec.text_factors}
-    plain = SampleSource(model, classes, label_space=TOY_CLASSES, seed=seed,
+    plain = SampleSource(model, classes, label_space=TOY_CLASSES, seed=seed, sampler=sampler,
                          mask=dataclasses.replace(source.mask_config, resolution_weights=every_grid, **PLAIN_ATTENTION))
     other = "text" if source.mask_config.joint_softmax == "all" else "all"
     settings = {"output_space": {"map_source": "output"},
                 "other_softmax": {"map_source": "attention", "joint_softmax": other}}
     alternatives = {
-        method: SampleSource(model, classes, label_space=TOY_CLASSES, seed=seed,
+        method: SampleSource(model, classes, label_space=TOY_CLASSES, seed=seed, sampler=sampler,
                              mask=dataclasses.replace(source.mask_config, **settings[method]))
-        for method in JOINT_METHODS if spec.family.output_maps
+        for method in JOINT_METHODS if spec.family.output_maps and other_readings
     }
-    methods = METHODS + tuple(alternatives)
+    methods = tuple(m for m in METHODS if other_readings or m != "fixed_0.5") + tuple(alternatives)
     height, width = source.image_size
     box = centre_box(height, width)
     sums = {m: {c: [0, 0] for c in classes} for m in methods + ("accepted",)}
     drawn = {c: 0 for c in classes}
     rejected = 0
+    generating = 0.0
     started = time.perf_counter()
     for start in tqdm(range(0, n, batch_size), desc="mask quality", disable=not progress):
         indices = list(range(start, min(start + batch_size, n)))
@@ -106,9 +118,11 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
         # Each prompt is the vocabulary's first draw for its class ("a photo of a {class}" for the toy model).
         prompts = [source.class_prompt(random.Random(0), [c]) for c in names]
         seeds = [evaluation_seed(seed, i) for i in indices]
+        call_started = time.perf_counter()
         batch = source.sampler.generate(prompts, seeds, source.image_size, keep_maps=True)
+        generating += time.perf_counter() - call_started
         tuned = labels_from_maps(batch.fused, batch.class_ids, torch.full(batch.class_ids.shape, 0.5), 0.0)
-        fixed = plain.sampler.generate(prompts, seeds, source.image_size).masks
+        fixed = plain.sampler.generate(prompts, seeds, source.image_size).masks if other_readings else None
         other = {m: alt.sampler.generate(prompts, seeds, source.image_size).masks for m, alt in alternatives.items()}
         reasons = gate(batch.images, batch.masks, source.quality_config, finite_maps=batch.finite_maps)
         images = batch.uint8_images()
@@ -120,7 +134,7 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
             scores = {
                 "diffumask": intersection_union(ours == class_id, truth, valid=ours != 255),
                 "diffumask_band_as_miss": intersection_union(ours == class_id, truth),
-                "fixed_0.5": intersection_union(fixed[j] == class_id, truth),
+                **({"fixed_0.5": intersection_union(fixed[j] == class_id, truth)} if other_readings else {}),
                 "fixed_0.5_tuned_fusion": intersection_union(tuned[j] == class_id, truth),
                 "centre_box": intersection_union(box, truth),
                 **{m: intersection_union(masks[j] == class_id, truth, valid=masks[j] != 255) for m, masks in other.items()},
@@ -134,11 +148,11 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
                 sums[method][name][1] += union
     seconds = time.perf_counter() - started
     result = {"model": str(model), "family": spec.family.name, "methods": list(methods), "n": n, "seed": seed,
-              "image_size": [height, width],
+              "image_size": [height, width], "scheduler": type(source.sampler.pipeline.scheduler).__name__,
               "mask_config": to_dict(source.mask_config), "sampler_config": to_dict(source.sampler_config),
               "vocabulary": {"name": source.vocabulary.name, "templates": list(source.vocabulary.templates)},
               "drawn_fraction": {c: drawn[c] / max(1, sum(classes[i % len(classes)] == c for i in range(n))) for c in classes},
-              "gate_rejected": rejected, "seconds": round(seconds, 1)}
+              "gate_rejected": rejected, "seconds": round(seconds, 1), "generation_seconds": round(generating, 2)}
     for method, per_class in sums.items():
         ious = {c: (i / u if u else float("nan")) for c, (i, u) in per_class.items()}
         result[method] = {"per_class": ious, "mean": float(np.nanmean(list(ious.values())))}
@@ -158,9 +172,11 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.n < 1:
         raise SystemExit(f"--n must be >= 1, got {args.n}")
-    result = measure(args.model, args.n, args.seed, args.batch_size, args.threshold)
+    sampler = {k: v for k, v in {"scheduler": args.scheduler, "num_inference_steps": args.steps}.items() if v is not None}
+    result = measure(args.model, args.n, args.seed, args.batch_size, args.threshold, sampler_overrides=sampler)
     print(markdown(result))
-    print(f"objects drawn: {result['drawn_fraction']}; gate rejected {result['gate_rejected']}/{args.n}; {result['seconds']} s")
+    print(f"{result['scheduler']} {result['sampler_config']['num_inference_steps']} steps; objects drawn: "
+          f"{result['drawn_fraction']}; gate rejected {result['gate_rejected']}/{args.n}; {result['seconds']} s")
     write_json(args.json, result)
     return 0
 

@@ -61,6 +61,26 @@ def test_mask_quality_floor_well_above_baselines(tmp_path):
     assert min(result["drawn_fraction"].values()) >= 0.75, "the model draws the prompted object"
 
 
+def test_steps_quality_writes_one_row_per_scheduler_and_step_count(tmp_path):
+    out = tmp_path / "steps_quality.json"
+    done = subprocess.run([sys.executable, "benchmarks/steps_quality.py", "--n", "5", "--batch-size", "5",
+                           "--threads", "1", "--rows", "toy:default:10", "toy:DPMSolverMultistepScheduler:5",
+                           "--json", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = json.loads(out.read_text())["rows"]
+    # The scheduler named is the one the pipeline ran, at the steps asked for.
+    assert (first["scheduler"], first["steps"]) == ("DDIMScheduler", 10)
+    assert (second["scheduler"], second["steps"]) == ("DPMSolverMultistepScheduler", 5)
+    assert second["sampler_config"]["num_inference_steps"] == 5
+    # The preset's window (last 10% of steps) records the last step alone at 10 and at 5 steps.
+    assert first["recorded"] == [9] and second["recorded"] == [4]
+    for row in (first, second):
+        assert row["mean"] >= 0.6, row
+        assert row["seconds_per_image"] > 0
+    assert first["mean_change"] == 0 and first["time_ratio"] == 1
+    assert second["mean_change"] == pytest.approx(second["mean"] - first["mean"])
+
+
 @pytest.mark.parametrize("factor", [1, 2, 4])
 def test_cross_attention_at_several_resolutions(factor):
     from ondemand_seg import MaskConfig, SamplerConfig
