@@ -1,19 +1,77 @@
 """Trainer feeding: the share of the training loop's wall time spent waiting for data.
 
-Runs train_deeplab.py --synthetic-only on the embedded toy model for each ``reuse`` and worker
-count, same steps and batch, and reports ``data_wait_fraction`` (time blocked in ``next(loader)``
-over the loop's time), which the training progress bar also shows live.
+Runs train_deeplab.py --synthetic-only for each ``reuse`` and worker count, same steps and batch,
+and reports ``data_wait_fraction`` (time blocked in ``next(loader)`` over the loop's time), which
+the training progress bar also shows live. The generator is the embedded toy model, or with
+``--arch ARCH --random-weights`` that architecture's full-size pipeline with random weights
+(``architectures.py``), saved once as a folder under ``--work-dir`` and prompted with the toy
+vocabulary: on a GPU its DataLoader workers generate on the device the trainer trains on.
+``--tiny`` saves the family's tiny test pipeline instead, to try a GPU command on a CPU.
 
     python benchmarks/feeding.py --json out.json
+    python benchmarks/feeding.py --arch sd15 --random-weights --reuse 1 4 16 --workers 1 --steps 20 \
+        --json gpu.json -- --backbone resnet50 --batch-size 8 --crop-size 512 --gen-steps 20 --gen-batch-size 8
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
+import torch
+
+from architectures import ARCHITECTURES, IMAGE_SIZES, build_pipeline
 from common import train, write_json
+from throughput import TINY_FLAVORS
+
+EVAL_IMAGES = 16
+
+
+def random_weight_model(arch: str, tiny: bool, work_dir: Path) -> tuple[Path, int]:
+    """The folder of ``arch``'s random-weight pipeline (the tiny one with ``tiny``), written on
+    first use, and the image side it generates at.
+
+    Built where it will run (the GPU when there is one) in the dtype the library loads it in; the
+    folder appears only once complete, so an interrupted run leaves nothing that looks finished.
+    """
+    from ondemand_seg.families import family_of
+    from ondemand_seg.testing import TINY_IMAGE_SIZES, save_tiny_pipeline
+
+    folder = work_dir / f"{arch}{'_tiny' if tiny else ''}_random_weights"
+    size = TINY_IMAGE_SIZES[TINY_FLAVORS[arch]] if tiny else IMAGE_SIZES[arch]
+    if (folder / "model_index.json").is_file():
+        return folder, size
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    if tiny:
+        save_tiny_pipeline(partial, TINY_FLAVORS[arch])
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        family = family_of(type(build_pipeline(arch, device="meta")).__name__)
+        dtype = family.gpu_dtype if device.type == "cuda" else torch.float32
+        build_pipeline(arch, device, dtype).save_pretrained(partial, safe_serialization=True)
+        torch.cuda.empty_cache()  # the trainer and its workers need the memory, not this process
+    partial.rename(folder)
+    return folder, size
+
+
+def generator_flags(args, work_dir: Path) -> list[str]:
+    """train_deeplab.py flags choosing the generator and the data it is scored on."""
+    if args.arch is None:
+        return ["--data-dir", str(work_dir / "toyworld")]
+    if not args.random_weights:
+        raise SystemExit(f"--arch {args.arch} needs --random-weights (real weights: the trainer's --model, after --)")
+    from ondemand_seg.toyworld import write_voc
+
+    folder, size = random_weight_model(args.arch, args.tiny, work_dir)
+    # A few ToyWorld images to evaluate on: the trainer's default set (1,200 images at the
+    # generator's size) would take minutes to render at 512 px, and only the data wait is measured.
+    eval_root = work_dir / f"toyworld_eval_{size}"
+    if not (eval_root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").is_file():
+        write_voc(eval_root, n_train=0, n_val=EVAL_IMAGES, image_size=size)
+    return ["--model", str(folder), "--vocabulary", "toy", "--image-size", str(size), "--eval-root", str(eval_root)]
 
 
 def main(argv=None) -> int:
@@ -21,25 +79,32 @@ def main(argv=None) -> int:
     parser.add_argument("--reuse", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--arch", choices=ARCHITECTURES, default=None,
+                        help="generate with this architecture instead of the toy model")
+    parser.add_argument("--random-weights", action="store_true", help="with --arch: random weights (no download)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="with --arch: the family's tiny test pipeline (a CPU try-out of a GPU command)")
     parser.add_argument("--work-dir", type=Path, default=Path("out/feeding"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="more train_deeplab.py flags, after --")
     args = parser.parse_args(argv)
     extra = [a for a in args.extra if a != "--"]
+    generator = generator_flags(args, args.work_dir)
     rows = []
     for workers in args.workers:
         for reuse in args.reuse:
             out = args.work_dir / f"w{workers}_r{reuse}"
             flags = ["--synthetic-only", "--reuse", str(reuse), "--workers", str(workers), "--steps", str(args.steps),
-                     "--output-dir", str(out), "--data-dir", str(args.work_dir / "toyworld"), "--eval-limit", "16", *extra]
+                     "--output-dir", str(out), "--eval-limit", str(EVAL_IMAGES), *generator, *extra]
             summary = train(flags)
-            rows.append({"workers": workers, "reuse": reuse, "data_wait_fraction": summary["data_wait_fraction"],
-                         "train_seconds": summary["train_seconds"], "data_wait_seconds": summary["data_wait_seconds"]})
+            rows.append({"model": args.arch or "toy", "workers": workers, "reuse": reuse,
+                         "data_wait_fraction": summary["data_wait_fraction"], "train_seconds": summary["train_seconds"],
+                         "data_wait_seconds": summary["data_wait_seconds"], "trainer_flags": flags})
             print(json.dumps(rows[-1]), flush=True)
+            write_json(args.json, rows)  # after every run: a long GPU run cut short keeps what it measured
     print("| workers | reuse | data wait (share of loop) |\n|---|---|---|")
     for r in rows:
         print(f"| {r['workers']} | {r['reuse']} | {r['data_wait_fraction']:.0%} |")
-    write_json(args.json, rows)
     return 0
 
 

@@ -72,6 +72,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--profile", type=Path, default=None,
                         help="also write each mode's torch.profiler table (top kernels by device time) to this folder")
+    parser.add_argument("--compile", action="store_true",
+                        help="SamplerConfig(compile=True): the denoiser compiled in place (so bare runs compiled too)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="SamplerConfig(channels_last=True) (bare runs channels-last too)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -160,7 +164,8 @@ def make_calls(args, device, scheduler: str, steps: int, batch: int):
     prompts = [prompt] * batch
     seeds = list(range(batch))
     store_bytes = {mode: [] for mode in MODES}
-    sampler = DiffuMaskSampler(pipeline, mask_config, SamplerConfig(num_inference_steps=steps))
+    sampler = DiffuMaskSampler(pipeline, mask_config, SamplerConfig(num_inference_steps=steps, compile=args.compile,
+                                                                    channels_last=args.channels_last))
     capture = dict(denoiser.attn_processors)
     original_reset = sampler.store.reset
 
@@ -232,7 +237,7 @@ def run_worker(args) -> dict:
         return time.perf_counter() - start
 
     info = {"scheduler": scheduler, "steps": steps, "batch": batch, "image_size": size,
-            "capture_kernel": args.capture_kernel,
+            "capture_kernel": args.capture_kernel, "compile": args.compile, "channels_last": args.channels_last,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     if job == "timing":
         for mode in args.modes:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import torch
+
 from .label_spaces import class_ids, validate_label_space
 from .loading import check_image_size, check_model_source, read_preset, scheduler_class
 from .vocabulary import Vocabulary, default_vocabulary, load_vocabulary, vocabulary_from
@@ -208,6 +210,11 @@ class MaskConfig:
             raise ValueError(f"self_attention_power must be >= 1, got {self.self_attention_power}")
 
 
+# SamplerConfig(compile=True) marks the capture's step counters dynamic by a source-name pattern
+# (generation.DYNAMIC_STORE_INTS), which torch reads as a regular expression from 2.8.
+COMPILE_MIN_TORCH = "2.8"
+
+
 @config_dataclass
 class SamplerConfig:
     """How images are generated.
@@ -221,6 +228,11 @@ class SamplerConfig:
 
     Prompt wording (templates, names, synonyms) is the vocabulary's job, not the sampler's:
     see :class:`~ondemand_seg.vocabulary.Vocabulary`.
+
+    Speed, same masks: ``compile`` runs the denoiser, capture included, through ``torch.compile``
+    (inductor; the first batches of each batch size pay the compilation); ``channels_last`` stores
+    its convolution weights channels-last (UNet families; a transformer's only convolution is its
+    patch embedding). See :class:`~ondemand_seg.generation.DiffuMaskSampler`.
     """
 
     num_inference_steps: int | None = None
@@ -228,6 +240,8 @@ class SamplerConfig:
     classes_per_prompt: int = 1
     batch_size: int = 4
     scheduler: str | None = None
+    compile: bool = False
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.num_inference_steps is not None:
@@ -241,6 +255,11 @@ class SamplerConfig:
         self.batch_size = check_int("batch_size", self.batch_size, minimum=1)
         if self.scheduler is not None:
             scheduler_class(self.scheduler)
+        self.compile = check_bool("compile", self.compile)
+        if self.compile and torch.__version__ < COMPILE_MIN_TORCH:
+            raise ValueError(f"compile=True needs torch >= {COMPILE_MIN_TORCH} (regular expressions in "
+                             f"torch.compiler.config.dynamic_sources), this is torch {torch.__version__}")
+        self.channels_last = check_bool("channels_last", self.channels_last)
 
 
 @config_dataclass

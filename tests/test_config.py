@@ -3,6 +3,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from ondemand_seg import DiffuMaskConfig, MaskConfig, QualityConfig, SamplerConfig, resolve_config
 from ondemand_seg.config import DEFAULT_IMAGE_SIZE, from_dict, given_fields, merge_section, to_dict
@@ -282,3 +283,22 @@ def test_sample_source_resolves_the_same_way(tmp_path):
         SampleSource(folder, ["cat"])
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['prompt_names'\]"):
         SampleSource(folder, ["dog"], prompt_names={"dog": "puppy"})
+
+
+def test_speed_options_are_booleans_and_round_trip():
+    sampler = SamplerConfig(compile=True, channels_last=True)
+    assert from_dict(SamplerConfig, json.loads(json.dumps(to_dict(sampler)))) == sampler
+    assert (SamplerConfig().compile, SamplerConfig().channels_last) == (False, False)
+    with pytest.raises(TypeError, match=r"compile must be True or False, got 'yes' \(str\)"):
+        SamplerConfig(compile="yes")
+    with pytest.raises(TypeError, match=r"channels_last must be True or False, got 1 \(int\)"):
+        SamplerConfig(channels_last=1)
+
+
+def test_compile_names_the_torch_it_needs(monkeypatch):
+    from torch.torch_version import TorchVersion
+
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.7.1"))
+    with pytest.raises(ValueError, match=r"compile=True needs torch >= 2.8 .* this is torch 2.7.1"):
+        SamplerConfig(compile=True)
+    assert SamplerConfig(channels_last=True).channels_last, "channels_last works on any torch"

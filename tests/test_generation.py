@@ -131,3 +131,70 @@ def test_uint8_images_rounds_and_clamps():
     assert out.shape == (1, 1, 2, 3) and out.dtype.name == "uint8"
     # channel-last: pixel (0, 0) is (R, G, B) = (0.0, 1.0, -0.2), pixel (0, 1) is (0.5, 1.5, 0.999)
     assert out[0, 0, 0].tolist() == [0, 255, 0] and out[0, 0, 1].tolist() == [128, 255, 255]
+
+
+def test_channels_last_gives_the_same_masks():
+    pipe = build_tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    plain = DiffuMaskSampler(pipe, MaskConfig(), SamplerConfig(num_inference_steps=3))
+    reference = plain.generate([DOG, BIRD_DOG], [1, 2], (64, 64), keep_maps=True)
+    sampler = DiffuMaskSampler(pipe, MaskConfig(), SamplerConfig(num_inference_steps=3, channels_last=True))
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not pipe.unet.conv_in.weight.is_contiguous(), "premise: the weights really changed layout"
+    batch = sampler.generate([DOG, BIRD_DOG], [1, 2], (64, 64), keep_maps=True)
+    # Channels-last convolutions sum in another order: float rounding, nothing more.
+    assert torch.allclose(batch.images, reference.images, atol=1e-4)
+    assert torch.allclose(batch.fused, reference.fused, atol=1e-4)
+    assert torch.equal(batch.masks, reference.masks)
+
+
+def generate_counting(sampler, seeds):
+    """``sampler.generate`` with keep_maps, and the per-factor layer counts the store averaged over."""
+    counts = {}
+    captured = sampler.store.captured
+
+    def spy():
+        counts.update(sampler.store.counts)
+        return captured()
+
+    sampler.store.captured = spy
+    try:
+        return sampler.generate([DOG, BIRD_DOG], seeds, (64, 64), keep_maps=True), counts
+    finally:
+        del sampler.store.captured
+
+
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile does not run on this Python")
+def test_compiled_capture_gives_the_same_masks_without_graph_breaks_or_per_step_graphs(monkeypatch):
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+
+    from ondemand_seg import generation
+
+    pipe = build_tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    # A window inside (0, 1): steps before, inside and after it, and the first recorded step.
+    mask_config, steps = MaskConfig(timestep_window=(0.25, 0.75)), 6
+    reference, reference_counts = generate_counting(
+        DiffuMaskSampler(pipe, mask_config, SamplerConfig(num_inference_steps=steps)), [1, 2])
+    # Dynamo traces as for inductor; the counter runs the graphs eagerly and counts them.
+    graphs = CompileCounter()
+    monkeypatch.setattr(generation, "COMPILE_BACKEND", graphs)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        sampler = DiffuMaskSampler(pipe, mask_config, SamplerConfig(num_inference_steps=steps, compile=True))
+        first, first_counts = generate_counting(sampler, [1, 2])
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        # Not recording before the window, recording into empty sums, recording, not recording after.
+        assert graphs.frame_count == 4, "one graph per capture branch, not one per step"
+        again, _ = generate_counting(sampler, [3, 4])
+        assert graphs.frame_count == 4, "a second batch of the same size reuses the graphs"
+    finally:
+        torch._dynamo.reset()
+    # Python state the compiled graphs update: 4 recorded steps x the tiny UNet's 3, 3 and 4 layers.
+    assert first_counts == reference_counts == {1: 12, 2: 12, 4: 16}
+    assert torch.equal(first.masks, reference.masks)
+    assert torch.allclose(first.fused, reference.fused, atol=1e-6)
+    assert torch.allclose(first.images, reference.images, atol=1e-6)
+    assert not torch.equal(again.images, first.images), "other seeds, other images"

@@ -350,13 +350,15 @@ def main(args: argparse.Namespace) -> dict:
         optimizer.step()
         scheduler.step()
         step += 1
+        # .item() waits for the device, so a GPU's queued training work is timed as training, not
+        # left to show up as the next step's data wait.
+        loss_value = all_reduce_mean(loss.item(), device)
         done = time.perf_counter()
         if first_batch:  # worker start-up and pipeline loading, not steady-state feeding
             startup, first_batch = done - started, False
         else:
             waited += fetched - started
             trained += done - fetched
-        loss_value = all_reduce_mean(loss.item(), device)
         wait_share = waited / max(waited + trained, 1e-9)
         bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{args.batch_size * world / (done - started):.1f}",
                         data_wait=f"{wait_share:.0%}")
