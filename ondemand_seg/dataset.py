@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 
 from torch.utils.data import Dataset
 
-from .config import check_bool, check_callable, check_int
+from .config import check_bool, check_int
 from .loading import ModelSource
 from .source import RawSample, SampleSource
 from .stream import splice_partners
@@ -42,8 +42,6 @@ class DiffuMaskDataset(Dataset):
         length = check_int("length", length, minimum=1)
         cache_size = check_int("cache_size", cache_size, minimum=0)
         check_bool("augment", augment)
-        for name, value in (("transforms", transforms), ("transform", transform), ("target_transform", target_transform)):
-            check_callable(name, value)
         self.source = SampleSource(model, classes, **settings)
         self.length = length
         self.transforms = joint_transforms(transforms, transform, target_transform,

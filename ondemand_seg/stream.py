@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 
 from torch.utils.data import IterableDataset
 
-from .config import check_bool, check_callable, check_int
+from .config import check_bool, check_int
 from .loading import ModelSource
 from .seeding import schedule_seed, shard
 from .source import RawSample, SampleSource
@@ -78,8 +78,6 @@ class DiffuMaskStream(IterableDataset):
         if num_samples is not None:
             num_samples = check_int("num_samples", num_samples, minimum=1)
         check_bool("augment", augment)
-        for name, value in (("transforms", transforms), ("transform", transform), ("target_transform", target_transform)):
-            check_callable(name, value)
         self.source = SampleSource(model, classes, **settings)
         batch = self.source.sampler_config.batch_size
         if cache_size < batch:

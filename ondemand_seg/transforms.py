@@ -25,6 +25,8 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from torchvision.datasets.vision import StandardTransform
 
+from .config import check_callable
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -62,6 +64,8 @@ def joint_transforms(transforms: JointTransform | None, transform: Callable | No
     """The one joint transform a dataset applies, with ``torchvision.datasets.VisionDataset``'s rule:
     ``transforms`` alone, or ``transform``/``target_transform`` wrapped as a ``StandardTransform``;
     both kinds at once is an error. Nothing given: ``default`` (the library's augmentation)."""
+    for name, value in (("transforms", transforms), ("transform", transform), ("target_transform", target_transform)):
+        check_callable(name, value)
     has_separate = transform is not None or target_transform is not None
     if transforms is not None and has_separate:
         raise ValueError("Only transforms or transform/target_transform can be passed as argument")
