@@ -103,14 +103,53 @@ def test_synthetic_only_run_writes_metrics_and_resumes(tmp_path):
 
 def test_mixed_with_real_voc_and_full_augmentation(tmp_path):
     # The full recipe splices in the map-style synthetic set too (its items tile with other items
-    # of their generation block), next to real VOC-format data in one ConcatDataset.
+    # of their generation block), next to real VOC-format data in one ConcatDataset; a few real
+    # images are repeated so that the synthetic share stays the one asked for.
     from ondemand_seg.toyworld import write_voc
 
     write_voc(tmp_path / "real", n_train=8, n_val=4, image_size=32)
     done = run(["--voc-root", str(tmp_path / "real"), "--synthetic-ratio", "0.5", "--steps", "3", "--augment", "full",
-                "--output-dir", "mixed", "--workers", "0"], tmp_path)
+                "--real-images", "2", "--synthetic-length", "8", "--output-dir", "mixed", "--workers", "0"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "mixing 2 real images (x4) with 8 synthetic: 50% of samples synthetic" in done.stdout
     assert rows(tmp_path / "mixed", "final")[0]["step"] == 3
+
+
+def test_real_images_are_a_seeded_subset_the_same_for_real_only_and_mixed(tmp_path, monkeypatch):
+    from ondemand_seg.toyworld import write_voc
+
+    trainer = load_trainer(monkeypatch)
+    write_voc(tmp_path / "real", n_train=12, n_val=2, image_size=16)
+
+    def chosen(*flags):
+        args = trainer.get_args_parser().parse_args(["--voc-root", str(tmp_path / "real"), *flags])
+        subset = trainer.real_training_set(args, transform=None)
+        return [Path(subset.dataset.images[i]).stem for i in subset.indices]
+
+    seed0 = chosen("--real-images", "5", "--seed", "0")
+    assert len(set(seed0)) == 5
+    assert chosen("--real-only", "--real-images", "5", "--seed", "0") == seed0
+    assert chosen("--real-images", "5", "--seed", "1") != seed0
+    assert len(trainer.real_training_set(trainer.get_args_parser().parse_args(["--voc-root", str(tmp_path / "real")]),
+                                         transform=None)) == 12
+    with pytest.raises(SystemExit, match=r"--real-images 50 but .*real has 12 train images"):
+        chosen("--real-images", "50")
+    # Fewer images than a batch: refused, where drop_last would have made every epoch empty.
+    done = run(["--voc-root", str(tmp_path / "real"), "--real-only", "--real-images", "3", "--steps", "1",
+                "--output-dir", "few", "--workers", "0"], tmp_path, timeout=120)
+    assert done.returncode != 0 and "the training set has 3 samples, fewer than one batch (--batch-size 4" in done.stderr
+
+
+def test_mix_sizes_keep_the_synthetic_share(monkeypatch):
+    trainer = load_trainer(monkeypatch)
+    assert trainer.mix_sizes(1000, 0.5, None) == (1000, 1)  # no length given: the real set sets it
+    assert trainer.mix_sizes(100, 0.25, None) == (33, 1)
+    for n_real, ratio, length in [(25, 0.5, 256), (100, 0.5, 512), (25, 0.75, 512), (7, 0.3, 100)]:
+        synthetic, repeats = trainer.mix_sizes(n_real, ratio, length)
+        assert synthetic == length and repeats >= 1
+        assert abs(synthetic / (synthetic + repeats * n_real) - ratio) < 0.05
+    # More real images than the ratio wants: never fewer than one copy of each.
+    assert trainer.mix_sizes(1000, 0.5, 256) == (256, 1)
 
 
 def test_toyworld_is_written_at_the_generator_size_whatever_the_run(tmp_path):
@@ -146,6 +185,8 @@ def test_ddp_two_ranks_with_gloo(tmp_path):
         (["--class-thresholds", "ring"], "takes CLASS=γ items, got 'ring'"),
         (["--class-thresholds", "ring=1.5"], "threshold for 'ring' must be in (0, 1), got 1.5"),
         (["--class-thresholds", "ring=0.5", "--threshold-mode", "otsu"], "need threshold_mode 'fixed'"),
+        (["--real-images", "4"], "--real-images picks real training images and cannot go with --synthetic-only"),
+        (["--synthetic-length", "8"], "--synthetic-length sizes the synthetic part of a mixed run"),
     ],
 )
 def test_bad_flags_fail_early_and_clearly(tmp_path, args, message):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import ConcatDataset, DistributedSampler, RandomSampler
+from torch.utils.data import ConcatDataset, Dataset, DistributedSampler, RandomSampler, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.datasets import VOCSegmentation
 from torchvision.models import segmentation
@@ -59,6 +59,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-dir", type=Path, default=Path("data/toyworld"),
                       help="where the ToyWorld VOC folder is written when no --voc-root/--eval-root is given")
     data.add_argument("--synthetic-ratio", type=float, default=0.5, help="share of synthetic samples when mixing")
+    data.add_argument("--real-images", type=int, default=None,
+                      help="train on this many images of the real train split, drawn with --seed (default: all); "
+                           "the few-labels regime")
     data.add_argument("--crop-size", type=int, default=64, help="training and evaluation image size")
     add_generator_arguments(p, step_flag="--gen-steps", batch_flag="--gen-batch-size")
     gen = p.add_argument_group("synthetic data")
@@ -80,7 +83,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     gen.add_argument("--noise-mode", choices=["drop", "relabel"], default="drop",
                      help="what a pruned region becomes: ignore, or the model's prediction")
     gen.add_argument("--synthetic-length", type=int, default=None,
-                     help="size of the map-style synthetic set when mixing (default: from --synthetic-ratio)")
+                     help="size of the map-style synthetic set when mixing (default: from --synthetic-ratio); when "
+                          "given, the real images are repeated so that --synthetic-ratio still holds")
     model = p.add_argument_group("model and optimisation")
     model.add_argument("--backbone", default="mobilenet_v3_large", help="one of " + ", ".join(BACKBONES))
     model.add_argument("--backbone-weights", type=Path, default=None,
@@ -122,8 +126,13 @@ def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
     problem = output_dir_problem(args.output_dir)
     if problem:
         raise SystemExit(f"error: --output-dir {args.output_dir} {problem}")
-    for flag in ("steps", "batch_size", "reuse", "cache_size", "crop_size", "checkpoint_every"):
-        if getattr(args, flag) < 1:
+    if args.real_images is not None and args.synthetic_only:
+        raise SystemExit("error: --real-images picks real training images and cannot go with --synthetic-only")
+    if args.synthetic_length is not None and (args.synthetic_only or args.real_only):
+        raise SystemExit("error: --synthetic-length sizes the synthetic part of a mixed run; drop --synthetic-only/--real-only")
+    for flag in ("steps", "batch_size", "reuse", "cache_size", "crop_size", "checkpoint_every", "real_images",
+                 "synthetic_length"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if label_space != TOY_CLASSES and (args.eval_root is None or (args.voc_root is None and not args.synthetic_only)):
         raise SystemExit("error: the default real data is ToyWorld; with another label space pass --voc-root and --eval-root")
@@ -200,18 +209,46 @@ def build_train_loader(args, config, rank: int, world: int, device: torch.device
         stream = DiffuMaskStream(args.model, args.classes, reuse=args.reuse, cache_size=args.cache_size, seed=args.seed,
                                  transforms=synthetic_transform(args), **config.to_dict())
         return StatefulDataLoader(stream, **common), stream
-    real = VOCSegmentation(str(args.voc_root), year="2012", image_set="train", transforms=transform)
+    real = real_training_set(args, transform)
     parts = [real]
     if not args.real_only:
-        length = args.synthetic_length or max(1, round(len(real) * args.synthetic_ratio / (1 - args.synthetic_ratio)))
+        length, repeats = mix_sizes(len(real), args.synthetic_ratio, args.synthetic_length)
+        parts = [real] * repeats
         # The whole synthetic set stays cached: later epochs reuse it, and splicing draws each item's
         # partners from its generation block, generated once.
         parts.append(DiffuMaskDataset(args.model, args.classes, length=length, transforms=synthetic_transform(args),
                                       cache_size=length, seed=args.seed, **config.to_dict()))
+        if is_main_process():
+            print(f"mixing {len(real)} real images (x{repeats}) with {length} synthetic: "
+                  f"{length / (length + repeats * len(real)):.0%} of samples synthetic")
     dataset = ConcatDataset(parts)
+    if len(dataset) < args.batch_size * world:  # drop_last would make every epoch empty: a silent endless loop
+        raise SystemExit(f"error: the training set has {len(dataset)} samples, fewer than one batch "
+                         f"(--batch-size {args.batch_size} x {world} processes); lower --batch-size or add images")
     sampler = (DistributedSampler(dataset, world, rank, seed=args.seed) if world > 1
                else RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed)))
     return StatefulDataLoader(dataset, sampler=sampler, **common), dataset
+
+
+def real_training_set(args: argparse.Namespace, transform) -> Dataset:
+    """The real train split, or ``--real-images`` of it drawn with ``--seed`` (the same images for
+    a real-only and a mixed run of one seed)."""
+    real = VOCSegmentation(str(args.voc_root), year="2012", image_set="train", transforms=transform)
+    if args.real_images is None:
+        return real
+    if args.real_images > len(real):
+        raise SystemExit(f"error: --real-images {args.real_images} but {args.voc_root} has {len(real)} train images")
+    chosen = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))[: args.real_images]
+    return Subset(real, sorted(chosen.tolist()))
+
+
+def mix_sizes(n_real: int, ratio: float, synthetic_length: int | None) -> tuple[int, int]:
+    """(synthetic set length, times the real set is repeated) so that about ``ratio`` of a mixed
+    epoch is synthetic. Repeating the real part, rather than weighting a sampler, keeps the plain
+    ``RandomSampler``/``DistributedSampler`` whose position the stateful loader resumes exactly."""
+    if synthetic_length is None:
+        return max(1, round(n_real * ratio / (1 - ratio))), 1
+    return synthetic_length, max(1, round(synthetic_length * (1 - ratio) / (ratio * n_real)))
 
 
 @torch.no_grad()

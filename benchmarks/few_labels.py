@@ -1,0 +1,146 @@
+"""Few labels: does the DiffuMask stream help when real labels are scarce?
+
+For each real training-set size (ToyWorld train images drawn with the run's seed) and each seed,
+DeepLabV3 is trained twice with the same optimizer steps, batch size, crop and ToyWorld val split:
+
+- ``real_only``: the real images alone;
+- ``mixed``: the same real images + a DiffuMask synthetic set through ``ConcatDataset``, the real
+  part repeated so that ``--synthetic-ratio`` of the samples are synthetic (train_deeplab.py's
+  ``--real-images``, ``--synthetic-length``, ``--synthetic-ratio``), once per generator model.
+
+The table gives mean ± sample standard deviation over seeds and the gain of mixing in mIoU points.
+
+    python benchmarks/few_labels.py --json benchmarks/results/few_labels.json --results-md benchmarks/RESULTS.md
+
+Runs finished earlier into the same JSON are kept (an interrupted table resumes where it stopped);
+``--results-md`` rewrites the part of that Markdown file between the few-labels markers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from common import train, write_json
+
+BEGIN, END = "<!-- few_labels:begin -->", "<!-- few_labels:end -->"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="real-only vs real + DiffuMask stream with 25, 100, 1000 real ToyWorld images")
+    p.add_argument("--sizes", type=int, nargs="+", default=[25, 100, 1000], help="real training images")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--models", nargs="+", default=["toy", "toy-unaided"], help="generator models for the mixed runs")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps per run (the main job's)")
+    p.add_argument("--synthetic-ratio", type=float, default=0.5, help="share of synthetic samples in a mixed run")
+    p.add_argument("--synthetic-length", type=int, default=512, help="synthetic images generated per mixed run")
+    p.add_argument("--work-dir", type=Path, default=Path("out/few_labels"))
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--results-md", type=Path, default=None,
+                   help=f"Markdown file whose part between {BEGIN} and {END} gets the table")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="more train_deeplab.py flags, after --")
+    return p
+
+
+def run_key(condition: str, size: int, seed: int) -> str:
+    return f"{condition}/{size}/seed{seed}"
+
+
+def planned_runs(args) -> list[tuple[str, list[str]]]:
+    """(key, train_deeplab.py flags) of every run, real-only first (they need no generator)."""
+    runs = []
+    for size in args.sizes:
+        for seed in args.seeds:
+            runs.append((run_key("real_only", size, seed), ["--real-only", "--real-images", str(size), "--seed", str(seed)]))
+    for model in args.models:
+        for size in args.sizes:
+            for seed in args.seeds:
+                runs.append((run_key(f"mixed:{model}", size, seed),
+                             ["--model", model, "--real-images", str(size), "--seed", str(seed),
+                              "--synthetic-ratio", str(args.synthetic_ratio),
+                              "--synthetic-length", str(args.synthetic_length)]))
+    return runs
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(results: dict, sizes: list[int], models: list[str]) -> tuple[dict, str]:
+    """Per size: each condition's mean/std mIoU over the seeds it has, and each model's gain in
+    points (mean of mixed minus mean of real-only); and the Markdown table of it."""
+    summary, lines = {}, []
+    header = "| real images | real-only mIoU | " + " | ".join(f"real + {m} stream | gain ({m})" for m in models) + " |"
+    lines += [header, "|" + "---|" * (2 + 2 * len(models))]
+    for size in sizes:
+        row = {}
+        for condition in ["real_only", *(f"mixed:{m}" for m in models)]:
+            values = [r["miou"] for k, r in results.items() if k.startswith(f"{condition}/{size}/")]
+            if values:
+                mean, std = mean_std(values)
+                row[condition] = {"mean": mean, "std": std, "seeds": len(values)}
+        for m in models:
+            if "real_only" in row and f"mixed:{m}" in row:
+                row[f"gain_points:{m}"] = 100 * (row[f"mixed:{m}"]["mean"] - row["real_only"]["mean"])
+        summary[str(size)] = row
+
+        def cell(condition):
+            c = row.get(condition)
+            return f"{c['mean']:.3f} ± {c['std']:.3f} ({c['seeds']})" if c else "not run"
+
+        gains = " | ".join(f"{cell(f'mixed:{m}')} | " + (f"{row[f'gain_points:{m}']:+.1f}" if f"gain_points:{m}" in row else "–")
+                           for m in models)
+        lines.append(f"| {size} | {cell('real_only')} | {gains} |")
+    return summary, "\n".join(lines)
+
+
+def check_results_file(path: Path) -> str:
+    """``path``'s text; refused (before hours of training) when it lacks the markers."""
+    if not path.is_file():
+        raise SystemExit(f"error: --results-md {path} is not a file")
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"error: {path} has no {BEGIN} ... {END} markers to put the table between")
+    return text
+
+
+def write_results_section(path: Path, table: str, command: str) -> None:
+    """Replace the text between the few-labels markers of ``path`` with the table."""
+    text = check_results_file(path)
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    body = f"{BEGIN}\n`{command}`\n\n{table}\n\nmIoU: mean ± sample standard deviation (number of seeds); gain in mIoU points.\n{END}"
+    path.write_text(head + body + tail)
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    extra = [a for a in args.extra if a != "--"]
+    if args.results_md is not None:
+        check_results_file(args.results_md)
+    results = json.loads(args.json.read_text()).get("runs", {}) if args.json and args.json.exists() else {}
+    for key, flags in planned_runs(args):
+        if key in results:
+            continue
+        flags = [*flags, "--steps", str(args.steps), "--output-dir", str(args.work_dir / key.replace(":", "_")),
+                 "--data-dir", str(args.work_dir / "toyworld"), *extra]
+        print(f"== {key}: train_deeplab.py {' '.join(flags)}", flush=True)
+        started = time.perf_counter()
+        final = train(flags)
+        results[key] = {"miou": final["miou"], "per_class_iou": final["per_class_iou"],
+                        "minutes": (time.perf_counter() - started) / 60, "flags": flags}
+        summary, _ = summarize(results, args.sizes, args.models)
+        write_json(args.json, {"runs": results, "summary": summary})  # after every run
+    summary, table = summarize(results, args.sizes, args.models)
+    write_json(args.json, {"runs": results, "summary": summary})
+    print(table)
+    if args.results_md is not None:
+        write_results_section(args.results_md, table, "python benchmarks/few_labels.py " + " ".join(argv or sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

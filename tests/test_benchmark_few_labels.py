@@ -1,0 +1,56 @@
+"""benchmarks/few_labels.py, run as users run it at tiny sizes: every planned run is trained once,
+the table is built from the runs' mIoU, an interrupted table resumes, and the RESULTS section is
+rewritten between its markers."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+TINY = ["--", "--vocabulary", "toy", "--batch-size", "4", "--gen-steps", "2", "--eval-limit", "4", "--threads", "1",
+        "--workers", "0", "--image-size", "16"]
+
+
+def few_labels(tmp_path, *args):
+    return subprocess.run([sys.executable, str(BENCHMARKS / "few_labels.py"), "--work-dir", str(tmp_path / "work"), *args],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_table_of_real_only_and_mixed_runs_resumes_and_lands_in_results(tmp_path):
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# Results\n\n<!-- few_labels:begin -->\nold table\n<!-- few_labels:end -->\n\nafter\n")
+    out = tmp_path / "few.json"
+    args = ["--sizes", "4", "--seeds", "0", "1", "--models", "random-weights", "--steps", "1",
+            "--synthetic-length", "4", "--json", str(out), "--results-md", str(results_md), *TINY]
+    done = few_labels(tmp_path, *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert set(data["runs"]) == {"real_only/4/seed0", "real_only/4/seed1",
+                                 "mixed:random-weights/4/seed0", "mixed:random-weights/4/seed1"}
+    mixed_flags = data["runs"]["mixed:random-weights/4/seed1"]["flags"]
+    assert mixed_flags[mixed_flags.index("--real-images") + 1] == "4" and "--real-only" not in mixed_flags
+    row = data["summary"]["4"]
+    real = [data["runs"][f"real_only/4/seed{s}"]["miou"] for s in (0, 1)]
+    assert row["real_only"]["seeds"] == 2 and abs(row["real_only"]["mean"] - sum(real) / 2) < 1e-9
+    gain = 100 * (row["mixed:random-weights"]["mean"] - row["real_only"]["mean"])
+    assert abs(row["gain_points:random-weights"] - gain) < 1e-9
+    text = results_md.read_text()
+    assert "old table" not in text and text.endswith("after\n")
+    assert "| 4 | " in text and "python benchmarks/few_labels.py" in text
+
+    # Everything is in the JSON already: a rerun trains nothing and prints the same table.
+    again = few_labels(tmp_path, *args)
+    assert again.returncode == 0 and "==" not in again.stdout
+    assert json.loads(out.read_text())["runs"] == data["runs"]
+
+
+def test_results_file_without_markers_is_refused(tmp_path):
+    (tmp_path / "few.json").write_text(json.dumps({"runs": {}}))
+    (tmp_path / "R.md").write_text("no markers\n")
+    done = few_labels(tmp_path, "--sizes", "3", "--seeds", "0", "--models", "random-weights", "--steps", "1",
+                      "--json", str(tmp_path / "few.json"), "--results-md", str(tmp_path / "R.md"))
+    # Refused before any training starts: nothing was run into the work folder.
+    assert done.returncode != 0 and "R.md has no <!-- few_labels:begin -->" in done.stderr
+    assert not (tmp_path / "work").exists()
