@@ -1,5 +1,6 @@
 """The embedded toy model: ships in the package, loads offline like real SD, and its masks are good."""
 import json
+import os
 import random
 import subprocess
 import sys
@@ -110,3 +111,26 @@ def test_toy_mmdit_loads_as_sd3_without_t5_and_streams(monkeypatch):
     image, mask = samples[0]
     assert image.shape == (3, 32, 32) and mask.shape == (32, 32)
     assert set(mask.unique().tolist()) <= set(range(len(TOY_CLASSES))) | {255}
+
+
+def test_mask_recipes_measures_each_recipe_on_the_same_images_and_confirms_the_best(tmp_path):
+    out = tmp_path / "recipes.json"
+    done = subprocess.run([sys.executable, "benchmarks/mask_recipes.py", "--model", "toy", "--fusions", "f1-late",
+                           "--n", "5", "--confirm-n", "5", "--batch-size", "5", "--calibration-per-class", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    search = result["search"]
+    # threshold (fixed, Otsu, per class) x refinement (none, affinity, self-attention at the finest
+    # self-attention grid, both); the shipped toy's finest self-attention is at factor 2.
+    assert result["self_attention_factor"] == 2 and len(search) == 12
+    per_class = search["f1-late | γ per class + affinity"]
+    assert per_class["labelled_images"] == 5 and per_class["mask"]["class_thresholds"]
+    assert search["f1-late | Otsu + self-attention"]["mask"]["self_attention_factor"] == 2
+    assert search["f1-late | fixed γ 0.4"]["labelled_images"] == 0
+    # Same images for every recipe: the centre box scores the same truth each time.
+    assert len({round(r["centre_box"], 9) for r in search.values()}) == 1
+    best = max((k for k, r in search.items() if not r["labelled_images"]), key=lambda k: search[k]["mean"])
+    assert best in result["confirm"] and result["confirm"][best]["seed"] == 1
+    assert "| f1-late | " in done.stdout

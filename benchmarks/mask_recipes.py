@@ -1,0 +1,160 @@
+"""Every mask recipe on one ToyWorld model: mask IoU against the colour oracle, per class.
+
+A recipe is a fusion of the captured maps (latent factors and timestep window) and a way to turn
+the fused map into labels: fixed γ (the paper's, ``MaskConfig``'s defaults), Otsu per image and
+class, per-class γ calibrated on a few oracle-labelled images (the only recipe that needs labels;
+their number is in the table), each with and without affinity refinement (random walk along image
+colour) and self-attention refinement (propagation through the model's own self-attention at its
+finest grid), alone and combined. Each recipe is measured with
+``benchmarks/mask_quality.py``'s measurement (same prompts and seeds for every recipe, so the same
+images); the search runs on ``--seed`` and the best label-free and best labelled recipes, with the
+paper's fixed-γ baseline, are confirmed on ``--confirm-seed`` (other images).
+
+    python benchmarks/mask_recipes.py --model toy-unaided --json benchmarks/results/mask_recipes_toy_unaided.json
+
+``diffumask`` figures exclude ignore-band pixels (as the library's training does); ``band as miss``
+counts them as unlabelled object pixels.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import mask_quality
+from ablation import calibrated
+from common import write_json
+
+from ondemand_seg.config import resolve_config
+
+# (name, MaskConfig fusion fields); None keeps MaskConfig's defaults (the paper's: the model's own grids, all steps).
+FUSIONS = {
+    "default": {"resolution_weights": None, "timestep_window": (0.0, 1.0)},
+    "f1-late": {"resolution_weights": {1: 1.0}, "timestep_window": (0.9, 1.0)},
+    "f1+2+4": {"resolution_weights": {1: 1.0, 2: 1.0, 4: 1.0}, "timestep_window": (0.0, 1.0)},
+    "f2": {"resolution_weights": {2: 1.0}, "timestep_window": (0.0, 1.0)},
+}
+# MaskConfig's defaults, which the paper's recipe is: fixed γ 0.4 with a 0.05 ignore band, no refinement.
+PAPER = {"threshold_mode": "fixed", "threshold": 0.4, "ignore_band": 0.05, "normalization": "minmax",
+         "refine": "none", "self_attention_factor": None, "class_thresholds": {}}
+
+
+def recipes(self_attention_factor: int | None, per_class: bool) -> dict[str, dict]:
+    """Recipe name -> MaskConfig overrides beyond the fusion; "γ per class" ones are calibrated later."""
+    out = {}
+    refinements = [("", {})]
+    refinements.append((" + affinity", {"refine": "affinity"}))
+    if self_attention_factor is not None:
+        refinements.append((" + self-attention", {"self_attention_factor": self_attention_factor}))
+        refinements.append((" + self-attention + affinity", {"self_attention_factor": self_attention_factor,
+                                                             "refine": "affinity"}))
+    thresholds = [("fixed γ 0.4", {}), ("Otsu", {"threshold_mode": "otsu"})]
+    if per_class:
+        thresholds.append(("γ per class", {"threshold_mode": "per-class"}))
+    for (t_name, t), (r_name, r) in itertools.product(thresholds, refinements):
+        out[t_name + r_name] = {**PAPER, **t, **r}
+    return out
+
+
+def finest_self_attention(model) -> int | None:
+    """The finest latent factor with self-attention in the model's denoiser (None: it has none)."""
+    from ondemand_seg.source import SampleSource
+    from ondemand_seg.toyworld import TOY_CLASSES
+
+    spec = SampleSource(model, list(TOY_CLASSES[1:2]), label_space=TOY_CLASSES).sampler.spec
+    factors = getattr(spec, "self_factors", None)
+    return min(factors) if factors else None
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="mask IoU of every recipe on a ToyWorld model")
+    p.add_argument("--model", default="toy-unaided")
+    p.add_argument("--n", type=int, default=100, help="samples per recipe on the search seed")
+    p.add_argument("--confirm-n", type=int, default=200, help="samples per recipe on the confirmation seed")
+    p.add_argument("--seed", type=int, default=0, help="search seed")
+    p.add_argument("--confirm-seed", type=int, default=1)
+    p.add_argument("--fusions", nargs="+", choices=sorted(FUSIONS), default=list(FUSIONS))
+    p.add_argument("--calibration-per-class", type=int, default=10,
+                   help="oracle-labelled images per class for per-class γ (0: skip those recipes)")
+    p.add_argument("--batch-size", type=int, default=20)
+    p.add_argument("--json", type=Path, default=None)
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    self_factor = finest_self_attention(args.model)
+    results = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
+    search = results.setdefault("search", {})
+    cache: dict = {}
+
+    def overrides(fusion: str, recipe: dict) -> dict:
+        mask = {**recipe, **FUSIONS[fusion]}
+        if mask["resolution_weights"] is None:
+            mask.pop("resolution_weights")  # the model's own grids
+        if mask["threshold_mode"] == "per-class":
+            key_cache = cache.setdefault(fusion, {})
+            mask = calibrated(args.model, {**mask, "threshold_mode": "otsu"}, args.calibration_per_class, key_cache)
+        return mask
+
+    def measure(fusion: str, name: str, recipe: dict, seed: int, n: int) -> dict:
+        mask = overrides(fusion, recipe)
+        r = mask_quality.measure(args.model, n, seed, args.batch_size, mask_overrides=mask, other_readings=False,
+                                 progress=False)
+        row = {"fusion": fusion, "recipe": name, "mask": r["mask_config"], "n": n, "seed": seed,
+               "mean": r["diffumask"]["mean"], "per_class": r["diffumask"]["per_class"],
+               "band_as_miss": r["diffumask_band_as_miss"]["mean"], "centre_box": r["centre_box"]["mean"],
+               "labelled_images": 5 * args.calibration_per_class if recipe["threshold_mode"] == "per-class" else 0}
+        print(f"{fusion:8s} {name:40s} seed {seed}: {row['mean']:.3f} (band as miss {row['band_as_miss']:.3f})",
+              flush=True)
+        return row
+
+    table = recipes(self_factor, args.calibration_per_class > 0)
+    for fusion in args.fusions:
+        for name, recipe in table.items():
+            key = f"{fusion} | {name}"
+            if key not in search:
+                search[key] = measure(fusion, name, recipe, args.seed, args.n)
+                write_json(args.json, results)
+    # Confirmation on other images: the paper's baseline, the best label-free and the best labelled recipe.
+    label_free = [k for k, r in search.items() if r["labelled_images"] == 0]
+    labelled = [k for k, r in search.items() if r["labelled_images"] > 0]
+    picks = {"paper": "default | fixed γ 0.4", "best_label_free": max(label_free, key=lambda k: search[k]["mean"])}
+    picks["fixed_on_best_fusion"] = f"{search[picks['best_label_free']]['fusion']} | fixed γ 0.4"
+    if labelled:
+        picks["best_labelled"] = max(labelled, key=lambda k: search[k]["mean"])
+    confirm = results.setdefault("confirm", {})
+    for role, key in picks.items():
+        if key in search and key not in confirm:
+            fusion, name = key.split(" | ")
+            confirm[key] = {**measure(fusion, name, table[name], args.confirm_seed, args.confirm_n), "role": role}
+            write_json(args.json, results)
+    results["model"], results["self_attention_factor"] = str(args.model), self_factor
+    results["image_size"] = list(resolve_config(args.model).image_size)
+    write_json(args.json, results)
+    print(markdown(results))
+    return 0
+
+
+def markdown(results: dict) -> str:
+    lines = []
+    for part, title in (("search", f"search (seed {next(iter(results['search'].values()))['seed']})"),
+                        ("confirm", "confirmation (other images)")):
+        rows = results.get(part, {})
+        if not rows:
+            continue
+        classes = list(next(iter(rows.values()))["per_class"])
+        lines += [f"{title}:", "", "| fusion | recipe | labelled images | " + " | ".join(classes) + " | mean | band as miss |",
+                  "|---" * (len(classes) + 5) + "|"]
+        for key, r in sorted(rows.items(), key=lambda kv: -kv[1]["mean"]):
+            lines.append(f"| {r['fusion']} | {r['recipe']} | {r['labelled_images']} | "
+                         + " | ".join(f"{r['per_class'][c]:.3f}" for c in classes)
+                         + f" | **{r['mean']:.3f}** | {r['band_as_miss']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
