@@ -35,6 +35,8 @@ FUSIONS = {
     "f1-late": {"resolution_weights": {1: 1.0}, "timestep_window": (0.9, 1.0)},
     "f1+2+4": {"resolution_weights": {1: 1.0, 2: 1.0, 4: 1.0}, "timestep_window": (0.0, 1.0)},
     "f2": {"resolution_weights": {2: 1.0}, "timestep_window": (0.0, 1.0)},
+    "f2-late": {"resolution_weights": {2: 1.0}, "timestep_window": (0.5, 1.0)},
+    "f2+4": {"resolution_weights": {2: 1.0, 4: 1.0}, "timestep_window": (0.0, 1.0)},
 }
 # MaskConfig's defaults, which the paper's recipe is: fixed γ 0.4 with a 0.05 ignore band, no refinement.
 PAPER = {"threshold_mode": "fixed", "threshold": 0.4, "ignore_band": 0.05, "normalization": "minmax",
@@ -71,7 +73,7 @@ def finest_self_attention(model) -> int | None:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="mask IoU of every recipe on a ToyWorld model")
     p.add_argument("--model", default="toy-unaided")
-    p.add_argument("--n", type=int, default=100, help="samples per recipe on the search seed")
+    p.add_argument("--n", type=int, default=60, help="samples per recipe on the search seed")
     p.add_argument("--confirm-n", type=int, default=200, help="samples per recipe on the confirmation seed")
     p.add_argument("--seed", type=int, default=0, help="search seed")
     p.add_argument("--confirm-seed", type=int, default=1)
@@ -79,6 +81,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-per-class", type=int, default=10,
                    help="oracle-labelled images per class for per-class γ (0: skip those recipes)")
     p.add_argument("--batch-size", type=int, default=20)
+    p.add_argument("--search-only", action="store_true",
+                   help="skip the confirmation (e.g. fusions searched by separate processes, one JSON each)")
     p.add_argument("--json", type=Path, default=None)
     return p
 
@@ -118,6 +122,9 @@ def main(argv=None) -> int:
             if key not in search:
                 search[key] = measure(fusion, name, recipe, args.seed, args.n)
                 write_json(args.json, results)
+    if args.search_only:
+        print(markdown(results))
+        return 0
     # Confirmation on other images: the paper's baseline, the best label-free and the best labelled recipe.
     label_free = [k for k, r in search.items() if r["labelled_images"] == 0]
     labelled = [k for k, r in search.items() if r["labelled_images"] > 0]

@@ -20,9 +20,14 @@ ModelSource = Union[str, os.PathLike, Callable[[], object]]
 TOY_MODEL = "toy"
 TOY_MODEL_DIR = Path(__file__).parent / "models" / "toy"
 TOY_MMDIT_MODEL = "toy-mmdit"
+# The toy architecture with self-attention at its finest grid, trained without the localisation
+# loss: attention that was never taught where objects are, as in real Stable Diffusion.
+TOY_UNAIDED_MODEL = "toy-unaided"
 # Built-in model names and the folders shipped inside the package.
-BUILTIN_MODELS = {TOY_MODEL: TOY_MODEL_DIR, TOY_MMDIT_MODEL: Path(__file__).parent / "models" / "toy-mmdit"}
-_TRAINERS = {TOY_MODEL: "benchmarks/toy/train_toy_model.py", TOY_MMDIT_MODEL: "benchmarks/toy/train_toy_mmdit.py"}
+BUILTIN_MODELS = {TOY_MODEL: TOY_MODEL_DIR, TOY_MMDIT_MODEL: Path(__file__).parent / "models" / "toy-mmdit",
+                  TOY_UNAIDED_MODEL: Path(__file__).parent / "models" / "toy-unaided"}
+_TRAINERS = {TOY_MODEL: "benchmarks/toy/train_toy_model.py", TOY_MMDIT_MODEL: "benchmarks/toy/train_toy_mmdit.py",
+             TOY_UNAIDED_MODEL: "benchmarks/toy/train_toy_model.py --attn-weight 0 --self-attn-16"}
 RANDOM_WEIGHTS_MODEL = "random-weights"
 PRESET_FILE = "ondemand_seg.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -32,7 +37,7 @@ SAFETENSORS_MAX_HEADER = 100_000_000
 
 
 def resolve_model(model: ModelSource) -> ModelSource:
-    """The folder behind a built-in name (``"toy"``, ``"toy-mmdit"``), else ``model`` unchanged."""
+    """The folder behind a built-in name (``"toy"``, ``"toy-mmdit"``, ``"toy-unaided"``), else ``model`` unchanged."""
     if isinstance(model, str) and model in BUILTIN_MODELS:
         folder = BUILTIN_MODELS[model]
         if not (folder / "model_index.json").is_file():

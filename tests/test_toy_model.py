@@ -113,6 +113,26 @@ def test_toy_mmdit_loads_as_sd3_without_t5_and_streams(monkeypatch):
     assert set(mask.unique().tolist()) <= set(range(len(TOY_CLASSES))) | {255}
 
 
+def test_toy_unaided_has_self_attention_at_its_finest_grid_and_streams_with_its_preset(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipeline = load_pipeline("toy-unaided", torch.device("cpu"))
+    # The shipped toy's 16x16 block runs two cross-attentions; this one self-attention then cross-attention.
+    assert not any(pipeline.unet.config.only_cross_attention)
+    assert load_pipeline("toy", torch.device("cpu")).unet.config.only_cross_attention[0]
+    config = resolve_config("toy-unaided")
+    assert config.image_size == (32, 32) and config.label_space == TOY_CLASSES
+    # Its preset is the best label-free recipe of benchmarks/mask_recipes.py: no per-class γ.
+    assert config.mask.class_thresholds == {} and config.mask.self_attention_factor == 1
+    assert config.mask.refine == "affinity" and config.mask.resolution_weights == {2: 1.0}
+    assert config.mask.threshold_mode == "otsu"
+    stream = DiffuMaskStream("toy-unaided", list(TOY_CLASSES[1:]), num_samples=2, seed=3, sampler={"batch_size": 2})
+    samples = list(stream)
+    assert len(samples) == 2 and stream.stats()["accepted"] >= 2
+    image, mask = samples[0]
+    assert image.shape == (3, 32, 32) and mask.shape == (32, 32)
+    assert set(mask.unique().tolist()) <= set(range(len(TOY_CLASSES))) | {255}
+
+
 def test_mask_recipes_measures_each_recipe_on_the_same_images_and_confirms_the_best(tmp_path):
     out = tmp_path / "recipes.json"
     done = subprocess.run([sys.executable, "benchmarks/mask_recipes.py", "--model", "toy", "--fusions", "f1-late",
