@@ -41,6 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--results-md", type=Path, default=None,
                    help=f"Markdown file whose part between {BEGIN} and {END} gets the table")
+    p.add_argument("--table-only", action="store_true",
+                   help="build the table from the runs already in --json, training nothing (missing runs: 'not run')")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more train_deeplab.py flags, after --")
     return p
 
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
         check_results_file(args.results_md)
     results = json.loads(args.json.read_text()).get("runs", {}) if args.json and args.json.exists() else {}
     for key, flags in planned_runs(args):
-        if key in results:
+        if key in results or args.table_only:
             continue
         flags = [*flags, "--steps", str(args.steps), "--output-dir", str(args.work_dir / key.replace(":", "_")),
                  "--data-dir", str(args.work_dir / "toyworld"), *extra]
@@ -138,7 +140,9 @@ def main(argv=None) -> int:
     write_json(args.json, {"runs": results, "summary": summary})
     print(table)
     if args.results_md is not None:
-        write_results_section(args.results_md, table, "python benchmarks/few_labels.py " + " ".join(argv or sys.argv[1:]))
+        # The command that trains the table (--table-only only re-reads it).
+        command = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--table-only"]
+        write_results_section(args.results_md, table, "python benchmarks/few_labels.py " + " ".join(command))
     return 0
 
 

@@ -95,9 +95,8 @@ def main(argv=None) -> int:
     cache: dict = {}
 
     def overrides(fusion: str, recipe: dict) -> dict:
+        # An explicit None (the model's own grids), not a missing key, which would fall back to the preset's fusion.
         mask = {**recipe, **FUSIONS[fusion]}
-        if mask["resolution_weights"] is None:
-            mask.pop("resolution_weights")  # the model's own grids
         if mask["threshold_mode"] == "per-class":
             key_cache = cache.setdefault(fusion, {})
             mask = calibrated(args.model, {**mask, "threshold_mode": "otsu"}, args.calibration_per_class, key_cache)

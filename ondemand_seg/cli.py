@@ -33,7 +33,8 @@ def add_generator_arguments(parser: argparse.ArgumentParser, step_flag: str = "-
     """
     group = parser.add_argument_group("generator (unset flags come from the model's preset, then the defaults)")
     group.add_argument("--model", default="toy",
-                       help="'toy' (the embedded ToyWorld model), a local diffusers folder, a hub id, or "
+                       help="'toy' (the embedded ToyWorld model; 'toy-mmdit': its SD3-layout twin; 'toy-unaided': "
+                            "attention never taught to localise), a local diffusers folder, a hub id, or "
                             "'random-weights' (noise, for a smoke test)")
     group.add_argument("--vocabulary", "--label-space", dest="vocabulary", default=None, metavar="NAME_OR_FILE",
                        help=f"label space and prompt words: a built-in ({', '.join(BUILTIN_VOCABULARIES)}) or a "

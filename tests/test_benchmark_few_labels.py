@@ -44,6 +44,9 @@ def test_table_of_real_only_and_mixed_runs_resumes_and_lands_in_results(tmp_path
     again = few_labels(tmp_path, *args)
     assert again.returncode == 0 and "==" not in again.stdout
     assert json.loads(out.read_text())["runs"] == data["runs"]
+    # A table over more sizes than were run, from the JSON alone: missing cells say so.
+    table = few_labels(tmp_path, "--table-only", "--sizes", "4", "9", *args[2:])
+    assert table.returncode == 0 and "==" not in table.stdout and "| 9 | not run |" in table.stdout
 
 
 def test_results_file_without_markers_is_refused(tmp_path):
