@@ -45,19 +45,14 @@ PAPER = {"threshold_mode": "fixed", "threshold": 0.4, "ignore_band": 0.05, "norm
 
 def recipes(self_attention_factor: int | None, per_class: bool) -> dict[str, dict]:
     """Recipe name -> MaskConfig overrides beyond the fusion; "γ per class" ones are calibrated later."""
-    out = {}
-    refinements = [("", {})]
-    refinements.append((" + affinity", {"refine": "affinity"}))
+    refinements = [("", {}), (" + affinity", {"refine": "affinity"})]
     if self_attention_factor is not None:
-        refinements.append((" + self-attention", {"self_attention_factor": self_attention_factor}))
-        refinements.append((" + self-attention + affinity", {"self_attention_factor": self_attention_factor,
-                                                             "refine": "affinity"}))
+        through = {"self_attention_factor": self_attention_factor}
+        refinements += [(" + self-attention", through), (" + self-attention + affinity", {**through, "refine": "affinity"})]
     thresholds = [("fixed γ 0.4", {}), ("Otsu", {"threshold_mode": "otsu"})]
     if per_class:
         thresholds.append(("γ per class", {"threshold_mode": "per-class"}))
-    for (t_name, t), (r_name, r) in itertools.product(thresholds, refinements):
-        out[t_name + r_name] = {**PAPER, **t, **r}
-    return out
+    return {t_name + r_name: {**PAPER, **t, **r} for (t_name, t), (r_name, r) in itertools.product(thresholds, refinements)}
 
 
 def finest_self_attention(model) -> int | None:
@@ -66,8 +61,7 @@ def finest_self_attention(model) -> int | None:
     from ondemand_seg.toyworld import TOY_CLASSES
 
     spec = SampleSource(model, list(TOY_CLASSES[1:2]), label_space=TOY_CLASSES).sampler.spec
-    factors = getattr(spec, "self_factors", None)
-    return min(factors) if factors else None
+    return min(spec.self_factors) if spec.self_factors else None
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -94,6 +94,16 @@ def test_cross_attention_at_several_resolutions(factor):
     assert batch.masks.shape == (1, 32, 32)
 
 
+def assert_streams_two_toyworld_samples(model):
+    """Two samples of ``model``'s stream pass the gate as 32 px image/ToyWorld-label pairs."""
+    stream = DiffuMaskStream(model, list(TOY_CLASSES[1:]), num_samples=2, seed=3, sampler={"batch_size": 2})
+    samples = list(stream)
+    assert len(samples) == 2 and stream.stats()["accepted"] >= 2
+    image, mask = samples[0]
+    assert image.shape == (3, 32, 32) and mask.shape == (32, 32)
+    assert set(mask.unique().tolist()) <= set(range(len(TOY_CLASSES))) | {255}
+
+
 def test_toy_mmdit_loads_as_sd3_without_t5_and_streams(monkeypatch):
     from diffusers import StableDiffusion3Pipeline
 
@@ -104,13 +114,7 @@ def test_toy_mmdit_loads_as_sd3_without_t5_and_streams(monkeypatch):
     config = resolve_config("toy-mmdit")
     assert config.image_size == (32, 32) and config.label_space == TOY_CLASSES
     assert config.mask.joint_softmax == "text" and config.mask.resolution_weights == {1: 1.0}
-    stream = DiffuMaskStream("toy-mmdit", list(TOY_CLASSES[1:]), num_samples=2, seed=3,
-                             sampler={"batch_size": 2})
-    samples = list(stream)
-    assert len(samples) == 2 and stream.stats()["accepted"] >= 2
-    image, mask = samples[0]
-    assert image.shape == (3, 32, 32) and mask.shape == (32, 32)
-    assert set(mask.unique().tolist()) <= set(range(len(TOY_CLASSES))) | {255}
+    assert_streams_two_toyworld_samples("toy-mmdit")
 
 
 def test_toy_unaided_has_self_attention_at_its_finest_grid_and_streams_with_its_preset(monkeypatch):
@@ -125,12 +129,7 @@ def test_toy_unaided_has_self_attention_at_its_finest_grid_and_streams_with_its_
     assert config.mask.class_thresholds == {} and config.mask.self_attention_factor == 1
     assert config.mask.refine == "affinity" and config.mask.resolution_weights == {2: 1.0}
     assert config.mask.threshold_mode == "otsu"
-    stream = DiffuMaskStream("toy-unaided", list(TOY_CLASSES[1:]), num_samples=2, seed=3, sampler={"batch_size": 2})
-    samples = list(stream)
-    assert len(samples) == 2 and stream.stats()["accepted"] >= 2
-    image, mask = samples[0]
-    assert image.shape == (3, 32, 32) and mask.shape == (32, 32)
-    assert set(mask.unique().tolist()) <= set(range(len(TOY_CLASSES))) | {255}
+    assert_streams_two_toyworld_samples("toy-unaided")
 
 
 def test_mask_recipes_measures_each_recipe_on_the_same_images_and_confirms_the_best(tmp_path):
