@@ -56,6 +56,22 @@ def centre_box(height: int, width: int) -> torch.Tensor:
     return box
 
 
+def resumable_runs(path: Path | None, config: dict) -> dict:
+    """The runs an earlier invocation wrote into the results JSON ``path`` (``{"config", "runs"}``), so
+    an interrupted table resumes; refused when they were made with another ``config`` (steps, flags),
+    whose figures would mix into this table unseen."""
+    if path is None or not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    earlier = data.get("config", config)
+    if earlier != config:
+        changed = ", ".join(f"{k}: {earlier.get(k)!r} there, {config.get(k)!r} now"
+                            for k in sorted(set(earlier) | set(config)) if earlier.get(k) != config.get(k))
+        raise SystemExit(f"error: {path} holds runs made with other settings ({changed}); "
+                         "pass another --json or the same settings")
+    return data.get("runs", {})
+
+
 def write_json(path: Path | None, data) -> None:
     """Write ``data`` as indented JSON to ``path`` (creating folders); nothing when ``path`` is None."""
     if path is not None:

@@ -1,67 +1,115 @@
 """Downstream: DeepLabV3 mIoU on ToyWorld val after training on synthetic, real or mixed data.
 
-DiffuMask's headline table in miniature, plus its ignore-band ablation. Every run uses the same
-steps, batch size, crop size, seed and ToyWorld val split; only the training data differ:
+DiffuMask's headline table in miniature, plus the synthetic-only candidates for the training
+defaults. Every run uses the same steps, batch size, crop size and ToyWorld val split; only the
+training data (and the seed, with ``--seeds``) differ:
 
 - ``real_only``: real ToyWorld train images with their exact masks;
-- ``synthetic_only``: the DiffuMask stream from the embedded toy model (no real labels at all);
+- ``synthetic_only``: the DiffuMask stream from the embedded toy model (no real labels at all),
+  with the training defaults;
 - ``mixed``: real + synthetic through ``ConcatDataset`` (``--synthetic-ratio``);
-- ``synthetic_no_ignore_band``: as synthetic_only, but the uncertain band is labelled, not ignored.
+- ``synthetic_no_ignore_band``: as synthetic_only, but the uncertain band is labelled, not ignored;
+- ``synthetic_basic_augment``: as synthetic_only, crop/scale/flip only (no splicing, blur, occlusion);
+- ``synthetic_no_ignore_band_basic_augment``: both of the above;
+- ``synthetic_1_to_3_classes``: as synthetic_only, each prompt naming 1 to 3 classes (drawn per
+  prompt; ToyWorld's real scenes hold 1 to 3 objects) instead of the preset's 2;
+- ``synthetic_no_ignore_band_1_to_3_classes``: both of the above.
 
     python benchmarks/downstream.py --json out.json
+    python benchmarks/downstream.py --runs real_only synthetic_only --seeds 0 1 2 --json out.json
+
+The figure of a run is the mean ± sample standard deviation over its seeds; each synthetic run's
+gap to ``real_only`` is in mIoU points (positive: synthetic is below real).
 """
 from __future__ import annotations
 
 import argparse
-import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
-from common import train, write_json
+from common import resumable_runs, train, write_json
 
 RUNS = {
     "real_only": ["--real-only"],
     "synthetic_only": ["--synthetic-only"],
     "mixed": [],
     "synthetic_no_ignore_band": ["--synthetic-only", "--no-ignore-band"],
+    "synthetic_basic_augment": ["--synthetic-only", "--augment", "basic"],
+    "synthetic_no_ignore_band_basic_augment": ["--synthetic-only", "--no-ignore-band", "--augment", "basic"],
+    "synthetic_1_to_3_classes": ["--synthetic-only", "--classes-per-prompt", "1", "3"],
+    "synthetic_no_ignore_band_1_to_3_classes": ["--synthetic-only", "--no-ignore-band", "--classes-per-prompt", "1", "3"],
 }
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="mIoU of DeepLabV3 trained on synthetic vs real vs mixed ToyWorld data")
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
-    parser.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=list(RUNS))
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS)[:4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds per run")
     parser.add_argument("--work-dir", type=Path, default=Path("out/downstream"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="more train_deeplab.py flags, after --")
     return parser
 
 
+def summarize(runs: dict) -> dict:
+    """``{"name/seedS": {"miou": ...}}`` → per name: mean, sample std, seeds and per-seed mIoU, and
+    for every other name its gap to ``real_only`` in points (over the seeds both have)."""
+    by_name: dict[str, dict[int, float]] = {}
+    for key, run in runs.items():
+        name, seed = key.rsplit("/seed", 1)
+        by_name.setdefault(name, {})[int(seed)] = run["miou"]
+    summary = {}
+    for name, mious in by_name.items():
+        values = [mious[s] for s in sorted(mious)]
+        summary[name] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+                         "seeds": sorted(mious), "miou": values}
+    real = by_name.get("real_only", {})
+    for name, mious in by_name.items():
+        shared = sorted(set(mious) & set(real))
+        if name != "real_only" and shared:
+            summary[name]["gap_points"] = 100 * statistics.fmean(real[s] - mious[s] for s in shared)
+            summary[name]["gap_seeds"] = shared
+    return summary
+
+
+def table(summary: dict) -> str:
+    lines = ["| training data | mIoU mean ± sd | seeds | per seed | below real-only (points, same seeds) |", "|---|---|---|---|---|"]
+    for name, row in summary.items():
+        spread = f" ± {row['std']:.3f}" if row["std"] is not None else ""
+        gap = f"{row['gap_points']:+.1f}" if "gap_points" in row else "–"
+        lines.append(f"| {name} | {row['mean']:.3f}{spread} | {len(row['seeds'])} | "
+                     f"{', '.join(f'{v:.3f}' for v in row['miou'])} | {gap} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     extra = [a for a in args.extra if a != "--"]
     # Runs done earlier into the same JSON are kept, so the table can be built a run at a time.
-    results = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
-    results.pop("synthetic_gap_points", None)
+    config = {"steps": args.steps, "extra": extra}
+    runs = resumable_runs(args.json, config)
     for name in args.runs:
-        flags = [*RUNS[name], "--steps", str(args.steps), "--output-dir", str(args.work_dir / name),
-                 "--data-dir", str(args.work_dir / "toyworld"), *extra]
-        print(f"== {name}: train_deeplab.py {' '.join(flags)}", flush=True)
-        started = time.perf_counter()
-        summary = train(flags)
-        results[name] = {"miou": summary["miou"], "per_class_iou": summary["per_class_iou"],
-                         "data_wait_fraction": summary["data_wait_fraction"], "minutes": (time.perf_counter() - started) / 60,
-                         "flags": flags}
-        write_json(args.json, results)  # after every run: an interrupted table keeps what it measured
-    print("| training data | mIoU | minutes |\n|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {r['miou']:.3f} | {r['minutes']:.1f} |")
-    if "real_only" in results and "synthetic_only" in results:
-        gap = 100 * (results["real_only"]["miou"] - results["synthetic_only"]["miou"])
-        results["synthetic_gap_points"] = gap
-        print(f"synthetic-only is {gap:.1f} mIoU points below real-only (target: within 10)")
-    write_json(args.json, results)
+        for seed in args.seeds:
+            key = f"{name}/seed{seed}"
+            if key in runs:
+                continue
+            flags = [*RUNS[name], "--steps", str(args.steps), "--seed", str(seed),
+                     "--output-dir", str(args.work_dir / name / f"seed{seed}"),
+                     "--data-dir", str(args.work_dir / "toyworld"), *extra]
+            print(f"== {key}: train_deeplab.py {' '.join(flags)}", flush=True)
+            started = time.perf_counter()
+            final = train(flags)
+            runs[key] = {"miou": final["miou"], "per_class_iou": final["per_class_iou"],
+                         "data_wait_fraction": final["data_wait_fraction"],
+                         "minutes": (time.perf_counter() - started) / 60, "flags": flags}
+            # After every run: an interrupted table keeps what it measured.
+            write_json(args.json, {"config": config, "runs": runs, "summary": summarize(runs)})
+    summary = summarize(runs)
+    write_json(args.json, {"config": config, "runs": runs, "summary": summary})
+    print(table(summary))
     return 0
 
 

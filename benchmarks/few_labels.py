@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import train, write_json
+from common import resumable_runs, train, write_json
 
 BEGIN, END = "<!-- few_labels:begin -->", "<!-- few_labels:end -->"
 
@@ -35,7 +35,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--models", nargs="+", default=["toy", "toy-unaided"], help="generator models for the mixed runs")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps per run (the main job's)")
-    p.add_argument("--synthetic-ratio", type=float, default=0.5, help="share of synthetic samples in a mixed run")
+    p.add_argument("--synthetic-ratio", type=float, nargs="+", default=[0.5],
+                   help="share of synthetic samples in a mixed run (several: one mixed run per ratio)")
     p.add_argument("--synthetic-length", type=int, default=512, help="synthetic images generated per mixed run")
     p.add_argument("--work-dir", type=Path, default=Path("out/few_labels"))
     p.add_argument("--json", type=Path, default=None)
@@ -57,34 +58,40 @@ def planned_runs(args) -> list[tuple[str, list[str]]]:
     for size in args.sizes:
         for seed in args.seeds:
             runs.append((run_key("real_only", size, seed), ["--real-only", "--real-images", str(size), "--seed", str(seed)]))
-    for model in args.models:
+    for stream in streams(args):
+        model, ratio = stream.split("@")
         for size in args.sizes:
             for seed in args.seeds:
-                runs.append((run_key(f"mixed:{model}", size, seed),
+                runs.append((run_key(f"mixed:{stream}", size, seed),
                              ["--model", model, "--real-images", str(size), "--seed", str(seed),
-                              "--synthetic-ratio", str(args.synthetic_ratio),
-                              "--synthetic-length", str(args.synthetic_length)]))
+                              "--synthetic-ratio", ratio, "--synthetic-length", str(args.synthetic_length)]))
     return runs
+
+
+def streams(args) -> list[str]:
+    """``model@ratio`` of every mixed condition, the name its runs are keyed under."""
+    return [f"{model}@{ratio:g}" for model in args.models for ratio in args.synthetic_ratio]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(results: dict, sizes: list[int], models: list[str]) -> tuple[dict, str]:
-    """Per size: each condition's mean/std mIoU over the seeds it has, and each model's gain in
-    points (mean of mixed minus mean of real-only); and the Markdown table of it."""
+def summarize(results: dict, sizes: list[int], mixes: list[str]) -> tuple[dict, str]:
+    """Per size: each condition's mean/std mIoU over the seeds it has, and each mixed condition's
+    (``mixes``: "model@ratio") gain in points (mean of mixed minus mean of real-only); and the
+    Markdown table of it."""
     summary, lines = {}, []
-    header = "| real images | real-only mIoU | " + " | ".join(f"real + {m} stream | gain ({m})" for m in models) + " |"
-    lines += [header, "|" + "---|" * (2 + 2 * len(models))]
+    header = "| real images | real-only mIoU | " + " | ".join("real + {} stream, ratio {} | gain".format(*m.split("@")) for m in mixes) + " |"
+    lines += [header, "|" + "---|" * (2 + 2 * len(mixes))]
     for size in sizes:
         row = {}
-        for condition in ["real_only", *(f"mixed:{m}" for m in models)]:
+        for condition in ["real_only", *(f"mixed:{m}" for m in mixes)]:
             values = [r["miou"] for k, r in results.items() if k.startswith(f"{condition}/{size}/")]
             if values:
                 mean, std = mean_std(values)
                 row[condition] = {"mean": mean, "std": std, "seeds": len(values)}
-        for m in models:
+        for m in mixes:
             if "real_only" in row and f"mixed:{m}" in row:
                 row[f"gain_points:{m}"] = 100 * (row[f"mixed:{m}"]["mean"] - row["real_only"]["mean"])
         summary[str(size)] = row
@@ -94,7 +101,7 @@ def summarize(results: dict, sizes: list[int], models: list[str]) -> tuple[dict,
             return f"{c['mean']:.3f} ± {c['std']:.3f} ({c['seeds']})" if c else "not run"
 
         gains = " | ".join(f"{cell(f'mixed:{m}')} | " + (f"{row[f'gain_points:{m}']:+.1f}" if f"gain_points:{m}" in row else "–")
-                           for m in models)
+                           for m in mixes)
         lines.append(f"| {size} | {cell('real_only')} | {gains} |")
     return summary, "\n".join(lines)
 
@@ -123,7 +130,9 @@ def main(argv=None) -> int:
     extra = [a for a in args.extra if a != "--"]
     if args.results_md is not None:
         check_results_file(args.results_md)
-    results = json.loads(args.json.read_text()).get("runs", {}) if args.json and args.json.exists() else {}
+    # The ratio is in each mixed run's key; these settings hold for every run of the JSON.
+    config = {"steps": args.steps, "synthetic_length": args.synthetic_length, "extra": extra}
+    results = resumable_runs(args.json, config)
     for key, flags in planned_runs(args):
         if key in results or args.table_only:
             continue
@@ -134,10 +143,10 @@ def main(argv=None) -> int:
         final = train(flags)
         results[key] = {"miou": final["miou"], "per_class_iou": final["per_class_iou"],
                         "minutes": (time.perf_counter() - started) / 60, "flags": flags}
-        summary, _ = summarize(results, args.sizes, args.models)
-        write_json(args.json, {"runs": results, "summary": summary})  # after every run
-    summary, table = summarize(results, args.sizes, args.models)
-    write_json(args.json, {"runs": results, "summary": summary})
+        summary, _ = summarize(results, args.sizes, streams(args))
+        write_json(args.json, {"config": config, "runs": results, "summary": summary})  # after every run
+    summary, table = summarize(results, args.sizes, streams(args))
+    write_json(args.json, {"config": config, "runs": results, "summary": summary})
     print(table)
     if args.results_md is not None:
         # The command that trains the table (--table-only only re-reads it).

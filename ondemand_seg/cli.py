@@ -47,8 +47,9 @@ def add_generator_arguments(parser: argparse.ArgumentParser, step_flag: str = "-
     group.add_argument("--guidance", type=float, default=None, help="guidance scale (default: preset, else 7.5)")
     group.add_argument(batch_flag, dest="gen_batch_size", type=int, default=None, metavar="N",
                        help="images per pipeline call (default: preset, else 4)")
-    group.add_argument("--classes-per-prompt", type=int, default=None,
-                       help="classes named in one prompt, e.g. 2: 'a photo of a circle and a ring' (default: preset, else 1)")
+    group.add_argument("--classes-per-prompt", type=int, nargs="+", default=None, metavar="N",
+                       help="classes named in one prompt, e.g. 2: 'a photo of a circle and a ring'; MIN MAX: drawn "
+                            "per prompt (default: preset, else 1)")
     group.add_argument("--threshold", type=float, default=None, help="binarization threshold γ (default: preset, else 0.4)")
     group.add_argument("--threshold-mode", choices=["fixed", "otsu"], default=None,
                        help="γ fixed, or Otsu per image and class (default: preset, else fixed)")
@@ -83,8 +84,10 @@ def generator_settings(args: argparse.Namespace) -> dict:
             "self_attention_factor": args.self_attention_factor,
             "ignore_band": 0.0 if args.no_ignore_band else None,
             "class_thresholds": parse_class_thresholds(args.class_thresholds) if args.class_thresholds else None}
+    count = args.classes_per_prompt
     sampler = {"num_inference_steps": args.gen_steps, "guidance_scale": args.guidance,
-               "batch_size": args.gen_batch_size, "classes_per_prompt": args.classes_per_prompt}
+               "batch_size": args.gen_batch_size,
+               "classes_per_prompt": None if count is None else count[0] if len(count) == 1 else tuple(count)}
     settings = {"vocabulary": args.vocabulary,
                 "image_size": None if size is None else size[0] if len(size) == 1 else tuple(size),
                 "mask": {k: v for k, v in mask.items() if v is not None},

@@ -43,6 +43,19 @@ def check_int(name: str, value: Any, minimum: int | None = None) -> int:
     return int(value)
 
 
+def check_count_range(name: str, value: Any) -> int | tuple[int, int]:
+    """A count >= 1, or a ``(min, max)`` pair of them with min <= max (a list, as JSON gives it,
+    becomes a tuple)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        return check_int(name, value, minimum=1)
+    if len(value) != 2:
+        raise ValueError(f"{name} must be a count or a (min, max) pair, got {value!r}")
+    low, high = (check_int(name, v, minimum=1) for v in value)
+    if low > high:
+        raise ValueError(f"{name} must be (min, max) with min <= max, got {value!r}")
+    return (low, high)
+
+
 def check_finite(name: str, value: Any) -> float:
     """``value`` as a float when it is a finite real number (not a ``bool`` nor a ``str``).
 
@@ -226,6 +239,10 @@ class SamplerConfig:
     ``guidance_scale`` at or below 1 is refused for a model whose pipeline would then skip
     classifier-free guidance (all but Flux, whose guidance is a model input).
 
+    ``classes_per_prompt``: how many of the classes one prompt names, e.g. 2: "a photo of a circle
+    and a ring", one mask per named class; a pair ``(min, max)`` draws the count per prompt,
+    uniformly in ``[min, max]`` (scenes with a varying number of objects, like real photos).
+
     Prompt wording (templates, names, synonyms) is the vocabulary's job, not the sampler's:
     see :class:`~ondemand_seg.vocabulary.Vocabulary`.
 
@@ -237,7 +254,7 @@ class SamplerConfig:
 
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
-    classes_per_prompt: int = 1
+    classes_per_prompt: int | tuple[int, int] = 1
     batch_size: int = 4
     scheduler: str | None = None
     compile: bool = False
@@ -251,7 +268,7 @@ class SamplerConfig:
             self.guidance_scale = check_finite("guidance_scale", self.guidance_scale)
             if self.guidance_scale < 0:
                 raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
-        self.classes_per_prompt = check_int("classes_per_prompt", self.classes_per_prompt, minimum=1)
+        self.classes_per_prompt = check_count_range("classes_per_prompt", self.classes_per_prompt)
         self.batch_size = check_int("batch_size", self.batch_size, minimum=1)
         if self.scheduler is not None:
             scheduler_class(self.scheduler)

@@ -151,7 +151,10 @@ class SampleSource:
     def prompt(self, index: int, attempt: int = 0) -> PromptSpec:
         """The prompt of sample ``index`` at retry ``attempt``."""
         rng = random.Random(sample_seed(self.seed, index, attempt, SubStream.PROMPT))
-        count = min(self.sampler_config.classes_per_prompt, len(self.classes))
+        count = self.sampler_config.classes_per_prompt
+        if isinstance(count, tuple):
+            count = rng.randint(*count)
+        count = min(count, len(self.classes))
         picks = rng.sample(range(len(self.classes)), count)
         return self.class_prompt(rng, [self.classes[i] for i in picks])
 

@@ -28,14 +28,14 @@ def test_table_of_real_only_and_mixed_runs_resumes_and_lands_in_results(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads(out.read_text())
     assert set(data["runs"]) == {"real_only/4/seed0", "real_only/4/seed1",
-                                 "mixed:random-weights/4/seed0", "mixed:random-weights/4/seed1"}
-    mixed_flags = data["runs"]["mixed:random-weights/4/seed1"]["flags"]
+                                 "mixed:random-weights@0.5/4/seed0", "mixed:random-weights@0.5/4/seed1"}
+    mixed_flags = data["runs"]["mixed:random-weights@0.5/4/seed1"]["flags"]
     assert mixed_flags[mixed_flags.index("--real-images") + 1] == "4" and "--real-only" not in mixed_flags
     row = data["summary"]["4"]
     real = [data["runs"][f"real_only/4/seed{s}"]["miou"] for s in (0, 1)]
     assert row["real_only"]["seeds"] == 2 and abs(row["real_only"]["mean"] - sum(real) / 2) < 1e-9
-    gain = 100 * (row["mixed:random-weights"]["mean"] - row["real_only"]["mean"])
-    assert abs(row["gain_points:random-weights"] - gain) < 1e-9
+    gain = 100 * (row["mixed:random-weights@0.5"]["mean"] - row["real_only"]["mean"])
+    assert abs(row["gain_points:random-weights@0.5"] - gain) < 1e-9
     text = results_md.read_text()
     assert "old table" not in text and text.endswith("after\n")
     assert "| 4 | " in text and "python benchmarks/few_labels.py" in text
@@ -43,6 +43,10 @@ def test_table_of_real_only_and_mixed_runs_resumes_and_lands_in_results(tmp_path
     # Everything is in the JSON already: a rerun trains nothing and prints the same table.
     again = few_labels(tmp_path, *args)
     assert again.returncode == 0 and "==" not in again.stdout
+    assert json.loads(out.read_text())["runs"] == data["runs"]
+    # Other steps into the same JSON would mix two budgets in one table: refused, naming the change.
+    other = few_labels(tmp_path, *[("2" if a == "1" and args[i - 1] == "--steps" else a) for i, a in enumerate(args)])
+    assert other.returncode != 0 and "steps: 1 there, 2 now" in other.stderr
     assert json.loads(out.read_text())["runs"] == data["runs"]
     # A table over more sizes than were run, from the JSON alone: missing cells say so.
     table = few_labels(tmp_path, "--table-only", "--sizes", "4", "9", *args[2:])
@@ -57,3 +61,14 @@ def test_results_file_without_markers_is_refused(tmp_path):
     # Refused before any training starts: nothing was run into the work folder.
     assert done.returncode != 0 and "R.md has no <!-- few_labels:begin -->" in done.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_one_mixed_condition_per_model_and_ratio_keyed_by_both():
+    sys.path.insert(0, str(BENCHMARKS))
+    from few_labels import get_args_parser, planned_runs
+
+    args = get_args_parser().parse_args(["--sizes", "25", "--seeds", "3", "--models", "toy", "--synthetic-ratio", "0.5", "0.9"])
+    runs = dict(planned_runs(args))
+    assert list(runs) == ["real_only/25/seed3", "mixed:toy@0.5/25/seed3", "mixed:toy@0.9/25/seed3"]
+    flags = runs["mixed:toy@0.9/25/seed3"]
+    assert flags[flags.index("--synthetic-ratio") + 1] == "0.9" and flags[flags.index("--seed") + 1] == "3"

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -65,6 +67,23 @@ def test_prompt_is_drawn_from_seed_index_and_attempt(fast):
     assert any(source.prompt(i, attempt=1) != source.prompt(i) for i in range(12))
     other = SampleSource(lambda: None, ["dog", "bird", "cat"], seed=2, **options)
     assert [other.prompt(i) for i in range(12)] != prompts
+
+
+def test_a_count_range_draws_each_prompts_class_count_from_the_seed(fast):
+    options = dict(fast, vocabulary="voc", sampler=dataclasses.replace(fast["sampler"], classes_per_prompt=(1, 3)))
+    classes = ["dog", "bird", "cat", "horse"]
+    source = SampleSource(lambda: None, classes, seed=1, **options)
+    prompts = [source.prompt(i) for i in range(40)]
+    assert prompts == [SampleSource(lambda: None, classes, seed=1, **options).prompt(i) for i in range(40)]
+    counts = [len(p.class_names) for p in prompts]
+    assert set(counts) == {1, 2, 3}
+    for prompt in prompts:  # distinct classes, each named in the text
+        assert len(set(prompt.class_names)) == len(prompt.class_names)
+        assert prompt.class_ids == tuple(source.label_space.index(n) for n in prompt.class_names)
+    # More classes asked for than there are: every class, once.
+    few = SampleSource(lambda: None, ["dog", "cat"], seed=1, **dict(options, sampler=dataclasses.replace(
+        fast["sampler"], classes_per_prompt=(3, 3))))
+    assert {len(few.prompt(i).class_names) for i in range(5)} == {2}
 
 
 def test_draw_returns_the_indices_in_order_whatever_the_batch(tiny_sd1, fast):

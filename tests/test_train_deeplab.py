@@ -181,6 +181,7 @@ def test_ddp_two_ranks_with_gloo(tmp_path):
         (["--backbone", "vgg"], "unknown backbone 'vgg'"),
         (["--backbone-weights", "missing.safetensors"], "is not a file"),
         (["--classes-per-prompt", "0"], "classes_per_prompt must be >= 1, got 0"),
+        (["--classes-per-prompt", "3", "1"], "classes_per_prompt must be (min, max) with min <= max, got (3, 1)"),
         (["--class-thresholds", "ring=0.5", "dragon=0.3"], "outside the label space: ['dragon']"),
         (["--class-thresholds", "ring"], "takes CLASS=γ items, got 'ring'"),
         (["--class-thresholds", "ring=1.5"], "threshold for 'ring' must be in (0, 1), got 1.5"),
@@ -356,3 +357,6 @@ def test_vocabulary_reads_a_user_file_and_label_space_is_its_old_name(tmp_path):
     assert config["label_space"] == ["background", "cat", "dog", "hamster"]
     assert config["vocabulary"]["name"] == "pets" and config["vocabulary"]["templates"] == ["a photo of a {class}"]
     assert config["sampler"]["classes_per_prompt"] == 3
+    ranged = printed_config("--label-space", "pets.json", "--model", "random-weights", "--classes-per-prompt", "1", "3",
+                            cwd=tmp_path)
+    assert ranged["sampler"]["classes_per_prompt"] == [1, 3]
