@@ -45,7 +45,7 @@ from ondemand_seg.toyworld import write_voc
 #  carried: whether later rows build on this one).
 FIXED = {"threshold_mode": "fixed", "ignore_band": 0.0}
 OTSU = {"threshold_mode": "otsu", "ignore_band": 0.0}
-BAND = {"threshold_mode": "otsu"}
+BAND = {"threshold_mode": "otsu", "ignore_band": 0.05}  # DiffuMask's band (the toy preset labels it)
 AFFINITY = {**BAND, "refine": "affinity"}
 # The toy model's full-resolution block is cross-attention only (only_cross_attention), so its
 # finest self-attention runs at latent factor 2; --self-attention-factor changes it for other models.
@@ -66,8 +66,8 @@ def mask_flags(mask: dict) -> list[str]:
     flags = ["--threshold-mode", mask.get("threshold_mode", "fixed")]
     if mask.get("class_thresholds"):
         flags += ["--class-thresholds", *(f"{name}={gamma}" for name, gamma in mask["class_thresholds"].items())]
-    if mask.get("ignore_band") == 0.0:
-        flags.append("--no-ignore-band")
+    if "ignore_band" in mask:
+        flags += ["--ignore-band", str(mask["ignore_band"])]
     if "refine" in mask:
         flags += ["--refine", mask["refine"]]
     if "self_attention_factor" in mask:

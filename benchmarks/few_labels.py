@@ -59,18 +59,26 @@ def planned_runs(args) -> list[tuple[str, list[str]]]:
         for seed in args.seeds:
             runs.append((run_key("real_only", size, seed), ["--real-only", "--real-images", str(size), "--seed", str(seed)]))
     for stream in streams(args):
-        model, ratio = stream.split("@")
+        model, ratio, length = parse_stream(stream)
         for size in args.sizes:
             for seed in args.seeds:
                 runs.append((run_key(f"mixed:{stream}", size, seed),
                              ["--model", model, "--real-images", str(size), "--seed", str(seed),
-                              "--synthetic-ratio", ratio, "--synthetic-length", str(args.synthetic_length)]))
+                              "--synthetic-ratio", ratio, "--synthetic-length", length]))
     return runs
 
 
 def streams(args) -> list[str]:
-    """``model@ratio`` of every mixed condition, the name its runs are keyed under."""
-    return [f"{model}@{ratio:g}" for model in args.models for ratio in args.synthetic_ratio]
+    """``model@RATIOxLENGTH`` of every mixed condition (synthetic share and images), the name its
+    runs are keyed under."""
+    return [f"{model}@{ratio:g}x{args.synthetic_length}" for model in args.models for ratio in args.synthetic_ratio]
+
+
+def parse_stream(stream: str) -> tuple[str, str, str]:
+    """``"toy@0.5x256"`` → ``("toy", "0.5", "256")``."""
+    model, rest = stream.rsplit("@", 1)
+    ratio, length = rest.split("x")
+    return model, ratio, length
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -79,10 +87,10 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def summarize(results: dict, sizes: list[int], mixes: list[str]) -> tuple[dict, str]:
     """Per size: each condition's mean/std mIoU over the seeds it has, and each mixed condition's
-    (``mixes``: "model@ratio") gain in points (mean of mixed minus mean of real-only); and the
+    (``mixes``: "model@RATIOxLENGTH") gain in points (mean of mixed minus mean of real-only); and the
     Markdown table of it."""
     summary, lines = {}, []
-    header = "| real images | real-only mIoU | " + " | ".join("real + {} stream, ratio {} | gain".format(*m.split("@")) for m in mixes) + " |"
+    header = "| real images | real-only mIoU | " + " | ".join("real + {} stream, ratio {}, {} images | gain".format(*parse_stream(m)) for m in mixes) + " |"
     lines += [header, "|" + "---|" * (2 + 2 * len(mixes))]
     for size in sizes:
         row = {}
@@ -130,8 +138,8 @@ def main(argv=None) -> int:
     extra = [a for a in args.extra if a != "--"]
     if args.results_md is not None:
         check_results_file(args.results_md)
-    # The ratio is in each mixed run's key; these settings hold for every run of the JSON.
-    config = {"steps": args.steps, "synthetic_length": args.synthetic_length, "extra": extra}
+    # The synthetic share and length are in each mixed run's key; these settings hold for every run.
+    config = {"steps": args.steps, "extra": extra}
     results = resumable_runs(args.json, config)
     for key, flags in planned_runs(args):
         if key in results or args.table_only:

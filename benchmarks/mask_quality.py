@@ -33,6 +33,7 @@ DiffuMask sampler's calls alone (generation, capture, masks; the model loaded be
 other readings.
 
     python benchmarks/mask_quality.py --model toy --n 200 --json out.json
+    python benchmarks/mask_quality.py --model toy --n 200 --ignore-band 0.05 --json out.json   # DiffuMask's band
     python benchmarks/mask_quality.py --model toy --scheduler DPMSolverMultistepScheduler --steps 20
 """
 from __future__ import annotations
@@ -69,6 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=20, help="images per pipeline call")
     parser.add_argument("--threshold", type=float, default=None, help="override the model preset's γ")
+    parser.add_argument("--ignore-band", type=float, default=None, metavar="W", help="override the model preset's ignore band")
     parser.add_argument("--scheduler", default=None,
                         help="a diffusers scheduler class name (default: the model's own)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model preset's)")
@@ -173,7 +175,9 @@ def main(argv=None) -> int:
     if args.n < 1:
         raise SystemExit(f"--n must be >= 1, got {args.n}")
     sampler = {k: v for k, v in {"scheduler": args.scheduler, "num_inference_steps": args.steps}.items() if v is not None}
-    result = measure(args.model, args.n, args.seed, args.batch_size, args.threshold, sampler_overrides=sampler)
+    mask = {} if args.ignore_band is None else {"ignore_band": args.ignore_band}
+    result = measure(args.model, args.n, args.seed, args.batch_size, args.threshold, mask_overrides=mask,
+                     sampler_overrides=sampler)
     print(markdown(result))
     print(f"{result['scheduler']} {result['sampler_config']['num_inference_steps']} steps; objects drawn: "
           f"{result['drawn_fraction']}; gate rejected {result['gate_rejected']}/{args.n}; {result['seconds']} s")

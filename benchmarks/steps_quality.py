@@ -11,7 +11,7 @@ scheduler at its preset steps).
 The timestep window is a fraction of the steps; ``recorded`` lists the step indices the capture
 records at each step count (the store records at least one).
 
-    python benchmarks/steps_quality.py --models toy --n 100 --threads 1 --json benchmarks/results/steps_quality.json
+    python benchmarks/steps_quality.py --models toy --n 100 --threads 1 --ignore-band 0.05 --json benchmarks/results/steps_quality.json
     python benchmarks/steps_quality.py --n 10 --rows toy:default:25 toy:DPMSolverMultistepScheduler:10
 """
 from __future__ import annotations
@@ -44,6 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rows", nargs="+", default=list(GRID), metavar="MODEL:SCHEDULER:STEPS",
                         help="rows to run ('default' = the model's own scheduler); default: the grid above")
     parser.add_argument("--models", nargs="+", default=None, help="keep only the rows of these models")
+    parser.add_argument("--ignore-band", type=float, default=None, metavar="W",
+                        help="override the model presets' ignore band (default: each preset's)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 times more steadily on a busy machine")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -71,9 +73,11 @@ def recorded_steps(steps: int, window: tuple[float, float]) -> list[int]:
     return recorded
 
 
-def run_row(model: str, scheduler: str | None, steps: int, n: int, seed: int, batch_size: int) -> dict:
+def run_row(model: str, scheduler: str | None, steps: int, n: int, seed: int, batch_size: int,
+            mask_overrides: dict | None = None) -> dict:
     sampler = {"num_inference_steps": steps, **({} if scheduler is None else {"scheduler": scheduler})}
-    result = measure(model, n, seed, batch_size, progress=False, sampler_overrides=sampler, other_readings=False)
+    result = measure(model, n, seed, batch_size, progress=False, mask_overrides=mask_overrides,
+                     sampler_overrides=sampler, other_readings=False)
     return {
         "model": model, "scheduler": result["scheduler"], "steps": steps,
         "recorded": recorded_steps(steps, result["mask_config"]["timestep_window"]),
@@ -121,7 +125,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"no row of {args.rows} is for --models {args.models}")
     rows = []
     for model, scheduler, steps in grid:
-        rows.append(run_row(model, scheduler, steps, args.n, args.seed, args.batch_size))
+        band = None if args.ignore_band is None else {"ignore_band": args.ignore_band}
+        rows.append(run_row(model, scheduler, steps, args.n, args.seed, args.batch_size, band))
         row = rows[-1]
         print(f"{model} {row['scheduler']} {steps}: IoU {row['mean']:.3f}, {row['seconds_per_image']:.3f} s/image",
               flush=True)

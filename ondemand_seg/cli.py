@@ -56,7 +56,10 @@ def add_generator_arguments(parser: argparse.ArgumentParser, step_flag: str = "-
     group.add_argument("--class-thresholds", nargs="+", default=None, metavar="CLASS=γ",
                        help="per-class γ with a fixed threshold, e.g. ring=0.5 circle=0.3 (calibrated on a few "
                             "labelled images: ondemand_seg.calibration); other classes keep γ")
-    group.add_argument("--no-ignore-band", action="store_true", help="label the uncertain band around γ instead of ignoring it")
+    band = group.add_mutually_exclusive_group()
+    band.add_argument("--ignore-band", type=float, default=None, metavar="W",
+                      help="pixels within γ ± W are ignored (255) in the mask (default: preset, else 0.05)")
+    band.add_argument("--no-ignore-band", action="store_true", help="label the uncertain band around γ (--ignore-band 0)")
     group.add_argument("--refine", choices=["none", "affinity"], default=None,
                        help="random-walk refinement along image colour (default: preset, else none)")
     group.add_argument("--self-attention-factor", type=int, default=None,
@@ -82,7 +85,7 @@ def generator_settings(args: argparse.Namespace) -> dict:
     size = args.image_size
     mask = {"threshold": args.threshold, "threshold_mode": args.threshold_mode, "refine": args.refine,
             "self_attention_factor": args.self_attention_factor,
-            "ignore_band": 0.0 if args.no_ignore_band else None,
+            "ignore_band": 0.0 if args.no_ignore_band else args.ignore_band,
             "class_thresholds": parse_class_thresholds(args.class_thresholds) if args.class_thresholds else None}
     count = args.classes_per_prompt
     sampler = {"num_inference_steps": args.gen_steps, "guidance_scale": args.guidance,

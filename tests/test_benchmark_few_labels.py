@@ -28,14 +28,14 @@ def test_table_of_real_only_and_mixed_runs_resumes_and_lands_in_results(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads(out.read_text())
     assert set(data["runs"]) == {"real_only/4/seed0", "real_only/4/seed1",
-                                 "mixed:random-weights@0.5/4/seed0", "mixed:random-weights@0.5/4/seed1"}
-    mixed_flags = data["runs"]["mixed:random-weights@0.5/4/seed1"]["flags"]
+                                 "mixed:random-weights@0.5x4/4/seed0", "mixed:random-weights@0.5x4/4/seed1"}
+    mixed_flags = data["runs"]["mixed:random-weights@0.5x4/4/seed1"]["flags"]
     assert mixed_flags[mixed_flags.index("--real-images") + 1] == "4" and "--real-only" not in mixed_flags
     row = data["summary"]["4"]
     real = [data["runs"][f"real_only/4/seed{s}"]["miou"] for s in (0, 1)]
     assert row["real_only"]["seeds"] == 2 and abs(row["real_only"]["mean"] - sum(real) / 2) < 1e-9
-    gain = 100 * (row["mixed:random-weights@0.5"]["mean"] - row["real_only"]["mean"])
-    assert abs(row["gain_points:random-weights@0.5"] - gain) < 1e-9
+    gain = 100 * (row["mixed:random-weights@0.5x4"]["mean"] - row["real_only"]["mean"])
+    assert abs(row["gain_points:random-weights@0.5x4"] - gain) < 1e-9
     text = results_md.read_text()
     assert "old table" not in text and text.endswith("after\n")
     assert "| 4 | " in text and "python benchmarks/few_labels.py" in text
@@ -69,6 +69,7 @@ def test_one_mixed_condition_per_model_and_ratio_keyed_by_both():
 
     args = get_args_parser().parse_args(["--sizes", "25", "--seeds", "3", "--models", "toy", "--synthetic-ratio", "0.5", "0.9"])
     runs = dict(planned_runs(args))
-    assert list(runs) == ["real_only/25/seed3", "mixed:toy@0.5/25/seed3", "mixed:toy@0.9/25/seed3"]
-    flags = runs["mixed:toy@0.9/25/seed3"]
+    assert list(runs) == ["real_only/25/seed3", "mixed:toy@0.5x512/25/seed3", "mixed:toy@0.9x512/25/seed3"]
+    flags = runs["mixed:toy@0.9x512/25/seed3"]
     assert flags[flags.index("--synthetic-ratio") + 1] == "0.9" and flags[flags.index("--seed") + 1] == "3"
+    assert flags[flags.index("--synthetic-length") + 1] == "512"

@@ -52,9 +52,12 @@ def test_two_sample_stream_passes_the_gate():
 def test_mask_quality_floor_well_above_baselines(tmp_path):
     out = tmp_path / "mask_quality.json"
     done = subprocess.run([sys.executable, "benchmarks/mask_quality.py", "--n", "20", "--batch-size", "10",
-                           "--json", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+                           "--ignore-band", "0.05", "--json", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
+    # DiffuMask's band, asked for over the preset's (which labels it): band pixels are left out.
+    assert result["mask_config"]["ignore_band"] == 0.05
+    assert result["diffumask_band_as_miss"]["mean"] < result["diffumask"]["mean"]
     ours = result["diffumask"]["mean"]
     assert ours >= 0.6, result["diffumask"]
     assert ours > result["centre_box"]["mean"] + 0.3
