@@ -124,8 +124,8 @@ def main(argv=None) -> int:
     if not grid:
         raise SystemExit(f"no row of {args.rows} is for --models {args.models}")
     rows = []
+    band = None if args.ignore_band is None else {"ignore_band": args.ignore_band}
     for model, scheduler, steps in grid:
-        band = None if args.ignore_band is None else {"ignore_band": args.ignore_band}
         rows.append(run_row(model, scheduler, steps, args.n, args.seed, args.batch_size, band))
         row = rows[-1]
         print(f"{model} {row['scheduler']} {steps}: IoU {row['mean']:.3f}, {row['seconds_per_image']:.3f} s/image",

@@ -181,6 +181,8 @@ def test_ddp_two_ranks_with_gloo(tmp_path):
         (["--backbone", "vgg"], "unknown backbone 'vgg'"),
         (["--backbone-weights", "missing.safetensors"], "is not a file"),
         (["--classes-per-prompt", "0"], "classes_per_prompt must be >= 1, got 0"),
+        (["--ignore-band", "0.7"], "ignore_band must be in [0, 0.5), got 0.7"),
+        (["--ignore-band", "0.05", "--no-ignore-band"], "not allowed with argument --ignore-band"),
         (["--classes-per-prompt", "3", "1"], "classes_per_prompt must be (min, max) with min <= max, got (3, 1)"),
         (["--class-thresholds", "ring=0.5", "dragon=0.3"], "outside the label space: ['dragon']"),
         (["--class-thresholds", "ring"], "takes CLASS=γ items, got 'ring'"),
