@@ -38,6 +38,8 @@ RUNS = {
     "mixed_ignore_band": ["--ignore-band", "0.05"],
     "synthetic_basic_augment": ["--synthetic-only", "--augment", "basic"],
     "synthetic_1_to_3_classes": ["--synthetic-only", "--classes-per-prompt", "1", "3"],
+    "synthetic_10_gen_steps": ["--synthetic-only", "--gen-steps", "10"],
+    "synthetic_10_gen_steps_reuse_4": ["--synthetic-only", "--gen-steps", "10", "--reuse", "4"],
 }
 
 

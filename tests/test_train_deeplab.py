@@ -59,11 +59,12 @@ def rows(directory, event):
     return [r for r in map(json.loads, (directory / "metrics.jsonl").read_text().splitlines()) if r["event"] == event]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_stateful_loader_resume_continues_the_stream(fast, workers):
+@pytest.mark.parametrize("workers, prefetch", [(0, None), (2, 6)])
+def test_stateful_loader_resume_continues_the_stream(fast, workers, prefetch):
+    # Workers prefetching several batches (the trainer's default) still resume where the trainer was.
     def loader():
         stream = DiffuMaskStream("random-weights", ["dog", "bird"], reuse=2, cache_size=8, **fast)
-        return StatefulDataLoader(stream, batch_size=2, num_workers=workers)
+        return StatefulDataLoader(stream, batch_size=2, num_workers=workers, prefetch_factor=prefetch)
 
     whole = [masks for _, masks in itertools.islice(iter(loader()), 8)]
     first = loader()
@@ -75,6 +76,26 @@ def test_stateful_loader_resume_continues_the_stream(fast, workers):
     resumed.load_state_dict(state)
     rest = [masks for _, masks in itertools.islice(iter(resumed), 3)]
     assert all(torch.equal(a, b) for a, b in zip(rest, whole[5:]))
+
+
+def test_stream_workers_prefetch_the_batches_of_one_generation_call(monkeypatch, tmp_path):
+    from ondemand_seg.toyworld import write_voc
+
+    trainer = load_trainer(monkeypatch)
+    assert trainer.generation_burst(20, 8, 16) == 10
+    assert trainer.generation_burst(4, 1, 16) == 2, "never below torch's default"
+
+    def prefetch(*flags):
+        args = trainer.get_args_parser().parse_args([*FAST, "--gen-batch-size", "4", "--reuse", "3", *flags])
+        config, args.classes = trainer.generator_config(args)
+        loader, _ = trainer.build_train_loader(args, config, 0, 1, torch.device("cpu"))
+        return loader.prefetch_factor
+
+    assert prefetch("--synthetic-only") == 3  # 4 images x 3 servings / batches of 4
+    assert prefetch("--synthetic-only", "--prefetch-batches", "7") == 7
+    assert prefetch("--synthetic-only", "--workers", "0") is None
+    write_voc(tmp_path, n_train=4, n_val=1, image_size=32)
+    assert prefetch("--real-only", "--voc-root", str(tmp_path)) == 2
 
 
 def test_synthetic_only_run_writes_metrics_and_resumes(tmp_path):
@@ -190,6 +211,7 @@ def test_ddp_two_ranks_with_gloo(tmp_path):
         (["--class-thresholds", "ring=0.5", "--threshold-mode", "otsu"], "need threshold_mode 'fixed'"),
         (["--real-images", "4"], "--real-images picks real training images and cannot go with --synthetic-only"),
         (["--synthetic-length", "8"], "--synthetic-length sizes the synthetic part of a mixed run"),
+        (["--prefetch-batches", "0"], "--prefetch-batches must be >= 1, got 0"),
     ],
 )
 def test_bad_flags_fail_early_and_clearly(tmp_path, args, message):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import sys
 import time
 import warnings
@@ -95,6 +96,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--weight-decay", type=float, default=1e-4)
     run = p.add_argument_group("run")
     run.add_argument("--workers", type=int, default=1, help="DataLoader workers per process")
+    run.add_argument("--prefetch-batches", type=int, default=None,
+                     help="batches each worker prepares ahead of the trainer (default: with --synthetic-only, the "
+                          "batches one generation call feeds, generation batch x reuse / batch size; else torch's 2)")
     run.add_argument("--output-dir", type=Path, default=Path("out/train"))
     run.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from")
     run.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
@@ -131,7 +135,7 @@ def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
     if args.synthetic_length is not None and (args.synthetic_only or args.real_only):
         raise SystemExit("error: --synthetic-length sizes the synthetic part of a mixed run; drop --synthetic-only/--real-only")
     for flag in ("steps", "batch_size", "reuse", "cache_size", "crop_size", "checkpoint_every", "real_images",
-                 "synthetic_length"):
+                 "synthetic_length", "prefetch_batches"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if label_space != TOY_CLASSES and (args.eval_root is None or (args.voc_root is None and not args.synthetic_only)):
@@ -205,9 +209,13 @@ def build_train_loader(args, config, rank: int, world: int, device: torch.device
     context = "spawn" if device.type == "cuda" and args.workers > 0 else None
     common = dict(batch_size=args.batch_size, num_workers=args.workers, multiprocessing_context=context, drop_last=True,
                   persistent_workers=args.workers > 0)
+    if args.workers > 0 and args.prefetch_batches is not None:
+        common["prefetch_factor"] = args.prefetch_batches
     if args.synthetic_only:
         stream = DiffuMaskStream(args.model, args.classes, reuse=args.reuse, cache_size=args.cache_size, seed=args.seed,
                                  transforms=synthetic_transform(args), **config.to_dict())
+        if args.workers > 0 and args.prefetch_batches is None:
+            common["prefetch_factor"] = generation_burst(config.sampler.batch_size, args.reuse, args.batch_size)
         return StatefulDataLoader(stream, **common), stream
     real = real_training_set(args, transform)
     parts = [real]
@@ -228,6 +236,17 @@ def build_train_loader(args, config, rank: int, world: int, device: torch.device
     sampler = (DistributedSampler(dataset, world, rank, seed=args.seed) if world > 1
                else RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed)))
     return StatefulDataLoader(dataset, sampler=sampler, **common), dataset
+
+
+def generation_burst(generation_batch: int, reuse: int, batch_size: int) -> int:
+    """Training batches a worker serves from one generation call (at least torch's default 2).
+
+    A stream worker generates a whole batch of images at once, then serves each ``reuse`` times,
+    so its output comes in bursts. Holding a burst's worth of batches ready lets the trainer run
+    through the next generation call instead of waiting on it whenever the worker keeps up on
+    average; with torch's default of 2 the trainer stalls at every generation call.
+    """
+    return max(2, math.ceil(generation_batch * reuse / batch_size))
 
 
 def real_training_set(args: argparse.Namespace, transform) -> Dataset:
