@@ -8,7 +8,13 @@ the training progress bar also shows live. The generator is the embedded toy mod
 vocabulary: on a GPU its DataLoader workers generate on the device the trainer trains on.
 ``--tiny`` saves the family's tiny test pipeline instead, to try a GPU command on a CPU.
 
+With ``--main-job`` it runs the main job itself (``train_deeplab.py --synthetic-only`` at its own
+steps and evaluation) once per generator/feeding setting in ``MAIN_JOB``, and reports its wall time
+and mIoU beside the data wait, since a setting that feeds faster must also keep the accuracy. Run
+it alone on the machine: the wait and the time are what the cores give one job.
+
     python benchmarks/feeding.py --json out.json
+    python benchmarks/feeding.py --main-job --json main_job.json
     python benchmarks/feeding.py --arch sd15 --random-weights --reuse 1 4 16 --workers 1 --steps 20 \
         --json gpu.json -- --backbone resnet50 --batch-size 8 --crop-size 512 --gen-steps 20 --gen-batch-size 8
 """
@@ -18,6 +24,7 @@ import argparse
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,6 +34,14 @@ from common import train, write_json
 from throughput import TINY_FLAVORS
 
 EVAL_IMAGES = 16
+# The main job with its defaults, and with one feeding lever at a time set back to torch's or the
+# preset's value (the preset generates with DDIM 25 steps; torch's DataLoader prefetches 2 batches).
+MAIN_JOB = {
+    "default": [],
+    "ddim25_prefetch2": ["--gen-steps", "25", "--prefetch-batches", "2"],
+    "ddim25": ["--gen-steps", "25"],
+    "ddim10_prefetch2": ["--gen-steps", "10", "--prefetch-batches", "2"],
+}
 
 
 def random_weight_model(arch: str, tiny: bool, work_dir: Path) -> tuple[Path, int]:
@@ -78,23 +93,31 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="data-wait share of the training loop vs reuse and workers")
     parser.add_argument("--reuse", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per run (default: 60; with --main-job, the trainer's own)")
     parser.add_argument("--arch", choices=ARCHITECTURES, default=None,
                         help="generate with this architecture instead of the toy model")
     parser.add_argument("--random-weights", action="store_true", help="with --arch: random weights (no download)")
     parser.add_argument("--tiny", action="store_true",
                         help="with --arch: the family's tiny test pipeline (a CPU try-out of a GPU command)")
+    parser.add_argument("--main-job", action="store_true",
+                        help="run the whole main job per --variants and report wall time and mIoU too")
+    parser.add_argument("--variants", nargs="+", choices=list(MAIN_JOB), default=list(MAIN_JOB),
+                        help="with --main-job: the settings to run")
     parser.add_argument("--work-dir", type=Path, default=Path("out/feeding"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="more train_deeplab.py flags, after --")
     args = parser.parse_args(argv)
     extra = [a for a in args.extra if a != "--"]
+    if args.main_job:
+        return main_job(args, extra)
     generator = generator_flags(args, args.work_dir)
+    steps = 60 if args.steps is None else args.steps
     rows = []
     for workers in args.workers:
         for reuse in args.reuse:
             out = args.work_dir / f"w{workers}_r{reuse}"
-            flags = ["--synthetic-only", "--reuse", str(reuse), "--workers", str(workers), "--steps", str(args.steps),
+            flags = ["--synthetic-only", "--reuse", str(reuse), "--workers", str(workers), "--steps", str(steps),
                      "--output-dir", str(out), "--eval-limit", str(EVAL_IMAGES), *generator, *extra]
             summary = train(flags)
             rows.append({"model": args.arch or "toy", "workers": workers, "reuse": reuse,
@@ -105,6 +128,30 @@ def main(argv=None) -> int:
     print("| workers | reuse | data wait (share of loop) |\n|---|---|---|")
     for r in rows:
         print(f"| {r['workers']} | {r['reuse']} | {r['data_wait_fraction']:.0%} |")
+    return 0
+
+
+def main_job(args, extra: list[str]) -> int:
+    """Each ``--variants`` setting of ``train_deeplab.py --synthetic-only`` at its own steps (unless
+    ``--steps`` is given) and full evaluation: data wait, wall minutes and mIoU."""
+    if args.arch is not None:
+        raise SystemExit("error: --main-job runs the toy main job; drop --arch")
+    steps = [] if args.steps is None else ["--steps", str(args.steps)]
+    rows = []
+    for name in args.variants:
+        flags = ["--synthetic-only", *MAIN_JOB[name], *steps, "--output-dir", str(args.work_dir / "main_job" / name),
+                 "--data-dir", str(args.work_dir / "toyworld"), *extra]
+        started = time.perf_counter()
+        summary = train(flags)
+        rows.append({"variant": name, "data_wait_fraction": summary["data_wait_fraction"],
+                     "minutes": (time.perf_counter() - started) / 60, "miou": summary["miou"],
+                     "train_seconds": summary["train_seconds"], "data_wait_seconds": summary["data_wait_seconds"],
+                     "startup_seconds": summary["startup_seconds"], "trainer_flags": flags})
+        print(json.dumps(rows[-1]), flush=True)
+        write_json(args.json, rows)
+    print("| setting | data wait | wall minutes | mIoU |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['data_wait_fraction']:.0%} | {r['minutes']:.1f} | {r['miou']:.3f} |")
     return 0
 
 
