@@ -34,13 +34,16 @@ from common import train, write_json
 from throughput import TINY_FLAVORS
 
 EVAL_IMAGES = 16
-# The main job with its defaults, and with one feeding lever at a time set back to torch's or the
-# preset's value (the preset generates with DDIM 25 steps; torch's DataLoader prefetches 2 batches).
+# The main job with its defaults, and with feeding levers set back one at a time: the toy preset's
+# DDIM 25 steps, torch's DataLoader prefetch of 2 batches, and torch's thread count for the
+# trainer (every core: 2 on the 2-core machine RESULTS.md was measured on).
 MAIN_JOB = {
     "default": [],
-    "ddim25_prefetch2": ["--gen-steps", "25", "--prefetch-batches", "2"],
+    "ddim25_prefetch2_threads2": ["--gen-steps", "25", "--prefetch-batches", "2", "--threads", "2"],
+    "ddim25_threads2": ["--gen-steps", "25", "--threads", "2"],
     "ddim25": ["--gen-steps", "25"],
-    "ddim10_prefetch2": ["--gen-steps", "10", "--prefetch-batches", "2"],
+    "ddim10": ["--gen-steps", "10"],
+    "ddim10_reuse4": ["--gen-steps", "10", "--reuse", "4"],
 }
 
 
@@ -146,12 +149,13 @@ def main_job(args, extra: list[str]) -> int:
         rows.append({"variant": name, "data_wait_fraction": summary["data_wait_fraction"],
                      "minutes": (time.perf_counter() - started) / 60, "miou": summary["miou"],
                      "train_seconds": summary["train_seconds"], "data_wait_seconds": summary["data_wait_seconds"],
-                     "startup_seconds": summary["startup_seconds"], "trainer_flags": flags})
+                     "startup_seconds": summary["startup_seconds"], "torch_threads": summary.get("torch_threads"),
+                     "trainer_flags": flags})
         print(json.dumps(rows[-1]), flush=True)
         write_json(args.json, rows)
-    print("| setting | data wait | wall minutes | mIoU |\n|---|---|---|---|")
+    print("| setting | trainer threads | data wait | wall minutes | mIoU |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['data_wait_fraction']:.0%} | {r['minutes']:.1f} | {r['miou']:.3f} |")
+        print(f"| {r['variant']} | {r['torch_threads']} | {r['data_wait_fraction']:.0%} | {r['minutes']:.1f} | {r['miou']:.3f} |")
     return 0
 
 

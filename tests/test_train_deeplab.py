@@ -98,6 +98,23 @@ def test_stream_workers_prefetch_the_batches_of_one_generation_call(monkeypatch,
     assert prefetch("--real-only", "--voc-root", str(tmp_path)) == 2
 
 
+def test_trainer_leaves_a_core_to_each_worker_generating_on_the_cpu(monkeypatch):
+    trainer = load_trainer(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+
+    def threads(*flags, world=1):
+        return trainer.training_threads(trainer.get_args_parser().parse_args(list(flags)), world)
+
+    assert threads("--synthetic-only") == 3
+    assert threads("--synthetic-only", "--workers", "2", world=2) == 1, "ranks share the cores; never below 1"
+    assert threads() == 3, "a mixed run generates in its workers too"
+    assert threads("--synthetic-only", "--threads", "4") == 4
+    assert threads("--real-only") is None and threads("--synthetic-only", "--workers", "0") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert threads("--synthetic-only") is None, "workers generate on the GPU"
+
+
 def test_synthetic_only_run_writes_metrics_and_resumes(tmp_path):
     whole = run(["--synthetic-only", "--steps", "4", "--output-dir", "whole", "--workers", "0"], tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -212,6 +229,7 @@ def test_ddp_two_ranks_with_gloo(tmp_path):
         (["--real-images", "4"], "--real-images picks real training images and cannot go with --synthetic-only"),
         (["--synthetic-length", "8"], "--synthetic-length sizes the synthetic part of a mixed run"),
         (["--prefetch-batches", "0"], "--prefetch-batches must be >= 1, got 0"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
     ],
 )
 def test_bad_flags_fail_early_and_clearly(tmp_path, args, message):

@@ -108,7 +108,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--print-config", action="store_true",
                      help="print the generator settings (model preset merged with the flags) as JSON and exit")
     run.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    run.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    run.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads per process (default: torch's, less one core per DataLoader worker "
+                          "when the workers generate on the CPU)")
     return p
 
 
@@ -135,7 +137,7 @@ def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
     if args.synthetic_length is not None and (args.synthetic_only or args.real_only):
         raise SystemExit("error: --synthetic-length sizes the synthetic part of a mixed run; drop --synthetic-only/--real-only")
     for flag in ("steps", "batch_size", "reuse", "cache_size", "crop_size", "checkpoint_every", "real_images",
-                 "synthetic_length", "prefetch_batches"):
+                 "synthetic_length", "prefetch_batches", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if label_space != TOY_CLASSES and (args.eval_root is None or (args.voc_root is None and not args.synthetic_only)):
@@ -238,6 +240,21 @@ def build_train_loader(args, config, rank: int, world: int, device: torch.device
     return StatefulDataLoader(dataset, sampler=sampler, **common), dataset
 
 
+def training_threads(args: argparse.Namespace, world: int) -> int | None:
+    """torch threads for the training process: ``--threads``, else, when DataLoader workers
+    generate synthetic data on the CPU, the cores left after one per worker (each worker runs one
+    thread), shared by the ranks; ``None`` keeps torch's choice.
+
+    The trainer at torch's default takes every core and then competes with the generating workers
+    for them: both slow down, and the workers are what the trainer waits on.
+    """
+    if args.threads is not None:
+        return args.threads
+    if args.real_only or args.workers == 0 or torch.cuda.is_available():
+        return None
+    return max(1, torch.get_num_threads() // world - args.workers)
+
+
 def generation_burst(generation_batch: int, reuse: int, batch_size: int) -> int:
     """Training batches a worker serves from one generation call (at least torch's default 2).
 
@@ -336,8 +353,9 @@ def main(args: argparse.Namespace) -> dict:
     if checkpoint is not None and len(checkpoint["loader"]) != world:
         raise SystemExit(f"error: --resume {args.resume} was written by {len(checkpoint['loader'])} ranks, "
                          f"this run has {world}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = training_threads(args, world)
+    if threads:
+        torch.set_num_threads(threads)
     device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed + rank)
     # ToyWorld is written at the generator's image size whatever the run, so real-only, synthetic
@@ -452,7 +470,8 @@ def main(args: argparse.Namespace) -> dict:
     per_class = {name: round(float(v), 4) for name, v in zip(label_space, confusion.iou())}
     summary = {"event": "final", "step": step, "miou": confusion.mean_iou(), "per_class_iou": per_class,
                "pixel_accuracy": confusion.pixel_accuracy(), "data_wait_fraction": waited / max(waited + trained, 1e-9),
-               "train_seconds": trained, "data_wait_seconds": waited, "startup_seconds": startup}
+               "train_seconds": trained, "data_wait_seconds": waited, "startup_seconds": startup,
+               "torch_threads": torch.get_num_threads()}
     if isinstance(train_data, DiffuMaskStream) and is_main_process():
         summary["generator_stats"] = train_data.stats()
     if noise is not None:
