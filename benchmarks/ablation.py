@@ -75,7 +75,7 @@ def mask_flags(mask: dict) -> list[str]:
     return flags
 
 
-def calibrated(model, mask: dict, n_per_class: int, cache: dict) -> dict:
+def calibrated(model, mask: dict, n_per_class: int, cache: dict, sampler: dict | None = None) -> dict:
     """``mask`` with Otsu replaced by per-class γ calibrated on ``n_per_class`` oracle-labelled samples
     per class (seeds apart from the mask-IoU samples), through the same map refinements."""
     from ondemand_seg.calibration import calibrate_class_thresholds
@@ -84,7 +84,7 @@ def calibrated(model, mask: dict, n_per_class: int, cache: dict) -> dict:
 
     key = (mask.get("refine"), mask.get("self_attention_factor"))
     if key not in cache:
-        source = SampleSource(model, list(TOY_CLASSES[1:]), label_space=TOY_CLASSES,
+        source = SampleSource(model, list(TOY_CLASSES[1:]), label_space=TOY_CLASSES, sampler=sampler or {},
                               mask={k: v for k, v in mask.items() if k != "threshold_mode"})
         gammas = calibrate_class_thresholds(source, lambda image, name: color_oracle(image) == TOY_CLASSES.index(name),
                                             n_per_class)
@@ -130,6 +130,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calibrate-n", type=int, default=20, help="labelled samples per class for --adaptive calibrated")
     parser.add_argument("--crop-size", type=int, default=None, help="training and evaluation size (default: the trainer's, 64)")
     parser.add_argument("--device", default=None, help="training device (default: the trainer's choice)")
+    parser.add_argument("--gen-steps", type=int, default=None,
+                        help="denoising steps of the generator, for mask IoU and training (default: the preset's)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="training runs at once, each its own process with one CPU thread (e.g. 12 on one GPU)")
     parser.add_argument("--work-dir", type=Path, default=Path("out/ablation"))
@@ -142,6 +144,7 @@ def main(argv=None) -> int:
     # Runs already in the JSON with the same flags and steps are kept, not repeated: the table can
     # be built (or resumed) a few runs at a time.
     earlier = {r["row"]: r for r in json.loads(args.json.read_text())} if args.json and args.json.exists() else {}
+    sampler = {} if args.gen_steps is None else {"num_inference_steps": args.gen_steps}
     common = [*(["--crop-size", str(args.crop_size)] if args.crop_size else []),
               *(["--device", args.device] if args.device else [])]
     # (mask overrides, added train flags, mask IoU on labelled pixels, with band as miss) of the last carried row
@@ -154,15 +157,18 @@ def main(argv=None) -> int:
             if "self_attention_factor" in mask:
                 mask["self_attention_factor"] = args.self_attention_factor
             if args.adaptive == "calibrated" and mask["threshold_mode"] == "otsu":
-                mask = calibrated(args.model, mask, args.calibrate_n, calibration)
+                mask = calibrated(args.model, mask, args.calibrate_n, calibration, sampler)
                 name = name.replace("Otsu", f"per-class γ, {args.calibrate_n} labelled samples per class")
-            quality = mask_quality.measure(args.model, args.n, mask_overrides=mask, progress=False)
+            quality = mask_quality.measure(args.model, args.n, mask_overrides=mask, sampler_overrides=sampler,
+                                           progress=False)
             iou, strict = quality["diffumask"]["mean"], quality["diffumask_band_as_miss"]["mean"]
         if carry_on:
             carried = (mask, added, iou, strict)
         flags = mask_flags(mask) + added + common
         if "--augment" not in added:
             flags += ["--augment", "basic"]
+        if args.gen_steps is not None:
+            flags += ["--gen-steps", str(args.gen_steps)]
         row = {"row": name, "mask_iou": iou, "mask_iou_band_as_miss": strict, "mask_overrides": mask,
                "train_flags": flags, "carried": carry_on, "steps": args.steps}
         before = earlier.get(name, {})

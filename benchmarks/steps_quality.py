@@ -5,8 +5,8 @@ Each row generates the same ``n`` prompts and seeds as ``benchmarks/mask_quality
 timestep window, γ, band) against the ToyWorld colour oracle. Per row: IoU per class and mean,
 ignore pixels as misses, the share of images the oracle finds the prompted object in, gate
 rejects, seconds per image in the DiffuMask sampler's calls (generation, capture, masks; model
-loaded before), and IoU and time relative to the model's first row, its preset (the model's own
-scheduler at its preset steps).
+loaded before), and IoU and time relative to the model's first row (the model's own scheduler at
+25 steps).
 
 The timestep window is a fraction of the steps; ``recorded`` lists the step indices the capture
 records at each step count (the store records at least one).
@@ -27,7 +27,8 @@ from mask_quality import measure
 from ondemand_seg.capture import CrossAttentionStore
 
 DPM = "DPMSolverMultistepScheduler"  # DPM-Solver++ (its default algorithm_type), order 2
-# model:scheduler:steps, "default" being the model's own scheduler; each model's first row is its preset.
+# model:scheduler:steps, "default" being the model's own scheduler; each model's first row is the
+# reference the others are compared with.
 GRID = (
     "toy:default:25", "toy:default:50", "toy:default:10",
     f"toy:{DPM}:25", f"toy:{DPM}:20", f"toy:{DPM}:15", f"toy:{DPM}:10", f"toy:{DPM}:5",
@@ -101,7 +102,7 @@ def add_relative(rows: list[dict]) -> None:
 def markdown(rows: list[dict]) -> str:
     classes = list(rows[0]["per_class"])
     lines = ["| model | scheduler | steps | steps recorded | " + " | ".join(classes)
-             + " | **mean** | vs preset | ignore as miss | object drawn | rejected | s/image | time vs preset |",
+             + " | **mean** | vs first row | ignore as miss | object drawn | rejected | s/image | time vs first row |",
              "|---" * (len(classes) + 11) + "|"]
     for row in rows:
         drawn = sum(row["drawn_fraction"].values()) / len(row["drawn_fraction"])
