@@ -32,7 +32,9 @@ mkdir -p "$OUT" "$WORK"
 : > "$OUT/sections.jsonl"
 SECTIONS=${SECTIONS:-"sd15_ddim sd15_dpm25 feeding sd15_channels_last sd15_compiled"}
 ARCH="--arch sd15 --random-weights"; DEVICE=""; STEPS=${STEPS:-20}; REPEATS=${REPEATS:-2}; BATCHES="1 8 16"; BIG=8
-FEED="--reuse 1 4 16 --steps 20 -- --backbone resnet50 --batch-size 8 --crop-size 512 --gen-steps 20 --gen-batch-size 8"
+# torch's prefetch of 2 batches: at 512 px the trainer's default (reuse batches per worker, 16 at
+# reuse 16, 25 MB each) can outgrow a container's /dev/shm; its size is logged below.
+FEED="--reuse 1 4 16 --steps 20 -- --backbone resnet50 --batch-size 8 --crop-size 512 --gen-steps 20 --gen-batch-size 8 --prefetch-batches 2"
 SLOW=1
 if [ "${TINY:-0}" = 1 ]; then
   DEVICE="--tiny --device cpu"; STEPS=2; REPEATS=1; BATCHES="1 2"; BIG=2; SLOW=2
@@ -44,6 +46,7 @@ if [ "${TINY:-0}" = 1 ]; then
 fi
 BUDGET=${BUDGET:-$((470 * SLOW))}
 [ "${TINY:-0}" = 1 ] || nvidia-smi -L
+df -h /dev/shm || true
 status=0
 
 # section NAME CAP COMMAND...: run COMMAND under the smaller of CAP (scaled on a CPU) and what is
