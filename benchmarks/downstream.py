@@ -37,11 +37,11 @@ RUNS = {
     "synthetic_only": ["--synthetic-only"],
     "mixed": [],
     "synthetic_reuse_4": ["--synthetic-only", "--reuse", "4"],
+    "synthetic_basic_augment": ["--synthetic-only", "--augment", "basic"],
     # These pin DDIM 25 generation steps, the setting their runs in RESULTS.md were measured at:
     "synthetic_25_gen_steps": ["--synthetic-only", "--gen-steps", "25"],
     "synthetic_ignore_band": ["--synthetic-only", "--ignore-band", "0.05", "--gen-steps", "25"],
     "mixed_ignore_band": ["--ignore-band", "0.05", "--gen-steps", "25"],
-    "synthetic_basic_augment": ["--synthetic-only", "--augment", "basic"],
     "synthetic_1_to_3_classes": ["--synthetic-only", "--classes-per-prompt", "1", "3", "--gen-steps", "25"],
 }
 

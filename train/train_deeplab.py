@@ -211,13 +211,14 @@ def build_train_loader(args, config, rank: int, world: int, device: torch.device
     context = "spawn" if device.type == "cuda" and args.workers > 0 else None
     common = dict(batch_size=args.batch_size, num_workers=args.workers, multiprocessing_context=context, drop_last=True,
                   persistent_workers=args.workers > 0)
-    if args.workers > 0 and args.prefetch_batches is not None:
-        common["prefetch_factor"] = args.prefetch_batches
+    prefetch = args.prefetch_batches
+    if prefetch is None and args.synthetic_only:
+        prefetch = generation_burst(config.sampler.batch_size, args.reuse, args.batch_size)
+    if args.workers > 0 and prefetch is not None:
+        common["prefetch_factor"] = prefetch
     if args.synthetic_only:
         stream = DiffuMaskStream(args.model, args.classes, reuse=args.reuse, cache_size=args.cache_size, seed=args.seed,
                                  transforms=synthetic_transform(args), **config.to_dict())
-        if args.workers > 0 and args.prefetch_batches is None:
-            common["prefetch_factor"] = generation_burst(config.sampler.batch_size, args.reuse, args.batch_size)
         return StatefulDataLoader(stream, **common), stream
     real = real_training_set(args, transform)
     parts = [real]
