@@ -38,8 +38,8 @@ def run(args, tmp_path, launcher=(sys.executable,), timeout=600, base=FAST, max_
 
 
 def load_trainer(monkeypatch):
-    """train_deeplab.py imported in this process, with train/utils.py as its ``utils``, to call main()."""
-    for name in ("utils", "train_deeplab"):
+    """train_deeplab.py imported in this process, with train/'s other modules as its imports, to call main()."""
+    for name in ("utils", "dilated_convs", "train_deeplab"):
         spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         monkeypatch.setitem(sys.modules, name, module)
@@ -402,3 +402,11 @@ def test_vocabulary_reads_a_user_file_and_label_space_is_its_old_name(tmp_path):
     ranged = printed_config("--label-space", "pets.json", "--model", "random-weights", "--classes-per-prompt", "1", "3",
                             cwd=tmp_path)
     assert ranged["sampler"]["classes_per_prompt"] == [1, 3]
+
+
+def test_the_segmenter_skips_dilated_taps_that_read_padding_only(monkeypatch):
+    trainer = load_trainer(monkeypatch)
+    args = trainer.get_args_parser().parse_args([])
+    model = trainer.build_model(args, 6)
+    cropped = [m for m in model.modules() if type(m).__name__ == "TapCroppedConv2d"]
+    assert len(cropped) == 6  # the ASPP's three branches and MobileNetV3's three dilated convs

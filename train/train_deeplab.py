@@ -34,6 +34,7 @@ from ondemand_seg.label_noise import LabelNoiseFilter
 from ondemand_seg.label_spaces import class_ids
 from ondemand_seg.metrics import ConfusionMatrix
 from ondemand_seg.toyworld import TOY_CLASSES, write_voc
+from dilated_convs import crop_dilated_convs
 from utils import (CheckpointError, MetricLog, MetricLogError, all_reduce_mean, init_distributed, is_main_process,
                    load_checkpoint, output_dir_problem, save_checkpoint)
 
@@ -173,6 +174,8 @@ def default_voc_root(args: argparse.Namespace, image_size: int) -> Path:
 
 def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     model = BACKBONES[args.backbone](weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+    # Same function and parameters; on crops smaller than the ASPP's dilations most taps read padding only.
+    crop_dilated_convs(model)
     if args.backbone_weights is None:
         if is_main_process():
             print(f"backbone {args.backbone}: random init (pass --backbone-weights PATH for ImageNet weights)")
