@@ -20,15 +20,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import segmentation
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from dilated_convs import crop_dilated_convs  # noqa: E402
+from train_deeplab import BACKBONES  # noqa: E402
 
 from common import write_json  # noqa: E402
-
-BACKBONES = {"mobilenet_v3_large": segmentation.deeplabv3_mobilenet_v3_large,
-             "resnet50": segmentation.deeplabv3_resnet50}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
