@@ -14,7 +14,8 @@ def test_main_job_runs_each_variant_at_the_trainers_own_steps_and_reports_wait_t
 
     def fake_train(flags):
         calls.append(flags)
-        return {"data_wait_fraction": 0.25, "miou": 0.5, "train_seconds": 3.0, "data_wait_seconds": 1.0,
+        steps = int(flags[flags.index("--steps") + 1]) if "--steps" in flags else 1000
+        return {"step": steps, "data_wait_fraction": 0.25, "miou": 0.5, "train_seconds": 3.0, "data_wait_seconds": 1.0,
                 "startup_seconds": 2.0, "torch_threads": 1}
 
     monkeypatch.setattr(feeding, "train", fake_train)
@@ -24,9 +25,11 @@ def test_main_job_runs_each_variant_at_the_trainers_own_steps_and_reports_wait_t
     default, before = calls
     assert "--steps" not in default and "--eval-limit" not in default, "the main job as users run it"
     assert default[:1] == ["--synthetic-only"] and default[-2:] == ["--threads", "1"]
-    assert before[1:7] == ["--gen-steps", "25", "--prefetch-batches", "2", "--threads", "2"]
+    # The levers are compared at 600 steps whatever the trainer's default.
+    assert before[1:9] == ["--steps", "600", "--gen-steps", "25", "--prefetch-batches", "2", "--threads", "2"]
     rows = json.loads(out.read_text())
     assert [r["variant"] for r in rows] == ["default", "ddim25_prefetch2_threads2"]
+    assert [r["steps"] for r in rows] == [1000, 600]
     assert rows[0]["miou"] == 0.5 and rows[0]["torch_threads"] == 1 and rows[0]["data_wait_fraction"] == 0.25 and rows[0]["minutes"] >= 0
 
 

@@ -11,7 +11,7 @@ set -u
 OUT=${1:?usage: downstream_sweep.sh OUT_DIR}
 W=$OUT/runs; mkdir -p $W $OUT/logs
 python3 -c "from ondemand_seg.toyworld import write_voc; write_voc('$W/toyworld', n_train=1000, n_val=200, image_size=64, seed=0)"
-run() { name=$1; shift; timeout 330 python3 train/train_deeplab.py --device cuda --threads 1 --workers 1 --data-dir $W/toyworld --output-dir $W/$name "$@" > $OUT/logs/$name.log 2>&1; echo "$name rc=$?"; }
+run() { name=$1; shift; timeout 330 python3 train/train_deeplab.py --device cuda --threads 1 --workers 1 --data-dir $W/toyworld --output-dir $W/$name --steps 600 "$@" > $OUT/logs/$name.log 2>&1; echo "$name rc=$?"; }
 S="--synthetic-only --classes-per-prompt 1 --ignore-band 0.05 --gen-steps 25"
 B="--augment basic"
 run real --real-only &
