@@ -34,7 +34,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", type=int, nargs="+", default=[25, 100, 1000], help="real training images")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--models", nargs="+", default=["toy", "toy-unaided"], help="generator models for the mixed runs")
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps per run (the main job's)")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
     p.add_argument("--synthetic-ratio", type=float, nargs="+", default=[0.5],
                    help="share of synthetic samples in a mixed run (several: one mixed run per ratio)")
     p.add_argument("--synthetic-length", type=int, default=512, help="synthetic images generated per mixed run")
