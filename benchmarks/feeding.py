@@ -38,14 +38,15 @@ EVAL_IMAGES = 16
 # (where RESULTS.md compares them): the toy preset's DDIM 25 steps, torch's DataLoader prefetch of
 # 2 batches, and torch's thread count for the trainer (every core: 2 on the 2-core machine
 # RESULTS.md was measured on).
+LEVER_STEPS = ["--steps", "600"]
 MAIN_JOB = {
     "default": [],
-    "ddim25_prefetch2_threads2": ["--steps", "600", "--gen-steps", "25", "--prefetch-batches", "2", "--threads", "2"],
-    "ddim25_threads2": ["--steps", "600", "--gen-steps", "25", "--threads", "2"],
-    "ddim25": ["--steps", "600", "--gen-steps", "25"],
-    "ddim10": ["--steps", "600", "--gen-steps", "10"],
-    "ddim10_reuse4": ["--steps", "600", "--gen-steps", "10", "--reuse", "4"],
-    "steps600": ["--steps", "600"],  # the defaults but fewer or more optimizer steps: the budget they cost
+    "ddim25_prefetch2_threads2": [*LEVER_STEPS, "--gen-steps", "25", "--prefetch-batches", "2", "--threads", "2"],
+    "ddim25_threads2": [*LEVER_STEPS, "--gen-steps", "25", "--threads", "2"],
+    "ddim25": [*LEVER_STEPS, "--gen-steps", "25"],
+    "ddim10": [*LEVER_STEPS, "--gen-steps", "10"],
+    "ddim10_reuse4": [*LEVER_STEPS, "--gen-steps", "10", "--reuse", "4"],
+    "steps600": LEVER_STEPS,  # the defaults but fewer or more optimizer steps: the budget they cost
     "steps900": ["--steps", "900"],
 }
 
