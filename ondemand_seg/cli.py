@@ -64,6 +64,10 @@ def add_generator_arguments(parser: argparse.ArgumentParser, step_flag: str = "-
                        help="random-walk refinement along image colour (default: preset, else none)")
     group.add_argument("--self-attention-factor", type=int, default=None,
                        help="propagate masks through the model's self-attention at this latent factor (default: off)")
+    group.add_argument("--neglect-ratio", type=float, default=None, metavar="R",
+                       help="with several classes per prompt, a class whose attention peak is below R x the "
+                            "strongest named class's is labelled as not drawn; 0 keeps every class (default: "
+                            "preset, else 0)")
 
 
 def parse_class_thresholds(items: Sequence[str]) -> dict[str, float]:
@@ -84,7 +88,7 @@ def generator_settings(args: argparse.Namespace) -> dict:
     form; only the flags given appear, so everything else stays the preset's."""
     size = args.image_size
     mask = {"threshold": args.threshold, "threshold_mode": args.threshold_mode, "refine": args.refine,
-            "self_attention_factor": args.self_attention_factor,
+            "self_attention_factor": args.self_attention_factor, "neglect_ratio": args.neglect_ratio,
             "ignore_band": 0.0 if args.no_ignore_band else args.ignore_band,
             "class_thresholds": parse_class_thresholds(args.class_thresholds) if args.class_thresholds else None}
     count = args.classes_per_prompt

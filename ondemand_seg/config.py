@@ -149,6 +149,12 @@ class MaskConfig:
     :func:`~ondemand_seg.masks.calibrate_threshold` on a few labelled images); ``refine="affinity"``
     spreads the map along the image's colour affinities; ``self_attention_factor`` propagates it
     through the model's self-attention at that latent factor, ``self_attention_power`` times.
+
+    ``neglect_ratio`` (prompts naming several classes): a class whose attention peak is below this
+    share of the strongest named class's peak in the same image is taken as not drawn (the
+    "catastrophic neglect" of Attend-and-Excite, Chefer et al. 2023, found by the same per-token
+    maximum) and labelled as if the prompt had not named it; 0 (the default, the paper's) keeps
+    every class. With one class per prompt it never applies.
     """
 
     resolution_weights: dict[int, float] | None = None
@@ -164,6 +170,7 @@ class MaskConfig:
     self_attention_power: int = 1
     map_source: str = "attention"
     joint_softmax: str = "all"
+    neglect_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if self.resolution_weights is not None:
@@ -221,6 +228,9 @@ class MaskConfig:
             raise ValueError(f"self_attention_factor must be None or a latent factor (1, 2, 4, ...), got {factor}")
         if self.self_attention_power < 1:
             raise ValueError(f"self_attention_power must be >= 1, got {self.self_attention_power}")
+        self.neglect_ratio = check_finite("neglect_ratio", self.neglect_ratio)
+        if not 0.0 <= self.neglect_ratio < 1.0:
+            raise ValueError(f"neglect_ratio must be in [0, 1), got {self.neglect_ratio}")
 
 
 # SamplerConfig(compile=True) marks the capture's step counters dynamic by a source-name pattern

@@ -101,8 +101,9 @@ class DiffuMaskDataset(Dataset):
         return list(dict.fromkeys(wanted))
 
     def stats(self) -> dict[str, int]:
-        """Generated, accepted and rejected-by-reason counts, and ``oom_retries`` (generation calls
-        retried with a smaller batch after running out of memory), over all workers so far."""
+        """Generated, accepted and rejected-by-reason counts, ``oom_retries`` (generation calls
+        retried with a smaller batch after running out of memory) and ``neglected_classes`` (named
+        classes labelled as not drawn), over all workers so far."""
         return self.source.counts()
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:

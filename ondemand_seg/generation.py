@@ -15,6 +15,7 @@ from .capture import CrossAttentionStore, install_capture
 from .config import MaskConfig, SamplerConfig
 from .families import ModelSpec, call_options, describe_pipeline, latent_size, step_callback, text_segments
 from .labelling import finite_samples, masks_from_attention
+from .masks import neglected_classes
 from .prompts import PromptSpec, class_token_weights
 
 # torch.compile backend for ``SamplerConfig(compile=True)``; the tests trace with "eager" (the same
@@ -48,8 +49,10 @@ class GeneratedBatch:
 
     images: ``[B, 3, H, W]`` float in [0, 1]; masks: ``[B, H, W]`` long label ids (255 ignore);
     with ``keep_maps``, fused: ``[B, K, H, W]`` the fused attention the masks came from and
-    class_ids: ``[B, K]`` the label of each map (0 = unused slot); finite_maps: ``[B]`` bool, False
-    where a sample's attention maps held a non-finite value (``None``: not checked).
+    class_ids: ``[B, K]`` the label of each map (0 = unused slot, or a class the model neglected);
+    finite_maps: ``[B]`` bool, False where a sample's attention maps held a non-finite value
+    (``None``: not checked); neglected: ``[B]`` long, classes of each prompt labelled as not drawn
+    (``MaskConfig.neglect_ratio``).
     """
 
     images: torch.Tensor
@@ -57,6 +60,7 @@ class GeneratedBatch:
     fused: torch.Tensor | None = None
     class_ids: torch.Tensor | None = None
     finite_maps: torch.Tensor | None = None
+    neglected: torch.Tensor | None = None
 
     def uint8_images(self) -> np.ndarray:
         """The images as ``[B, H, W, 3]`` uint8 RGB (what samples, oracles and labellers take)."""
@@ -143,9 +147,14 @@ class DiffuMaskSampler:
                 ).images
                 captured = self.store.captured()
                 finite = finite_samples(captured)
+                neglected = neglected_classes(captured.maps, mask_config.resolution_weights, ids,
+                                              mask_config.neglect_ratio)
+                # A neglected class is labelled as if the prompt had not named it (slot id 0).
+                ids = ids.masked_fill(neglected.to(ids.device), 0)
                 fused, masks = masks_from_attention(captured, images, ids, [p.class_names for p in prompts], mask_config)
         finally:
             self.store.reset()
+        counts = neglected.sum(1).cpu()
         if keep_maps:
-            return GeneratedBatch(images.float().cpu(), masks.cpu(), fused.cpu(), ids, finite.cpu())
-        return GeneratedBatch(images.float().cpu(), masks.cpu(), finite_maps=finite.cpu())
+            return GeneratedBatch(images.float().cpu(), masks.cpu(), fused.cpu(), ids, finite.cpu(), counts)
+        return GeneratedBatch(images.float().cpu(), masks.cpu(), finite_maps=finite.cpu(), neglected=counts)

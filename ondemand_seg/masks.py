@@ -6,7 +6,7 @@ Shapes: ``B`` images, ``K`` class slots per image (several classes can share a p
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,16 @@ def fuse_resolutions(
     Returns:
         ``[B, K, H, W]`` fused maps, normalized again so the threshold is relative to the peak.
     """
+    def level(maps: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(normalize_maps(maps.float(), normalization), size=size, mode="bilinear", align_corners=False)
+
+    return normalize_maps(_weighted_mean(maps_by_factor, weights, level), normalization)
+
+
+def _weighted_mean(maps_by_factor: Mapping[int, torch.Tensor], weights: Mapping[int, float],
+                   level: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``sum_f weight_f * level(maps_by_factor[f]) / sum_f weight_f`` over the factors weighted > 0."""
+    # Factors with no captured map are an error, so a misconfigured resolution never silently drops out.
     missing = sorted(f for f, w in weights.items() if w > 0 and f not in maps_by_factor)
     if missing:
         raise ValueError(
@@ -64,14 +74,46 @@ def fuse_resolutions(
             f"captured factors: {sorted(maps_by_factor)}. Adjust MaskConfig.resolution_weights."
         )
     total = sum(w for w in weights.values() if w > 0)
-    fused = None
-    for factor, weight in weights.items():
-        if weight <= 0:
-            continue
-        level = normalize_maps(maps_by_factor[factor].float(), normalization)
-        level = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
-        fused = level * (weight / total) if fused is None else fused + level * (weight / total)
-    return normalize_maps(fused, normalization)
+    return sum(level(maps_by_factor[f]) * (w / total) for f, w in weights.items() if w > 0)
+
+
+def neglected_classes(
+    maps_by_factor: Mapping[int, torch.Tensor],
+    weights: Mapping[int, float],
+    class_ids: torch.Tensor,
+    ratio: float,
+) -> torch.Tensor:
+    """Class slots the model did not draw: attention peak below ``ratio`` × the image's strongest.
+
+    A slot's peak is the weighted mean, over the fused grids, of its raw (unnormalised) map's
+    maximum, the per-token maximum Attend-and-Excite (Chefer et al. 2023) uses to find neglected
+    subjects. Normalisation would stretch a neglected class's faint map to [0, 1] and label a
+    sliver of the other object with it; the raw peak, compared across the classes of one prompt,
+    is scale-free. A slot with no finite value is never called neglected (its pixels stay
+    unknown), and the strongest slot never is.
+
+    Args:
+        maps_by_factor: latent factor -> ``[B, K, h_f, w_f]`` raw attention (non-negative).
+        weights: factor -> weight, as for :func:`fuse_resolutions`.
+        class_ids: ``[B, K]`` label ids; 0 marks an unused slot.
+        ratio: in [0, 1); 0 calls nothing neglected.
+    Returns:
+        ``[B, K]`` bool, True where a used slot is neglected.
+    """
+    used = class_ids > 0
+    if ratio <= 0:
+        return torch.zeros_like(used)
+
+    def level(maps: torch.Tensor) -> torch.Tensor:
+        flat = maps.float().flatten(2)
+        return torch.where(torch.isfinite(flat), flat, torch.full_like(flat, -torch.inf)).amax(-1)
+
+    peak = _weighted_mean(maps_by_factor, weights, level)
+    peak = torch.where(torch.isfinite(peak), peak, torch.full_like(peak, torch.nan)).to(class_ids.device)
+    strongest = torch.where(used, peak, torch.full_like(peak, -torch.inf)).nan_to_num(nan=-torch.inf)
+    strongest = strongest.amax(1, keepdim=True)
+    # NaN compares False, so a slot without a finite peak is kept.
+    return used & (peak < ratio * strongest)
 
 
 def labels_from_maps(

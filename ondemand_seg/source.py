@@ -109,6 +109,7 @@ class SampleSource:
         self.device = device
         self.stats = GateStats()
         self.oom_retries = SharedCount()
+        self.neglected_classes = SharedCount()
         self._generation_batch = self.config.sampler.batch_size
         self._sampler: DiffuMaskSampler | None = None
         self._rejects: RejectCounter | None = None
@@ -163,9 +164,11 @@ class SampleSource:
         return self.vocabulary.sample_multi(rng, names, [self.label_space.index(n) for n in names])
 
     def counts(self) -> dict[str, int]:
-        """Generated, accepted and rejected-by-reason counts, and ``oom_retries`` (generation calls
-        retried with a smaller batch), over all workers so far."""
-        return {**self.stats.as_dict(), "oom_retries": self.oom_retries.value}
+        """Generated, accepted and rejected-by-reason counts, ``oom_retries`` (generation calls
+        retried with a smaller batch) and ``neglected_classes`` (named classes of generated samples
+        labelled as not drawn, ``MaskConfig.neglect_ratio``), over all workers so far."""
+        return {**self.stats.as_dict(), "oom_retries": self.oom_retries.value,
+                "neglected_classes": self.neglected_classes.value}
 
     def draw(self, indices: Sequence[int]) -> list[RawSample]:
         """Accepted samples for ``indices``, in order, generated in batches.
@@ -186,6 +189,8 @@ class SampleSource:
             batch = self._generate(prompts, seeds)
             reasons = gate(batch.images, batch.masks, self.quality_config, finite_maps=batch.finite_maps)
             self.stats.add(reasons)
+            if batch.neglected is not None:
+                self.neglected_classes.add(int(batch.neglected.sum()))
             self._rejects.update(reasons)
             images = batch.uint8_images()
             masks = batch.masks.to(torch.uint8).numpy()

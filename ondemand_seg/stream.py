@@ -94,8 +94,9 @@ class DiffuMaskStream(IterableDataset):
         return self.source.config
 
     def stats(self) -> dict[str, int]:
-        """Generated, accepted and rejected-by-reason counts, and ``oom_retries`` (generation calls
-        retried with a smaller batch after running out of memory), over all workers so far."""
+        """Generated, accepted and rejected-by-reason counts, ``oom_retries`` (generation calls
+        retried with a smaller batch after running out of memory) and ``neglected_classes`` (named
+        classes labelled as not drawn), over all workers so far."""
         return self.source.counts()
 
     def _quota(self, shard_id: int, shards: int) -> int | None:

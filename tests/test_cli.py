@@ -104,6 +104,7 @@ def test_config_prints_the_preset_merged_with_the_flags_and_saves_it(tmp_path, c
         (["config", "--steps", "0"], "num_inference_steps must be >= 1, got 0"),
         (["config", "--threshold", "nan"], "threshold must be finite, got nan"),
         (["config", "--self-attention-factor", "3"], "self_attention_factor must be None or a latent factor"),
+        (["config", "--neglect-ratio", "1.5"], r"neglect_ratio must be in \[0, 1\), got 1.5"),
         (["config", "--model", "no/such/folder"], "model folder 'no/such/folder' does not exist"),
         (["stream", "--seed", "-1"], "seed must be >= 0, got -1"),
         (["stream", "--device", "bogus"], "device 'bogus' is not a torch device name"),

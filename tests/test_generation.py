@@ -72,6 +72,32 @@ def test_non_finite_attention_is_flagged_and_kept_out_of_the_mask(tiny_pipe, mon
     assert plain.finite_maps.tolist() == [True, False], "flagged without keep_maps too"
 
 
+def test_a_neglected_class_is_labelled_as_not_named_and_counted(tiny_pipe, monkeypatch):
+    config = MaskConfig(neglect_ratio=0.5)
+    sampler = DiffuMaskSampler(tiny_pipe, config, SamplerConfig(num_inference_steps=2))
+    clean = sampler.generate([BIRD_DOG, BIRD_DOG], [1, 2], (64, 64), keep_maps=True)
+    assert clean.neglected.tolist() == [0, 0] and clean.class_ids.tolist() == [[3, 12], [3, 12]]
+    assert (clean.masks[0] == 3).any(), "premise: the bird labels pixels when its attention is not faint"
+    real_add = sampler.store.add
+
+    def faint_bird(class_maps):
+        # Image 0's bird token gets 1% of its attention in every layer: the model "did not draw" it.
+        class_maps = class_maps.clone()
+        class_maps[0, 0] *= 0.01
+        real_add(class_maps)
+
+    monkeypatch.setattr(sampler.store, "add", faint_bird)
+    batch = sampler.generate([BIRD_DOG, BIRD_DOG], [1, 2], (64, 64), keep_maps=True)
+    assert batch.neglected.tolist() == [1, 0]
+    assert batch.class_ids.tolist() == [[0, 12], [3, 12]]
+    assert not (batch.masks[0] == 3).any() and (batch.masks[0] == 12).any()
+    assert torch.equal(batch.masks[1], clean.masks[1])
+    # Without the rule the faint bird's map, stretched to [0, 1], still claims pixels.
+    sampler.mask_config = MaskConfig()
+    kept = sampler.generate([BIRD_DOG, BIRD_DOG], [1, 2], (64, 64))
+    assert kept.neglected.tolist() == [0, 0] and (kept.masks[0] == 3).any()
+
+
 def test_image_depends_on_its_seed_not_its_batch(tiny_sd1):
     sampler = DiffuMaskSampler(load_pipeline(tiny_sd1, torch.device("cpu")), MaskConfig(), SamplerConfig(num_inference_steps=3))
     alone = sampler.generate([DOG], [7], (64, 64))

@@ -6,6 +6,7 @@ from ondemand_seg.masks import (
     calibrate_threshold,
     fuse_resolutions,
     labels_from_maps,
+    neglected_classes,
     normalize_maps,
     otsu_thresholds,
     propagate_self_attention,
@@ -180,3 +181,39 @@ def test_calibrate_threshold_ignores_non_finite_pixels():
     truth = torch.tensor([True] * 20 + [False] * 8)
     fused = torch.tensor([float("nan")] * 10 + [0.8] * 6 + [0.5] * 4 + [0.55] * 8)
     assert 0.55 < calibrate_threshold([fused], [truth]) <= 0.8
+
+
+def test_a_class_far_fainter_than_the_strongest_is_neglected():
+    # Image 0: slot 1 peaks at 0.04 against slot 0's 0.8 (neglected at ratio 0.5); image 1: both drawn.
+    maps = torch.zeros(2, 3, 4, 4)
+    maps[0, 0, 1, 1], maps[0, 1, 2, 2] = 0.8, 0.04
+    maps[1, 0, 1, 1], maps[1, 1, 2, 2] = 0.5, 0.6
+    ids = torch.tensor([[4, 7, 0], [4, 7, 0]])
+    assert neglected_classes({1: maps}, {1: 1.0}, ids, 0.5).tolist() == [[False, True, False], [False, False, False]]
+    assert not neglected_classes({1: maps}, {1: 1.0}, ids, 0.0).any(), "ratio 0 keeps every class"
+    # Unused slots are never neglected, even when empty; a single named class never is.
+    assert neglected_classes({1: maps}, {1: 1.0}, torch.tensor([[4, 0, 0], [0, 7, 0]]), 0.9).tolist() == [
+        [False, False, False], [False, False, False]]
+
+
+def test_neglect_compares_weighted_peaks_over_the_fused_grids():
+    fine, coarse = torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 2, 2)
+    fine[0, 0, 0, 0], fine[0, 1, 3, 3] = 1.0, 0.1    # slot 1 faint on the fine grid
+    coarse[0, 0, 0, 0], coarse[0, 1, 1, 1] = 0.2, 1.0  # and strong on the coarse one
+    ids = torch.tensor([[3, 5]])
+    maps = {1: fine, 2: coarse}
+    assert neglected_classes(maps, {1: 1.0, 2: 0.0}, ids, 0.5).tolist() == [[False, True]]
+    # Equal weights: peaks 0.6 and 0.55, both kept.
+    assert neglected_classes(maps, {1: 1.0, 2: 1.0}, ids, 0.5).tolist() == [[False, False]]
+    with pytest.raises(ValueError, match=r"factor\(s\) \[4\]"):
+        neglected_classes(maps, {1: 1.0, 4: 1.0}, ids, 0.5)
+
+
+def test_a_slot_with_no_finite_value_is_not_called_neglected():
+    maps = torch.zeros(1, 2, 3, 3)
+    maps[0, 0, 1, 1] = 0.9
+    maps[0, 1] = float("nan")
+    # Its pixels must stay unknown (255) in labels_from_maps, which an unused slot would not give.
+    assert neglected_classes({1: maps}, {1: 1.0}, torch.tensor([[2, 6]]), 0.5).tolist() == [[False, False]]
+    maps[0, 0] = float("nan")
+    assert not neglected_classes({1: maps}, {1: 1.0}, torch.tensor([[2, 6]]), 0.5).any()

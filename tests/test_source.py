@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from ondemand_seg import seeding
-from ondemand_seg.config import DiffuMaskConfig
+from ondemand_seg.config import DiffuMaskConfig, MaskConfig
 from ondemand_seg.label_spaces import voc_palette
 from ondemand_seg.source import RawSample, SampleSource
 
@@ -98,3 +98,17 @@ def test_draw_returns_the_indices_in_order_whatever_the_batch(tiny_sd1, fast):
     assert np.array_equal(alone.mask, drawn[1].mask)
     assert np.abs(alone.image.astype(int) - drawn[1].image.astype(int)).max() <= 1
     assert source.stats.as_dict()["accepted"] == 2
+
+
+def test_neglected_classes_are_counted_and_kept_out_of_the_masks(tiny_sd1, fast):
+    two = dataclasses.replace(fast["sampler"], classes_per_prompt=2)
+    keep_all = SampleSource(tiny_sd1, ["dog", "bird"], **{**fast, "sampler": two})
+    strict = SampleSource(tiny_sd1, ["dog", "bird"], **{**fast, "sampler": two, "mask": MaskConfig(neglect_ratio=0.99)})
+    kept, pruned = keep_all.draw(range(6)), strict.draw(range(6))
+    classes = [set(np.unique(s.mask).tolist()) - {0, 255} for s in pruned]
+    assert keep_all.counts()["neglected_classes"] == 0
+    assert strict.counts()["neglected_classes"] == sum(
+        len(set(np.unique(k.mask).tolist()) - {0, 255}) - len(c) for k, c in zip(kept, classes)) > 0
+    assert all(len(c) >= 1 for c in classes), "the strongest class is never neglected"
+    for k, p in zip(kept, pruned):
+        assert np.array_equal(k.image, p.image), "the rule changes labels, never the image"

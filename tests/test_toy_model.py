@@ -65,6 +65,20 @@ def test_mask_quality_floor_well_above_baselines(tmp_path):
     assert min(result["drawn_fraction"].values()) >= 0.75, "the model draws the prompted object"
 
 
+def test_neglect_rule_drops_classes_the_toy_model_did_not_draw_and_no_other(tmp_path):
+    out = tmp_path / "multi_class_prompts.json"
+    done = subprocess.run([sys.executable, "benchmarks/multi_class_prompts.py", "--n", "40", "--ratios", "0", "0.5",
+                           "--json", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    keep_all, rule = json.loads(out.read_text())["rows"]
+    assert keep_all["named"] == rule["named"] == 80, "two classes per prompt (the toy preset)"
+    assert keep_all["dropped"] == 0
+    assert rule["not_drawn"] >= 1, "premise: the toy model neglects a named class in some of these prompts"
+    assert rule["dropped_drawn"] == 0 and rule["dropped_not_drawn"] >= 1
+    assert rule["dropped"] == rule["dropped_drawn"] + rule["dropped_not_drawn"]
+    assert rule["mean"] > keep_all["mean"]
+
+
 def test_steps_quality_writes_one_row_per_scheduler_and_step_count(tmp_path):
     out = tmp_path / "steps_quality.json"
     done = subprocess.run([sys.executable, "benchmarks/steps_quality.py", "--n", "5", "--batch-size", "5",
