@@ -78,7 +78,8 @@ def measure(model, n: int, ratio: float, seed: int = 0, drawn_pixels: int = 10) 
                 sums[name][0] += inter
                 sums[name][1] += union
     per_class = {c: (i / u if u else float("nan")) for c, (i, u) in sums.items()}
-    return {"neglect_ratio": ratio, **counts, "not_drawn_per_class": not_drawn, "per_class": per_class, "mean": float(np.nanmean(list(per_class.values())))}
+    return {"neglect_ratio": ratio, **counts, "not_drawn_per_class": not_drawn, "per_class": per_class,
+            "mean": float(np.nanmean(list(per_class.values())))}
 
 
 def markdown(rows: list[dict]) -> str:

@@ -150,7 +150,7 @@ class DiffuMaskSampler:
                 neglected = neglected_classes(captured.maps, mask_config.resolution_weights, ids,
                                               mask_config.neglect_ratio)
                 # A neglected class is labelled as if the prompt had not named it (slot id 0).
-                ids = ids.masked_fill(neglected.to(ids.device), 0)
+                ids = ids.masked_fill(neglected, 0)
                 fused, masks = masks_from_attention(captured, images, ids, [p.class_names for p in prompts], mask_config)
         finally:
             self.store.reset()

@@ -108,12 +108,11 @@ def neglected_classes(
         flat = maps.float().flatten(2)
         return torch.where(torch.isfinite(flat), flat, torch.full_like(flat, -torch.inf)).amax(-1)
 
-    peak = _weighted_mean(maps_by_factor, weights, level)
-    peak = torch.where(torch.isfinite(peak), peak, torch.full_like(peak, torch.nan)).to(class_ids.device)
-    strongest = torch.where(used, peak, torch.full_like(peak, -torch.inf)).nan_to_num(nan=-torch.inf)
-    strongest = strongest.amax(1, keepdim=True)
-    # NaN compares False, so a slot without a finite peak is kept.
-    return used & (peak < ratio * strongest)
+    peak = _weighted_mean(maps_by_factor, weights, level).to(class_ids.device)
+    # A slot without a finite peak (-inf: no finite value) is kept and does not count as strongest.
+    known = used & torch.isfinite(peak)
+    strongest = torch.where(known, peak, torch.full_like(peak, -torch.inf)).amax(1, keepdim=True)
+    return known & (peak < ratio * strongest)
 
 
 def labels_from_maps(
