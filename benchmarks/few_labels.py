@@ -13,7 +13,9 @@ The table gives mean ± sample standard deviation over seeds and the gain of mix
     python benchmarks/few_labels.py --json benchmarks/results/few_labels.json --results-md benchmarks/RESULTS.md
 
 Runs finished earlier into the same JSON are kept (an interrupted table resumes where it stopped);
-``--results-md`` rewrites the part of that Markdown file between the few-labels markers.
+``--results-md`` rewrites the part of that Markdown file between the few-labels markers
+(``<!-- few_labels:begin -->`` ... ``<!-- few_labels:end -->``; ``--results-section NAME`` uses
+``<!-- NAME:begin -->`` ... ``<!-- NAME:end -->``, so several tables can live in one file).
 """
 from __future__ import annotations
 
@@ -26,7 +28,11 @@ from pathlib import Path
 
 from common import resumable_runs, train, write_json
 
-BEGIN, END = "<!-- few_labels:begin -->", "<!-- few_labels:end -->"
+
+
+def markers(section: str) -> tuple[str, str]:
+    """The HTML comments a results section sits between."""
+    return f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -34,6 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", type=int, nargs="+", default=[25, 100, 1000], help="real training images")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--models", nargs="+", default=["toy", "toy-unaided"], help="generator models for the mixed runs")
+    p.add_argument("--real-only", action="store_true",
+                   help="train only the real-only runs (what the real images reach alone), no mixed run")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
     p.add_argument("--synthetic-ratio", type=float, nargs="+", default=[0.5],
                    help="share of synthetic samples in a mixed run (several: one mixed run per ratio)")
@@ -41,7 +49,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path, default=Path("out/few_labels"))
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--results-md", type=Path, default=None,
-                   help=f"Markdown file whose part between {BEGIN} and {END} gets the table")
+                   help="Markdown file whose part between <!-- SECTION:begin --> and <!-- SECTION:end --> gets the table")
+    p.add_argument("--results-section", default="few_labels", metavar="SECTION",
+                   help="name in the markers of --results-md (default: few_labels)")
     p.add_argument("--table-only", action="store_true",
                    help="build the table from the runs already in --json, training nothing (missing runs: 'not run')")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more train_deeplab.py flags, after --")
@@ -71,6 +81,8 @@ def planned_runs(args) -> list[tuple[str, list[str]]]:
 def streams(args) -> list[str]:
     """``model@RATIOxLENGTH`` of every mixed condition (synthetic share and images), the name its
     runs are keyed under."""
+    if args.real_only:
+        return []
     return [f"{model}@{ratio:g}x{args.synthetic_length}" for model in args.models for ratio in args.synthetic_ratio]
 
 
@@ -90,7 +102,7 @@ def summarize(results: dict, sizes: list[int], mixes: list[str]) -> tuple[dict, 
     (``mixes``: "model@RATIOxLENGTH") gain in points (mean of mixed minus mean of real-only); and the
     Markdown table of it."""
     summary, lines = {}, []
-    header = "| real images | real-only mIoU | " + " | ".join("real + {} stream, ratio {}, {} images | gain".format(*parse_stream(m)) for m in mixes) + " |"
+    header = "| real images | real-only mIoU |" + "".join(" real + {} stream, ratio {}, {} images | gain |".format(*parse_stream(m)) for m in mixes)
     lines += [header, "|" + "---|" * (2 + 2 * len(mixes))]
     for size in sizes:
         row = {}
@@ -108,28 +120,30 @@ def summarize(results: dict, sizes: list[int], mixes: list[str]) -> tuple[dict, 
             c = row.get(condition)
             return f"{c['mean']:.3f} ± {c['std']:.3f} ({c['seeds']})" if c else "not run"
 
-        gains = " | ".join(f"{cell(f'mixed:{m}')} | " + (f"{row[f'gain_points:{m}']:+.1f}" if f"gain_points:{m}" in row else "–")
-                           for m in mixes)
-        lines.append(f"| {size} | {cell('real_only')} | {gains} |")
+        gains = "".join(f" {cell(f'mixed:{m}')} | " + (f"{row[f'gain_points:{m}']:+.1f}" if f"gain_points:{m}" in row else "–") + " |"
+                        for m in mixes)
+        lines.append(f"| {size} | {cell('real_only')} |{gains}")
     return summary, "\n".join(lines)
 
 
-def check_results_file(path: Path) -> str:
-    """``path``'s text; refused (before hours of training) when it lacks the markers."""
+def check_results_file(path: Path, section: str) -> str:
+    """``path``'s text; refused (before hours of training) when it lacks the section's markers."""
     if not path.is_file():
         raise SystemExit(f"error: --results-md {path} is not a file")
     text = path.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"error: {path} has no {BEGIN} ... {END} markers to put the table between")
+    begin, end = markers(section)
+    if begin not in text or end not in text:
+        raise SystemExit(f"error: {path} has no {begin} ... {end} markers to put the table between")
     return text
 
 
-def write_results_section(path: Path, table: str, command: str) -> None:
-    """Replace the text between the few-labels markers of ``path`` with the table."""
-    text = check_results_file(path)
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    body = f"{BEGIN}\n`{command}`\n\n{table}\n\nmIoU: mean ± sample standard deviation (number of seeds); gain in mIoU points.\n{END}"
+def write_results_section(path: Path, section: str, table: str, command: str) -> None:
+    """Replace the text between the section's markers in ``path`` with the table."""
+    text = check_results_file(path, section)
+    begin, end = markers(section)
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    body = f"{begin}\n`{command}`\n\n{table}\n\nmIoU: mean ± sample standard deviation (number of seeds); gain in mIoU points.\n{end}"
     path.write_text(head + body + tail)
 
 
@@ -137,7 +151,7 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     extra = [a for a in args.extra if a != "--"]
     if args.results_md is not None:
-        check_results_file(args.results_md)
+        check_results_file(args.results_md, args.results_section)
     # The synthetic share and length are in each mixed run's key; these settings hold for every run.
     config = {"steps": args.steps, "extra": extra}
     results = resumable_runs(args.json, config)
@@ -159,7 +173,7 @@ def main(argv=None) -> int:
     if args.results_md is not None:
         # The command that trains the table (--table-only only re-reads it).
         command = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--table-only"]
-        write_results_section(args.results_md, table, "python benchmarks/few_labels.py " + " ".join(command))
+        write_results_section(args.results_md, args.results_section, table, "python benchmarks/few_labels.py " + " ".join(command))
     return 0
 
 

@@ -73,3 +73,35 @@ def test_one_mixed_condition_per_model_and_ratio_keyed_by_both():
     flags = runs["mixed:toy@0.9x512/25/seed3"]
     assert flags[flags.index("--synthetic-ratio") + 1] == "0.9" and flags[flags.index("--seed") + 1] == "3"
     assert flags[flags.index("--synthetic-length") + 1] == "512"
+
+
+def test_named_results_section_gets_the_table_and_the_default_section_is_left_alone(tmp_path):
+    runs = {"real_only/4/seed0": {"miou": 0.25}, "mixed:toy@0.9x8/4/seed0": {"miou": 0.5}}
+    (tmp_path / "few.json").write_text(json.dumps({"config": {"steps": 1, "extra": []}, "runs": runs}))
+    results_md = tmp_path / "R.md"
+    results_md.write_text("<!-- few_labels:begin -->\nfirst table\n<!-- few_labels:end -->\n"
+                          "<!-- few_labels_c128:begin -->\nold\n<!-- few_labels_c128:end -->\n")
+    done = few_labels(tmp_path, "--table-only", "--sizes", "4", "--seeds", "0", "--models", "toy", "--steps", "1",
+                      "--synthetic-ratio", "0.9", "--synthetic-length", "8", "--json", str(tmp_path / "few.json"),
+                      "--results-md", str(results_md), "--results-section", "few_labels_c128")
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = results_md.read_text()
+    assert "first table" in text and "\nold\n" not in text
+    section = text.split("<!-- few_labels_c128:begin -->", 1)[1].split("<!-- few_labels_c128:end -->", 1)[0]
+    assert "| 4 | 0.250 ± 0.000 (1) | 0.500 ± 0.000 (1) | +25.0 |" in section
+    # A section the file does not have is refused by name.
+    missing = few_labels(tmp_path, "--table-only", "--sizes", "4", "--json", str(tmp_path / "few.json"), "--steps", "1",
+                         "--results-md", str(results_md), "--results-section", "few_labels_c256")
+    assert missing.returncode != 0 and "<!-- few_labels_c256:begin -->" in missing.stderr
+
+
+def test_real_only_plans_no_mixed_run_and_its_table_has_one_column():
+    sys.path.insert(0, str(BENCHMARKS))
+    from few_labels import get_args_parser, planned_runs, summarize
+
+    args = get_args_parser().parse_args(["--real-only", "--sizes", "25", "100", "--seeds", "0", "1"])
+    assert [key for key, _ in planned_runs(args)] == ["real_only/25/seed0", "real_only/25/seed1",
+                                                      "real_only/100/seed0", "real_only/100/seed1"]
+    _, table = summarize({"real_only/25/seed0": {"miou": 0.5}, "real_only/25/seed1": {"miou": 0.7}}, [25, 100], [])
+    assert table.splitlines() == ["| real images | real-only mIoU |", "|---|---|", "| 25 | 0.600 ± 0.141 (2) |",
+                                  "| 100 | not run |"]

@@ -139,6 +139,26 @@ def test_synthetic_only_run_writes_metrics_and_resumes(tmp_path):
     assert got == pytest.approx(want, rel=1e-4), "a resumed run sees the same batches as an uninterrupted one"
 
 
+def test_weight_average_is_evaluated_checkpointed_and_resumed_exactly(tmp_path):
+    flags = ["--synthetic-only", "--steps", "4", "--checkpoint-every", "2", "--workers", "0", "--ema-decay", "0.5"]
+    whole = run([*flags, "--output-dir", "whole"], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert rows(tmp_path / "whole", "final")[0]["ema_decay"] == 0.5
+    end = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    assert int(end["ema"]["n_averaged"]) == 4
+    # The average trails the trained weights: some parameter moved since step 2 differs from it.
+    trained, averaged = end["model"], {k.removeprefix("module."): v for k, v in end["ema"].items()}
+    assert any(not torch.equal(trained[k], averaged[k]) for k in trained if k in averaged and trained[k].is_floating_point())
+    resumed = run([*flags, "--output-dir", "two", "--resume", str(tmp_path / "whole" / "checkpoint_000002.pt")], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["ema"]
+    assert all(torch.allclose(again[k].float(), v.float(), atol=1e-5) for k, v in end["ema"].items())
+    # Resuming with other averaging than the checkpoint's would silently change the run: refused.
+    plain = run(["--synthetic-only", "--steps", "4", "--workers", "0", "--output-dir", "three",
+                 "--resume", str(tmp_path / "whole" / "checkpoint_000002.pt")], tmp_path)
+    assert plain.returncode != 0 and "was written with --ema-decay" in plain.stderr and "Traceback" not in plain.stderr
+
+
 def test_mixed_with_real_voc_and_full_augmentation(tmp_path):
     # The full recipe splices in the map-style synthetic set too (its items tile with other items
     # of their generation block), next to real VOC-format data in one ConcatDataset; a few real
@@ -230,6 +250,7 @@ def test_ddp_two_ranks_with_gloo(tmp_path):
         (["--synthetic-length", "8"], "--synthetic-length sizes the synthetic part of a mixed run"),
         (["--prefetch-batches", "0"], "--prefetch-batches must be >= 1, got 0"),
         (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--ema-decay", "1"], "--ema-decay must be in [0, 1), got 1.0"),
     ],
 )
 def test_bad_flags_fail_early_and_clearly(tmp_path, args, message):

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import ConcatDataset, Dataset, DistributedSampler, RandomSampler, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.datasets import VOCSegmentation
@@ -95,6 +96,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--batch-size", type=int, default=16, help="per process")
     model.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate, polynomial decay")
     model.add_argument("--weight-decay", type=float, default=1e-4)
+    model.add_argument("--ema-decay", type=float, default=0.0,
+                       help="evaluate an exponential moving average of the weights, updated every step with this "
+                            "decay (torchvision references' --model-ema); 0: off, the trained weights are evaluated")
     run = p.add_argument_group("run")
     run.add_argument("--workers", type=int, default=1, help="DataLoader workers per process")
     run.add_argument("--prefetch-batches", type=int, default=None,
@@ -128,6 +132,8 @@ def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
         raise SystemExit(f"error: --backbone-weights {args.backbone_weights} is not a file")
     if args.noise_cutoff is not None and not args.synthetic_only:
         raise SystemExit("error: --noise-cutoff scores synthetic samples and needs --synthetic-only")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise SystemExit(f"error: --ema-decay must be in [0, 1), got {args.ema_decay}")
     if not 0.0 < args.synthetic_ratio < 1.0:
         raise SystemExit(f"error: --synthetic-ratio must be in (0, 1), got {args.synthetic_ratio}")
     problem = output_dir_problem(args.output_dir)
@@ -313,6 +319,14 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> None:
         m.momentum = momentum
 
 
+def ema_model(model: nn.Module, decay: float) -> AveragedModel:
+    """torch's :class:`AveragedModel` keeping ``decay``-weighted moving averages of ``model``'s
+    parameters (``update_parameters`` after each optimizer step). BatchNorm statistics are not
+    averaged: :func:`recalibrate_batchnorm` re-estimates them for the averaged weights before each
+    evaluation, as for the trained ones."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, args, num_classes: int, device: torch.device) -> ConfusionMatrix:
     """mIoU on the val split of ``--eval-root`` (ignore 255), summed over ranks."""
@@ -384,9 +398,15 @@ def main(args: argparse.Namespace) -> dict:
     criterion = nn.CrossEntropyLoss(ignore_index=255)
     noise = noise_filter(args) if args.noise_cutoff is not None else None
     loader, train_data = build_train_loader(args, config, rank, world, device)
+    ema = ema_model(model.module if world > 1 else model, args.ema_decay) if args.ema_decay else None
     step, epoch = 0, 0
     if checkpoint is not None:
+        if ("ema" in checkpoint) != (ema is not None):
+            raise SystemExit(f"error: --resume {args.resume} was written " + ("with" if "ema" in checkpoint else "without")
+                             + " --ema-decay; resume with the flags it was written with")
         (model.module if world > 1 else model).load_state_dict(checkpoint["model"])
+        if ema is not None:
+            ema.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         step, epoch = checkpoint["step"], checkpoint["epoch"]
@@ -400,6 +420,7 @@ def main(args: argparse.Namespace) -> dict:
     if checkpoint is not None:
         # After iter(loader), which draws a base seed: dropout then continues as in an uninterrupted run.
         torch.set_rng_state(checkpoint["rng"])
+    evaluated = ema.module if ema is not None else model  # the weights every evaluation scores
     recent = collections.deque(maxlen=20)  # training images for BatchNorm recalibration before evaluation
     waited = trained = startup = 0.0
     first_batch = True
@@ -427,6 +448,8 @@ def main(args: argparse.Namespace) -> dict:
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model.module if world > 1 else model)
         step += 1
         # .item() waits for the device, so a GPU's queued training work is timed as training, not
         # left to show up as the next step's data wait.
@@ -449,6 +472,8 @@ def main(args: argparse.Namespace) -> dict:
                 state = {"model": (model.module if world > 1 else model).state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "loader": states,
                          "rng": torch.get_rng_state(), "args": {k: str(v) for k, v in vars(args).items()}}
+                if ema is not None:
+                    state["ema"] = ema.state_dict()
                 try:
                     for path in (args.output_dir / f"checkpoint_{step:06d}.pt", args.output_dir / "checkpoint.pt"):
                         save_checkpoint(path, state)
@@ -465,17 +490,17 @@ def main(args: argparse.Namespace) -> dict:
                                file=sys.stderr)
                     log.write({"event": "checkpoint_failed", "step": step, "error": str(error)})
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            recalibrate_batchnorm(model, recent)
-            confusion = evaluate(model, args, len(label_space), device)
+            recalibrate_batchnorm(evaluated, recent)
+            confusion = evaluate(evaluated, args, len(label_space), device)
             log.write({"event": "eval", "step": step, "miou": confusion.mean_iou()})
     bar.close()
-    recalibrate_batchnorm(model, recent)
-    confusion = evaluate(model, args, len(label_space), device)
+    recalibrate_batchnorm(evaluated, recent)
+    confusion = evaluate(evaluated, args, len(label_space), device)
     per_class = {name: round(float(v), 4) for name, v in zip(label_space, confusion.iou())}
     summary = {"event": "final", "step": step, "miou": confusion.mean_iou(), "per_class_iou": per_class,
                "pixel_accuracy": confusion.pixel_accuracy(), "data_wait_fraction": waited / max(waited + trained, 1e-9),
                "train_seconds": trained, "data_wait_seconds": waited, "startup_seconds": startup,
-               "torch_threads": torch.get_num_threads()}
+               "torch_threads": torch.get_num_threads(), "ema_decay": args.ema_decay}
     if isinstance(train_data, DiffuMaskStream) and is_main_process():
         summary["generator_stats"] = train_data.stats()
     if noise is not None:
