@@ -48,6 +48,7 @@ MAIN_JOB = {
     "ddim10_reuse4": [*LEVER_STEPS, "--gen-steps", "10", "--reuse", "4"],
     "steps600": LEVER_STEPS,  # the defaults but fewer or more optimizer steps: the budget they cost
     "steps900": ["--steps", "900"],
+    "steps1000": ["--steps", "1000"],
 }
 
 

@@ -14,7 +14,7 @@ def test_main_job_runs_each_variant_at_the_trainers_own_steps_and_reports_wait_t
 
     def fake_train(flags):
         calls.append(flags)
-        steps = int(flags[flags.index("--steps") + 1]) if "--steps" in flags else 1000
+        steps = int(flags[flags.index("--steps") + 1]) if "--steps" in flags else 1200  # the trainer's default
         return {"step": steps, "data_wait_fraction": 0.25, "miou": 0.5, "train_seconds": 3.0, "data_wait_seconds": 1.0,
                 "startup_seconds": 2.0, "torch_threads": 1}
 
@@ -29,7 +29,7 @@ def test_main_job_runs_each_variant_at_the_trainers_own_steps_and_reports_wait_t
     assert before[1:9] == ["--steps", "600", "--gen-steps", "25", "--prefetch-batches", "2", "--threads", "2"]
     rows = json.loads(out.read_text())
     assert [r["variant"] for r in rows] == ["default", "ddim25_prefetch2_threads2"]
-    assert [r["steps"] for r in rows] == [1000, 600]
+    assert [r["steps"] for r in rows] == [1200, 600]
     assert rows[0]["miou"] == 0.5 and rows[0]["torch_threads"] == 1 and rows[0]["data_wait_fraction"] == 0.25 and rows[0]["minutes"] >= 0
 
 

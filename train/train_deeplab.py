@@ -92,7 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--backbone", default="mobilenet_v3_large", help="one of " + ", ".join(BACKBONES))
     model.add_argument("--backbone-weights", type=Path, default=None,
                        help="local ImageNet backbone weights (.safetensors or .pth); default random init")
-    model.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    model.add_argument("--steps", type=int, default=1200, help="optimizer steps")
     model.add_argument("--batch-size", type=int, default=16, help="per process")
     model.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate, polynomial decay")
     model.add_argument("--weight-decay", type=float, default=1e-4)
