@@ -29,7 +29,6 @@ from pathlib import Path
 from common import resumable_runs, train, write_json
 
 
-
 def markers(section: str) -> tuple[str, str]:
     """The HTML comments a results section sits between."""
     return f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
