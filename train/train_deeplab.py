@@ -390,21 +390,22 @@ def main(args: argparse.Namespace) -> dict:
     if is_main_process() and not args.real_only:
         config.save(args.output_dir / "generator_config.json")
 
-    model = build_model(args, len(label_space)).to(device)
+    bare = build_model(args, len(label_space)).to(device)  # what is saved, loaded and averaged
+    model = bare  # what the loop calls: with several ranks, DDP around the same module
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(bare, device_ids=[local_rank] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=args.steps, power=0.9)
     criterion = nn.CrossEntropyLoss(ignore_index=255)
     noise = noise_filter(args) if args.noise_cutoff is not None else None
     loader, train_data = build_train_loader(args, config, rank, world, device)
-    ema = ema_model(model.module if world > 1 else model, args.ema_decay) if args.ema_decay else None
+    ema = ema_model(bare, args.ema_decay) if args.ema_decay else None
     step, epoch = 0, 0
     if checkpoint is not None:
         if ("ema" in checkpoint) != (ema is not None):
             raise SystemExit(f"error: --resume {args.resume} was written " + ("with" if "ema" in checkpoint else "without")
                              + " --ema-decay; resume with the flags it was written with")
-        (model.module if world > 1 else model).load_state_dict(checkpoint["model"])
+        bare.load_state_dict(checkpoint["model"])
         if ema is not None:
             ema.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -449,7 +450,7 @@ def main(args: argparse.Namespace) -> dict:
         optimizer.step()
         scheduler.step()
         if ema is not None:
-            ema.update_parameters(model.module if world > 1 else model)
+            ema.update_parameters(bare)
         step += 1
         # .item() waits for the device, so a GPU's queued training work is timed as training, not
         # left to show up as the next step's data wait.
@@ -469,7 +470,7 @@ def main(args: argparse.Namespace) -> dict:
         if step % args.checkpoint_every == 0 or step == args.steps:
             states = gather_loader_states(loader)
             if is_main_process():
-                state = {"model": (model.module if world > 1 else model).state_dict(), "optimizer": optimizer.state_dict(),
+                state = {"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "loader": states,
                          "rng": torch.get_rng_state(), "args": {k: str(v) for k, v in vars(args).items()}}
                 if ema is not None:
