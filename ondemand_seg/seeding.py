@@ -14,6 +14,7 @@ splice layout               ``(1,)`` under an aug. seed     :func:`splice_genera
 stream serving order        ``(shard, shards, SCHEDULE)``    :func:`schedule_seed`
 calibration image / prompt  ``(class, k, CALIBRATION, s)``   :func:`calibration_seed`
 evaluation sample           ``(index,)``                     :func:`evaluation_seed`
+serving of a real sample    ``(shard, shards, SERVING, n)``  :func:`serving_seed`
 ==========================  ===============================  ======================================
 
 A sample is named by its global index and a retry counter (a rejected sample is redrawn with the
@@ -29,13 +30,14 @@ import torch
 
 
 class SubStream(IntEnum):
-    """The tag that ends (or, for augmentation, stands third in) a key tuple."""
+    """The tag that ends (or, for augmentation, calibration and servings, stands third in) a key tuple."""
 
     IMAGE = 0
     PROMPT = 1
     AUGMENT = 2
     SCHEDULE = 3
     CALIBRATION = 4
+    SERVING = 5
 
 
 def derive_seed(base_seed: int, *keys: int) -> int:
@@ -85,6 +87,13 @@ def calibration_keys(class_id: int, k: int, stream: SubStream) -> tuple[int, ...
 def calibration_seed(base_seed: int, class_id: int, k: int, stream: SubStream) -> int:
     """Seed of calibration sample ``k`` of class ``class_id`` (latent noise or prompt)."""
     return derive_seed(base_seed, *calibration_keys(class_id, k, stream))
+
+
+def serving_seed(base_seed: int, shard_id: int, shards: int, serving: int) -> int:
+    """Seed of the ``serving``-th item a shard (one rank's DataLoader worker, :func:`shard`) serves
+    from a dataset that cannot name its samples' seeds itself, e.g. real images augmented at each
+    epoch: the seed follows the serving order, which the sampler fixes."""
+    return derive_seed(base_seed, int(shard_id), int(shards), int(SubStream.SERVING), int(serving))
 
 
 def evaluation_seed(base_seed: int, index: int) -> int:

@@ -8,7 +8,7 @@ import torch
 import ondemand_seg.seeding as seeding
 from ondemand_seg.seeding import (
     SubStream, augment_seed, calibration_keys, calibration_seed, derive_seed, evaluation_seed, sample_keys, sample_seed,
-    schedule_seed, shard, splice_generator, split_by_node, split_by_worker,
+    schedule_seed, serving_seed, shard, splice_generator, split_by_node, split_by_worker,
 )
 
 BASE = 1234
@@ -78,6 +78,9 @@ def all_layouts(base):
         seeds["calibration", c, k, s] = calibration_seed(base, c, k, s)
     for i in range(200):
         seeds["evaluation", i] = evaluation_seed(base, i)
+    for shards in (1, 2, 4):
+        for shard_id, n in itertools.product(range(shards), range(20)):
+            seeds["serving", shard_id, shards, n] = serving_seed(base, shard_id, shards, n)
     return seeds
 
 

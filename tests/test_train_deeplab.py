@@ -39,7 +39,7 @@ def run(args, tmp_path, launcher=(sys.executable,), timeout=600, base=FAST, max_
 
 def load_trainer(monkeypatch):
     """train_deeplab.py imported in this process, with train/'s other modules as its imports, to call main()."""
-    for name in ("utils", "dilated_convs", "train_deeplab"):
+    for name in ("utils", "dilated_convs", "seeded_data", "train_deeplab"):
         spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         monkeypatch.setitem(sys.modules, name, module)
@@ -139,6 +139,22 @@ def test_synthetic_only_run_writes_metrics_and_resumes(tmp_path):
     assert got == pytest.approx(want, rel=1e-4), "a resumed run sees the same batches as an uninterrupted one"
 
 
+def test_real_only_run_is_fixed_by_its_seed_and_resumes_exactly(tmp_path):
+    # The real images' random crops and flips come from --seed too: a rerun trains on the same
+    # batches, and a resumed run continues their augmentation where it stopped (worker included).
+    flags = ["--real-only", "--steps", "4", "--checkpoint-every", "2", "--workers", "1"]
+    whole = run([*flags, "--output-dir", "whole"], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    again = run([*flags, "--output-dir", "again"], tmp_path)
+    want = [r["loss"] for r in rows(tmp_path / "whole", "train")]
+    assert [r["loss"] for r in rows(tmp_path / "again", "train")] == want
+    other = run([*flags, "--output-dir", "other", "--seed", "1"], tmp_path)
+    assert [r["loss"] for r in rows(tmp_path / "other", "train")] != want
+    resumed = run([*flags, "--output-dir", "two", "--resume", str(tmp_path / "whole" / "checkpoint_000002.pt")], tmp_path)
+    assert resumed.returncode == 0 and again.returncode == 0 and other.returncode == 0, resumed.stderr[-3000:]
+    assert [r["loss"] for r in rows(tmp_path / "two", "train")] == pytest.approx(want[2:], rel=1e-4)
+
+
 def test_weight_average_is_evaluated_checkpointed_and_resumed_exactly(tmp_path):
     flags = ["--synthetic-only", "--steps", "4", "--checkpoint-every", "2", "--workers", "0", "--ema-decay", "0.5"]
     whole = run([*flags, "--output-dir", "whole"], tmp_path)
@@ -181,15 +197,14 @@ def test_real_images_are_a_seeded_subset_the_same_for_real_only_and_mixed(tmp_pa
 
     def chosen(*flags):
         args = trainer.get_args_parser().parse_args(["--voc-root", str(tmp_path / "real"), *flags])
-        subset = trainer.real_training_set(args, transform=None)
+        subset = trainer.real_training_set(args)
         return [Path(subset.dataset.images[i]).stem for i in subset.indices]
 
     seed0 = chosen("--real-images", "5", "--seed", "0")
     assert len(set(seed0)) == 5
     assert chosen("--real-only", "--real-images", "5", "--seed", "0") == seed0
     assert chosen("--real-images", "5", "--seed", "1") != seed0
-    assert len(trainer.real_training_set(trainer.get_args_parser().parse_args(["--voc-root", str(tmp_path / "real")]),
-                                         transform=None)) == 12
+    assert len(trainer.real_training_set(trainer.get_args_parser().parse_args(["--voc-root", str(tmp_path / "real")]))) == 12
     with pytest.raises(SystemExit, match=r"--real-images 50 but .*real has 12 train images"):
         chosen("--real-images", "50")
     # Fewer images than a batch: refused, where drop_last would have made every epoch empty.

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import ConcatDataset, Dataset, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import Dataset, DistributedSampler, RandomSampler, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.datasets import VOCSegmentation
 from torchvision.models import segmentation
@@ -36,6 +36,7 @@ from ondemand_seg.label_spaces import class_ids
 from ondemand_seg.metrics import ConfusionMatrix
 from ondemand_seg.toyworld import TOY_CLASSES, write_voc
 from dilated_convs import crop_dilated_convs
+from seeded_data import SeededServings, StatefulConcatDataset
 from utils import (CheckpointError, MetricLog, MetricLogError, all_reduce_mean, init_distributed, is_main_process,
                    load_checkpoint, output_dir_problem, save_checkpoint)
 
@@ -215,7 +216,6 @@ def synthetic_transform(args: argparse.Namespace):
 
 
 def build_train_loader(args, config, rank: int, world: int, device: torch.device) -> tuple[StatefulDataLoader, object]:
-    transform = SegmentationTransform(args.crop_size, train=True)
     # CUDA cannot start in forked workers; generation on the GPU needs spawned ones.
     context = "spawn" if device.type == "cuda" and args.workers > 0 else None
     common = dict(batch_size=args.batch_size, num_workers=args.workers, multiprocessing_context=context, drop_last=True,
@@ -229,7 +229,7 @@ def build_train_loader(args, config, rank: int, world: int, device: torch.device
         stream = DiffuMaskStream(args.model, args.classes, reuse=args.reuse, cache_size=args.cache_size, seed=args.seed,
                                  transforms=synthetic_transform(args), **config.to_dict())
         return StatefulDataLoader(stream, **common), stream
-    real = real_training_set(args, transform)
+    real = SeededServings(real_training_set(args), SegmentationTransform(args.crop_size, train=True), args.seed)
     parts = [real]
     if not args.real_only:
         length, repeats = mix_sizes(len(real), args.synthetic_ratio, args.synthetic_length)
@@ -241,7 +241,7 @@ def build_train_loader(args, config, rank: int, world: int, device: torch.device
         if is_main_process():
             print(f"mixing {len(real)} real images (x{repeats}) with {length} synthetic: "
                   f"{length / (length + repeats * len(real)):.0%} of samples synthetic")
-    dataset = ConcatDataset(parts)
+    dataset = StatefulConcatDataset(parts)
     if len(dataset) < args.batch_size * world:  # drop_last would make every epoch empty: a silent endless loop
         raise SystemExit(f"error: the training set has {len(dataset)} samples, fewer than one batch "
                          f"(--batch-size {args.batch_size} x {world} processes); lower --batch-size or add images")
@@ -276,10 +276,10 @@ def generation_burst(generation_batch: int, reuse: int, batch_size: int) -> int:
     return max(2, math.ceil(generation_batch * reuse / batch_size))
 
 
-def real_training_set(args: argparse.Namespace, transform) -> Dataset:
-    """The real train split, or ``--real-images`` of it drawn with ``--seed`` (the same images for
-    a real-only and a mixed run of one seed)."""
-    real = VOCSegmentation(str(args.voc_root), year="2012", image_set="train", transforms=transform)
+def real_training_set(args: argparse.Namespace) -> Dataset:
+    """The real train split, untransformed, or ``--real-images`` of it drawn with ``--seed`` (the
+    same images for a real-only and a mixed run of one seed)."""
+    real = VOCSegmentation(str(args.voc_root), year="2012", image_set="train")
     if args.real_images is None:
         return real
     if args.real_images > len(real):
