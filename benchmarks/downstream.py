@@ -20,15 +20,22 @@ training data (and the seed, with ``--seeds``) differ:
     python benchmarks/downstream.py --runs real_only synthetic_only --seeds 0 1 2 --json out.json
 
 The figure of a run is the mean ± sample standard deviation over its seeds; each synthetic run's
-gap to ``real_only`` is in mIoU points (positive: synthetic is below real).
+gap to ``real_only`` is in mIoU points (positive: synthetic is below real), over the seeds both
+have, with the seeds it is ahead on and the paired t-test's p. Real-only runs made with other
+trainer flags (their own JSON) are the comparison with ``--baseline``:
+
+    python benchmarks/downstream.py --runs synthetic_only --json syn.json --baseline real.json
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from scipy.stats import ttest_rel
 
 from common import resumable_runs, train, write_json
 
@@ -53,39 +60,69 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds per run")
     parser.add_argument("--work-dir", type=Path, default=Path("out/downstream"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a JSON of this script whose real_only runs the others are compared with, when --json "
+                             "holds none (real-only runs made with other trainer flags, e.g. -- --threads 1)")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="more train_deeplab.py flags, after --")
     return parser
 
 
-def summarize(runs: dict) -> dict:
-    """``{"name/seedS": {"miou": ...}}`` → per name: mean, sample std, seeds and per-seed mIoU, and
-    for every other name its gap to ``real_only`` in points (over the seeds both have)."""
-    by_name: dict[str, dict[int, float]] = {}
+def by_seed(runs: dict) -> dict[str, dict[int, float]]:
+    """``{"name/seedS": {"miou": ...}}`` → ``{name: {seed: miou}}``."""
+    mious: dict[str, dict[int, float]] = {}
     for key, run in runs.items():
         name, seed = key.rsplit("/seed", 1)
-        by_name.setdefault(name, {})[int(seed)] = run["miou"]
+        mious.setdefault(name, {})[int(seed)] = run["miou"]
+    return mious
+
+
+def summarize(runs: dict, baseline: dict | None = None) -> dict:
+    """``{"name/seedS": {"miou": ...}}`` → per name: mean, sample std, seeds and per-seed mIoU, and
+    for every other name its gap to ``real_only`` in points over the seeds both have, how many of
+    them it is ahead on, and the paired t-test's two-sided p. ``real_only`` comes from ``runs``,
+    else from ``baseline`` (runs of another JSON, e.g. run with other trainer flags)."""
+    names = by_seed(runs)
     summary = {}
-    for name, mious in by_name.items():
+    for name, mious in names.items():
         values = [mious[s] for s in sorted(mious)]
         summary[name] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
                          "seeds": sorted(mious), "miou": values}
-    real = by_name.get("real_only", {})
-    for name, mious in by_name.items():
+    real = names.get("real_only") or by_seed(baseline or {}).get("real_only", {})
+    for name, mious in names.items():
         shared = sorted(set(mious) & set(real))
-        if name != "real_only" and shared:
-            summary[name]["gap_points"] = 100 * statistics.fmean(real[s] - mious[s] for s in shared)
-            summary[name]["gap_seeds"] = shared
+        if name == "real_only" or not shared:
+            continue
+        gaps = [100 * (real[s] - mious[s]) for s in shared]
+        row = summary[name]
+        row.update(gap_points=statistics.fmean(gaps), gap_seeds=shared, ahead=sum(g < 0 for g in gaps))
+        if len(gaps) > 1 and statistics.stdev(gaps) > 0:
+            row["paired_sd_points"] = statistics.stdev(gaps)
+            row["p_paired"] = float(ttest_rel([mious[s] for s in shared], [real[s] for s in shared]).pvalue)
     return summary
 
 
 def table(summary: dict) -> str:
-    lines = ["| training data | mIoU mean ± sd | seeds | per seed | below real-only (points, same seeds) |", "|---|---|---|---|---|"]
+    lines = ["| training data | mIoU mean ± sd | seeds | per seed | below real-only (points, same seeds) "
+             "| ahead of real-only | p (paired t) |", "|---|---|---|---|---|---|---|"]
     for name, row in summary.items():
         spread = f" ± {row['std']:.3f}" if row["std"] is not None else ""
         gap = f"{row['gap_points']:+.1f}" if "gap_points" in row else "–"
+        ahead = f"{row['ahead']} of {len(row['gap_seeds'])}" if "ahead" in row else "–"
+        p = f"{row['p_paired']:.2g}" if "p_paired" in row else "–"
         lines.append(f"| {name} | {row['mean']:.3f}{spread} | {len(row['seeds'])} | "
-                     f"{', '.join(f'{v:.3f}' for v in row['miou'])} | {gap} |")
+                     f"{', '.join(f'{v:.3f}' for v in row['miou'])} | {gap} | {ahead} | {p} |")
     return "\n".join(lines)
+
+
+def baseline_runs(path: Path | None) -> dict | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise SystemExit(f"error: --baseline {path} does not exist")
+    try:
+        return json.loads(path.read_text())["runs"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise SystemExit(f"error: --baseline {path} is not a downstream.py JSON ({error!r})") from None
 
 
 def main(argv=None) -> int:
@@ -94,6 +131,7 @@ def main(argv=None) -> int:
     # Runs done earlier into the same JSON are kept, so the table can be built a run at a time.
     config = {"steps": args.steps, "extra": extra}
     runs = resumable_runs(args.json, config)
+    baseline = baseline_runs(args.baseline)
     for name in args.runs:
         for seed in args.seeds:
             key = f"{name}/seed{seed}"
@@ -109,8 +147,8 @@ def main(argv=None) -> int:
                          "data_wait_fraction": final["data_wait_fraction"],
                          "minutes": (time.perf_counter() - started) / 60, "flags": flags}
             # After every run: an interrupted table keeps what it measured.
-            write_json(args.json, {"config": config, "runs": runs, "summary": summarize(runs)})
-    summary = summarize(runs)
+            write_json(args.json, {"config": config, "runs": runs, "summary": summarize(runs, baseline)})
+    summary = summarize(runs, baseline)
     write_json(args.json, {"config": config, "runs": runs, "summary": summary})
     print(table(summary))
     return 0
