@@ -72,6 +72,19 @@ def resumable_runs(path: Path | None, config: dict) -> dict:
     return data.get("runs", {})
 
 
+def baseline_runs(path: Path | None) -> dict | None:
+    """The runs of another results JSON (``--baseline``: real-only runs made with other trainer flags), or
+    None without one; refused, naming the path, when it is missing or holds no runs."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise SystemExit(f"error: --baseline {path} does not exist")
+    try:
+        return json.loads(path.read_text())["runs"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise SystemExit(f"error: --baseline {path} is not a benchmark results JSON with runs ({error!r})") from None
+
+
 def write_json(path: Path | None, data) -> None:
     """Write ``data`` as indented JSON to ``path`` (creating folders); nothing when ``path`` is None."""
     if path is not None:

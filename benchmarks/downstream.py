@@ -29,7 +29,6 @@ trainer flags (their own JSON) are the comparison with ``--baseline``:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 
 from scipy.stats import ttest_rel
 
-from common import resumable_runs, train, write_json
+from common import baseline_runs, resumable_runs, train, write_json
 
 RUNS = {
     "real_only": ["--real-only"],
@@ -112,17 +111,6 @@ def table(summary: dict) -> str:
         lines.append(f"| {name} | {row['mean']:.3f}{spread} | {len(row['seeds'])} | "
                      f"{', '.join(f'{v:.3f}' for v in row['miou'])} | {gap} | {ahead} | {p} |")
     return "\n".join(lines)
-
-
-def baseline_runs(path: Path | None) -> dict | None:
-    if path is None:
-        return None
-    if not path.is_file():
-        raise SystemExit(f"error: --baseline {path} does not exist")
-    try:
-        return json.loads(path.read_text())["runs"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise SystemExit(f"error: --baseline {path} is not a downstream.py JSON ({error!r})") from None
 
 
 def main(argv=None) -> int:

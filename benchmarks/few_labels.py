@@ -16,6 +16,8 @@ Runs finished earlier into the same JSON are kept (an interrupted table resumes 
 ``--results-md`` rewrites the part of that Markdown file between the few-labels markers
 (``<!-- few_labels:begin -->`` ... ``<!-- few_labels:end -->``; ``--results-section NAME`` uses
 ``<!-- NAME:begin -->`` ... ``<!-- NAME:end -->``, so several tables can live in one file).
+``--baseline JSON`` takes the real-only runs from another few_labels.py JSON, so several mixed
+variants (other trainer flags after ``--``) are compared with one set of real-only runs.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import resumable_runs, train, write_json
+from common import baseline_runs, resumable_runs, train, write_json
 
 
 def markers(section: str) -> tuple[str, str]:
@@ -51,6 +53,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="Markdown file whose part between <!-- SECTION:begin --> and <!-- SECTION:end --> gets the table")
     p.add_argument("--results-section", default="few_labels", metavar="SECTION",
                    help="name in the markers of --results-md (default: few_labels)")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="take the real-only runs from this few_labels.py JSON (e.g. made with --real-only and other "
+                        "trainer flags) instead of training them")
     p.add_argument("--table-only", action="store_true",
                    help="build the table from the runs already in --json, training nothing (missing runs: 'not run')")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more train_deeplab.py flags, after --")
@@ -62,9 +67,10 @@ def run_key(condition: str, size: int, seed: int) -> str:
 
 
 def planned_runs(args) -> list[tuple[str, list[str]]]:
-    """(key, train_deeplab.py flags) of every run, real-only first (they need no generator)."""
+    """(key, train_deeplab.py flags) of every run, real-only first (they need no generator; none when
+    ``--baseline`` gives them)."""
     runs = []
-    for size in args.sizes:
+    for size in args.sizes if args.baseline is None else []:
         for seed in args.seeds:
             runs.append((run_key("real_only", size, seed), ["--real-only", "--real-images", str(size), "--seed", str(seed)]))
     for stream in streams(args):
@@ -96,10 +102,13 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(results: dict, sizes: list[int], mixes: list[str]) -> tuple[dict, str]:
+def summarize(results: dict, sizes: list[int], mixes: list[str], baseline: dict | None = None) -> tuple[dict, str]:
     """Per size: each condition's mean/std mIoU over the seeds it has, and each mixed condition's
     (``mixes``: "model@RATIOxLENGTH") gain in points (mean of mixed minus mean of real-only); and the
-    Markdown table of it."""
+    Markdown table of it. Real-only runs come from ``results``, else from ``baseline`` (another
+    JSON's runs)."""
+    if baseline is not None and not any(k.startswith("real_only/") for k in results):
+        results = {**{k: r for k, r in baseline.items() if k.startswith("real_only/")}, **results}
     summary, lines = {}, []
     header = "| real images | real-only mIoU |" + "".join(" real + {} stream, ratio {}, {} images | gain |".format(*parse_stream(m)) for m in mixes)
     lines += [header, "|" + "---|" * (2 + 2 * len(mixes))]
@@ -149,11 +158,15 @@ def write_results_section(path: Path, section: str, table: str, command: str) ->
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     extra = [a for a in args.extra if a != "--"]
+    if args.real_only and args.baseline is not None:
+        raise SystemExit("error: --real-only trains the real-only runs that --baseline would take from another JSON; "
+                         "give one of them")
     if args.results_md is not None:
         check_results_file(args.results_md, args.results_section)
     # The synthetic share and length are in each mixed run's key; these settings hold for every run.
     config = {"steps": args.steps, "extra": extra}
     results = resumable_runs(args.json, config)
+    baseline = baseline_runs(args.baseline)
     for key, flags in planned_runs(args):
         if key in results or args.table_only:
             continue
@@ -164,9 +177,9 @@ def main(argv=None) -> int:
         final = train(flags)
         results[key] = {"miou": final["miou"], "per_class_iou": final["per_class_iou"],
                         "minutes": (time.perf_counter() - started) / 60, "flags": flags}
-        summary, _ = summarize(results, args.sizes, streams(args))
+        summary, _ = summarize(results, args.sizes, streams(args), baseline)
         write_json(args.json, {"config": config, "runs": results, "summary": summary})  # after every run
-    summary, table = summarize(results, args.sizes, streams(args))
+    summary, table = summarize(results, args.sizes, streams(args), baseline)
     write_json(args.json, {"config": config, "runs": results, "summary": summary})
     print(table)
     if args.results_md is not None:

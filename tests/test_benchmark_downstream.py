@@ -47,7 +47,7 @@ def test_real_only_runs_of_another_json_are_the_baseline(tmp_path):
     with pytest.raises(SystemExit, match=r"--baseline .*missing.json does not exist"):
         baseline_runs(tmp_path / "missing.json")
     path.write_text("[]")
-    with pytest.raises(SystemExit, match=r"--baseline .*real.json is not a downstream.py JSON"):
+    with pytest.raises(SystemExit, match=r"--baseline .*real.json is not a benchmark results JSON"):
         baseline_runs(path)
 
 

@@ -105,3 +105,29 @@ def test_real_only_plans_no_mixed_run_and_its_table_has_one_column():
     _, table = summarize({"real_only/25/seed0": {"miou": 0.5}, "real_only/25/seed1": {"miou": 0.7}}, [25, 100], [])
     assert table.splitlines() == ["| real images | real-only mIoU |", "|---|---|", "| 25 | 0.600 ± 0.141 (2) |",
                                   "| 100 | not run |"]
+
+
+def test_real_only_runs_of_another_json_are_the_baseline_and_not_trained_again(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    from few_labels import get_args_parser, planned_runs, summarize
+
+    args = get_args_parser().parse_args(["--sizes", "25", "--seeds", "0", "1", "--models", "toy",
+                                         "--baseline", "real.json"])
+    assert [key for key, _ in planned_runs(args)] == ["mixed:toy@0.5x512/25/seed0", "mixed:toy@0.5x512/25/seed1"]
+    real = {"real_only/25/seed0": {"miou": 0.40}, "real_only/25/seed1": {"miou": 0.50}}
+    mixed = {"mixed:toy@0.5x512/25/seed0": {"miou": 0.60}, "mixed:toy@0.5x512/25/seed1": {"miou": 0.70}}
+    summary, table = summarize(mixed, [25], ["toy@0.5x512"], baseline=real)
+    assert summary["25"]["real_only"]["mean"] == 0.45 and abs(summary["25"]["gain_points:toy@0.5x512"] - 20.0) < 1e-9
+    assert "| 25 | 0.450 ± 0.071 (2) |" in table
+    # Real-only runs in the JSON itself win over the baseline's.
+    own = {"real_only/25/seed0": {"miou": 0.30}}
+    assert summarize({**mixed, **own}, [25], ["toy@0.5x512"], baseline=real)[0]["25"]["real_only"]["mean"] == 0.30
+
+
+def test_baseline_that_is_missing_or_given_with_real_only_is_refused(tmp_path):
+    missing = few_labels(tmp_path, "--sizes", "3", "--seeds", "0", "--models", "random-weights", "--steps", "1",
+                         "--baseline", str(tmp_path / "nowhere.json"), "--json", str(tmp_path / "few.json"))
+    assert missing.returncode != 0 and "--baseline" in missing.stderr and "nowhere.json does not exist" in missing.stderr
+    both = few_labels(tmp_path, "--real-only", "--baseline", str(tmp_path / "nowhere.json"))
+    assert both.returncode != 0 and "give one of them" in both.stderr
+    assert not (tmp_path / "work").exists()
