@@ -60,6 +60,9 @@ def add_generator_arguments(parser: argparse.ArgumentParser, step_flag: str = "-
     band.add_argument("--ignore-band", type=float, default=None, metavar="W",
                       help="pixels within γ ± W are ignored (255) in the mask (default: preset, else 0.05)")
     band.add_argument("--no-ignore-band", action="store_true", help="label the uncertain band around γ (--ignore-band 0)")
+    group.add_argument("--background-floor", choices=["none", "median"], default=None,
+                       help="subtract each fused map's median (the attention a token spreads over the whole "
+                            "image) before refining and thresholding (default: preset, else none)")
     group.add_argument("--refine", choices=["none", "affinity"], default=None,
                        help="random-walk refinement along image colour (default: preset, else none)")
     group.add_argument("--self-attention-factor", type=int, default=None,
@@ -89,6 +92,7 @@ def generator_settings(args: argparse.Namespace) -> dict:
     size = args.image_size
     mask = {"threshold": args.threshold, "threshold_mode": args.threshold_mode, "refine": args.refine,
             "self_attention_factor": args.self_attention_factor, "neglect_ratio": args.neglect_ratio,
+            "background_floor": args.background_floor,
             "ignore_band": 0.0 if args.no_ignore_band else args.ignore_band,
             "class_thresholds": parse_class_thresholds(args.class_thresholds) if args.class_thresholds else None}
     count = args.classes_per_prompt

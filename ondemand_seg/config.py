@@ -150,6 +150,13 @@ class MaskConfig:
     spreads the map along the image's colour affinities; ``self_attention_factor`` propagates it
     through the model's self-attention at that latent factor, ``self_attention_power`` times.
 
+    ``background_floor="median"`` subtracts each fused map's median before refinement and
+    thresholding, clipping at 0: a token's attention that was never taught to localise keeps a
+    floor over the whole image (softmax mass has to go somewhere), most of all when the prompt names
+    several classes, and min-max normalisation leaves that floor inside the object's range; an
+    object covering less than half the image leaves the median on the floor. ``"none"`` (the
+    default, the paper's) keeps the map as fused.
+
     ``neglect_ratio`` (prompts naming several classes): a class whose attention peak is below this
     share of the strongest named class's peak in the same image is taken as not drawn (the
     "catastrophic neglect" of Attend-and-Excite, Chefer et al. 2023, found by the same per-token
@@ -171,6 +178,7 @@ class MaskConfig:
     map_source: str = "attention"
     joint_softmax: str = "all"
     neglect_ratio: float = 0.0
+    background_floor: str = "none"
 
     def __post_init__(self) -> None:
         if self.resolution_weights is not None:
@@ -207,6 +215,8 @@ class MaskConfig:
         start, end = self.timestep_window
         if not 0.0 <= start < end <= 1.0:
             raise ValueError(f"timestep_window must satisfy 0 <= start < end <= 1, got {self.timestep_window}")
+        if self.background_floor not in ("none", "median"):
+            raise ValueError(f"background_floor must be 'none' or 'median', got {self.background_floor!r}")
         if self.normalization not in ("max", "minmax"):
             raise ValueError(f"normalization must be 'max' or 'minmax', got {self.normalization!r}")
         for name, value in {"threshold": self.threshold, **self.class_thresholds}.items():

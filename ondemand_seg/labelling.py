@@ -1,10 +1,10 @@
 """From captured attention to label masks: the order in which the mask math runs.
 
-Fuse resolutions, optionally propagate through self-attention and refine along image colour,
-pick γ per map (fixed, per class, or Otsu), then label. Pure tensor code, testable without a
-model; the functions it chains live in :mod:`ondemand_seg.masks`. :func:`finite_samples` says
-which samples' recordings were corrupt (the math keeps their non-finite pixels out of the labels;
-the quality gate drops the samples).
+Fuse resolutions, optionally remove the attention's background floor, propagate through
+self-attention and refine along image colour, pick γ per map (fixed, per class, or Otsu), then
+label. Pure tensor code, testable without a model; the functions it chains live in
+:mod:`ondemand_seg.masks`. :func:`finite_samples` says which samples' recordings were corrupt (the
+math keeps their non-finite pixels out of the labels; the quality gate drops the samples).
 """
 from __future__ import annotations
 
@@ -60,6 +60,8 @@ def masks_from_attention(
     # to ask, every captured grid counts equally.
     weights = config.resolution_weights or {factor: 1.0 for factor in captured.maps}
     fused = fuse_resolutions(captured.maps, weights, size, config.normalization)
+    if config.background_floor == "median":
+        fused = normalize_maps(fused, "median")
     if config.self_attention_factor is not None:
         fused = _propagate(fused, captured, config)
     if config.refine == "affinity":

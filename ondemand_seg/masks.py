@@ -20,13 +20,15 @@ def normalize_maps(maps: torch.Tensor, mode: str = "max", eps: float = 1e-8) -> 
     Args:
         maps: ``[..., h, w]`` non-negative attention.
         mode: ``"max"`` divides by the peak (the DiffuMask authors' choice, keeps the zero point);
-            ``"minmax"`` also subtracts the minimum.
+            ``"minmax"`` also subtracts the minimum; ``"median"`` subtracts the median instead and
+            clips below it to 0, removing the floor of attention a class token spreads over the
+            whole image (an object covering less than half the image leaves the median on it).
     Returns:
         ``[..., h, w]`` in [0, 1] where ``maps`` is finite and NaN where it is not; an all-constant
-        map becomes all zeros under ``"minmax"``.
+        map becomes all zeros under ``"minmax"`` and ``"median"``.
     """
-    if mode not in ("max", "minmax"):
-        raise ValueError(f"normalization must be 'max' or 'minmax', got {mode!r}")
+    if mode not in ("max", "minmax", "median"):
+        raise ValueError(f"normalization must be 'max', 'minmax' or 'median', got {mode!r}")
     flat = (maps if maps.is_floating_point() else maps.float()).flatten(-2)
     finite = torch.isfinite(flat)
     # The peak and floor come from finite values, so one NaN or inf pixel stays one unknown pixel
@@ -35,6 +37,11 @@ def normalize_maps(maps: torch.Tensor, mode: str = "max", eps: float = 1e-8) -> 
     high = torch.where(finite, flat, torch.full_like(flat, -torch.inf)).amax(-1, keepdim=True)
     if mode == "minmax":
         low = torch.where(finite, flat, torch.full_like(flat, torch.inf)).amin(-1, keepdim=True)
+    elif mode == "median":
+        # nanmedian skips the unknown pixels; a map with none known keeps a NaN floor, zeroed below.
+        low = torch.where(finite, flat, torch.full_like(flat, torch.nan)).nanmedian(-1, keepdim=True).values
+        low = low.nan_to_num(0.0)
+        values = values.maximum(low)
     else:
         low = torch.zeros_like(high)
     scaled = (values - low) / (high - low).nan_to_num(0.0, posinf=0.0, neginf=0.0).clamp_min(eps)

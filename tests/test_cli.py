@@ -79,10 +79,11 @@ def test_stream_with_a_user_vocabulary_file(pets, capsys):
 
 def test_config_prints_the_preset_merged_with_the_flags_and_saves_it(tmp_path, capsys):
     out = tmp_path / "settings" / "config.json"
-    assert main(["config", "--threshold", "0.3", "--out", str(out)]) == 0
+    assert main(["config", "--threshold", "0.3", "--background-floor", "median", "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
     preset = resolve_config("toy")
     assert printed["mask"]["threshold"] == 0.3 != preset.mask.threshold
+    assert printed["mask"]["background_floor"] == "median" != preset.mask.background_floor
     # Fields no flag names stay the toy preset's, not the library's defaults.
     assert {int(k): v for k, v in printed["mask"]["resolution_weights"].items()} == preset.mask.resolution_weights
     assert printed["sampler"] == json.loads(preset.to_json())["sampler"]

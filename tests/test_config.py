@@ -56,6 +56,7 @@ def test_configs_round_trip_through_json():
         (MaskConfig, dict(refine_iterations=0), "refine_iterations must be >= 1, got 0"),
         (MaskConfig, dict(self_attention_factor=3), "self_attention_factor"),
         (MaskConfig, dict(self_attention_power=0), "self_attention_power must be >= 1, got 0"),
+        (MaskConfig, dict(background_floor="mean"), "background_floor must be 'none' or 'median', got 'mean'"),
         (MaskConfig, dict(neglect_ratio=1.0), r"neglect_ratio must be in \[0, 1\), got 1.0"),
         (MaskConfig, dict(neglect_ratio=-0.1), r"neglect_ratio must be in \[0, 1\), got -0.1"),
         (SamplerConfig, dict(num_inference_steps=0), "num_inference_steps must be >= 1, got 0"),

@@ -96,6 +96,23 @@ def test_otsu_picks_gamma_from_the_map_where_a_fixed_gamma_misses():
     assert torch.equal(again, otsu_masks)
 
 
+def test_background_floor_keeps_a_token_s_spread_attention_out_of_the_mask():
+    # A token that attends everywhere at 0.5 and on its object (4 of 100 pixels) at 1.0, plus a
+    # faint spot: min-max normalisation leaves the floor at 0.5, above a fixed γ of 0.4.
+    values = torch.full((10, 10), 0.5)
+    values[2:4, 2:4] = 1.0
+    values[8, 8] = 0.0
+    maps = {1: values[None, None]}
+    object_pixels = values == 1.0
+    plain = MaskConfig(resolution_weights=ONLY_LATENT, threshold=0.4, ignore_band=0.0)
+    _, spread = masks_from_attention(captured(maps), images_like(1, (10, 10)), torch.tensor([[3]]), [["dog"]], plain)
+    assert (spread[0] == 3).sum() == 99, "without the floor removed every pixel but the faint one is the class"
+    floored = MaskConfig(resolution_weights=ONLY_LATENT, threshold=0.4, ignore_band=0.0, background_floor="median")
+    fused, masks = masks_from_attention(captured(maps), images_like(1, (10, 10)), torch.tensor([[3]]), [["dog"]], floored)
+    assert torch.equal(masks[0] == 3, object_pixels) and (masks[0][~object_pixels] == 0).all()
+    assert fused.min() == 0 and fused.max() == 1
+
+
 def test_resolutions_are_fused_at_image_size_with_their_weights():
     coarse = torch.zeros(1, 1, 2, 2)
     coarse[0, 0, 0, 0] = 1.0  # top-left

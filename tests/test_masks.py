@@ -30,6 +30,18 @@ def test_normalize_maps_max_and_minmax():
         normalize_maps(maps, "sum")
 
 
+def test_normalize_maps_median_removes_the_floor_under_the_median():
+    # A 3x3 map: a floor of 2 on six pixels (the median), an object of 3 pixels at 4, 5 and 6.
+    maps = torch.tensor([[[[2.0, 2.0, 2.0], [2.0, 4.0, 5.0], [2.0, 1.0, 6.0]]]])
+    out = normalize_maps(maps, "median")
+    expected = (maps.clamp_min(2.0) - 2.0) / 4.0
+    assert torch.allclose(out, expected)
+    assert out[0, 0, 2, 1] == 0, "below the floor is clipped to 0, not negative"
+    # minmax keeps the floor at a fifth of the range, above a low γ such as 0.15.
+    assert (normalize_maps(maps, "minmax")[maps == 2.0] > 0.15).all() and (out[maps == 2.0] == 0).all()
+    assert normalize_maps(torch.full((1, 1, 3, 3), 7.0), "median").abs().max() == 0
+
+
 def test_normalize_maps_is_per_map():
     maps = torch.stack([blob(4, 0, 0, 2, 2, 3.0), blob(4, 2, 2, 2, 2, 0.5)])[None]
     out = normalize_maps(maps)
@@ -134,6 +146,15 @@ def test_one_non_finite_pixel_stays_one_unknown_pixel(bad, mode):
     assert out[0, 0, 0, 0].isnan(), "the unknown pixel is marked, not given a value"
     clean = normalize_maps(torch.tensor([[[[2.0, 2.0], [3.0, 5.0]]]]), mode)  # same finite min and max
     assert torch.equal(out.flatten()[1:], clean.flatten()[1:]), "the other pixels are scaled as without it"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_median_floor_comes_from_the_finite_pixels_only(bad):
+    maps = torch.tensor([[[[bad, 2.0], [3.0, 5.0]]]])
+    out = normalize_maps(maps, "median")  # floor: the median of 2, 3, 5
+    assert out[0, 0, 0, 0].isnan() and out.flatten()[1:].tolist() == [0.0, 0.0, 1.0]
+    none_known = normalize_maps(torch.full((1, 1, 2, 2), float("nan")), "median")
+    assert none_known.isnan().all()
 
 
 def test_all_non_finite_map_is_all_unknown_and_its_neighbour_is_untouched():
