@@ -79,6 +79,22 @@ def test_neglect_rule_drops_classes_the_toy_model_did_not_draw_and_no_other(tmp_
     assert rule["mean"] > keep_all["mean"]
 
 
+def test_background_floor_raises_the_unaided_model_s_two_class_masks(tmp_path):
+    out = tmp_path / "multi_class_prompts.json"
+    done = subprocess.run([sys.executable, "benchmarks/multi_class_prompts.py", "--model", "toy-unaided", "--n", "40",
+                           "--ratios", "0", "--background-floors", "none", "median", "--json", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plain, floored = json.loads(out.read_text())["rows"]
+    assert (plain["background_floor"], floored["background_floor"]) == ("none", "median")
+    assert plain["ignore_band"] == floored["ignore_band"] == resolve_config("toy-unaided").mask.ignore_band
+    # The unaided model's tokens spread a floor over the image; removing it sharpens the masks,
+    # also when the band's ignore pixels count as misses.
+    assert floored["mean"] > plain["mean"] + 0.03 and floored["mean_band_as_miss"] > plain["mean_band_as_miss"]
+    for row in (plain, floored):
+        assert row["mean_band_as_miss"] <= row["mean"] and 0 < row["ignored"] < 0.5
+
+
 def test_steps_quality_writes_one_row_per_scheduler_and_step_count(tmp_path):
     out = tmp_path / "steps_quality.json"
     done = subprocess.run([sys.executable, "benchmarks/steps_quality.py", "--n", "5", "--batch-size", "5",
