@@ -167,6 +167,10 @@ def main(argv=None) -> int:
     config = {"steps": args.steps, "extra": extra}
     results = resumable_runs(args.json, config)
     baseline = baseline_runs(args.baseline)
+    if baseline is not None:
+        # The same seeds on both sides: a baseline run with more seeds would compare other draws.
+        wanted = {run_key("real_only", size, seed) for size in args.sizes for seed in args.seeds}
+        baseline = {k: r for k, r in baseline.items() if k in wanted}
     for key, flags in planned_runs(args):
         if key in results or args.table_only:
             continue

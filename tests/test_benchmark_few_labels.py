@@ -131,3 +131,16 @@ def test_baseline_that_is_missing_or_given_with_real_only_is_refused(tmp_path):
     both = few_labels(tmp_path, "--real-only", "--baseline", str(tmp_path / "nowhere.json"))
     assert both.returncode != 0 and "give one of them" in both.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_baseline_seeds_outside_the_table_are_left_out(tmp_path):
+    real = {f"real_only/4/seed{s}": {"miou": m} for s, m in [(0, 0.40), (1, 0.50), (2, 0.90)]}
+    (tmp_path / "real.json").write_text(json.dumps({"config": {}, "runs": real}))
+    mixed = {f"mixed:toy@0.5x8/4/seed{s}": {"miou": 0.6} for s in (0, 1)}
+    (tmp_path / "few.json").write_text(json.dumps({"config": {"steps": 1, "extra": []}, "runs": mixed}))
+    done = few_labels(tmp_path, "--table-only", "--sizes", "4", "--seeds", "0", "1", "--models", "toy", "--steps", "1",
+                      "--synthetic-length", "8", "--baseline", str(tmp_path / "real.json"), "--json", str(tmp_path / "few.json"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = json.loads((tmp_path / "few.json").read_text())["summary"]["4"]
+    # Seed 2's real-only run has no mixed partner: the baseline is seeds 0 and 1 (0.45), not 0.60.
+    assert row["real_only"]["seeds"] == 2 and abs(row["real_only"]["mean"] - 0.45) < 1e-9
