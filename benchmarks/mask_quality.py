@@ -71,6 +71,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=20, help="images per pipeline call")
     parser.add_argument("--threshold", type=float, default=None, help="override the model preset's γ")
     parser.add_argument("--ignore-band", type=float, default=None, metavar="W", help="override the model preset's ignore band")
+    parser.add_argument("--background-floor", choices=["none", "median"], default=None,
+                        help="override the model preset's background floor (MaskConfig.background_floor)")
     parser.add_argument("--scheduler", default=None,
                         help="a diffusers scheduler class name (default: the model's own)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model preset's)")
@@ -175,7 +177,8 @@ def main(argv=None) -> int:
     if args.n < 1:
         raise SystemExit(f"--n must be >= 1, got {args.n}")
     sampler = {k: v for k, v in {"scheduler": args.scheduler, "num_inference_steps": args.steps}.items() if v is not None}
-    mask = {} if args.ignore_band is None else {"ignore_band": args.ignore_band}
+    mask = {k: v for k, v in {"ignore_band": args.ignore_band, "background_floor": args.background_floor}.items()
+            if v is not None}
     result = measure(args.model, args.n, args.seed, args.batch_size, args.threshold, mask_overrides=mask,
                      sampler_overrides=sampler)
     print(markdown(result))

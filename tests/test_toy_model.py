@@ -79,6 +79,21 @@ def test_neglect_rule_drops_classes_the_toy_model_did_not_draw_and_no_other(tmp_
     assert rule["mean"] > keep_all["mean"]
 
 
+def test_mask_quality_applies_the_background_floor_asked_for(tmp_path):
+    def run(*flags):
+        out = tmp_path / f"mask_quality{len(flags)}.json"
+        done = subprocess.run([sys.executable, "benchmarks/mask_quality.py", "--model", "toy-unaided", "--n", "5",
+                               "--batch-size", "5", *flags, "--json", str(out)],
+                              capture_output=True, text=True, timeout=900, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    preset, floored = run(), run("--background-floor", "median")
+    assert preset["mask_config"]["background_floor"] == "none" and floored["mask_config"]["background_floor"] == "median"
+    # Same images, other masks.
+    assert floored["diffumask"]["per_class"] != preset["diffumask"]["per_class"]
+
+
 def test_background_floor_raises_the_unaided_model_s_two_class_masks(tmp_path):
     out = tmp_path / "multi_class_prompts.json"
     done = subprocess.run([sys.executable, "benchmarks/multi_class_prompts.py", "--model", "toy-unaided", "--n", "40",
