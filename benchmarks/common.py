@@ -85,6 +85,26 @@ def baseline_runs(path: Path | None) -> dict | None:
         raise SystemExit(f"error: --baseline {path} is not a benchmark results JSON with runs ({error!r})") from None
 
 
+def paired_gain(runs: dict[int, float], baseline: dict[int, float]) -> dict:
+    """``runs`` against ``baseline`` (seed -> mIoU) over the seeds both have: the mean gain and the
+    gain per seed in points, how many seeds ``runs`` is ahead on, and with two or more seeds that
+    differ, the paired sample sd in points and the paired t-test's two-sided p (scipy). Empty when no
+    seed is shared."""
+    from scipy.stats import ttest_rel
+
+    shared = sorted(set(runs) & set(baseline))
+    if not shared:
+        return {}
+    gains = [100 * (runs[s] - baseline[s]) for s in shared]
+    row = {"seeds": shared, "gain_points": sum(gains) / len(gains), "per_seed_points": gains,
+           "ahead": sum(g > 0 for g in gains)}
+    if len(gains) > 1 and len(set(gains)) > 1:
+        mean = row["gain_points"]
+        row["paired_sd_points"] = (sum((g - mean) ** 2 for g in gains) / (len(gains) - 1)) ** 0.5
+        row["p_paired"] = float(ttest_rel([runs[s] for s in shared], [baseline[s] for s in shared]).pvalue)
+    return row
+
+
 def write_json(path: Path | None, data) -> None:
     """Write ``data`` as indented JSON to ``path`` (creating folders); nothing when ``path`` is None."""
     if path is not None:

@@ -34,9 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from scipy.stats import ttest_rel
-
-from common import baseline_runs, resumable_runs, train, write_json
+from common import baseline_runs, paired_gain, resumable_runs, train, write_json
 
 RUNS = {
     "real_only": ["--real-only"],
@@ -88,15 +86,12 @@ def summarize(runs: dict, baseline: dict | None = None) -> dict:
                          "seeds": sorted(mious), "miou": values}
     real = names.get("real_only") or by_seed(baseline or {}).get("real_only", {})
     for name, mious in names.items():
-        shared = sorted(set(mious) & set(real))
-        if name == "real_only" or not shared:
+        paired = paired_gain(mious, real)
+        if name == "real_only" or not paired:
             continue
-        gaps = [100 * (real[s] - mious[s]) for s in shared]
         row = summary[name]
-        row.update(gap_points=statistics.fmean(gaps), gap_seeds=shared, ahead=sum(g < 0 for g in gaps))
-        if len(gaps) > 1 and statistics.stdev(gaps) > 0:
-            row["paired_sd_points"] = statistics.stdev(gaps)
-            row["p_paired"] = float(ttest_rel([mious[s] for s in shared], [real[s] for s in shared]).pvalue)
+        row.update(gap_points=-paired["gain_points"], gap_seeds=paired["seeds"], ahead=paired["ahead"])
+        row.update({k: paired[k] for k in ("paired_sd_points", "p_paired") if k in paired})
     return summary
 
 

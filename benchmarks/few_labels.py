@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import baseline_runs, resumable_runs, train, write_json
+from common import baseline_runs, paired_gain, resumable_runs, train, write_json
 
 
 def markers(section: str) -> tuple[str, str]:
@@ -102,11 +102,18 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def seed_mious(results: dict, condition: str, size: int) -> dict[int, float]:
+    """``{seed: mIoU}`` of one condition's runs at one size."""
+    prefix = f"{condition}/{size}/seed"
+    return {int(k[len(prefix):]): r["miou"] for k, r in results.items() if k.startswith(prefix)}
+
+
 def summarize(results: dict, sizes: list[int], mixes: list[str], baseline: dict | None = None) -> tuple[dict, str]:
     """Per size: each condition's mean/std mIoU over the seeds it has, and each mixed condition's
     (``mixes``: "model@RATIOxLENGTH") gain in points (mean of mixed minus mean of real-only); and the
-    Markdown table of it. Real-only runs come from ``results``, else from ``baseline`` (another
-    JSON's runs)."""
+    Markdown table of it; per mixed condition also the paired comparison over the seeds both have
+    (``paired:MIX``: gain per seed, seeds ahead, paired t-test p). Real-only runs come from
+    ``results``, else from ``baseline`` (another JSON's runs)."""
     if baseline is not None and not any(k.startswith("real_only/") for k in results):
         results = {**{k: r for k, r in baseline.items() if k.startswith("real_only/")}, **results}
     summary, lines = {}, []
@@ -115,21 +122,30 @@ def summarize(results: dict, sizes: list[int], mixes: list[str], baseline: dict 
     for size in sizes:
         row = {}
         for condition in ["real_only", *(f"mixed:{m}" for m in mixes)]:
-            values = [r["miou"] for k, r in results.items() if k.startswith(f"{condition}/{size}/")]
+            values = list(seed_mious(results, condition, size).values())
             if values:
                 mean, std = mean_std(values)
                 row[condition] = {"mean": mean, "std": std, "seeds": len(values)}
         for m in mixes:
             if "real_only" in row and f"mixed:{m}" in row:
                 row[f"gain_points:{m}"] = 100 * (row[f"mixed:{m}"]["mean"] - row["real_only"]["mean"])
+                row[f"paired:{m}"] = paired_gain(seed_mious(results, f"mixed:{m}", size), seed_mious(results, "real_only", size))
         summary[str(size)] = row
 
         def cell(condition):
             c = row.get(condition)
             return f"{c['mean']:.3f} ± {c['std']:.3f} ({c['seeds']})" if c else "not run"
 
-        gains = "".join(f" {cell(f'mixed:{m}')} | " + (f"{row[f'gain_points:{m}']:+.1f}" if f"gain_points:{m}" in row else "–") + " |"
-                        for m in mixes)
+        def gain(m):
+            if f"gain_points:{m}" not in row:
+                return "–"
+            text, paired = f"{row[f'gain_points:{m}']:+.1f}", row[f"paired:{m}"]
+            if paired:
+                p = f", p {paired['p_paired']:.2g}" if "p_paired" in paired else ""
+                text += f" ({paired['ahead']} of {len(paired['seeds'])} seeds ahead{p})"
+            return text
+
+        gains = "".join(f" {cell(f'mixed:{m}')} | {gain(m)} |" for m in mixes)
         lines.append(f"| {size} | {cell('real_only')} |{gains}")
     return summary, "\n".join(lines)
 

@@ -88,7 +88,7 @@ def test_named_results_section_gets_the_table_and_the_default_section_is_left_al
     text = results_md.read_text()
     assert "first table" in text and "\nold\n" not in text
     section = text.split("<!-- few_labels_c128:begin -->", 1)[1].split("<!-- few_labels_c128:end -->", 1)[0]
-    assert "| 4 | 0.250 ± 0.000 (1) | 0.500 ± 0.000 (1) | +25.0 |" in section
+    assert "| 4 | 0.250 ± 0.000 (1) | 0.500 ± 0.000 (1) | +25.0 (1 of 1 seeds ahead) |" in section
     # A section the file does not have is refused by name.
     missing = few_labels(tmp_path, "--table-only", "--sizes", "4", "--json", str(tmp_path / "few.json"), "--steps", "1",
                          "--results-md", str(results_md), "--results-section", "few_labels_c256")
@@ -144,3 +144,22 @@ def test_baseline_seeds_outside_the_table_are_left_out(tmp_path):
     row = json.loads((tmp_path / "few.json").read_text())["summary"]["4"]
     # Seed 2's real-only run has no mixed partner: the baseline is seeds 0 and 1 (0.45), not 0.60.
     assert row["real_only"]["seeds"] == 2 and abs(row["real_only"]["mean"] - 0.45) < 1e-9
+
+
+def test_paired_comparison_per_seed_in_summary_and_table():
+    sys.path.insert(0, str(BENCHMARKS))
+    from scipy.stats import ttest_rel
+
+    from few_labels import summarize
+
+    real = {0: 0.40, 1: 0.50, 2: 0.45}
+    mixed = {0: 0.52, 1: 0.55, 2: 0.44}
+    runs = {**{f"real_only/25/seed{s}": {"miou": m} for s, m in real.items()},
+            **{f"mixed:toy@0.9x8/25/seed{s}": {"miou": m} for s, m in mixed.items()}}
+    summary, table = summarize(runs, [25], ["toy@0.9x8"])
+    paired = summary["25"]["paired:toy@0.9x8"]
+    assert paired["seeds"] == [0, 1, 2] and paired["ahead"] == 2
+    assert [round(g, 6) for g in paired["per_seed_points"]] == [12.0, 5.0, -1.0]
+    expected_p = ttest_rel(list(mixed.values()), list(real.values())).pvalue
+    assert abs(paired["p_paired"] - expected_p) < 1e-12
+    assert f"+5.3 (2 of 3 seeds ahead, p {expected_p:.2g})" in table
