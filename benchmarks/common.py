@@ -3,6 +3,7 @@ and writing results."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -96,11 +97,10 @@ def paired_gain(runs: dict[int, float], baseline: dict[int, float]) -> dict:
     if not shared:
         return {}
     gains = [100 * (runs[s] - baseline[s]) for s in shared]
-    row = {"seeds": shared, "gain_points": sum(gains) / len(gains), "per_seed_points": gains,
+    row = {"seeds": shared, "gain_points": statistics.fmean(gains), "per_seed_points": gains,
            "ahead": sum(g > 0 for g in gains)}
     if len(gains) > 1 and len(set(gains)) > 1:
-        mean = row["gain_points"]
-        row["paired_sd_points"] = (sum((g - mean) ** 2 for g in gains) / (len(gains) - 1)) ** 0.5
+        row["paired_sd_points"] = statistics.stdev(gains)
         row["p_paired"] = float(ttest_rel([runs[s] for s in shared], [baseline[s] for s in shared]).pvalue)
     return row
 
