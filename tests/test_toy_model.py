@@ -201,3 +201,10 @@ def test_mask_recipes_measures_each_recipe_on_the_same_images_and_confirms_the_b
     best = max((k for k, r in search.items() if not r["labelled_images"]), key=lambda k: search[k]["mean"])
     assert best in result["confirm"] and result["confirm"][best]["seed"] == 1
     assert "| f1-late | " in done.stdout
+
+
+def test_multi_class_prompts_refuses_a_band_out_of_range_before_generating(tmp_path):
+    done = subprocess.run([sys.executable, "benchmarks/multi_class_prompts.py", "--n", "1", "--ignore-bands", "0.05", "0.7",
+                           "--json", str(tmp_path / "out.json")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode != 0 and "--ignore-bands must be in [0, 0.5), got [0.7]" in done.stderr
+    assert not (tmp_path / "out.json").exists()
