@@ -88,12 +88,24 @@ class LabelNoiseFilter:
                 cutoffs[c] = torch.quantile(torch.tensor(list(recent)), self.drop_fraction)
         return cutoffs
 
-    def __call__(self, step: int, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Masks to train on: ``logits`` ``[B, C, H, W]`` from the training forward pass, ``masks`` ``[B, H, W]``."""
+    def __call__(
+        self, step: int, logits: torch.Tensor, masks: torch.Tensor, prunable: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Masks to train on: ``logits`` ``[B, C, H, W]`` from the training forward pass, ``masks`` ``[B, H, W]``.
+
+        ``prunable`` (``[B]`` bool, default all): the samples whose labels may be pruned. In a mix of
+        real and synthetic data only the synthetic samples are, and only they enter the counters and
+        the per-class history: a real label is ground truth, and its scores would raise the quantile
+        the synthetic ones are ranked against.
+        """
         if step < self.warmup:
             return masks
         prediction = logits.detach().argmax(1)
         scores = class_agreement(prediction, masks, logits.shape[1]).cpu()
+        if prunable is not None:
+            if prunable.shape != (masks.shape[0],):
+                raise ValueError(f"prunable must be one flag per sample, shape [{masks.shape[0]}], got {list(prunable.shape)}")
+            scores[~prunable.cpu().bool()] = float("nan")
         scored = ~scores.isnan()
         self.counts["scored"] += int(scored.sum())
         # A score equal to its class's quantile is kept, so a class the model scores 0 everywhere

@@ -94,3 +94,21 @@ def test_bad_settings():
         LabelNoiseFilter(drop_fraction=0)
     with pytest.raises(ValueError, match="window"):
         LabelNoiseFilter(window=0)
+
+
+def test_noise_filter_never_prunes_or_counts_samples_outside_prunable():
+    # The same planted bad label in a real (not prunable) and a synthetic sample: only the synthetic
+    # one is pruned, and only synthetic scores enter the counters and the class history.
+    pred = torch.stack([square(2, 0, 0)] * 3)
+    masks = torch.stack([square(2, 0, 0), square(2, 8, 8), square(2, 8, 8)])
+    noise = LabelNoiseFilter(cutoff=0.3, warmup=0, drop_fraction=1.0)
+    kept = noise(0, logits_for(pred), masks, prunable=torch.tensor([True, False, True]))
+    assert torch.equal(kept[:2], masks[:2]), "a real label was pruned"
+    assert (kept[2][8:, 8:] == 255).all()
+    assert noise.counts["scored"] == 2 and noise.counts["dropped"] == 1
+    assert len(noise.history.get(2, [])) == 0, "history only feeds relative cutoffs (drop_fraction < 1)"
+    ranked = LabelNoiseFilter(cutoff=0.3, warmup=0, drop_fraction=0.5)
+    ranked(0, logits_for(pred), masks, prunable=torch.tensor([True, False, True]))
+    assert sorted(ranked.history[2]) == [0.0, 1.0], "the real sample's score entered the class history"
+    with pytest.raises(ValueError, match=r"one flag per sample, shape \[3\], got \[2\]"):
+        noise(0, logits_for(pred), masks, prunable=torch.tensor([True, False]))

@@ -394,10 +394,40 @@ def test_online_noise_learning_counts_dropped_samples(tmp_path):
     # Two steps after warm-up, 4 samples each, at least one class region per sample.
     assert counts["scored"] >= 8 and counts["dropped"] >= 1
     assert sum(counts["per_class"].values()) == counts["dropped"] and set(counts["per_class"]) <= set(TOY_CLASSES)
-    refused = run(["--noise-cutoff", "0.5", "--steps", "1"], tmp_path, timeout=120)
-    assert refused.returncode != 0 and "needs --synthetic-only" in refused.stderr
+    refused = run(["--real-only", "--noise-cutoff", "0.5", "--steps", "1"], tmp_path, timeout=120)
+    assert refused.returncode != 0 and "a --real-only run has none" in refused.stderr
     bad = run(["--synthetic-only", "--noise-cutoff", "0.5", "--noise-drop-fraction", "0", "--steps", "1"], tmp_path, timeout=120)
     assert bad.returncode != 0 and "drop_fraction must be in (0, 1], got 0.0" in bad.stderr
+
+
+def test_noise_learning_in_a_mixed_run_prunes_synthetic_labels_only(tmp_path, monkeypatch):
+    # In process, to see what the filter is handed: per batch, which samples are synthetic.
+    from ondemand_seg.toyworld import write_voc
+
+    trainer = load_trainer(monkeypatch)
+    write_voc(tmp_path / "real", n_train=8, n_val=4, image_size=32)
+    seen = []
+    filter_call = trainer.LabelNoiseFilter.__call__
+
+    def recording(self, step, logits, masks, prunable=None):
+        kept = filter_call(self, step, logits, masks, prunable)
+        seen.append((prunable, masks, kept))
+        return kept
+
+    monkeypatch.setattr(trainer.LabelNoiseFilter, "__call__", recording)
+    args = trainer.get_args_parser().parse_args([
+        *FAST, "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"), "--voc-root", str(tmp_path / "real"),
+        "--real-images", "4", "--synthetic-length", "8", "--synthetic-ratio", "0.5", "--steps", "6", "--workers", "0",
+        "--noise-cutoff", "0.99", "--noise-warmup", "0", "--noise-drop-fraction", "1"])
+    trainer.main(args)
+    assert len(seen) == 6
+    flags = torch.cat([prunable for prunable, _, _ in seen])
+    assert flags.dtype == torch.bool and flags.any() and not flags.all(), "every batch alike: no sample flagged by source"
+    for prunable, masks, kept in seen:
+        assert torch.equal(kept[~prunable], masks[~prunable]), "a real label was pruned"
+    pruned = sum(int((kept != masks).any()) for _, masks, kept in seen)
+    counts = rows(tmp_path / "out", "final")[0]["noise_filter"]
+    assert pruned >= 1 and counts["dropped"] >= 1
 
 
 def test_generator_flags_override_only_their_fields_of_the_preset():

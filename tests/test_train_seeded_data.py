@@ -17,6 +17,7 @@ _spec = importlib.util.spec_from_file_location("seeded_data", MODULE)
 seeded_data = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(seeded_data)
 SeededServings, StatefulConcatDataset = seeded_data.SeededServings, seeded_data.StatefulConcatDataset
+SourceFlaggedConcatDataset = seeded_data.SourceFlaggedConcatDataset
 
 
 class Pairs(Dataset):
@@ -79,3 +80,17 @@ def test_a_part_listed_twice_is_one_state_and_a_foreign_state_is_refused():
     assert real.served == 7
     with pytest.raises(ValueError, match=r"holds parts \[1\].*stateful parts are \[0\]"):
         mixed.load_state_dict({1: {"served": 7}})
+
+
+def test_flagged_concat_marks_the_items_of_its_flagged_parts_and_keeps_their_state():
+    real = SeededServings(Pairs(n=3), SegmentationTransform(12), seed=0)
+    synthetic = SeededServings(Pairs(n=2), SegmentationTransform(12), seed=1)
+    mixed = SourceFlaggedConcatDataset([real, real, synthetic], flagged=[2])
+    flags = [mixed[i][2] for i in range(len(mixed))]
+    assert flags == [False] * 6 + [True] * 2
+    assert mixed[-1][2] is True and int(mixed[-1][1][0, 0]) == 1, "negative index: the last synthetic item"
+    assert mixed.state_dict() == {0: {"served": 6}, 2: {"served": 4}}  # two in the loop, two by index -1
+    batch = next(iter(torch.utils.data.DataLoader(mixed, batch_size=8)))
+    assert batch[2].dtype == torch.bool and batch[2].tolist() == flags
+    with pytest.raises(ValueError, match=r"flagged parts \[3\] are not all among the 3 parts"):
+        SourceFlaggedConcatDataset([real, real, Pairs()], flagged=[3])

@@ -10,6 +10,8 @@ resumed run continues the count where it stopped.
 """
 from __future__ import annotations
 
+import bisect
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from torch.utils.data import ConcatDataset, Dataset
@@ -68,3 +70,21 @@ class StatefulConcatDataset(ConcatDataset):
                              f"{sorted(parts)}: it was saved from another mix of datasets")
         for position, part in parts.items():
             part.load_state_dict(state[position])
+
+
+class SourceFlaggedConcatDataset(StatefulConcatDataset):
+    """:class:`StatefulConcatDataset` whose items are ``(image, target, flagged)``: ``flagged`` is
+    True for items of the parts at the positions in ``flagged`` (in a mix, the synthetic part, whose
+    labels noise learning may prune; a DataLoader collates the flags into a ``[B]`` bool tensor)."""
+
+    def __init__(self, datasets: Sequence[Dataset], flagged: Iterable[int]) -> None:
+        super().__init__(datasets)
+        self.flagged = frozenset(flagged)
+        if not self.flagged <= set(range(len(self.datasets))):
+            raise ValueError(f"flagged parts {sorted(self.flagged)} are not all among the {len(self.datasets)} parts")
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, bool]:
+        if index < 0:
+            index += len(self)
+        part = bisect.bisect_right(self.cumulative_sizes, index)
+        return (*super().__getitem__(index), part in self.flagged)

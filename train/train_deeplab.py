@@ -36,7 +36,7 @@ from ondemand_seg.label_spaces import class_ids
 from ondemand_seg.metrics import ConfusionMatrix
 from ondemand_seg.toyworld import TOY_CLASSES, write_voc
 from dilated_convs import crop_dilated_convs
-from seeded_data import SeededServings, StatefulConcatDataset
+from seeded_data import SeededServings, SourceFlaggedConcatDataset, StatefulConcatDataset
 from utils import (CheckpointError, MetricLog, MetricLogError, all_reduce_mean, init_distributed, is_main_process,
                    load_checkpoint, output_dir_problem, save_checkpoint)
 
@@ -78,9 +78,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="--augment full: splice windows cut at an unspliced sample's scale (default; objects keep "
                           "size and shape), or whole samples resized into their tiles (the paper)")
     gen.add_argument("--noise-cutoff", type=float, default=None,
-                     help="online noise learning (--synthetic-only): after --noise-warmup steps, a class region whose "
+                     help="online noise learning: after --noise-warmup steps, a synthetic class region whose "
                           "mask agrees with the model's prediction below this IoU (and among its class's lowest "
-                          "--noise-drop-fraction) is dropped or relabelled")
+                          "--noise-drop-fraction) is dropped or relabelled; real labels are never pruned")
     gen.add_argument("--noise-warmup", type=int, default=200, help="steps before noise learning starts")
     gen.add_argument("--noise-drop-fraction", type=float, default=0.1,
                      help="prune only a class's lowest-scoring share of regions (recent history); 1 = plain cutoff")
@@ -131,8 +131,8 @@ def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
             raise SystemExit(f"error: --{flag.replace('_', '-')} {root} has no VOCdevkit/VOC2012 folder")
     if args.backbone_weights is not None and not args.backbone_weights.is_file():
         raise SystemExit(f"error: --backbone-weights {args.backbone_weights} is not a file")
-    if args.noise_cutoff is not None and not args.synthetic_only:
-        raise SystemExit("error: --noise-cutoff scores synthetic samples and needs --synthetic-only")
+    if args.noise_cutoff is not None and args.real_only:
+        raise SystemExit("error: --noise-cutoff prunes synthetic labels and a --real-only run has none")
     if not 0.0 <= args.ema_decay < 1.0:
         raise SystemExit(f"error: --ema-decay must be in [0, 1), got {args.ema_decay}")
     if not 0.0 < args.synthetic_ratio < 1.0:
@@ -241,7 +241,9 @@ def build_train_loader(args, config, rank: int, world: int, device: torch.device
         if is_main_process():
             print(f"mixing {len(real)} real images (x{repeats}) with {length} synthetic: "
                   f"{length / (length + repeats * len(real)):.0%} of samples synthetic")
-    dataset = StatefulConcatDataset(parts)
+    # With noise learning each item carries whether it is synthetic: only those labels may be pruned.
+    dataset = (StatefulConcatDataset(parts) if args.noise_cutoff is None
+               else SourceFlaggedConcatDataset(parts, flagged=[len(parts) - 1]))
     if len(dataset) < args.batch_size * world:  # drop_last would make every epoch empty: a silent endless loop
         raise SystemExit(f"error: the training set has {len(dataset)} samples, fewer than one batch "
                          f"(--batch-size {args.batch_size} x {world} processes); lower --batch-size or add images")
@@ -431,7 +433,7 @@ def main(args: argparse.Namespace) -> dict:
     while step < args.steps:
         started = time.perf_counter()
         try:
-            images, masks = next(batches)
+            images, masks, *flags = next(batches)
         except StopIteration:  # end of an epoch of the map-style mix
             epoch += 1
             if isinstance(loader.sampler, DistributedSampler):
@@ -443,7 +445,7 @@ def main(args: argparse.Namespace) -> dict:
         recent.append(images)
         logits = model(images)["out"]
         if noise is not None:
-            masks = noise(step, logits, masks)
+            masks = noise(step, logits, masks, prunable=flags[0] if flags else None)
         loss = criterion(logits, masks)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
