@@ -122,8 +122,10 @@ def test_sana_positions_follow_the_instruction_prefix(pipes):
     (segment,) = sampler.text
     assert segment.prefix and segment.encoded_length > segment.length
     weights, _ = class_token_weights(sampler.text, PROMPTS[:1])
-    # What the pipeline keeps: token 0 and the last length-1 tokens of prefix + lower-cased prompt.
-    ids = segment.tokenizer(segment.prefix + PROMPTS[0].text.lower(), padding="max_length",
+    # What the pipeline keeps: token 0 and the last length-1 tokens of prefix + lower-cased prompt,
+    # padded on the right. The pipeline sets the tokenizer's padding side only when it first encodes
+    # a prompt (this tiny one loads with "left"), so the side is given here, not read from it.
+    ids = segment.tokenizer(segment.prefix + PROMPTS[0].text.lower(), padding="max_length", padding_side="right",
                             max_length=segment.encoded_length, truncation=True)["input_ids"]
     kept = [ids[0]] + ids[-segment.length + 1:]
     marked = weights[0, 0].nonzero().flatten().tolist()
