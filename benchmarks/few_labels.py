@@ -108,6 +108,13 @@ def seed_mious(results: dict, condition: str, size: int) -> dict[int, float]:
     return {int(k[len(prefix):]): r["miou"] for k, r in results.items() if k.startswith(prefix)}
 
 
+def runs_of_seeds(runs: dict, seeds: list[int]) -> dict:
+    """The runs of ``seeds`` only: a table of seeds 6-11 leaves out the same JSON's runs of seeds
+    0-5, on both sides of the comparison."""
+    wanted = {str(seed) for seed in seeds}
+    return {k: r for k, r in runs.items() if k.rsplit("/seed", 1)[1] in wanted}
+
+
 def summarize(results: dict, sizes: list[int], mixes: list[str], baseline: dict | None = None) -> tuple[dict, str]:
     """Per size: each condition's mean/std mIoU over the seeds it has, and each mixed condition's
     (``mixes``: "model@RATIOxLENGTH") gain in points (mean of mixed minus mean of real-only); and the
@@ -185,8 +192,7 @@ def main(argv=None) -> int:
     baseline = baseline_runs(args.baseline)
     if baseline is not None:
         # The same seeds on both sides: a baseline run with more seeds would compare other draws.
-        wanted = {run_key("real_only", size, seed) for size in args.sizes for seed in args.seeds}
-        baseline = {k: r for k, r in baseline.items() if k in wanted}
+        baseline = runs_of_seeds(baseline, args.seeds)
     for key, flags in planned_runs(args):
         if key in results or args.table_only:
             continue
@@ -197,9 +203,9 @@ def main(argv=None) -> int:
         final = train(flags)
         results[key] = {"miou": final["miou"], "per_class_iou": final["per_class_iou"],
                         "minutes": (time.perf_counter() - started) / 60, "flags": flags}
-        summary, _ = summarize(results, args.sizes, streams(args), baseline)
+        summary, _ = summarize(runs_of_seeds(results, args.seeds), args.sizes, streams(args), baseline)
         write_json(args.json, {"config": config, "runs": results, "summary": summary})  # after every run
-    summary, table = summarize(results, args.sizes, streams(args), baseline)
+    summary, table = summarize(runs_of_seeds(results, args.seeds), args.sizes, streams(args), baseline)
     write_json(args.json, {"config": config, "runs": results, "summary": summary})
     print(table)
     if args.results_md is not None:

@@ -163,3 +163,20 @@ def test_paired_comparison_per_seed_in_summary_and_table():
     expected_p = ttest_rel(list(mixed.values()), list(real.values())).pvalue
     assert abs(paired["p_paired"] - expected_p) < 1e-12
     assert f"+5.3 (2 of 3 seeds ahead, p {expected_p:.2g})" in table
+
+
+def test_table_of_some_seeds_leaves_out_the_json_runs_of_other_seeds(tmp_path):
+    real = {f"real_only/4/seed{s}": {"miou": m} for s, m in [(0, 0.40), (1, 0.50), (2, 0.90)]}
+    (tmp_path / "real.json").write_text(json.dumps({"config": {}, "runs": real}))
+    mixed = {f"mixed:toy@0.5x8/4/seed{s}": {"miou": m} for s, m in [(0, 0.60), (1, 0.70), (2, 0.20)]}
+    (tmp_path / "few.json").write_text(json.dumps({"config": {"steps": 1, "extra": []}, "runs": mixed}))
+    done = few_labels(tmp_path, "--table-only", "--sizes", "4", "--seeds", "1", "2", "--models", "toy", "--steps", "1",
+                      "--synthetic-length", "8", "--baseline", str(tmp_path / "real.json"), "--json", str(tmp_path / "few.json"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    saved = json.loads((tmp_path / "few.json").read_text())
+    row = saved["summary"]["4"]
+    # Seeds 1 and 2 on both sides: mixed 0.45, not the three seeds' 0.50; seed 0's run stays in the JSON.
+    assert row["mixed:toy@0.5x8"]["seeds"] == 2 and abs(row["mixed:toy@0.5x8"]["mean"] - 0.45) < 1e-9
+    assert row["real_only"]["seeds"] == 2 and abs(row["gain_points:toy@0.5x8"] - (0.45 - 0.70) * 100) < 1e-9
+    assert "mixed:toy@0.5x8/4/seed0" in saved["runs"]
+    assert "| 4 | 0.700 ± 0.283 (2) | 0.450 ± 0.354 (2) | -25.0 (1 of 2 seeds ahead" in done.stdout
