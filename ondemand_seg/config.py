@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .label_spaces import class_ids, validate_label_space
+from .label_spaces import check_class_spelling, class_ids, validate_label_space
 from .loading import check_image_size, check_model_source, read_preset, scheduler_class
 from .vocabulary import Vocabulary, default_vocabulary, load_vocabulary, vocabulary_from
 
@@ -304,12 +304,15 @@ class QualityConfig:
     """The gate every sample passes before it may reach training.
 
     ``black_level``: an image whose brightest value (in [0, 1]) is at most this is "all black"; in
-    [0, 1), since at 1 every image would be.
+    [0, 1), since at 1 every image would be. ``constant_level``: an image each of whose channels'
+    values (in [0, 1]) has a standard deviation at most this is "constant": one colour, drawn by
+    a broken decoder even where the attention maps (and so the mask) show objects; in [0, 0.5].
     """
 
     min_foreground: float = 0.005
     max_foreground: float = 0.98
     black_level: float = 0.02
+    constant_level: float = 0.01
     max_consecutive_rejects: int = 50
 
     def __post_init__(self) -> None:
@@ -319,6 +322,10 @@ class QualityConfig:
         # Images are in [0, 1]: at 1 every image counts as black, below 0 none does.
         if not 0.0 <= self.black_level < 1.0:
             raise ValueError(f"black_level must be in [0, 1), got {self.black_level}")
+        # The standard deviation of values in [0, 1] is at most 0.5.
+        self.constant_level = check_finite("constant_level", self.constant_level)
+        if not 0.0 <= self.constant_level <= 0.5:
+            raise ValueError(f"constant_level must be in [0, 0.5], got {self.constant_level}")
         self.max_consecutive_rejects = check_int("max_consecutive_rejects", self.max_consecutive_rejects)
         if not 0.0 <= self.min_foreground < self.max_foreground <= 1.0:
             raise ValueError(
@@ -470,6 +477,7 @@ def resolve_config(model: Any, classes: Sequence[str] = (), **overrides: Any) ->
             raise TypeError(f"vocabulary must be a built-in name, a file path, a Vocabulary or a mapping, got "
                             f"{layer!r} ({type(layer).__name__})")
     vocabulary = vocabulary or default_vocabulary(labels)
+    check_class_spelling(classes, labels if labels is not None else vocabulary.label_space)
     if given_vocabulary is not None:
         # Free-text classes only when a vocabulary is asked for: otherwise a misspelt class would
         # silently become a new zero-shot class instead of an error.

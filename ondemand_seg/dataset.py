@@ -1,6 +1,7 @@
 """DiffuMaskDataset: the map-style twin of the stream, for ``ConcatDataset`` with real data."""
 from __future__ import annotations
 
+import operator
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Sequence
@@ -68,14 +69,29 @@ class DiffuMaskDataset(Dataset):
 
     def raw(self, indices: Sequence[int]) -> list[RawSample]:
         """The generated samples before any transform, with their prompts."""
+        indices = self._indices(indices)
         samples = self._fetch(indices)
         return [samples[i] for i in indices]
 
-    def _fetch(self, indices: Sequence[int], with_blocks: bool = False) -> dict[int, RawSample]:
-        """Samples of ``indices`` (and, with ``with_blocks``, of their generation blocks) by index."""
+    def _indices(self, indices: Sequence[Any]) -> list[int]:
+        """``indices`` as ints: anything with ``__index__`` (numpy ints, one-element integer tensors)."""
+        out = []
         for i in indices:
+            try:
+                i = operator.index(i)
+            except TypeError:
+                raise TypeError(f"DiffuMaskDataset indices must be integers, got {i!r} ({type(i).__name__})") from None
             if not 0 <= i < self.length:
                 raise IndexError(f"index {i} out of range for DiffuMaskDataset of length {self.length}")
+            out.append(i)
+        return out
+
+    def _fetch(self, indices: Sequence[int], with_blocks: bool = False) -> dict[int, RawSample]:
+        """Samples of ``indices`` (and, with ``with_blocks``, of their generation blocks) by index."""
+        with self.source.lock:  # the cache is read and evicted as one step, whatever other threads do
+            return self._fetch_locked(indices, with_blocks)
+
+    def _fetch_locked(self, indices: Sequence[int], with_blocks: bool) -> dict[int, RawSample]:
         wanted = self._blocks(indices) if with_blocks else list(dict.fromkeys(indices))
         missing = [i for i in wanted if i not in self._cache]
         if missing and self.cache_size >= self.length:
@@ -110,6 +126,7 @@ class DiffuMaskDataset(Dataset):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, Any]]:
+        indices = self._indices(indices)
         samples = self._fetch(indices, with_blocks=self.splicing)
         out = []
         for i in indices:

@@ -11,7 +11,6 @@ hub ids), so both paths apply the same defaults and the same checks.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+
+from .files import read_json_object
 
 
 @dataclass(frozen=True)
@@ -75,13 +76,26 @@ def supported_pipelines() -> str:
     return ", ".join(f"{f.title} ({'/'.join(f.pipelines)})" for f in FAMILIES)
 
 
-def family_of(pipeline_class: str) -> Family:
-    """The family of a diffusers pipeline class name; an error naming the supported ones otherwise."""
+def family_of(pipeline: str | type) -> Family:
+    """The family of a diffusers pipeline class or class name; an error naming the supported ones
+    otherwise. A class that subclasses a supported pipeline (users do this) has its base's family."""
+    if isinstance(pipeline, type):
+        return family_of(supported_base(pipeline))
     for family in FAMILIES:
-        if pipeline_class in family.pipelines:
+        if pipeline in family.pipelines:
             return family
-    raise ValueError(f"ondemand_seg cannot capture text attention from a {pipeline_class}; "
+    raise ValueError(f"ondemand_seg cannot capture text attention from a {pipeline}; "
                      f"supported pipelines: {supported_pipelines()}")
+
+
+def supported_base(cls: type) -> str:
+    """The name of the first supported diffusers pipeline class among ``cls`` and its bases, else
+    ``cls``'s own name (which :func:`family_of` then refuses by name)."""
+    supported = {name for family in FAMILIES for name in family.pipelines}
+    for base in cls.__mro__:
+        if base.__name__ in supported and base.__module__.startswith("diffusers."):
+            return base.__name__
+    return cls.__name__
 
 
 # Grids of at least this many cells on the short side are fused by default: DiffuMask fuses SD's
@@ -209,11 +223,16 @@ def _vae_factor(config: dict | None) -> int:
     return 2 ** (len(channels) - 1)
 
 
-def _call_default(pipeline_class: str, name: str) -> Any:
+def _diffusers_class(name: str) -> type | None:
+    """The diffusers class called ``name`` (an attribute lookup: nothing else is imported), or None."""
     import diffusers
 
-    cls = getattr(diffusers, pipeline_class)
-    return inspect.signature(cls.__call__).parameters[name].default
+    cls = getattr(diffusers, name, None)
+    return cls if isinstance(cls, type) else None
+
+
+def _call_default(pipeline_class: str, name: str) -> Any:
+    return inspect.signature(_diffusers_class(pipeline_class).__call__).parameters[name].default
 
 
 def describe(read: ConfigReader) -> ModelSpec:
@@ -228,7 +247,9 @@ def describe(read: ConfigReader) -> ModelSpec:
     pipeline_class = index.get("_class_name")
     if not pipeline_class:
         raise ValueError("model_index.json names no pipeline class (_class_name)")
-    family = family_of(pipeline_class)
+    if not isinstance(pipeline_class, str) or not pipeline_class.isidentifier():
+        raise ValueError(f"model_index.json: _class_name must be a diffusers pipeline class name, got {pipeline_class!r}")
+    family = family_of(_diffusers_class(pipeline_class) or pipeline_class)
     denoiser = read(f"{family.denoiser}/config.json")
     if denoiser is None:
         raise ValueError(f"{family.denoiser}/config.json is missing (a {pipeline_class} needs a {family.denoiser})")
@@ -261,20 +282,15 @@ def describe(read: ConfigReader) -> ModelSpec:
 
 
 def folder_reader(path: str | os.PathLike) -> ConfigReader:
-    """A :data:`ConfigReader` over a local pipeline folder; malformed JSON is an error naming the file."""
+    """A :data:`ConfigReader` over a local pipeline folder: ``None`` for a file that is absent, an
+    error naming the file for one that is not a regular file, not UTF-8, not JSON or not an object."""
     root = Path(path)
 
     def read(name: str) -> dict | None:
         file = root / name
-        if not file.is_file():
+        if not file.exists() and not file.is_symlink():
             return None
-        try:
-            data = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{file} is not valid JSON: {error}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{file} must hold a JSON object")
-        return data
+        return read_json_object(file)
 
     return read
 
@@ -300,10 +316,10 @@ def cached_hub_reader(repo_id: str) -> ConfigReader | None:
 
 def pipeline_reader(pipeline) -> ConfigReader:
     """A :data:`ConfigReader` over a loaded pipeline's components (so a callable model is described
-    exactly as its saved folder would be)."""
+    exactly as its saved folder would be; a subclass of a supported pipeline as its base)."""
     def read(name: str) -> dict | None:
         if name == "model_index.json":
-            return {"_class_name": type(pipeline).__name__}
+            return {"_class_name": supported_base(type(pipeline))}
         component = getattr(pipeline, name.split("/")[0], None)
         return None if component is None else dict(component.config)
 

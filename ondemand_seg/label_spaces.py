@@ -63,3 +63,33 @@ def class_ids(classes: Sequence[str], label_space: Sequence[str]) -> list[int]:
             )
         ids.append(names.index(name))
     return ids
+
+
+def _folded(name: str) -> str:
+    return " ".join(name.split()).casefold()
+
+
+def check_class_spelling(classes: Sequence[str], label_space: Sequence[str]) -> None:
+    """Refuse ``classes`` that repeat a class, or that differ from each other or from a class of
+    ``label_space`` only by case or whitespace.
+
+    Left alone, ``"Circle"`` next to a label space's ``"circle"`` would become a free-text class of
+    its own, with its own id, splitting one kind of object over two labels; and a repeated class
+    would be named twice in one prompt ("a circle and a circle").
+    Raises:
+        ValueError: naming the classes at fault and the spelling to use.
+    """
+    repeated = sorted({name for name in classes if list(classes).count(name) > 1})
+    if repeated:
+        raise ValueError(f"classes repeats {', '.join(map(repr, repeated))}: name each class once")
+    known = {_folded(name): name for name in label_space}
+    for name in classes:
+        match = known.get(_folded(name))
+        if match is not None and match != name:
+            raise ValueError(f"class {name!r} differs from the label space's {match!r} only by case or whitespace; "
+                             f"write {match!r} (a new free-text class must differ by more than that)")
+    seen: dict[str, str] = {}
+    for name in classes:
+        other = seen.setdefault(_folded(name), name)
+        if other != name:
+            raise ValueError(f"classes {other!r} and {name!r} differ only by case or whitespace: name each class once")

@@ -3,9 +3,7 @@ weights load (its folder's files included), and loaded on a device in whichever 
 from __future__ import annotations
 
 import difflib
-import importlib
-import inspect
-import json
+import numbers
 import os
 import re
 from pathlib import Path
@@ -13,7 +11,9 @@ from typing import Callable, Sequence, Union
 
 import torch
 
-from .families import Family, ModelSpec, cached_hub_reader, describe, family_of, folder_reader
+from .families import ModelSpec, cached_hub_reader, describe, family_of, folder_reader
+from .files import read_json_object
+from .model_folder import check_model_folder, component_classes, passed_as_none
 
 ModelSource = Union[str, os.PathLike, Callable[[], object]]
 
@@ -31,9 +31,6 @@ _TRAINERS = {TOY_MODEL: "benchmarks/toy/train_toy_model.py", TOY_MMDIT_MODEL: "b
 RANDOM_WEIGHTS_MODEL = "random-weights"
 PRESET_FILE = "ondemand_seg.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-# The safetensors format: an 8-byte little-endian header length, a JSON header, then the data.
-# The reference reader refuses headers above 100 MB.
-SAFETENSORS_MAX_HEADER = 100_000_000
 
 
 def resolve_model(model: ModelSource) -> ModelSource:
@@ -60,15 +57,9 @@ def read_preset(model: ModelSource) -> dict:
     if callable(model) or not isinstance(model, (str, os.PathLike)):
         return {}
     path = Path(resolve_model(model)).expanduser() / PRESET_FILE
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return {}
-    try:
-        preset = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(preset, dict):
-        raise ValueError(f"{path} must hold a JSON object of settings, got {type(preset).__name__}")
-    return preset
+    return read_json_object(path, "a JSON object of settings")
 
 
 def check_model_source(model: ModelSource) -> ModelSpec | None:
@@ -89,14 +80,13 @@ def check_model_source(model: ModelSource) -> ModelSpec | None:
         raise ValueError(f"model is an empty name ({model!r}); give a hub id, a local diffusers folder or a callable")
     path = Path(resolve_model(model)).expanduser()
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
+        if not (path / "model_index.json").exists():
             raise ValueError(f"model folder {str(path)!r} is not a diffusers pipeline folder: it has no model_index.json")
         try:
-            spec = describe(folder_reader(path))
-            check_model_folder(path, spec.family)
-        except ValueError as error:
+            check_model_folder(path)
+            return describe(folder_reader(path))
+        except (ValueError, FileNotFoundError) as error:
             raise ValueError(f"model folder {str(path)!r}: {error}") from None
-        return spec
     if path.exists():
         raise ValueError(f"model {str(path)!r} is a file; give a diffusers pipeline folder or a hub id")
     if not _HUB_ID.match(str(model)):
@@ -105,7 +95,10 @@ def check_model_source(model: ModelSource) -> ModelSpec | None:
     if reader is None and _hub_offline():
         raise FileNotFoundError(f"model {str(model)!r} is neither a local folder nor in the Hugging Face cache, and "
                                 "HF_HUB_OFFLINE is set, so it cannot be downloaded")
-    return None if reader is None else describe(reader)
+    if reader is None:
+        return None
+    component_classes(reader("model_index.json"), f"model {str(model)!r}: model_index.json")
+    return describe(reader)
 
 
 def _hub_offline() -> bool:
@@ -114,124 +107,6 @@ def _hub_offline() -> bool:
     except ImportError:
         return False
     return bool(constants.HF_HUB_OFFLINE)
-
-
-def passed_as_none(index: dict, family: Family) -> dict:
-    """Components :func:`load_pipeline` passes as ``None``: those saved as absent (``[null, null]``,
-    e.g. SD3 without its T5 encoder) and SD's safety checker, which only blacks out images."""
-    extra = {name: None for name, entry in index.items() if isinstance(entry, list) and entry == [None, None]}
-    if family.name == "sd":
-        extra.update(safety_checker=None, requires_safety_checker=False)
-    return extra
-
-
-def check_model_folder(path: str | os.PathLike, family: Family) -> None:
-    """Check a pipeline folder's files as ``from_pretrained`` will need them, without loading weights.
-
-    ``model_index.json`` must name every component the pipeline class requires, each as
-    ``[library, class]``; each named component's folder must exist and its config files
-    (``*config.json``) and shard indexes parse; a network (a ``torch.nn.Module`` class) needs its
-    ``config.json`` and ``.safetensors`` weights whose headers read and fit their files (and every
-    shard its index names); a scheduler needs its ``scheduler_config.json``.
-    Raises:
-        ValueError: naming the file or component at fault.
-    """
-    import diffusers
-
-    root = Path(path)
-    read = folder_reader(root)
-    index = read("model_index.json")
-    pipeline_class = getattr(diffusers, index["_class_name"])
-    skipped = passed_as_none(index, family)
-    parameters = inspect.signature(pipeline_class.__init__).parameters
-    optional = set(getattr(pipeline_class, "_optional_components", ()))
-    required = [name for name, p in parameters.items()
-                if name != "self" and p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
-    missing = [name for name in required if name not in index and name not in skipped and name not in optional]
-    if missing:
-        raise ValueError(f"{root / 'model_index.json'} names no {', '.join(missing)}: a {index['_class_name']} "
-                         "needs them")
-    for name, entry in index.items():
-        if name.startswith("_") or name in skipped or (not isinstance(entry, list) and name not in required):
-            continue
-        if not isinstance(entry, list) or len(entry) != 2 or not all(isinstance(part, str) for part in entry):
-            raise ValueError(f"{root / 'model_index.json'}: component {name!r} must be [library, class name], "
-                             f"got {entry!r}")
-        folder = root / name
-        if not folder.is_dir():
-            raise ValueError(f"{folder} is missing (model_index.json names a {entry[1]} there)")
-        for file in sorted(folder.glob("*config.json")):
-            read(f"{name}/{file.name}")
-        kind = _component_kind(*entry)
-        if kind == "scheduler" and not (folder / "scheduler_config.json").is_file():
-            raise ValueError(f"{folder / 'scheduler_config.json'} is missing (a {entry[1]} needs it)")
-        if kind == "network":
-            if not (folder / "config.json").is_file():
-                raise ValueError(f"{folder / 'config.json'} is missing (a {entry[1]} needs it)")
-            weights = sorted(folder.glob("*.safetensors"))
-            if not weights:
-                raise ValueError(f"{folder} holds no .safetensors weights (a {entry[1]} needs them; only "
-                                 "safetensors are loaded)")
-            for file in weights:
-                check_safetensors(file)
-            for file in sorted(folder.glob("*.safetensors.index.json")):
-                shards = (read(f"{name}/{file.name}").get("weight_map") or {}).values()
-                absent = sorted({shard for shard in shards if not (folder / str(shard)).is_file()})
-                if absent:
-                    raise ValueError(f"{file} names shard(s) that are missing: {absent}")
-
-
-def _component_kind(library: str, class_name: str) -> str:
-    """``"network"``, ``"scheduler"`` or ``"other"`` (tokenizers, image processors, unknown classes,
-    which ``from_pretrained`` reports itself)."""
-    try:
-        cls = getattr(importlib.import_module(library), class_name, None)
-    except ImportError:
-        return "other"
-    if not isinstance(cls, type):
-        return "other"
-    if issubclass(cls, torch.nn.Module):
-        return "network"
-    from diffusers import SchedulerMixin
-
-    return "scheduler" if issubclass(cls, SchedulerMixin) else "other"
-
-
-def check_safetensors(file: str | os.PathLike) -> None:
-    """Check a ``.safetensors`` file's header without reading its tensors: the header length fits
-    the file, the header is a JSON object, and every tensor's data lies within the file.
-
-    Raises:
-        ValueError: naming the file and what is wrong (a truncated or corrupt file).
-    """
-    file = Path(file)
-    size = file.stat().st_size
-    with open(file, "rb") as stream:
-        prefix = stream.read(8)
-        if len(prefix) < 8:
-            raise ValueError(f"{file} is not a safetensors file: {size} bytes, shorter than its 8-byte header length")
-        length = int.from_bytes(prefix, "little")
-        if length > min(size - 8, SAFETENSORS_MAX_HEADER):
-            raise ValueError(f"{file} is truncated or corrupt: its header claims {length} bytes, but the file has "
-                             f"{size - 8} after the length")
-        raw = stream.read(length)
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{file} is corrupt: its header is not valid JSON ({error})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{file} is corrupt: its header is not a JSON object")
-    data = size - 8 - length
-    for name, tensor in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = tensor.get("data_offsets") if isinstance(tensor, dict) else None
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
-            raise ValueError(f"{file} is corrupt: tensor {name!r} has no valid data_offsets ({offsets!r})")
-        if offsets[1] > data:
-            raise ValueError(f"{file} is truncated: tensor {name!r} ends at byte {offsets[1]} of the data, but the "
-                             f"file holds {data} bytes of data")
 
 
 def scheduler_names() -> list[str]:
@@ -265,14 +140,15 @@ def check_image_size(image_size: int | Sequence[int], spec: ModelSpec | None = N
     """``(height, width)`` from an int or a pair of positive ints, each a multiple of
     :attr:`~ondemand_seg.families.ModelSpec.size_multiple` when the model is known (what its
     pipeline and its attention tokens need), of 8 otherwise (every supported VAE's factor)."""
-    if isinstance(image_size, int):
+    if isinstance(image_size, numbers.Integral):
         size = (image_size, image_size)
     elif isinstance(image_size, Sequence) and not isinstance(image_size, str):
         size = tuple(image_size)
     else:
         size = ()
-    if len(size) != 2 or any(not isinstance(s, int) or isinstance(s, bool) or s <= 0 for s in size):
+    if len(size) != 2 or any(not isinstance(s, numbers.Integral) or isinstance(s, bool) or s <= 0 for s in size):
         raise ValueError(f"image_size must be an int or (height, width) of positive ints, got {image_size!r}")
+    size = tuple(int(s) for s in size)  # numpy ints too, as plain ints for JSON and PIL
     if spec is not None:
         spec.check_image_size(size)
     elif any(s % 8 for s in size):
@@ -356,24 +232,26 @@ def load_pipeline(model: ModelSource, device: torch.device, scheduler: str | Non
         )
     if callable(model):
         pipeline = model()
-        family = family_of(type(pipeline).__name__)
+        family = family_of(type(pipeline))
     elif model == RANDOM_WEIGHTS_MODEL:
         from .testing import build_tiny_pipeline
 
         pipeline = build_tiny_pipeline()
-        family = family_of(type(pipeline).__name__)
+        family = family_of(type(pipeline))
     else:
         source = str(resolve_model(model))
         try:
             index = _model_index(source)
-            family = family_of(index.get("_class_name") or "")
+            # Checked again here, in the process that loads: a hub model's index was not at hand before.
+            family = family_of(component_classes(index, f"{source}/model_index.json")[0])
         except (OSError, ValueError) as error:
             raise ValueError(f"model {str(model)!r}: {error}") from error
         # diffusers only accepts None for the few components it declares optional.
         extra = passed_as_none(index, family)
         dtype = family.gpu_dtype if device.type == "cuda" else torch.float32
         try:
-            pipeline = DiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=True, **extra)
+            pipeline = DiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=True,
+                                                         trust_remote_code=False, **extra)
         except (OSError, ValueError) as error:
             raise RuntimeError(f"could not load a {family.title} pipeline from {str(model)!r}: {error}") from error
     dtype = family.gpu_dtype if device.type == "cuda" else torch.float32

@@ -14,6 +14,8 @@ REJECT_CAUSES = {
     "non-finite attention": "the captured attention held NaN/inf: a numerics or dtype problem in the "
                             "denoiser (try float32 or bfloat16), not a threshold problem",
     "all-black image": "the model or its dtype is broken (the decoder gives black images)",
+    "constant image": "the decoder gives one-colour images while the attention still places objects: a broken "
+                      "VAE or dtype, or latents that collapsed (QualityConfig.constant_level)",
     "empty mask": "the threshold is too high for this model (MaskConfig.threshold) or "
                   "QualityConfig.min_foreground too strict",
     "full mask": "the threshold is too low for this model (MaskConfig.threshold) or "
@@ -40,7 +42,10 @@ def gate(images: torch.Tensor, masks: torch.Tensor, config: QualityConfig,
                          f"got {finite_maps.dtype} of shape {tuple(finite_maps.shape)}")
     finite = torch.isfinite(images).flatten(1).all(1)
     finite_attention = torch.ones(batch, dtype=torch.bool) if finite_maps is None else finite_maps.cpu()
-    black = torch.nan_to_num(images, nan=0.0).flatten(1).amax(1) <= config.black_level
+    finite_images = torch.nan_to_num(images, nan=0.0)
+    black = finite_images.flatten(1).amax(1) <= config.black_level
+    # One colour: every channel flat, whatever its level.
+    constant = finite_images.flatten(2).std(2, correction=0).amax(1) <= config.constant_level
     pixels = masks[0].numel()
     foreground = ((masks > 0) & (masks != IGNORE_INDEX)).flatten(1).sum(1) / pixels
     background = (masks == 0).flatten(1).sum(1) / pixels
@@ -52,6 +57,8 @@ def gate(images: torch.Tensor, masks: torch.Tensor, config: QualityConfig,
             reasons.append("non-finite attention")
         elif black[i]:
             reasons.append("all-black image")
+        elif constant[i]:
+            reasons.append("constant image")
         elif foreground[i] < config.min_foreground:
             reasons.append("empty mask")
         elif background[i] < 1.0 - config.max_foreground:

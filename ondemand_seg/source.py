@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import multiprocessing
 import random
+import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -113,6 +114,9 @@ class SampleSource:
         self._generation_batch = self.config.sampler.batch_size
         self._sampler: DiffuMaskSampler | None = None
         self._rejects: RejectCounter | None = None
+        # One pipeline and one attention store serve every draw of this object: draws from several
+        # threads (two loops over one dataset) take turns, or their captured maps would mix.
+        self.lock = threading.RLock()
 
     @property
     def vocabulary(self):
@@ -136,7 +140,12 @@ class SampleSource:
 
     def __getstate__(self) -> dict:
         # A worker loads its own pipeline; never ship weights through pickling.
-        return {**self.__dict__, "_sampler": None, "_rejects": None}
+        state = {**self.__dict__, "_sampler": None, "_rejects": None}
+        del state["lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, lock=threading.RLock())
 
     @property
     def sampler(self) -> DiffuMaskSampler:
@@ -178,6 +187,10 @@ class SampleSource:
         retries with a smaller batch (see :meth:`_generate`). Nothing is kept from a draw that
         raises, so drawing the same indices again gives the same samples.
         """
+        with self.lock:
+            return self._draw(indices)
+
+    def _draw(self, indices: Sequence[int]) -> list[RawSample]:
         if self._rejects is None:
             self._rejects = RejectCounter(self.quality_config.max_consecutive_rejects)
         pending = deque((int(i), 0) for i in indices)

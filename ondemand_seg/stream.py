@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -9,6 +10,7 @@ from torch.utils.data import IterableDataset
 
 from .config import check_bool, check_int
 from .loading import ModelSource
+from .fingerprint import fingerprint_differences, sequence_fingerprint
 from .seeding import schedule_seed, shard
 from .source import RawSample, SampleSource
 from .transforms import JointTransform, PairAugmentation, SegmentationTransform, apply_transforms, joint_transforms
@@ -87,6 +89,8 @@ class DiffuMaskStream(IterableDataset):
                                            SegmentationTransform(self.source.image_size, train=augment))
         self._iterator: StreamIterator | None = None
         self._resume: dict = {}
+        self.fingerprint = sequence_fingerprint(model, self.source.config, seed=self.source.seed,
+                                                classes=list(self.source.classes), reuse=reuse, cache_size=cache_size)
 
     @property
     def config(self):
@@ -110,24 +114,59 @@ class DiffuMaskStream(IterableDataset):
         return self._iterator
 
     def state_dict(self) -> dict:
-        """Position of this process's shard (torchdata ``StatefulDataLoader`` protocol: called in
-        each worker, or in the main process with ``num_workers=0``)."""
+        """Position of this process's shard and the :attr:`fingerprint` of the settings that decide
+        its sequence (torchdata ``StatefulDataLoader`` protocol: called in each worker, or in the
+        main process with ``num_workers=0``)."""
         iterator = self._iterator
         if iterator is None:
-            return dict(self._resume)
-        return {"served": iterator.served, "shard_id": iterator.shard_id, "shards": iterator.shards}
+            return dict(self._resume) or {"served": 0, **dict(zip(("shard_id", "shards"), shard())),
+                                          "fingerprint": self.fingerprint}
+        return {"served": iterator.served, "shard_id": iterator.shard_id, "shards": iterator.shards,
+                "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume the next iteration where ``state`` left off: the cache is rebuilt without
-        regenerating what was already served, so the sample sequence continues, not restarts."""
+        regenerating what was already served, so the sample sequence continues, not restarts.
+
+        Raises:
+            ValueError: ``state`` is malformed, was saved by another shard, or under settings that
+                give another sequence (other seed, classes, model weights, mask or sampler
+                settings, reuse, ...): the error names each differing field.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"stream state must be a dict from state_dict(), got {type(state).__name__}")
         if state:
+            check_stream_state(state)
             shard_id, shards = shard()
-            if (state.get("shard_id"), state.get("shards")) != (shard_id, shards):
+            if (state["shard_id"], state["shards"]) != (shard_id, shards):
                 raise ValueError(
-                    f"stream state was saved by shard {state.get('shard_id')} of {state.get('shards')}, "
+                    f"stream state was saved by shard {state['shard_id']} of {state['shards']}, "
                     f"but this process is shard {shard_id} of {shards}: resume with the same ranks and workers"
                 )
+            changes = fingerprint_differences(state["fingerprint"], self.fingerprint)
+            if changes:
+                raise ValueError("stream state was saved under other settings, so resuming would not continue its "
+                                 f"sample sequence: {'; '.join(changes)} (saved -> now); resume with the settings "
+                                 "it was saved with")
         self._resume = dict(state)
+
+
+def check_stream_state(state: dict) -> None:
+    """An error naming what is wrong with a stream state that :meth:`DiffuMaskStream.state_dict`
+    could not have written (a key missing, of the wrong type or out of range)."""
+    missing = [key for key in ("served", "shard_id", "shards", "fingerprint") if key not in state]
+    if missing:
+        raise ValueError(f"stream state lacks {', '.join(missing)}: it was not written by DiffuMaskStream.state_dict()")
+    for key, minimum in (("served", 0), ("shard_id", 0), ("shards", 1)):
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"stream state's {key} must be an int, got {value!r} ({type(value).__name__})")
+        if value < minimum:
+            raise ValueError(f"stream state's {key} must be >= {minimum}, got {value}")
+    if state["shard_id"] >= state["shards"]:
+        raise ValueError(f"stream state's shard_id {state['shard_id']} is not below its shards {state['shards']}")
+    if not isinstance(state["fingerprint"], dict):
+        raise ValueError(f"stream state's fingerprint must be a dict, got {type(state['fingerprint']).__name__}")
 
 
 class StreamIterator:
@@ -149,6 +188,7 @@ class StreamIterator:
         self.served = 0
         self.served_since_draw = 0
         self.pick = random.Random(schedule_seed(stream.source.seed, shard_id, shards))
+        self._lock = threading.Lock()
         for _ in range(served):
             self._schedule()
 
@@ -185,14 +225,15 @@ class StreamIterator:
         self.pick.setstate(pick_state)
 
     def __next__(self) -> tuple[Any, Any]:
-        if self.quota is not None and self.served >= self.quota:
-            raise StopIteration
-        checkpoint = self._checkpoint()
-        try:
-            return self._serve()
-        except BaseException:
-            self._rollback(checkpoint)
-            raise
+        with self._lock:  # one serving at a time when threads share this iterator
+            if self.quota is not None and self.served >= self.quota:
+                raise StopIteration
+            checkpoint = self._checkpoint()
+            try:
+                return self._serve()
+            except BaseException:
+                self._rollback(checkpoint)
+                raise
 
     def _serve(self) -> tuple[Any, Any]:
         """Advance the schedule by one serving, generate what it drew, and transform the entry served."""

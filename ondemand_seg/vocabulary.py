@@ -24,7 +24,6 @@ class words together, exactly as they are written in the text. That is why a tem
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -34,6 +33,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .files import read_json, read_text
 from .label_spaces import validate_label_space
 from .prompts import PromptSpec
 
@@ -264,12 +264,9 @@ def load_vocabulary(name_or_path: str | os.PathLike) -> Vocabulary:
 
 
 def _read(path: Path) -> Any:
-    text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        return read_json(path)
+    text = read_text(path)
     try:
         import yaml
     except ImportError:

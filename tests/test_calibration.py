@@ -47,7 +47,8 @@ class GatedSampler:
         if self.calls > self.reject_rounds:
             for j, prompt in enumerate(prompts):
                 masks[j, : size[0] // 2, : size[1] // 2] = prompt.class_ids[0]
-        return GeneratedBatch(torch.full((len(prompts), 3, *size), 0.5), masks)
+        images = torch.linspace(0, 1, size[1]).expand(len(prompts), 3, *size).clone()  # a gradient, not one colour
+        return GeneratedBatch(images, masks)
 
 
 def ramp_source(classes, seed=0, vocabulary="toy"):

@@ -2,6 +2,7 @@
 out of memory retries with a smaller generation batch and yields the very same samples."""
 import itertools
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -114,7 +115,8 @@ def test_failed_next_serves_the_same_sample_next_and_resumes_exactly(where):
             assert "boom" in str(error) and state_after_failure is None, "exactly one failure surfaces"
             state_after_failure = stream.state_dict()
     failed_at = 4 if where == "generation" else 5
-    assert state_after_failure == {"served": failed_at, "shard_id": 0, "shards": 1}, "the failed serving is not counted"
+    position = {key: state_after_failure[key] for key in ("served", "shard_id", "shards")}
+    assert position == {"served": failed_at, "shard_id": 0, "shards": 1}, "the failed serving is not counted"
     assert served == whole, "the next call yields the sample that failed, and nothing is lost or repeated"
 
     resumed = DiffuMaskStream("toy", CLASSES, **toy(reuse=2, cache_size=8))
@@ -149,3 +151,45 @@ def test_oom_retries_in_a_worker_are_counted_in_the_main_process(reference, monk
     assert served == reference
     assert not failed, "the failure happened in the worker, not here"
     assert stream.stats()["oom_retries"] == 1 and stream.stats()["accepted"] == 8
+
+
+def run_in_threads(work, count=2):
+    """``work(n)`` in ``count`` threads at once; their results by ``n``, and any exception re-raised."""
+    results, errors = {}, []
+
+    def run(n):
+        try:
+            results[n] = work(n)
+        except BaseException as error:  # noqa: BLE001 - handed to the test thread below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_two_threads_iterating_one_stream_each_get_the_reference_sequence(reference):
+    stream = DiffuMaskStream("toy", CLASSES, num_samples=8, **toy())
+    results = run_in_threads(lambda n: [as_bytes(p) for p in stream])
+    assert results == {0: reference, 1: reference}
+
+
+def test_two_threads_sharing_one_iterator_split_the_sequence(reference):
+    iterator = iter(DiffuMaskStream("toy", CLASSES, num_samples=8, **toy()))
+    results = run_in_threads(lambda n: [as_bytes(p) for p in iterator])
+    assert sorted(results[0] + results[1]) == sorted(reference), "each sample served once, none corrupted"
+
+
+def test_two_threads_indexing_one_dataset_get_the_reference_items():
+    def make():
+        return DiffuMaskDataset("toy", CLASSES, length=8, cache_size=4, **toy())
+
+    reference = [as_bytes(make()[i]) for i in range(8)]
+    dataset = make()
+    results = run_in_threads(lambda n: [as_bytes(dataset[i]) for i in (range(8) if n == 0 else reversed(range(8)))])
+    assert results[0] == reference and results[1] == reference[::-1]

@@ -49,11 +49,14 @@ def test_callable_model_is_called_once(tiny_sd1):
     assert calls == [1] and pipeline.unet.dtype == torch.float32
 
 
-def test_unloadable_folder_is_a_runtime_error_naming_it(tmp_path):
-    folder = tmp_path / "broken"
-    folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+def test_unloadable_folder_is_a_runtime_error_naming_it(tmp_path, tiny_sd1):
+    folder = shutil.copytree(tiny_sd1, tmp_path / "broken")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(RuntimeError, match="could not load a Stable Diffusion 1.x/2.x pipeline from .*broken"):
+        load_pipeline(folder, torch.device("cpu"))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ValueError, match="broken/model_index.json names no vae, text_encoder, tokenizer, unet, "
+                                         "scheduler: a StableDiffusionPipeline needs them"):
         load_pipeline(folder, torch.device("cpu"))
 
 
@@ -139,7 +142,7 @@ def test_folders_naming_no_supported_pipeline_fail_early(tmp_path):
                                          "pipelines: Stable Diffusion 1.x/2.x .*FluxPipeline"):
         check_model_source(tmp_path)
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(ValueError, match="unet/config.json is missing"):
+    with pytest.raises(ValueError, match="model_index.json names no vae, unet, scheduler: a StableDiffusionXLPipeline"):
         check_model_source(tmp_path)
     (tmp_path / "model_index.json").write_text("{not json")
     with pytest.raises(ValueError, match="model_index.json is not valid JSON"):

@@ -28,6 +28,24 @@ def test_gate_reasons():
     assert gate(images, masks, cfg) == [None, "non-finite image", "all-black image", "empty mask", "full mask", "full mask"]
 
 
+def test_a_one_colour_image_is_rejected_under_its_own_reason_even_with_a_good_mask():
+    image, mask = good()
+    grey = torch.full_like(image, 0.5)
+    tinted = torch.stack([torch.full((8, 8), v) for v in (0.9, 0.2, 0.4)])
+    speckled = grey + 0.005 * torch.randn_like(grey)  # decoder noise on one colour: still constant
+    faint = grey.clone()
+    faint[:, 2:6, 2:6] = 0.55  # a faint object on one colour is an image, not a constant
+    images = torch.stack([image, grey, tinted, speckled, faint])
+    reasons = gate(images, torch.stack([mask] * 5), QualityConfig())
+    assert reasons == [None, "constant image", "constant image", "constant image", None]
+    strict = QualityConfig(constant_level=0.001)
+    assert gate(images[1:4], torch.stack([mask] * 3), strict) == ["constant image", "constant image", None]
+    assert gate(torch.zeros_like(image)[None], mask[None], QualityConfig()) == ["all-black image"], "black stays black"
+    stats = GateStats()
+    stats.add(reasons)
+    assert stats.as_dict()["constant image"] == 3
+
+
 def test_gate_rejects_non_finite_attention_under_its_own_reason():
     cfg = QualityConfig()
     image, mask = good()

@@ -151,7 +151,8 @@ def test_resume_continues_the_sequence_without_regenerating_it(tiny_sd1, fast):
     for _ in range(11):
         next(iterator)
     state = first.state_dict()
-    assert state == {"served": 11, "shard_id": 0, "shards": 1}
+    assert {k: state[k] for k in ("served", "shard_id", "shards")} == {"served": 11, "shard_id": 0, "shards": 1}
+    assert state["fingerprint"] == make().fingerprint, "the same settings give the same fingerprint"
     resumed = make()
     resumed.load_state_dict(state)
     rest = [pair for pair in itertools.islice(iter(resumed), 9)]
@@ -163,7 +164,74 @@ def test_resume_continues_the_sequence_without_regenerating_it(tiny_sd1, fast):
 def test_resume_with_other_sharding_is_refused(tiny_sd1, fast):
     stream = DiffuMaskStream(tiny_sd1, ["dog"], **fast)
     with pytest.raises(ValueError, match="saved by shard 1 of 2"):
-        stream.load_state_dict({"served": 3, "shard_id": 1, "shards": 2})
+        stream.load_state_dict({"served": 3, "shard_id": 1, "shards": 2, "fingerprint": stream.fingerprint})
+
+
+# (what the resumed stream changes, a field its refusal names)
+OTHER_SETTINGS = [
+    (dict(seed=1), "seed: 0 -> 1"),
+    (dict(classes=["bird", "dog"]), r"classes: \['dog', 'bird'\] -> \['bird', 'dog'\]"),
+    (dict(reuse=3), "reuse: 2 -> 3"),
+    (dict(cache_size=12), "cache_size: 8 -> 12"),
+    (dict(sampler=SamplerConfig(num_inference_steps=3, batch_size=2)), "sampler.batch_size: 4 -> 2"),
+    (dict(sampler=SamplerConfig(num_inference_steps=2, batch_size=4)), "sampler.num_inference_steps: 3 -> 2"),
+    (dict(mask={"threshold": 0.3}), "mask.threshold: 0.4 -> 0.3"),
+    (dict(image_size=32), r"image_size: \[64, 64\] -> \[32, 32\]"),
+    (dict(vocabulary={"templates": ["a drawing of a {class}"]}), "vocabulary: '"),
+    (dict(model="random-weights"), "model: 'folder:"),
+]
+
+
+@pytest.mark.parametrize("change, named", OTHER_SETTINGS, ids=[str(c) for c, _ in OTHER_SETTINGS])
+def test_resume_under_other_settings_is_refused_naming_what_changed(tiny_sd1, fast, change, named):
+    settings = dict(model=tiny_sd1, classes=["dog", "bird"], reuse=2, cache_size=8, **fast)
+    saved = DiffuMaskStream(**settings)
+    state = saved.state_dict()
+    assert state["served"] == 0 and state["fingerprint"] == saved.fingerprint, "a fresh stream's state is complete"
+    other = DiffuMaskStream(**{**settings, **change})
+    with pytest.raises(ValueError, match=f"saved under other settings.*{named}"):
+        other.load_state_dict(state)
+
+
+def test_settings_that_change_only_speed_or_the_model_folders_place_resume(tiny_sd1, fast, tmp_path):
+    import shutil
+
+    settings = dict(classes=["dog"], **fast)
+    state = DiffuMaskStream(tiny_sd1, **settings).state_dict()
+    moved = shutil.copytree(tiny_sd1, tmp_path / "moved")
+    DiffuMaskStream(moved, **settings).load_state_dict(state)
+    speed = dict(settings, sampler=SamplerConfig(num_inference_steps=3, batch_size=4, channels_last=True),
+                 quality={"max_consecutive_rejects": 7})
+    DiffuMaskStream(tiny_sd1, **speed).load_state_dict(state)
+    weights = moved / "unet" / "diffusion_pytorch_model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF  # one weight's last byte: retrained weights of the same shapes
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="model: 'folder:"):
+        DiffuMaskStream(moved, **settings).load_state_dict(state)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(served=-1), "served must be >= 0, got -1"),
+    (dict(served=2.0), r"served must be an int, got 2.0 \(float\)"),
+    (dict(served="3"), r"served must be an int, got '3' \(str\)"),
+    (dict(served=True), r"served must be an int, got True \(bool\)"),
+    (dict(served=None), r"served must be an int, got None"),
+    (dict(shard_id=2, shards=2), "shard_id 2 is not below its shards 2"),
+    (dict(shards=0), "shards must be >= 1, got 0"),
+    (dict(fingerprint="abc"), "fingerprint must be a dict, got str"),
+])
+def test_malformed_stream_states_are_refused(tiny_sd1, fast, change, message):
+    stream = DiffuMaskStream(tiny_sd1, ["dog"], **fast)
+    with pytest.raises(ValueError, match=message):
+        stream.load_state_dict({**stream.state_dict(), **change})
+    for key in ("served", "fingerprint"):
+        state = stream.state_dict()
+        del state[key]
+        with pytest.raises(ValueError, match=f"stream state lacks {key}"):
+            stream.load_state_dict(state)
+    with pytest.raises(TypeError, match="must be a dict"):
+        stream.load_state_dict([("served", 1)])
 
 
 def test_splicing_transform_gets_other_cached_samples(tiny_sd1, fast):

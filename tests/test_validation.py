@@ -1,17 +1,22 @@
 """Bad input fails at construction, in the main process, with an error naming the value: one table
 of bad values (and one of broken model folders), each raised before any pipeline loads."""
+import contextlib
 import json
 import math
+import os
 import shutil
+import signal
 import time
 
+import numpy as np
 import pytest
 import torch
 
 import ondemand_seg.source as source
 from ondemand_seg import DiffuMaskDataset, DiffuMaskStream
 from ondemand_seg.config import check_finite, check_int
-from ondemand_seg.loading import PRESET_FILE, TOY_MODEL, check_device, check_model_source, check_safetensors
+from ondemand_seg.loading import PRESET_FILE, TOY_MODEL, check_device, check_model_source
+from ondemand_seg.model_folder import check_safetensors
 
 STREAM_ONLY = {"reuse", "num_samples"}
 DATASET_ONLY = {"length"}
@@ -99,6 +104,14 @@ BAD_VALUES = [
     (dict(model=123, classes=["no-such-class"]), TypeError,
      r"model must be a hub id, a local diffusers folder or a callable, got 123 \(int\)"),
     (dict(model="", classes=["no-such-class"]), ValueError, "model is an empty name"),
+    # classes as users type them: repeated, or a vocabulary class in another case or spacing
+    (dict(classes=["circle", "circle"]), ValueError, "classes repeats 'circle': name each class once"),
+    (dict(classes=["Circle"]), ValueError, "class 'Circle' differs from the label space's 'circle' only by case or "
+                                           "whitespace; write 'circle'"),
+    (dict(classes=["circle "], vocabulary="toy"), ValueError, "class 'circle ' differs from the label space's 'circle'"),
+    (dict(classes=["RING"], vocabulary={"templates": ["a {class}"]}), ValueError, "class 'RING' differs from"),
+    (dict(classes=["red panda", "Red  Panda"], vocabulary="toy"), ValueError,
+     "classes 'red panda' and 'Red  Panda' differ only by case or whitespace"),
 ]
 
 
@@ -130,6 +143,16 @@ def refuse_loading(monkeypatch):
 def test_bad_values_fail_at_construction_naming_the_value(kind, options, error, message):
     with pytest.raises(error, match=message):
         construct(kind, **options)
+
+
+@pytest.mark.parametrize("kind", ["stream", "dataset"])
+def test_numpy_integers_are_ints(kind):
+    made = construct(kind, seed=np.int64(2), image_size=np.int64(32), sampler={"batch_size": np.int32(2)},
+                     **({"reuse": np.int16(2), "cache_size": np.int64(4)} if kind == "stream" else
+                        {"length": np.int64(4), "cache_size": np.uint8(4)}))
+    assert made.config.image_size == (32, 32) and type(made.config.image_size[0]) is int
+    assert json.loads(made.config.to_json())["sampler"]["batch_size"] == 2
+    assert construct(kind, image_size=(np.int32(32), 40)).config.image_size == (32, 40)
 
 
 @pytest.mark.parametrize("kind", ["stream", "dataset"])
@@ -214,6 +237,23 @@ def truncate(path):
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
 
+def edit_config(component, name="config.json", **changes):
+    def apply(folder):
+        path = folder / component / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return apply
+
+
+def fifo(path):
+    if path.exists():
+        path.unlink()
+    os.mkfifo(path)
+
+
+def reencode(path, encoding):
+    path.write_text(path.read_text(encoding="utf-8"), encoding=encoding)
+
+
 def edit_index(change):
     def apply(folder):
         index = json.loads((folder / "model_index.json").read_text())
@@ -225,12 +265,13 @@ def edit_index(change):
 # (how to break a copy of the tiny SD folder, the ValueError's message: it names the file at fault)
 BROKEN_FOLDERS = [
     ("index not JSON", lambda f: (f / "model_index.json").write_text("{not json"), r"model_index.json is not valid JSON"),
-    ("index binary", lambda f: (f / "model_index.json").write_bytes(b"\xff\xfe\x00"), r"model_index.json is not valid JSON"),
+    ("index binary", lambda f: (f / "model_index.json").write_bytes(b"\xff\xfe\x00"), r"model_index.json is not UTF-8 text"),
     ("index without tokenizer", edit_index(lambda i: i.pop("tokenizer")),
      r"model_index.json names no tokenizer: a StableDiffusionPipeline needs them"),
     ("index entry not a pair", edit_index(lambda i: i.update(unet="UNet2DConditionModel")),
      r"component 'unet' must be \[library, class name\], got 'UNet2DConditionModel'"),
-    ("no unet folder", lambda f: shutil.rmtree(f / "unet"), r"unet/config.json is missing"),
+    ("no unet folder", lambda f: shutil.rmtree(f / "unet"),
+     r"unet is missing \(model_index.json names a UNet2DConditionModel there\)"),
     ("no text encoder folder", lambda f: shutil.rmtree(f / "text_encoder"),
      r"text_encoder is missing \(model_index.json names a CLIPTextModel there\)"),
     ("no scheduler config", lambda f: (f / "scheduler" / "scheduler_config.json").unlink(),
@@ -258,6 +299,40 @@ BROKEN_FOLDERS = [
     ("missing shard", lambda f: (f / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"w": "diffusion_pytorch_model-00002-of-00002.safetensors"}})),
      r"names shard\(s\) that are missing: \['diffusion_pytorch_model-00002-of-00002.safetensors'\]"),
+    # safetensors headers whose description disagrees with the bytes
+    ("dtype disagrees with bytes", lambda f: write_header(f / UNET_WEIGHTS, {"w": {"dtype": "F32", "shape": [4],
+                                                                                   "data_offsets": [0, 8]}}, b"\0" * 8),
+     rf"{UNET_WEIGHTS} is corrupt: tensor 'w' is F32 of shape \[4\], 16 bytes, but its data_offsets \[0, 8\] hold 8"),
+    ("unknown dtype", lambda f: write_header(f / UNET_WEIGHTS, {"w": {"dtype": "F7", "shape": [2],
+                                                                    "data_offsets": [0, 8]}}, b"\0" * 8),
+     rf"{UNET_WEIGHTS} is corrupt: tensor 'w' has unknown dtype 'F7'"),
+    ("negative dimension", lambda f: write_header(f / UNET_WEIGHTS, {"w": {"dtype": "F32", "shape": [-2, -1],
+                                                                         "data_offsets": [0, 8]}}, b"\0" * 8),
+     rf"{UNET_WEIGHTS} is corrupt: tensor 'w' has shape \[-2, -1\]; a shape is a list of non-negative ints"),
+    # config values of the wrong type, named with their file and field
+    ("unet sample_size a string", edit_config("unet", sample_size="big"),
+     r"unet/config.json: sample_size must be int \| tuple\[int, int\] \| None, got 'big'"),
+    ("vae block_out_channels a string", edit_config("vae", block_out_channels="abc"),
+     r"vae/config.json: block_out_channels must be tuple\[int\], got 'abc'"),
+    ("scheduler beta_schedule a number", edit_config("scheduler", "scheduler_config.json", num_train_timesteps="1000"),
+     r"scheduler/scheduler_config.json: num_train_timesteps must be int, got '1000'"),
+    ("text encoder hidden_size a string", edit_config("text_encoder", hidden_size="abc"),
+     r"text_encoder/config.json: .*'hidden_size' expected int, got str"),
+    # class names diffusers or transformers do not have, and modules other than theirs
+    ("unknown scheduler class", edit_index(lambda i: i.update(scheduler=["diffusers", "FooScheduler"])),
+     r"model_index.json: component 'scheduler' \(diffusers.FooScheduler\): diffusers .* has no class 'FooScheduler'"),
+    ("component from another module", edit_index(lambda i: i.update(unet=["my_models", "UNet"])),
+     r"component 'unet' \(my_models.UNet\) comes from 'my_models'; only diffusers and transformers classes"),
+    ("custom pipeline code", edit_index(lambda i: i.update(_class_name=["pipeline", "MyPipeline"])),
+     r"_class_name must be a diffusers pipeline class name, got \['pipeline', 'MyPipeline'\]"),
+    ("pipeline class unknown", edit_index(lambda i: i.update(_class_name="FooPipeline")),
+     r"_class_name: diffusers .* has no class 'FooPipeline'"),
+    # files a loader would block on or misread
+    ("weights a FIFO", lambda f: fifo(f / UNET_WEIGHTS), rf"{UNET_WEIGHTS} is a FIFO; a regular file is needed"),
+    ("index a FIFO", lambda f: fifo(f / "model_index.json"), r"model_index.json is a FIFO"),
+    ("preset a FIFO", lambda f: fifo(f / PRESET_FILE), rf"{PRESET_FILE} is a FIFO"),
+    ("tokenizer vocabulary in UTF-16", lambda f: reencode(f / "tokenizer" / "tokenizer.json", "utf-16"),
+     r"tokenizer/tokenizer.json is not UTF-8 text \(it starts with a UTF-16 byte-order mark"),
 ]
 
 
@@ -276,8 +351,59 @@ def test_an_intact_folder_passes_the_folder_check(sd_copy):
 @pytest.mark.parametrize("break_it, message", [pytest.param(b, m, id=name) for name, b, m in BROKEN_FOLDERS])
 def test_broken_model_folders_fail_at_construction_naming_the_file(sd_copy, kind, break_it, message):
     break_it(sd_copy)
-    with pytest.raises(ValueError, match=message):
+    with within_seconds(60), pytest.raises(ValueError, match=message):
         construct(kind, model=sd_copy, classes=["dog"], image_size=64)
+
+
+@contextlib.contextmanager
+def within_seconds(seconds):
+    """Fail a check that blocks (opening a FIFO waits for a writer forever) instead of hanging."""
+    def timed_out(signum, frame):
+        raise AssertionError(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, timed_out)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_no_module_a_folder_names_is_imported(sd_copy, tmp_path, monkeypatch):
+    """A component (or a custom pipeline) from a module of the folder's or the path's is refused by
+    name, and the module never runs."""
+    marker = tmp_path / "imported"
+    for module in ("my_models", "pipeline"):
+        (tmp_path / f"{module}.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nclass UNet: pass\n"
+                                              "class MyPipeline: pass\n")
+        shutil.copy(tmp_path / f"{module}.py", sd_copy / f"{module}.py")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(sd_copy)
+    index = json.loads((sd_copy / "model_index.json").read_text())
+    for change in ({"unet": ["my_models", "UNet"]}, {"_class_name": ["pipeline", "MyPipeline"]},
+                   {"unet": ["os", "system"]}, {"unet": ["diffusers", "os"]}):
+        (sd_copy / "model_index.json").write_text(json.dumps({**index, **change}))
+        with pytest.raises(ValueError, match="only diffusers and transformers|must be a diffusers pipeline class name"
+                                             "|has no class 'os'"):
+            DiffuMaskStream(sd_copy, ["dog"], image_size=64)
+    assert not marker.exists(), "a module the folder named was imported"
+
+
+def test_a_subclass_of_a_supported_pipeline_is_recognised_by_its_bases():
+    from diffusers import StableDiffusionPipeline
+
+    from ondemand_seg.families import describe_pipeline, family_of
+    from ondemand_seg.testing import build_tiny_pipeline
+
+    class MyPipeline(StableDiffusionPipeline):
+        pass
+
+    assert family_of(MyPipeline).name == "sd"
+    pipeline = MyPipeline(**build_tiny_pipeline("sd1").components)
+    assert describe_pipeline(pipeline).pipeline_class == "StableDiffusionPipeline"
+    with pytest.raises(ValueError, match="cannot capture text attention from a MyOwnPipeline"):
+        family_of(type("MyOwnPipeline", (), {}))
 
 
 def test_check_safetensors_reads_only_the_header(tmp_path):

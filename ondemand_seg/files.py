@@ -1,0 +1,59 @@
+"""Reading the small text files users and model folders hand the library (configs, presets,
+vocabularies), with one error for each way such a file can be wrong, naming the file."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+
+def check_regular_file(path: str | os.PathLike) -> Path:
+    """``path`` when it is a regular file (a symlink to one counts); an error naming it otherwise.
+
+    Opening a FIFO blocks until a writer appears and a device file may never end, so anything but a
+    regular file is refused before it is opened.
+    Raises:
+        FileNotFoundError: nothing is there (or a dangling symlink). ValueError: a folder, FIFO,
+            socket or device.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except OSError as error:
+        raise ValueError(f"{path} cannot be read: {error.strerror or error}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise ValueError(f"{path} is {kind}; a regular file is needed here")
+    return path
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A regular file's text, which must be UTF-8 (what JSON, YAML and tokenizer files are read as)."""
+    path = check_regular_file(path)
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        hint = " (it starts with a UTF-16 byte-order mark: save it as UTF-8)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise ValueError(f"{path} is not UTF-8 text{hint}: {error}") from None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A regular UTF-8 file parsed as JSON; an error naming the file when it is not."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+
+def read_json_object(path: str | os.PathLike, what: str = "a JSON object") -> dict:
+    """:func:`read_json` of a file that must hold an object (``what`` says of what, for the error)."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold {what}, got {type(data).__name__}")
+    return data

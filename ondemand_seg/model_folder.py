@@ -1,0 +1,320 @@
+"""Checks of a diffusers pipeline folder before any weights load: every component is a diffusers
+or transformers class named as data (nothing the folder names is imported), every file a loader
+will open is a regular file in the form its reader expects, and every config value has the type
+its class declares. A broken folder is an error at construction naming the file and the field,
+not a hang or a deep error in a DataLoader worker at the first draw."""
+from __future__ import annotations
+
+import collections.abc
+import difflib
+import importlib
+import inspect
+import json
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .families import Family, family_of, folder_reader
+from .files import check_regular_file, read_text
+
+# The libraries a folder may name components from. Each is imported by its own name and its
+# classes looked up as attributes (both load only their own submodules); a folder naming any
+# other module is refused, because importing a module runs its code. diffusers' own loader
+# resolves these two the same way (``_get_library_or_raise``).
+COMPONENT_LIBRARIES = ("diffusers", "transformers")
+_CLASS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# safetensors dtypes and their sizes in bits (the format's own table; sub-byte floats are packed).
+SAFETENSORS_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64,
+    "I64": 64, "U64": 64,
+}
+# The reference reader refuses headers above 100 MB.
+SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+def library_class(library: Any, class_name: Any, where: str) -> type:
+    """The class ``class_name`` of ``library`` (diffusers or transformers), looked up without
+    importing anything the name points to; an error naming ``where`` (the entry) otherwise."""
+    if library not in COMPONENT_LIBRARIES:
+        raise ValueError(f"{where} comes from {library!r}; only {' and '.join(COMPONENT_LIBRARIES)} classes are "
+                         "loaded (a folder's own modules are never imported: importing runs their code)")
+    if not isinstance(class_name, str) or not _CLASS_NAME.match(class_name):
+        raise ValueError(f"{where}: {class_name!r} is not a class name")
+    module = importlib.import_module(library)
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type) or cls.__module__.split(".")[0] != library:
+        names = [n for n in dir(module) if not n.startswith("_")]
+        close = difflib.get_close_matches(class_name, names, n=3)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"{where}: {library} {module.__version__} has no class {class_name!r}{hint}")
+    return cls
+
+
+def pipeline_class(index: dict, where: str) -> type:
+    """The diffusers pipeline class ``model_index.json`` names in ``_class_name``.
+
+    A class name only: the ``[module, class]`` form asks diffusers to run a custom pipeline's code
+    from the folder, which the library never does.
+    """
+    name = index.get("_class_name")
+    if not name:
+        raise ValueError(f"{where} names no pipeline class (_class_name)")
+    if not isinstance(name, str):
+        raise ValueError(f"{where}: _class_name must be a diffusers pipeline class name, got {name!r} (a custom "
+                         "pipeline's code in the folder is never run)")
+    from diffusers import DiffusionPipeline
+
+    cls = library_class("diffusers", name, f"{where}: _class_name")
+    if not issubclass(cls, DiffusionPipeline):
+        raise ValueError(f"{where}: _class_name {name!r} is not a diffusers pipeline")
+    return cls
+
+
+def passed_as_none(index: dict, family: Family) -> dict:
+    """Components the loader passes as ``None``: those saved as absent (``[null, null]``, e.g. SD3
+    without its T5 encoder) and SD's safety checker, which only blacks out images."""
+    extra = {name: None for name, entry in index.items() if isinstance(entry, list) and entry == [None, None]}
+    if family.name == "sd":
+        extra.update(safety_checker=None, requires_safety_checker=False)
+    return extra
+
+
+def component_classes(index: dict, where: str) -> tuple[type, dict[str, type]]:
+    """The pipeline class and each component's class that ``model_index.json`` names, read as data.
+
+    Every component the pipeline class requires must be named as ``[library, class]`` with a
+    diffusers or transformers class (or saved as absent, ``[null, null]``, where the loader passes
+    ``None``). Subclasses of a supported pipeline are recognised by their bases.
+    Raises:
+        ValueError: naming the entry at fault.
+    """
+    cls = pipeline_class(index, where)
+    family = family_of(cls)
+    skipped = passed_as_none(index, family)
+    parameters = inspect.signature(cls.__init__).parameters
+    optional = set(getattr(cls, "_optional_components", ()))
+    required = [name for name, p in parameters.items()
+                if name != "self" and p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+    missing = [name for name in required if name not in index and name not in skipped and name not in optional]
+    if missing:
+        raise ValueError(f"{where} names no {', '.join(missing)}: a {cls.__name__} needs them")
+    classes = {}
+    for name, entry in index.items():
+        if name.startswith("_") or name in skipped or (not isinstance(entry, list) and name not in required):
+            continue
+        if not isinstance(entry, list) or len(entry) != 2 or not all(isinstance(part, str) for part in entry):
+            raise ValueError(f"{where}: component {name!r} must be [library, class name], got {entry!r}")
+        classes[name] = library_class(*entry, f"{where}: component {name!r} ({entry[0]}.{entry[1]})")
+    return cls, classes
+
+
+def check_model_folder(path: str | os.PathLike) -> None:
+    """Check a pipeline folder's files as ``from_pretrained`` will need them, without loading weights.
+
+    ``model_index.json`` names the pipeline and its components as diffusers/transformers classes
+    (:func:`component_classes`); each component's folder exists and holds only regular files; its
+    config files parse and their values have the types the component's class declares; a network
+    has ``config.json`` and ``.safetensors`` weights whose headers agree with their bytes (and
+    every shard its index names); a scheduler has ``scheduler_config.json``; a tokenizer's text
+    files are UTF-8.
+    Raises:
+        ValueError: naming the file (and the field or entry) at fault.
+    """
+    from diffusers import SchedulerMixin
+    from transformers import PreTrainedTokenizerBase
+
+    root = Path(path)
+    read = folder_reader(root)
+    index_file = root / "model_index.json"
+    index = read("model_index.json")
+    if index is None:
+        raise ValueError(f"{index_file} is missing")
+    _, classes = component_classes(index, str(index_file))
+    for name, cls in classes.items():
+        folder = root / name
+        if not folder.is_dir():
+            raise ValueError(f"{folder} is missing (model_index.json names a {cls.__name__} there)")
+        check_regular_files(folder)
+        configs = {file.name: read(f"{name}/{file.name}") for file in sorted(folder.glob("*config.json"))}
+        if issubclass(cls, SchedulerMixin):
+            if "scheduler_config.json" not in configs:
+                raise ValueError(f"{folder / 'scheduler_config.json'} is missing (a {cls.__name__} needs it)")
+            check_config_types(cls, configs["scheduler_config.json"], folder / "scheduler_config.json")
+        elif issubclass(cls, torch.nn.Module):
+            if "config.json" not in configs:
+                raise ValueError(f"{folder / 'config.json'} is missing (a {cls.__name__} needs it)")
+            check_config_types(cls, configs["config.json"], folder / "config.json")
+            check_weights(folder, cls, read)
+        elif issubclass(cls, PreTrainedTokenizerBase):
+            for file in sorted(folder.iterdir()):
+                if file.suffix in (".json", ".txt"):
+                    read_text(file)
+
+
+def check_regular_files(folder: Path) -> None:
+    """Every file under ``folder`` is a regular file (or a symlink to one), so no loader blocks
+    opening a FIFO or reads a device; an error naming the first that is not."""
+    for directory, _, files in os.walk(folder):
+        for name in sorted(files):
+            check_regular_file(Path(directory) / name)
+
+
+def check_weights(folder: Path, cls: type, read) -> None:
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise ValueError(f"{folder} holds no .safetensors weights (a {cls.__name__} needs them; only safetensors "
+                         "are loaded)")
+    for file in weights:
+        check_safetensors(file)
+    for file in sorted(folder.glob("*.safetensors.index.json")):
+        shard_map = read(f"{folder.name}/{file.name}").get("weight_map") or {}
+        if not isinstance(shard_map, dict):
+            raise ValueError(f"{file}: weight_map must map tensor names to shard files, got {shard_map!r}")
+        absent = sorted({str(shard) for shard in shard_map.values() if not (folder / str(shard)).is_file()})
+        if absent:
+            raise ValueError(f"{file} names shard(s) that are missing: {absent}")
+
+
+# ------------------------------------------------------------------------------ config types
+def check_config_types(cls: type, config: dict, file: Path) -> None:
+    """Each value of ``config`` has the type ``cls`` declares for it; an error naming the file and
+    the field otherwise.
+
+    diffusers classes declare their config as annotated ``__init__`` parameters, checked here
+    (a value equal to the parameter's default always passes, as do types JSON cannot hold);
+    transformers configs validate themselves (strict dataclass fields) when built from the dict.
+    """
+    config_class = getattr(cls, "config_class", None)
+    if config_class is not None and cls.__module__.startswith("transformers"):
+        try:
+            config_class.from_dict(dict(config))
+        except Exception as error:  # noqa: BLE001 - transformers raises its own error classes; each is reported
+            detail = " ".join(str(error).split())
+            raise ValueError(f"{file}: {detail}") from None
+        return
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 - annotations naming types only importable for type checkers
+        return
+    parameters = inspect.signature(cls.__init__).parameters
+    for field, value in config.items():
+        hint, parameter = hints.get(field), parameters.get(field)
+        if hint is None or parameter is None or value == parameter.default:
+            continue
+        if value is None and parameter.default is None:
+            continue
+        if _fits(value, hint) is False:
+            raise ValueError(f"{file}: {field} must be {_describe(hint)}, got {value!r}")
+
+
+def _fits(value: Any, hint: Any) -> bool | None:
+    """Whether a JSON value fits a type hint: ``True``, ``False``, or ``None`` when the hint names a
+    type JSON cannot hold (not checked). A JSON list stands for a tuple; ``tuple[int]`` is read as
+    diffusers writes it, a tuple of ints of any length."""
+    if hint is typing.Any:
+        return True
+    if hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        results = [_fits(value, a) for a in args]
+        return True if True in results else None if None in results else False
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint in (tuple, list) or origin in (tuple, list, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if not args:
+            return True
+        if origin is tuple and len(args) > 1 and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                return False
+            results = [_fits(v, h) for v, h in zip(value, args)]
+        else:
+            results = [_fits(v, args[0]) for v in value]
+        return False if False in results else None if None in results else True
+    if hint is dict or origin in (dict, collections.abc.Mapping):
+        return isinstance(value, dict)
+    return None
+
+
+def _describe(hint: Any) -> str:
+    text = str(hint) if typing.get_origin(hint) else getattr(hint, "__name__", str(hint))
+    return text.replace("typing.", "").replace("NoneType", "null")
+
+
+# ------------------------------------------------------------------------------ safetensors
+def check_safetensors(file: str | os.PathLike) -> None:
+    """Check a ``.safetensors`` file's header without reading its tensors: the header length fits
+    the file, the header is a JSON object, every tensor has a known dtype and a shape of
+    non-negative ints whose size is its byte range, and every range lies within the file.
+
+    Raises:
+        ValueError: naming the file, the tensor and what is wrong (a truncated or corrupt file).
+    """
+    file = check_regular_file(file)
+    size = file.stat().st_size
+    with open(file, "rb") as stream:
+        prefix = stream.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{file} is not a safetensors file: {size} bytes, shorter than its 8-byte header length")
+        length = int.from_bytes(prefix, "little")
+        if length > min(size - 8, SAFETENSORS_MAX_HEADER):
+            raise ValueError(f"{file} is truncated or corrupt: its header claims {length} bytes, but the file has "
+                             f"{size - 8} after the length")
+        raw = stream.read(length)
+    try:
+        header = json.loads(raw)
+    except ValueError as error:  # invalid JSON or not UTF-8
+        raise ValueError(f"{file} is corrupt: its header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file} is corrupt: its header is not a JSON object")
+    data = size - 8 - length
+    for name, tensor in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(tensor, dict):
+            raise ValueError(f"{file} is corrupt: tensor {name!r} is described by {tensor!r}, not an object")
+        offsets, dtype, shape = tensor.get("data_offsets"), tensor.get("dtype"), tensor.get("shape")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"{file} is corrupt: tensor {name!r} has no valid data_offsets ({offsets!r})")
+        if dtype not in SAFETENSORS_DTYPE_BITS:
+            raise ValueError(f"{file} is corrupt: tensor {name!r} has unknown dtype {dtype!r} (safetensors has "
+                             f"{', '.join(SAFETENSORS_DTYPE_BITS)})")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise ValueError(f"{file} is corrupt: tensor {name!r} has shape {shape!r}; a shape is a list of "
+                             "non-negative ints")
+        bits = SAFETENSORS_DTYPE_BITS[dtype] * _product(shape)
+        if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
+            raise ValueError(f"{file} is corrupt: tensor {name!r} is {dtype} of shape {shape}, "
+                             f"{bits / 8:g} bytes, but its data_offsets {offsets} hold {offsets[1] - offsets[0]}")
+        if offsets[1] > data:
+            raise ValueError(f"{file} is truncated: tensor {name!r} ends at byte {offsets[1]} of the data, but the "
+                             f"file holds {data} bytes of data")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _product(shape: list[int]) -> int:
+    total = 1
+    for dim in shape:
+        total *= dim
+    return total
