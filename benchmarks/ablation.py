@@ -38,7 +38,7 @@ from pathlib import Path
 import mask_quality
 from common import train, write_json
 
-from ondemand_seg.config import resolve_config
+from ondemand_seg.settings.resolve import resolve_config
 from ondemand_seg.toyworld import write_voc
 
 # (name, MaskConfig overrides or None to keep the row above's, train flags added from this row on,
@@ -78,13 +78,13 @@ def mask_flags(mask: dict) -> list[str]:
 def calibrated(model, mask: dict, n_per_class: int, cache: dict, sampler: dict | None = None) -> dict:
     """``mask`` with Otsu replaced by per-class γ calibrated on ``n_per_class`` oracle-labelled samples
     per class (seeds apart from the mask-IoU samples), through the same map refinements."""
-    from ondemand_seg.calibration import calibrate_class_thresholds
-    from ondemand_seg.source import SampleSource
+    from ondemand_seg.generation.calibration import calibrate_class_thresholds
+    from ondemand_seg.generation.generator import DiffuMaskGenerator
     from ondemand_seg.toyworld import TOY_CLASSES, color_oracle
 
     key = (mask.get("refine"), mask.get("self_attention_factor"))
     if key not in cache:
-        source = SampleSource(model, list(TOY_CLASSES[1:]), label_space=TOY_CLASSES, sampler=sampler or {},
+        source = DiffuMaskGenerator(model, list(TOY_CLASSES[1:]), label_space=TOY_CLASSES, generator=sampler or {},
                               mask={k: v for k, v in mask.items() if k != "threshold_mode"})
         gammas = calibrate_class_thresholds(source, lambda image, name: color_oracle(image) == TOY_CLASSES.index(name),
                                             n_per_class)

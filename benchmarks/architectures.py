@@ -78,7 +78,7 @@ def _kl_vae(latent_channels: int, sample_size: int, **kwargs):
 
 
 def _clip_tokenizer():
-    from ondemand_seg.testing import BASE_WORDS, build_clip_tokenizer
+    from ondemand_seg.pipelines.tiny import BASE_WORDS, build_clip_tokenizer
 
     # A real CLIP vocabulary cannot be downloaded; token ids only index the random embeddings.
     return build_clip_tokenizer(BASE_WORDS + _WORDS)
@@ -103,7 +103,11 @@ def _sd15(modules):
 
 
 def _sdxl(modules):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
     with modules():
         unet = UNet2DConditionModel(
@@ -125,7 +129,11 @@ def _sdxl(modules):
 
 
 def _sd3(modules):
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
     with modules():
         transformer = SD3Transformer2DModel(
@@ -143,10 +151,14 @@ def _sd3(modules):
 
 
 def _flux(modules):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
     from transformers import T5Config, T5EncoderModel
 
-    from ondemand_seg.testing import build_t5_tokenizer
+    from ondemand_seg.pipelines.tiny import build_t5_tokenizer
 
     t5_tokenizer = build_t5_tokenizer(_WORDS)
     with modules():

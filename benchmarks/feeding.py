@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from architectures import ARCHITECTURES, IMAGE_SIZES, build_pipeline
 from common import train, write_json
 from throughput import TINY_FLAVORS
@@ -59,8 +58,8 @@ def random_weight_model(arch: str, tiny: bool, work_dir: Path) -> tuple[Path, in
     Built where it will run (the GPU when there is one) in the dtype the library loads it in; the
     folder appears only once complete, so an interrupted run leaves nothing that looks finished.
     """
-    from ondemand_seg.families import family_of
-    from ondemand_seg.testing import TINY_IMAGE_SIZES, save_tiny_pipeline
+    from ondemand_seg.pipelines.families import family_of
+    from ondemand_seg.pipelines.tiny import TINY_IMAGE_SIZES, save_tiny_pipeline
 
     folder = work_dir / f"{arch}{'_tiny' if tiny else ''}_random_weights"
     size = TINY_IMAGE_SIZES[TINY_FLAVORS[arch]] if tiny else IMAGE_SIZES[arch]

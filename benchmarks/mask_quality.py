@@ -47,13 +47,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import centre_box, intersection_union, write_json
-from ondemand_seg.config import to_dict
-from ondemand_seg.masks import labels_from_maps
-from ondemand_seg.quality import gate
-from ondemand_seg.seeding import evaluation_seed
-from ondemand_seg.source import SampleSource
+
+from ondemand_seg.generation.generator import DiffuMaskGenerator
+from ondemand_seg.generation.seeding import evaluation_seed
+from ondemand_seg.masks.maps import labels_from_maps
+from ondemand_seg.masks.quality import gate
+from ondemand_seg.settings.config import to_dict
 from ondemand_seg.toyworld import TOY_CLASSES, color_oracle
 
 METHODS = ("diffumask", "diffumask_band_as_miss", "fixed_0.5", "fixed_0.5_tuned_fusion", "centre_box")
@@ -86,7 +86,7 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
     """Score ``n`` generated samples; returns per-class and mean IoU per method, and counts.
 
     ``mask_overrides`` / ``sampler_overrides`` replace fields of the model preset's
-    :class:`MaskConfig` / :class:`SamplerConfig` (for ablations; ``scheduler``,
+    :class:`MaskConfig` / :class:`GeneratorConfig` (for ablations; ``scheduler``,
     ``num_inference_steps``). ``other_readings=False`` skips the readings that need a second
     generation pass (``fixed_0.5`` and the joint-attention rows).
     """
@@ -95,16 +95,16 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
     classes = TOY_CLASSES[1:]
     mask = {**(mask_overrides or {}), **({} if threshold is None else {"threshold": threshold})}
     sampler = sampler_overrides or {}
-    source = SampleSource(model, classes, label_space=TOY_CLASSES, seed=seed, mask=mask, sampler=sampler)
+    source = DiffuMaskGenerator(model, classes, label_space=TOY_CLASSES, seed=seed, mask=mask, generator=sampler)
     spec = source.sampler.spec
     every_grid = {factor: 1.0 for factor in spec.text_factors}
-    plain = SampleSource(model, classes, label_space=TOY_CLASSES, seed=seed, sampler=sampler,
+    plain = DiffuMaskGenerator(model, classes, label_space=TOY_CLASSES, seed=seed, generator=sampler,
                          mask=dataclasses.replace(source.mask_config, resolution_weights=every_grid, **PLAIN_ATTENTION))
     other = "text" if source.mask_config.joint_softmax == "all" else "all"
     settings = {"output_space": {"map_source": "output"},
                 "other_softmax": {"map_source": "attention", "joint_softmax": other}}
     alternatives = {
-        method: SampleSource(model, classes, label_space=TOY_CLASSES, seed=seed, sampler=sampler,
+        method: DiffuMaskGenerator(model, classes, label_space=TOY_CLASSES, seed=seed, generator=sampler,
                              mask=dataclasses.replace(source.mask_config, **settings[method]))
         for method in JOINT_METHODS if spec.family.output_maps and other_readings
     }
@@ -153,7 +153,7 @@ def measure(model, n: int, seed: int = 0, batch_size: int = 20, threshold: float
     seconds = time.perf_counter() - started
     result = {"model": str(model), "family": spec.family.name, "methods": list(methods), "n": n, "seed": seed,
               "image_size": [height, width], "scheduler": type(source.sampler.pipeline.scheduler).__name__,
-              "mask_config": to_dict(source.mask_config), "sampler_config": to_dict(source.sampler_config),
+              "mask_config": to_dict(source.mask_config), "sampler_config": to_dict(source.generator_config),
               "vocabulary": {"name": source.vocabulary.name, "templates": list(source.vocabulary.templates)},
               "drawn_fraction": {c: drawn[c] / max(1, sum(classes[i % len(classes)] == c for i in range(n))) for c in classes},
               "gate_rejected": rejected, "seconds": round(seconds, 1), "generation_seconds": round(generating, 2)}

@@ -27,7 +27,7 @@ import mask_quality
 from ablation import calibrated
 from common import write_json
 
-from ondemand_seg.config import resolve_config
+from ondemand_seg.settings.resolve import resolve_config
 
 # (name, MaskConfig fusion fields); None keeps MaskConfig's defaults (the paper's: the model's own grids, all steps).
 FUSIONS = {
@@ -57,10 +57,10 @@ def recipes(self_attention_factor: int | None, per_class: bool) -> dict[str, dic
 
 def finest_self_attention(model) -> int | None:
     """The finest latent factor with self-attention in the model's denoiser (None: it has none)."""
-    from ondemand_seg.source import SampleSource
+    from ondemand_seg.generation.generator import DiffuMaskGenerator
     from ondemand_seg.toyworld import TOY_CLASSES
 
-    spec = SampleSource(model, list(TOY_CLASSES[1:2]), label_space=TOY_CLASSES).sampler.spec
+    spec = DiffuMaskGenerator(model, list(TOY_CLASSES[1:2]), label_space=TOY_CLASSES).sampler.spec
     return min(spec.self_factors) if spec.self_factors else None
 
 

@@ -6,7 +6,7 @@ model (like Stable Diffusion, Attend-and-Excite's "catastrophic neglect") someti
 neglected class's attention map is faint, but min-max normalisation stretches it to [0, 1], so
 without the rule a sliver of the other object (or of background) is labelled with it.
 
-Samples are the stream's own: sample ``i`` has the prompt and seed a :class:`SampleSource` with the
+Samples are the stream's own: sample ``i`` has the prompt and seed a :class:`DiffuMaskGenerator` with the
 model's preset gives it (two classes per prompt for the toy models), first attempt, no quality gate.
 Truth comes from the colour oracle (``ondemand_seg.toyworld.color_oracle``); a named class counts
 as drawn when the oracle finds at least ``--drawn-pixels`` of its pixels. Per neglect ratio:
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import intersection_union, write_json
-from ondemand_seg.seeding import SubStream, sample_seed
-from ondemand_seg.source import SampleSource
+
+from ondemand_seg.generation.generator import DiffuMaskGenerator
+from ondemand_seg.generation.seeding import SubStream, sample_seed
 from ondemand_seg.toyworld import TOY_CLASSES, color_oracle
 
 
@@ -61,14 +61,14 @@ def measure(model, n: int, ratio: float, seed: int = 0, drawn_pixels: int = 10, 
     given ``background_floor``/``ignore_band``, else the preset's)."""
     overrides = {"background_floor": background_floor, "ignore_band": ignore_band}
     mask = {"neglect_ratio": ratio, **{k: v for k, v in overrides.items() if v is not None}}
-    source = SampleSource(model, TOY_CLASSES[1:], label_space=TOY_CLASSES, seed=seed, mask=mask)
+    source = DiffuMaskGenerator(model, TOY_CLASSES[1:], label_space=TOY_CLASSES, seed=seed, mask=mask)
     classes = TOY_CLASSES[1:]
     sums = {c: [0, 0] for c in classes}
     missed = {c: [0, 0] for c in classes}
     ignored = [0, 0]
     counts = {"named": 0, "not_drawn": 0, "dropped": 0, "dropped_drawn": 0, "dropped_not_drawn": 0}
     not_drawn = {c: 0 for c in classes}
-    batch_size = source.sampler_config.batch_size
+    batch_size = source.generator_config.batch_size
     for start in range(0, n, batch_size):
         indices = range(start, min(start + batch_size, n))
         prompts = [source.prompt(i) for i in indices]

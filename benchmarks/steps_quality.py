@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 
 import torch
-
 from common import write_json
 from mask_quality import measure
-from ondemand_seg.capture import CrossAttentionStore
+
+from ondemand_seg.generation.capture import AttentionStore
 
 DPM = "DPMSolverMultistepScheduler"  # DPM-Solver++ (its default algorithm_type), order 2
 # model:scheduler:steps, "default" being the model's own scheduler; each model's first row is the
@@ -64,7 +64,7 @@ def parse_row(text: str) -> tuple[str, str | None, int]:
 
 def recorded_steps(steps: int, window: tuple[float, float]) -> list[int]:
     """Indices of the denoising steps the capture records for ``window`` at ``steps`` steps."""
-    store = CrossAttentionStore()
+    store = AttentionStore()
     store.begin(torch.zeros(1, 1, 1), (1, 1), steps, tuple(window))
     recorded = []
     for step in range(steps):

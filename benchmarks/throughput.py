@@ -38,10 +38,8 @@ import time
 from pathlib import Path
 
 import torch
-
-from common import write_json
-
 from architectures import ARCHITECTURES, IMAGE_SIZES, build_pipeline
+from common import write_json
 
 MODES = ("bare", "diffumask", "naive")
 # "default" keeps the pipeline's own scheduler (flow matching for SD3 and Flux).
@@ -73,9 +71,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", type=Path, default=None,
                         help="also write each mode's torch.profiler table (top kernels by device time) to this folder")
     parser.add_argument("--compile", action="store_true",
-                        help="SamplerConfig(compile=True): the denoiser compiled in place (so bare runs compiled too)")
+                        help="GeneratorConfig(compile=True): the denoiser compiled in place (so bare runs compiled too)")
     parser.add_argument("--channels-last", action="store_true",
-                        help="SamplerConfig(channels_last=True) (bare runs channels-last too)")
+                        help="GeneratorConfig(channels_last=True) (bare runs channels-last too)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -115,16 +113,20 @@ def build(args, device: torch.device, scheduler: str):
     model without a vocabulary in its preset is prompted "a photograph of a dog".
     """
     from ondemand_seg import MaskConfig
-    from ondemand_seg.config import resolve_config
-    from ondemand_seg.families import family_of
-    from ondemand_seg.loading import load_pipeline, read_preset
-    from ondemand_seg.prompts import PromptSpec
+    from ondemand_seg.pipelines.builtin import read_preset
+    from ondemand_seg.pipelines.families import family_of
+    from ondemand_seg.pipelines.loading import load_pipeline
+    from ondemand_seg.settings.resolve import resolve_config
+    from ondemand_seg.settings.vocabulary import PromptSpec
 
     if args.arch is not None:
         if not args.random_weights:
             raise SystemExit(f"--arch {args.arch} needs --random-weights (real weights are loaded with --model)")
         if args.tiny:
-            from ondemand_seg.testing import TINY_IMAGE_SIZES, build_tiny_pipeline
+            from ondemand_seg.pipelines.tiny import (
+                TINY_IMAGE_SIZES,
+                build_tiny_pipeline,
+            )
 
             flavor = TINY_FLAVORS[args.arch]
             build, size = functools.partial(build_tiny_pipeline, flavor), TINY_IMAGE_SIZES[flavor]
@@ -149,9 +151,9 @@ def make_calls(args, device, scheduler: str, steps: int, batch: int):
     Returns ``(calls, store_bytes, size)``: ``calls[mode]()`` generates one batch, ``store_bytes[mode]``
     lists the capture memory each call held.
     """
-    from ondemand_seg import SamplerConfig, capture
-    from ondemand_seg.families import describe_pipeline, family_of
-    from ondemand_seg.generation import DiffuMaskSampler
+    from ondemand_seg import GeneratorConfig, capture
+    from ondemand_seg.generation.generator import CapturingPipeline
+    from ondemand_seg.pipelines.families import describe_pipeline, family_of
 
     capture.CLASS_MASS_KERNEL = args.capture_kernel
     pipeline, size, prompt, mask_config = build(args, device, scheduler)
@@ -164,7 +166,7 @@ def make_calls(args, device, scheduler: str, steps: int, batch: int):
     prompts = [prompt] * batch
     seeds = list(range(batch))
     store_bytes = {mode: [] for mode in MODES}
-    sampler = DiffuMaskSampler(pipeline, mask_config, SamplerConfig(num_inference_steps=steps, compile=args.compile,
+    sampler = CapturingPipeline(pipeline, mask_config, GeneratorConfig(num_inference_steps=steps, compile=args.compile,
                                                                     channels_last=args.channels_last))
     capture = dict(denoiser.attn_processors)
     original_reset = sampler.store.reset
@@ -180,7 +182,7 @@ def make_calls(args, device, scheduler: str, steps: int, batch: int):
         # The sampler's own call: same guidance, text lengths and size options, so only capture differs.
         with torch.inference_mode():
             pipeline([p.text for p in prompts], height=size, width=size, num_inference_steps=steps,
-                     guidance_scale=sampler.sampler_config.guidance_scale,
+                     guidance_scale=sampler.generator_config.guidance_scale,
                      generator=[torch.Generator(device).manual_seed(s) for s in seeds], output_type="pt",
                      **sampler.call_options)
 
@@ -220,7 +222,7 @@ def profile_modes(args, calls, device: torch.device, tag: str) -> None:
 def run_worker(args) -> dict:
     """In this process: ``timing`` interleaves the modes call by call (so machine drift hits all
     alike) and reports median seconds per call; a mode name runs that mode alone for its peak memory."""
-    from ondemand_seg.loading import pick_device
+    from ondemand_seg.pipelines.devices import pick_device
 
     job, scheduler, steps, batch = args.worker.split(",")
     steps, batch = int(steps), int(batch)

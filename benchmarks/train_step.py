@@ -22,10 +22,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+from common import write_json  # noqa: E402
 from dilated_convs import crop_dilated_convs  # noqa: E402
 from train_deeplab import BACKBONES  # noqa: E402
-
-from common import write_json  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """Command line: ``python -m ondemand_seg preview ...``, ``... stream ...`` and ``... config ...``.
 
 Every generator flag is an override: what is not given comes from the model's preset, then the
-library's defaults, merged by :func:`~ondemand_seg.config.resolve_config` (``config`` prints the
+library's defaults, merged by :func:`~ondemand_seg.settings.resolve.resolve_config` (``config`` prints the
 result). The trainer builds its generator settings with :func:`generator_settings` too.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from .vocabulary import BUILTIN_VOCABULARIES
+from .settings.vocabulary import BUILTIN_VOCABULARIES
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -23,13 +23,23 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def add_generator_arguments(parser: argparse.ArgumentParser, step_flag: str = "--steps",
-                            batch_flag: str = "--batch-size") -> None:
+class RenamedFlag(argparse.Action):
+    """A flag that was renamed: using it is a usage error naming the new flag."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"{option_string} is now {self.new}")
+
+
+def add_generator_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that choose the model, its vocabulary and the generation settings.
 
     Each is ``None`` unless given, so the model's preset fills what is not (see
-    :func:`generator_settings`). ``step_flag``/``batch_flag`` let the trainer name them apart
-    from its own training steps and batch size.
+    :func:`generator_settings`). Generation steps and batch size are ``--gen-steps`` and
+    ``--gen-batch-size`` in every command, apart from training's ``--steps``/``--batch-size``.
     """
     group = parser.add_argument_group("generator (unset flags come from the model's preset, then the defaults)")
     group.add_argument("--model", default="toy",
@@ -43,9 +53,9 @@ def add_generator_arguments(parser: argparse.ArgumentParser, step_flag: str = "-
                        help="classes to generate (default: every class of the vocabulary)")
     group.add_argument("--image-size", type=int, nargs="+", default=None, metavar="SIDE",
                        help="generated image size, H or H W (default: the preset's, else 512)")
-    group.add_argument(step_flag, dest="gen_steps", type=int, default=None, metavar="N", help="denoising steps (default: preset, else 50)")
+    group.add_argument("--gen-steps", type=int, default=None, metavar="N", help="denoising steps (default: preset, else 50)")
     group.add_argument("--guidance", type=float, default=None, help="guidance scale (default: preset, else 7.5)")
-    group.add_argument(batch_flag, dest="gen_batch_size", type=int, default=None, metavar="N",
+    group.add_argument("--gen-batch-size", type=int, default=None, metavar="N",
                        help="images per pipeline call (default: preset, else 4)")
     group.add_argument("--classes-per-prompt", type=int, nargs="+", default=None, metavar="N",
                        help="classes named in one prompt, e.g. 2: 'a photo of a circle and a ring'; MIN MAX: drawn "
@@ -55,7 +65,7 @@ def add_generator_arguments(parser: argparse.ArgumentParser, step_flag: str = "-
                        help="γ fixed, or Otsu per image and class (default: preset, else fixed)")
     group.add_argument("--class-thresholds", nargs="+", default=None, metavar="CLASS=γ",
                        help="per-class γ with a fixed threshold, e.g. ring=0.5 circle=0.3 (calibrated on a few "
-                            "labelled images: ondemand_seg.calibration); other classes keep γ")
+                            "labelled images: ondemand_seg.generation.calibration); other classes keep γ")
     band = group.add_mutually_exclusive_group()
     band.add_argument("--ignore-band", type=float, default=None, metavar="W",
                       help="pixels within γ ± W are ignored (255) in the mask (default: preset, else 0.05)")
@@ -75,7 +85,7 @@ def add_generator_arguments(parser: argparse.ArgumentParser, step_flag: str = "-
 
 def parse_class_thresholds(items: Sequence[str]) -> dict[str, float]:
     """``["ring=0.5", ...]`` as ``{"ring": 0.5}``; a malformed item is a ValueError naming it.
-    Unknown classes are named by :func:`~ondemand_seg.config.resolve_config`."""
+    Unknown classes are named by :func:`~ondemand_seg.settings.resolve.resolve_config`."""
     thresholds = {}
     for item in items:
         name, _, value = item.partition("=")
@@ -87,7 +97,7 @@ def parse_class_thresholds(items: Sequence[str]) -> dict[str, float]:
 
 
 def generator_settings(args: argparse.Namespace) -> dict:
-    """The overrides the generator flags ask for, in :func:`~ondemand_seg.config.resolve_config`'s
+    """The overrides the generator flags ask for, in :func:`~ondemand_seg.settings.resolve.resolve_config`'s
     form; only the flags given appear, so everything else stays the preset's."""
     size = args.image_size
     mask = {"threshold": args.threshold, "threshold_mode": args.threshold_mode, "refine": args.refine,
@@ -96,19 +106,19 @@ def generator_settings(args: argparse.Namespace) -> dict:
             "ignore_band": 0.0 if args.no_ignore_band else args.ignore_band,
             "class_thresholds": parse_class_thresholds(args.class_thresholds) if args.class_thresholds else None}
     count = args.classes_per_prompt
-    sampler = {"num_inference_steps": args.gen_steps, "guidance_scale": args.guidance,
+    generator = {"num_inference_steps": args.gen_steps, "guidance_scale": args.guidance,
                "batch_size": args.gen_batch_size,
                "classes_per_prompt": None if count is None else count[0] if len(count) == 1 else tuple(count)}
     settings = {"vocabulary": args.vocabulary,
                 "image_size": None if size is None else size[0] if len(size) == 1 else tuple(size),
                 "mask": {k: v for k, v in mask.items() if v is not None},
-                "sampler": {k: v for k, v in sampler.items() if v is not None}}
+                "generator": {k: v for k, v in generator.items() if v is not None}}
     return {k: v for k, v in settings.items() if v not in (None, {})}
 
 
 def resolve_generator(args: argparse.Namespace):
     """The resolved config and the classes to generate (``--classes``, else every class)."""
-    from .config import resolve_config
+    from .settings.resolve import resolve_config
 
     config = resolve_config(args.model, args.classes or (), **generator_settings(args))
     return config, list(args.classes or config.label_space[1:])
@@ -120,13 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     preview = commands.add_parser("preview", help="write an image / mask-overlay grid of generated samples",
                                   formatter_class=HelpFormatter)
     add_generator_arguments(preview)
+    preview.add_argument("--steps", action=RenamedFlag, new="--gen-steps")
+    preview.add_argument("--batch-size", action=RenamedFlag, new="--gen-batch-size")
     preview.add_argument("--n", type=int, default=8, help="number of samples")
     preview.add_argument("--out", default="grid.png", help="PNG file to write")
     preview.add_argument("--seed", type=int, default=0)
     preview.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     stream = commands.add_parser("stream", help="pull batches from a DiffuMaskStream through a DataLoader and report",
                                  formatter_class=HelpFormatter)
-    add_generator_arguments(stream, batch_flag="--gen-batch-size")
+    add_generator_arguments(stream)
+    stream.add_argument("--steps", action=RenamedFlag, new="--gen-steps")
     stream.add_argument("--n", type=int, default=64, help="samples to pull")
     stream.add_argument("--batch-size", type=int, default=16, help="DataLoader batch size")
     stream.add_argument("--workers", type=int, default=0, help="DataLoader workers")
@@ -136,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="print the merged settings (preset, then flags) as JSON",
                                  formatter_class=HelpFormatter)
     add_generator_arguments(config)
+    config.add_argument("--steps", action=RenamedFlag, new="--gen-steps")
+    config.add_argument("--batch-size", action=RenamedFlag, new="--gen-batch-size")
     config.add_argument("--out", default=None, help="also save the JSON here (loadable as a preset or as arguments)")
     return parser
 
@@ -147,7 +162,7 @@ def run_stream(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from .stream import DiffuMaskStream
+    from .data.stream import DiffuMaskStream
 
     if args.n < 1:
         parser.error(f"--n must be >= 1, got {args.n}")
@@ -179,25 +194,24 @@ def run_stream(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 def run_preview(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from tqdm.auto import tqdm
 
-    from .dataset import DiffuMaskDataset
+    from .generation.generator import DiffuMaskGenerator
     from .preview import write_preview
 
     if args.n < 1:
         parser.error(f"--n must be >= 1, got {args.n}")
     try:
         config, classes = resolve_generator(args)
-        dataset = DiffuMaskDataset(args.model, classes, length=args.n, seed=args.seed, device=args.device,
-                                   **config.to_dict())
+        generator = DiffuMaskGenerator(args.model, classes, seed=args.seed, device=args.device, **config.to_dict())
     except (ValueError, TypeError, FileNotFoundError) as error:
         parser.error(str(error))
-    batch = dataset.config.sampler.batch_size
+    batch = generator.generator_config.batch_size
     samples = []
     with tqdm(total=args.n, desc="generating", unit="img") as bar:
         for start in range(0, args.n, batch):
-            samples += dataset.raw(list(range(start, min(start + batch, args.n))))
+            samples += generator.samples(range(start, min(start + batch, args.n)))
             bar.update(len(samples) - bar.n)
-    out = write_preview(samples, dataset.config.label_space, args.out)
-    print(f"wrote {out} ({args.n} samples; stats: {dataset.stats()})")
+    out = write_preview(samples, generator.label_space, args.out)
+    print(f"wrote {out} ({args.n} samples; stats: {generator.stats()})")
     return 0
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .label_spaces import IGNORE_INDEX
+from .settings.label_spaces import IGNORE_INDEX
 
 
 class ConfusionMatrix:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_segmentation_masks
 
-from .label_spaces import IGNORE_INDEX, validate_label_space, voc_palette
+from .settings.label_spaces import IGNORE_INDEX, validate_label_space, voc_palette
 
 # Tiles smaller than this are enlarged so that single pixels and the caption text stay readable.
 MIN_TILE = 128

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ondemand_seg import MaskConfig, SamplerConfig
-from ondemand_seg.testing import save_tiny_pipeline
+from ondemand_seg import GeneratorConfig, MaskConfig
+from ondemand_seg.pipelines.tiny import save_tiny_pipeline
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -30,4 +30,4 @@ def tiny_sd2(tmp_path_factory):
 @pytest.fixture
 def fast():
     """Options that keep generation on the tiny model to milliseconds."""
-    return dict(image_size=64, sampler=SamplerConfig(num_inference_steps=3, batch_size=4), mask=MaskConfig())
+    return dict(image_size=64, generator=GeneratorConfig(num_inference_steps=3, batch_size=4), mask=MaskConfig())

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ondemand_seg.augment import AugmentConfig, DiffuMaskAugment
-from ondemand_seg.label_spaces import voc_palette
-from ondemand_seg.transforms import IMAGENET_MEAN, IMAGENET_STD, PairAugmentation
+from ondemand_seg.data.augment import AugmentConfig, DiffuMaskAugment
+from ondemand_seg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PairAugmentation
+from ondemand_seg.settings.label_spaces import voc_palette
 
 SIZE = (48, 64)
 IGNORE = 255

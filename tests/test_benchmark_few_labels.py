@@ -148,9 +148,8 @@ def test_baseline_seeds_outside_the_table_are_left_out(tmp_path):
 
 def test_paired_comparison_per_seed_in_summary_and_table():
     sys.path.insert(0, str(BENCHMARKS))
-    from scipy.stats import ttest_rel
-
     from few_labels import summarize
+    from scipy.stats import ttest_rel
 
     real = {0: 0.40, 1: 0.50, 2: 0.45}
     mixed = {0: 0.52, 1: 0.55, 2: 0.44}

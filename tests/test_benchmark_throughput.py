@@ -12,7 +12,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 from architectures import ARCHITECTURES, DENOISER_PARAMS_M, build_pipeline  # noqa: E402
 
-from ondemand_seg.families import describe_pipeline, family_of  # noqa: E402
+from ondemand_seg.pipelines.families import describe_pipeline, family_of  # noqa: E402
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -2,16 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-import ondemand_seg.calibration as calibration
-import ondemand_seg.source as source_module
+import ondemand_seg.generation.calibration as calibration
+import ondemand_seg.generation.generator as source_module
 from ondemand_seg import MaskConfig
-from ondemand_seg.calibration import calibrate_class_thresholds
-from ondemand_seg.generation import GeneratedBatch
-from ondemand_seg.loading import RANDOM_WEIGHTS_MODEL
-from ondemand_seg.seeding import SubStream, derive_seed, sample_seed
-from ondemand_seg.source import SampleSource
+from ondemand_seg.generation.calibration import calibrate_class_thresholds
+from ondemand_seg.generation.generator import DiffuMaskGenerator, GeneratedBatch
+from ondemand_seg.generation.seeding import SubStream, derive_seed, sample_seed
+from ondemand_seg.pipelines.builtin import RANDOM_WEIGHTS_MODEL
+from ondemand_seg.settings.vocabulary import Vocabulary
 from ondemand_seg.toyworld import TOY_CLASSES
-from ondemand_seg.vocabulary import Vocabulary
 
 
 class RampSampler:
@@ -52,8 +51,8 @@ class GatedSampler:
 
 
 def ramp_source(classes, seed=0, vocabulary="toy"):
-    source = SampleSource(RANDOM_WEIGHTS_MODEL, classes, seed=seed, vocabulary=vocabulary, image_size=32)
-    source._sampler = RampSampler()
+    source = DiffuMaskGenerator(RANDOM_WEIGHTS_MODEL, classes, seed=seed, vocabulary=vocabulary, image_size=32)
+    source._capturing = RampSampler()
     return source
 
 
@@ -66,11 +65,11 @@ def test_each_class_gets_the_threshold_its_labels_imply():
     assert set(gammas) == set(cut)
     for name, want in cut.items():
         assert gammas[name] == pytest.approx(want, abs=0.03)
-    assert len(set(source.sampler.seeds)) == 6, "every calibration image has its own seed"
+    assert len(set(source.capturing.seeds)) == 6, "every calibration image has its own seed"
     # One-class prompts drawn from the source's vocabulary, three per class.
-    assert sorted(p.class_names for p in source.sampler.prompts) == [("circle",)] * 3 + [("ring",)] * 3
-    assert all(p.text == f"a drawing of a {p.class_names[0]}" for p in source.sampler.prompts)
-    assert {p.class_ids for p in source.sampler.prompts} == {(source.label_space.index(n),) for n in cut}
+    assert sorted(p.class_names for p in source.capturing.prompts) == [("circle",)] * 3 + [("ring",)] * 3
+    assert all(p.text == f"a drawing of a {p.class_names[0]}" for p in source.capturing.prompts)
+    assert {p.class_ids for p in source.capturing.prompts} == {(source.label_space.index(n),) for n in cut}
     MaskConfig(class_thresholds=gammas)  # the result is a valid config
 
 
@@ -80,10 +79,10 @@ def test_batches_do_not_change_the_result_or_the_seeds():
     small = ramp_source(["circle", "square"])
     assert calibrate_class_thresholds(one, labels, n_per_class=3) == calibrate_class_thresholds(
         small, labels, n_per_class=3, batch_size=2)
-    assert one.sampler.seeds == small.sampler.seeds
+    assert one.capturing.seeds == small.capturing.seeds
     other_base = ramp_source(["circle", "square"], seed=1)
     calibrate_class_thresholds(other_base, labels, n_per_class=3)
-    assert not set(other_base.sampler.seeds) & set(one.sampler.seeds), "calibration seeds follow the base seed"
+    assert not set(other_base.capturing.seeds) & set(one.capturing.seeds), "calibration seeds follow the base seed"
 
 
 def test_classes_never_drawn_are_left_out_and_none_drawn_is_an_error():
@@ -122,13 +121,13 @@ def test_calibration_draws_no_training_sample(base, monkeypatch):
 
     calibrating = ramp_source(classes, seed=base)
     calibrate_class_thresholds(calibrating, lambda image, name: image[..., 0] >= 128, n_per_class=n_per_class)
-    calibration_images = set(calibrating.sampler.seeds)
+    calibration_images = set(calibrating.capturing.seeds)
 
-    training = SampleSource(RANDOM_WEIGHTS_MODEL, classes, seed=base, vocabulary="toy", image_size=32,
-                            sampler={"batch_size": len(indices)})
+    training = DiffuMaskGenerator(RANDOM_WEIGHTS_MODEL, classes, seed=base, vocabulary="toy", image_size=32,
+                            generator={"batch_size": len(indices)})
     gated = GatedSampler(reject_rounds=attempts - 1)
-    training._sampler = gated
-    drawn = training.draw(list(indices))
+    training._capturing = gated
+    drawn = training.samples(list(indices))
     assert [s.attempt for s in drawn] == [attempts - 1] * len(indices), "each sample was drawn at attempts 0..2"
     training_images = set(gated.seeds)
     assert training_images == {sample_seed(base, i, a, SubStream.IMAGE) for i in indices for a in range(attempts)}
@@ -144,7 +143,7 @@ def test_calibration_draws_no_training_sample(base, monkeypatch):
 
 
 def test_calibrates_through_a_real_pipeline(fast):
-    source = SampleSource(RANDOM_WEIGHTS_MODEL, ["circle", "square"], vocabulary="toy", **fast)
+    source = DiffuMaskGenerator(RANDOM_WEIGHTS_MODEL, ["circle", "square"], vocabulary="toy", **fast)
     gammas = calibrate_class_thresholds(source, lambda image, name: image.mean(-1) > 127, n_per_class=2)
     assert set(gammas) <= {"circle", "square"} and gammas
     assert all(0.0 < g < 1.0 for g in gammas.values())

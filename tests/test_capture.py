@@ -1,17 +1,27 @@
 import pytest
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
-
-from ondemand_seg import MaskConfig, SamplerConfig, capture
-from ondemand_seg.capture import (
-    CapturedAttention, CrossAttentionCaptureProcessor, CrossAttentionStore, class_mass, install_capture, record_joint,
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor,
+    AttnProcessor2_0,
 )
-from ondemand_seg.families import family_of
-from ondemand_seg.generation import DiffuMaskSampler
-from ondemand_seg.loading import TOY_MODEL, load_pipeline
-from ondemand_seg.prompts import PromptSpec
-from ondemand_seg.testing import build_tiny_pipeline
 
+from ondemand_seg import GeneratorConfig, MaskConfig
+from ondemand_seg.generation import capture
+from ondemand_seg.generation.capture import (
+    AttentionStore,
+    CapturedAttention,
+    CrossAttentionCaptureProcessor,
+    class_mass,
+    install_capture,
+    record_joint,
+)
+from ondemand_seg.generation.generator import CapturingPipeline
+from ondemand_seg.pipelines.builtin import TOY_MODEL
+from ondemand_seg.pipelines.families import family_of
+from ondemand_seg.pipelines.loading import load_pipeline
+from ondemand_seg.pipelines.tiny import build_tiny_pipeline
+from ondemand_seg.settings.vocabulary import PromptSpec
 
 SD = family_of("StableDiffusionPipeline")
 
@@ -39,7 +49,7 @@ def unet_inputs(images=2, tokens=77, seed=0):
 
 def test_install_capture_routes_cross_attention_only():
     unet = build_tiny_pipeline().unet
-    store = CrossAttentionStore()
+    store = AttentionStore()
     captured = install_capture(unet, store, SD)
     processors = unet.attn_processors
     assert set(captured) == {n for n in processors if n.endswith("attn2.processor")}
@@ -50,8 +60,7 @@ def test_install_capture_routes_cross_attention_only():
 
 
 @pytest.mark.parametrize("kernel", ["explicit", "sdpa"])
-def test_capture_matches_reference_probabilities_of_chosen_tokens_conditional_half(kernel, monkeypatch):
-    monkeypatch.setattr(capture, "CLASS_MASS_KERNEL", kernel)
+def test_capture_matches_reference_probabilities_of_chosen_tokens_conditional_half(kernel):
     torch.manual_seed(0)
     unet = build_tiny_pipeline().unet.eval()
     latents, text = unet_inputs(images=2)
@@ -71,7 +80,7 @@ def test_capture_matches_reference_probabilities_of_chosen_tokens_conditional_ha
         maps = torch.einsum("bhnt,bkt->bkn", cond, weights) / heads
         expected.setdefault(maps.shape[-1], []).append(maps)
 
-    store = CrossAttentionStore()
+    store = AttentionStore(kernel=kernel)
     install_capture(unet, store, SD)
     store.begin(weights, (8, 8), num_steps=1)
     with torch.no_grad():
@@ -90,7 +99,7 @@ def test_capture_matches_reference_probabilities_of_chosen_tokens_conditional_ha
 def test_store_memory_constant_in_steps_and_window_respected():
     pipe = build_tiny_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    store = CrossAttentionStore()
+    store = AttentionStore()
     install_capture(pipe.unet, store, SD)
     weights = torch.zeros(1, 1, 77)
     weights[0, 0, 4] = 1
@@ -107,7 +116,7 @@ def test_store_memory_constant_in_steps_and_window_respected():
 
 
 def test_store_outside_window_records_nothing():
-    store = CrossAttentionStore()
+    store = AttentionStore()
     store.begin(torch.ones(1, 1, 77), (8, 8), num_steps=4, timestep_window=(0.5, 1.0))
     assert not store.recording
     store.on_step_end(None, 1, 0, {})
@@ -117,7 +126,7 @@ def test_store_outside_window_records_nothing():
 
 
 def test_factor_of_non_square_latent():
-    store = CrossAttentionStore()
+    store = AttentionStore()
     store.begin(torch.ones(1, 1, 77), (8, 12), num_steps=1)
     assert [store.factor_of(n) for n in (96, 24, 6)] == [1, 2, 4]
 
@@ -146,7 +155,7 @@ def test_self_attention_is_recorded_only_at_its_factor_when_asked():
     at_factor_2 = [p.view(4, h, *p.shape[1:])[2:].mean(1) for p, h in records if p.shape[-1] == 16]
     want = torch.stack(at_factor_2).mean(0)
 
-    store = CrossAttentionStore()
+    store = AttentionStore()
     store.self_attention_factor = 2
     install_capture(unet, store, SD, self_attention=True)
     store.begin(torch.ones(2, 1, 77), (8, 8), num_steps=1)
@@ -161,7 +170,7 @@ def test_self_attention_is_recorded_only_at_its_factor_when_asked():
 def test_captured_holds_the_batch_detached_from_the_store():
     unet = build_tiny_pipeline().unet.eval()
     latents, text = unet_inputs(images=2)
-    store = CrossAttentionStore()
+    store = AttentionStore()
     store.self_attention_factor = 2
     install_capture(unet, store, SD, self_attention=True)
     store.begin(torch.rand(2, 1, 77).round(), (8, 8), num_steps=1)
@@ -184,7 +193,7 @@ def test_captured_holds_the_batch_detached_from_the_store():
 
 
 def test_captured_without_self_attention_asked():
-    store = CrossAttentionStore()
+    store = AttentionStore()
     store.begin(torch.ones(1, 1, 77), (4, 6), num_steps=1)
     store.add(torch.ones(1, 1, 24))
     captured = store.captured()
@@ -200,8 +209,8 @@ def test_self_attention_refinement_on_a_unet_without_self_attention_fails_early(
                                 down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
                                 cross_attention_dim=32, attention_head_dim=8, only_cross_attention=True, mid_block_type=None)
     with pytest.raises(ValueError, match="needs self-attention layers, and this model has none"):
-        install_capture(unet, CrossAttentionStore(), SD, self_attention=True)
-    assert install_capture(unet, CrossAttentionStore(), SD)  # without refinement the same UNet is fine
+        install_capture(unet, AttentionStore(), SD, self_attention=True)
+    assert install_capture(unet, AttentionStore(), SD)  # without refinement the same UNet is fine
 
 
 def test_missing_self_attention_factor_names_the_factors_that_exist():
@@ -211,8 +220,8 @@ def test_missing_self_attention_factor_names_the_factors_that_exist():
     prompt = PromptSpec("a photo of a circle", ("circle",), (1,), ("circle",))
     # Named when the sampler is built (first load), from the UNet's config, before any generation.
     with pytest.raises(ValueError, match=r"self_attention_factor=1: .* self-attention runs at factor\(s\) \[2, 4\]"):
-        DiffuMaskSampler(pipe, MaskConfig(self_attention_factor=1), SamplerConfig(num_inference_steps=2))
-    sampler = DiffuMaskSampler(pipe, MaskConfig(self_attention_factor=2), SamplerConfig(num_inference_steps=2))
+        CapturingPipeline(pipe, MaskConfig(self_attention_factor=1), GeneratorConfig(num_inference_steps=2))
+    sampler = CapturingPipeline(pipe, MaskConfig(self_attention_factor=2), GeneratorConfig(num_inference_steps=2))
     assert sampler.generate([prompt], [0], (32, 32)).masks.shape == (1, 32, 32)
     assert sampler.store.self_attention_factors_seen == {2, 4}  # what the config said is what ran
 
@@ -235,9 +244,9 @@ def identity_attention(dtype, cross=True):
     return attn.to(dtype)
 
 
-def recorded(dtype, hidden, text=None):
+def recorded(dtype, hidden, text=None, kernel="auto"):
     """What the capture processor records (class maps, self-attention) and returns on ``hidden``."""
-    store = CrossAttentionStore()
+    store = AttentionStore(kernel=kernel)
     store.self_attention_factor = None if text is not None else 1
     weights = torch.zeros(1, 2, 5)
     weights[0, 0, 1] = weights[0, 1, [2, 3]] = 1
@@ -251,12 +260,11 @@ def recorded(dtype, hidden, text=None):
 
 
 @pytest.mark.parametrize("kernel", ["explicit", "sdpa"])
-def test_half_precision_scores_do_not_overflow_the_recorded_maps(kernel, monkeypatch):
-    monkeypatch.setattr(capture, "CLASS_MASS_KERNEL", kernel)
+def test_half_precision_scores_do_not_overflow_the_recorded_maps(kernel):
     hidden, text = large_tokens(4, 256, seed=0), large_tokens(5, 300, seed=1)
     assert torch.isinf(hidden[0] @ text[0].T).all(), "premise: q·kᵀ overflows when computed in float16"
-    half, out, stock = recorded(torch.float16, hidden, text)
-    reference, _, _ = recorded(torch.float32, hidden.float(), text.float())
+    half, out, stock = recorded(torch.float16, hidden, text, kernel)
+    reference, _, _ = recorded(torch.float32, hidden.float(), text.float(), kernel)
     maps, want = half.maps()[1], reference.maps()[1]
     assert torch.isfinite(maps).all() and maps.dtype == torch.float32
     assert 0.05 < want.max() < 0.95, "premise: the maps are not one-hot, so a match means something"
@@ -275,15 +283,14 @@ def test_half_precision_self_attention_does_not_overflow():
 
 @pytest.mark.parametrize("kernel", ["explicit", "sdpa"])
 @pytest.mark.parametrize("map_source, joint_softmax", [("attention", "all"), ("attention", "text"), ("output", "all")])
-def test_half_precision_joint_attention_records_the_float32_maps(map_source, joint_softmax, kernel, monkeypatch):
-    monkeypatch.setattr(capture, "CLASS_MASS_KERNEL", kernel)  # "all" always runs SDPA
+def test_half_precision_joint_attention_records_the_float32_maps(map_source, joint_softmax, kernel):
     # [1, heads=2, S=4 image + 5 text, D=8] with q·kᵀ past float16's range.
     query = torch.cat([large_tokens(9, 256, seed=3), large_tokens(9, 256, seed=4)])[None]
     key = torch.cat([large_tokens(9, 300, seed=5), large_tokens(9, 300, seed=6)])[None]
     output = torch.cat([large_tokens(9, 300, seed=7), large_tokens(9, 256, seed=8)])[None]
     maps = {}
     for dtype in (torch.float16, torch.float32):
-        store = CrossAttentionStore(map_source, joint_softmax)
+        store = AttentionStore(map_source, joint_softmax, kernel)  # "all" always runs SDPA
         store.self_attention_factor = 1
         store.begin(torch.ones(1, 1, 5), (2, 2), num_steps=1)
         with torch.no_grad():
@@ -364,19 +371,19 @@ def test_class_mass_kernel_choice(monkeypatch):
     query, key, weights, _ = mass_inputs(torch.float32, 2, joint=False, masked=False)
     class_mass(query, key, weights, 1.0)
     assert calls == [], "auto: the explicit softmax on CPU"
-    monkeypatch.setattr(capture, "CLASS_MASS_KERNEL", "sdpa")
-    class_mass(query, key, weights, 1.0)
-    assert calls == [1], "the module setting forces the kernel"
+    class_mass(query, key, weights, 1.0, kernel="sdpa")
+    assert calls == [1], "a named kernel is the one run"
     class_mass(query, key, weights, 1.0, kernel="explicit")
-    assert calls == [1], "a named kernel beats the module setting"
+    assert calls == [1]
+    with pytest.raises(ValueError, match="class-mass kernel must be one of"):
+        AttentionStore(kernel="flash")
     with pytest.raises(ValueError, match="class-mass kernel must be one of"):
         class_mass(query, key, weights, 1.0, kernel="flash")
 
 
 @pytest.mark.parametrize("kernel", ["explicit", "sdpa"])
-def test_cross_attention_capture_honours_the_text_mask(kernel, monkeypatch):
+def test_cross_attention_capture_honours_the_text_mask(kernel):
     # PixArt and Sana hand their cross-attention an additive [batch, 1, T] mask over padded text.
-    monkeypatch.setattr(capture, "CLASS_MASS_KERNEL", kernel)
     g = torch.Generator().manual_seed(0)
     hidden, text = torch.randn(2, 4, 8, generator=g), torch.randn(2, 5, 8, generator=g)  # [uncond; cond]
     mask = torch.zeros(2, 1, 5)
@@ -386,7 +393,7 @@ def test_cross_attention_capture_honours_the_text_mask(kernel, monkeypatch):
     attn = identity_attention(torch.float32)
 
     def maps(mask):
-        store = CrossAttentionStore()
+        store = AttentionStore(kernel=kernel)
         store.begin(weights, (2, 2), num_steps=1)
         with torch.no_grad():
             CrossAttentionCaptureProcessor(store)(attn, hidden, text, attention_mask=mask)
@@ -404,7 +411,7 @@ def test_capture_computes_nothing_outside_the_timestep_window(monkeypatch):
         a[2].shape[0], a[2].shape[1], a[0].shape[2]))
     unet = build_tiny_pipeline().unet.eval()
     latents, text = unet_inputs(images=1)
-    store = CrossAttentionStore()
+    store = AttentionStore()
     install_capture(unet, store, SD)
     store.begin(torch.ones(1, 1, 77), (8, 8), num_steps=2, timestep_window=(0.5, 1.0))
     with torch.no_grad():

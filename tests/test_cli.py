@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from ondemand_seg.cli import main
-from ondemand_seg.config import resolve_config
+from ondemand_seg.settings.resolve import resolve_config
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def test_preview_writes_png_grid(tmp_path):
     out = tmp_path / "grid.png"
     result = subprocess.run(
         [sys.executable, "-m", "ondemand_seg", "preview", "--model", "random-weights", "--classes", "bird", "dog",
-         "--n", "4", "--steps", "2", "--out", str(out)],
+         "--n", "4", "--gen-steps", "2", "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -55,7 +55,7 @@ def test_preview_defaults_to_the_embedded_toy_model(tmp_path, capsys):
 
 def test_preview_with_a_user_vocabulary_file(tmp_path, pets, capsys):
     out = tmp_path / "pets.png"
-    assert main(["preview", "--model", "random-weights", "--vocabulary", str(pets), "--n", "2", "--steps", "2",
+    assert main(["preview", "--model", "random-weights", "--vocabulary", str(pets), "--n", "2", "--gen-steps", "2",
                  "--out", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     with Image.open(out) as grid:
@@ -70,7 +70,7 @@ def test_stream_command_reports_samples_and_stats(capsys):
 
 def test_stream_with_a_user_vocabulary_file(pets, capsys):
     assert main(["stream", "--model", "random-weights", "--vocabulary", str(pets), "--n", "2", "--batch-size", "2",
-                 "--steps", "2"]) == 0
+                 "--gen-steps", "2"]) == 0
     out = capsys.readouterr().out
     # Pixel shares are reported per class of the file's label space.
     assert "2 samples of (3, 64, 64) images" in out
@@ -86,7 +86,7 @@ def test_config_prints_the_preset_merged_with_the_flags_and_saves_it(tmp_path, c
     assert printed["mask"]["background_floor"] == "median" != preset.mask.background_floor
     # Fields no flag names stay the toy preset's, not the library's defaults.
     assert {int(k): v for k, v in printed["mask"]["resolution_weights"].items()} == preset.mask.resolution_weights
-    assert printed["sampler"] == json.loads(preset.to_json())["sampler"]
+    assert printed["generator"] == json.loads(preset.to_json())["generator"]
     assert printed["label_space"] == list(preset.label_space)
     saved = json.loads(out.read_text())
     assert saved == printed
@@ -102,7 +102,11 @@ def test_config_prints_the_preset_merged_with_the_flags_and_saves_it(tmp_path, c
         (["config", "--image-size", "32", "32", "32"], r"positive ints, got \(32, 32, 32\)"),
         (["config", "--guidance", "nan"], "guidance_scale must be finite, got nan"),
         (["config", "--guidance", "1"], "guidance_scale=1.0 turns classifier-free guidance off"),
-        (["config", "--steps", "0"], "num_inference_steps must be >= 1, got 0"),
+        (["config", "--gen-steps", "0"], "num_inference_steps must be >= 1, got 0"),
+        (["config", "--steps", "2"], "--steps is now --gen-steps"),
+        (["preview", "--steps", "2"], "--steps is now --gen-steps"),
+        (["stream", "--steps", "2"], "--steps is now --gen-steps"),
+        (["preview", "--batch-size", "2"], "--batch-size is now --gen-batch-size"),
         (["config", "--threshold", "nan"], "threshold must be finite, got nan"),
         (["config", "--self-attention-factor", "3"], "self_attention_factor must be None or a latent factor"),
         (["config", "--neglect-ratio", "1.5"], r"neglect_ratio must be in \[0, 1\), got 1.5"),
@@ -114,11 +118,11 @@ def test_config_prints_the_preset_merged_with_the_flags_and_saves_it(tmp_path, c
         (["stream", "--workers", "-1"], "--workers must be >= 0, got -1"),
         (["stream", "--reuse", "0"], "reuse must be >= 1, got 0"),
         (["preview", "--seed", "-3"], "seed must be >= 0, got -3"),
-        (["preview", "--batch-size", "0"], "batch_size must be >= 1, got 0"),
+        (["preview", "--gen-batch-size", "0"], "batch_size must be >= 1, got 0"),
     ],
 )
 def test_bad_flags_are_clean_usage_errors_before_any_model_loads(argv, message, capsys, monkeypatch, tmp_path):
-    import ondemand_seg.source as source
+    import ondemand_seg.generation.generator as source
 
     def refuse(*args, **kwargs):
         raise AssertionError("a pipeline was loaded")
@@ -134,7 +138,7 @@ def test_bad_flags_are_clean_usage_errors_before_any_model_loads(argv, message, 
 
 
 def test_a_broken_model_folder_is_a_usage_error_naming_the_file(tmp_path):
-    from ondemand_seg.loading import TOY_MODEL_DIR
+    from ondemand_seg.pipelines.builtin import TOY_MODEL_DIR
 
     folder = shutil.copytree(TOY_MODEL_DIR, tmp_path / "toy")
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"

@@ -5,12 +5,23 @@ import shutil
 import pytest
 import torch
 
-from ondemand_seg import DiffuMaskConfig, MaskConfig, QualityConfig, SamplerConfig, resolve_config
-from ondemand_seg.config import DEFAULT_IMAGE_SIZE, from_dict, given_fields, merge_section, to_dict
-from ondemand_seg.label_spaces import VOC_CLASSES
-from ondemand_seg.loading import PRESET_FILE, TOY_MODEL, TOY_MODEL_DIR
-from ondemand_seg.source import SampleSource
-from ondemand_seg.vocabulary import Vocabulary, default_vocabulary, load_vocabulary
+from ondemand_seg import (
+    DiffuMaskConfig,
+    GeneratorConfig,
+    MaskConfig,
+    QualityConfig,
+    resolve_config,
+)
+from ondemand_seg.generation.generator import DiffuMaskGenerator
+from ondemand_seg.pipelines.builtin import PRESET_FILE, TOY_MODEL, TOY_MODEL_DIR
+from ondemand_seg.settings.config import from_dict, given_fields, merge_section, to_dict
+from ondemand_seg.settings.label_spaces import VOC_CLASSES
+from ondemand_seg.settings.resolve import DEFAULT_IMAGE_SIZE
+from ondemand_seg.settings.vocabulary import (
+    Vocabulary,
+    default_vocabulary,
+    load_vocabulary,
+)
 
 PRESET_MASK = {"resolution_weights": {"1": 2.0, "2": 1.0}, "timestep_window": [0.5, 1.0], "threshold": 0.45}
 
@@ -33,8 +44,8 @@ def test_configs_round_trip_through_json():
                       refine="affinity", self_attention_factor=2)
     again = from_dict(MaskConfig, json.loads(json.dumps(to_dict(mask))))
     assert again == mask and again.resolution_weights == {1: 0.5, 4: 2.0} and again.timestep_window == (0.5, 1.0)
-    sampler = SamplerConfig(num_inference_steps=20, scheduler="DPMSolverMultistepScheduler", classes_per_prompt=2)
-    assert from_dict(SamplerConfig, json.loads(json.dumps(to_dict(sampler)))) == sampler
+    sampler = GeneratorConfig(num_inference_steps=20, scheduler="DPMSolverMultistepScheduler", classes_per_prompt=2)
+    assert from_dict(GeneratorConfig, json.loads(json.dumps(to_dict(sampler)))) == sampler
     quality = QualityConfig(min_foreground=0.01, max_consecutive_rejects=7)
     assert from_dict(QualityConfig, json.loads(json.dumps(to_dict(quality)))) == quality
 
@@ -59,12 +70,12 @@ def test_configs_round_trip_through_json():
         (MaskConfig, dict(background_floor="mean"), "background_floor must be 'none' or 'median', got 'mean'"),
         (MaskConfig, dict(neglect_ratio=1.0), r"neglect_ratio must be in \[0, 1\), got 1.0"),
         (MaskConfig, dict(neglect_ratio=-0.1), r"neglect_ratio must be in \[0, 1\), got -0.1"),
-        (SamplerConfig, dict(num_inference_steps=0), "num_inference_steps must be >= 1, got 0"),
-        (SamplerConfig, dict(classes_per_prompt=0), "classes_per_prompt must be >= 1, got 0"),
-        (SamplerConfig, dict(classes_per_prompt=(3, 1)), r"classes_per_prompt must be \(min, max\) with min <= max, got \(3, 1\)"),
-        (SamplerConfig, dict(classes_per_prompt=[1, 2, 3]), r"a count or a \(min, max\) pair, got \[1, 2, 3\]"),
-        (SamplerConfig, dict(classes_per_prompt=[0, 2]), "classes_per_prompt must be >= 1, got 0"),
-        (SamplerConfig, dict(batch_size=0), "batch_size must be >= 1, got 0"),
+        (GeneratorConfig, dict(num_inference_steps=0), "num_inference_steps must be >= 1, got 0"),
+        (GeneratorConfig, dict(classes_per_prompt=0), "classes_per_prompt must be >= 1, got 0"),
+        (GeneratorConfig, dict(classes_per_prompt=(3, 1)), r"classes_per_prompt must be \(min, max\) with min <= max, got \(3, 1\)"),
+        (GeneratorConfig, dict(classes_per_prompt=[1, 2, 3]), r"a count or a \(min, max\) pair, got \[1, 2, 3\]"),
+        (GeneratorConfig, dict(classes_per_prompt=[0, 2]), "classes_per_prompt must be >= 1, got 0"),
+        (GeneratorConfig, dict(batch_size=0), "batch_size must be >= 1, got 0"),
         (QualityConfig, dict(min_foreground=0.5, max_foreground=0.4), "min_foreground < max_foreground"),
         (QualityConfig, dict(max_consecutive_rejects=0), "max_consecutive_rejects must be >= 1, got 0"),
     ],
@@ -78,8 +89,8 @@ def test_unknown_keys_are_named():
     with pytest.raises(ValueError, match=r"unknown MaskConfig option\(s\): \['gamma'\]"):
         from_dict(MaskConfig, {"gamma": 0.4})
     # Prompt wording moved to the vocabulary: the sampler has no templates any more.
-    with pytest.raises(ValueError, match=r"unknown SamplerConfig option\(s\): \['templates'\]"):
-        from_dict(SamplerConfig, {"templates": ["a photo of a {class}"]})
+    with pytest.raises(ValueError, match=r"unknown GeneratorConfig option\(s\): \['templates'\]"):
+        from_dict(GeneratorConfig, {"templates": ["a photo of a {class}"]})
 
 
 def test_given_fields_remember_what_the_constructor_was_given():
@@ -89,7 +100,7 @@ def test_given_fields_remember_what_the_constructor_was_given():
     assert given_fields(MaskConfig(timestep_window=[0.0, 1.0])) == {"timestep_window": (0.0, 1.0)}
     replaced = dataclasses.replace(MaskConfig(threshold=0.3), ignore_band=0.1)
     assert set(given_fields(replaced)) == {f.name for f in dataclasses.fields(MaskConfig)}
-    assert given_fields(SamplerConfig(batch_size=2)) == {"batch_size": 2}
+    assert given_fields(GeneratorConfig(batch_size=2)) == {"batch_size": 2}
     assert given_fields(QualityConfig(black_level=0.1)) == {"black_level": 0.1}
     # Remembering does not change equality: configs with the same values are equal.
     assert MaskConfig(threshold=0.4) == MaskConfig()
@@ -101,11 +112,11 @@ def test_merge_section_layers_field_by_field():
     assert (merged.threshold, merged.ignore_band, merged.refine) == (0.3, 0.02, "affinity")
     assert merged.resolution_weights == MaskConfig().resolution_weights
     assert merge_section(MaskConfig) == MaskConfig()
-    assert merge_section(SamplerConfig, {"batch_size": 2}, {"batch_size": 3}).batch_size == 3
+    assert merge_section(GeneratorConfig, {"batch_size": 2}, {"batch_size": 3}).batch_size == 3
     with pytest.raises(ValueError, match=r"unknown MaskConfig option\(s\): \['gamma'\]"):
         merge_section(MaskConfig, {"gamma": 0.3})
     with pytest.raises(TypeError, match="MaskConfig settings must be a MaskConfig or a dict of its fields"):
-        merge_section(MaskConfig, SamplerConfig())
+        merge_section(MaskConfig, GeneratorConfig())
     with pytest.raises(ValueError, match="threshold for 'threshold'"):
         merge_section(MaskConfig, {"threshold": 2.0})
 
@@ -138,12 +149,12 @@ def test_none_means_not_given(folder):
 
 
 def test_sampler_and_quality_sections_merge_the_same_way(tmp_path):
-    folder = model_folder(tmp_path / "m", {"sampler": {"num_inference_steps": 7, "batch_size": 3},
+    folder = model_folder(tmp_path / "m", {"generator": {"num_inference_steps": 7, "batch_size": 3},
                                            "quality": {"min_foreground": 0.1, "max_consecutive_rejects": 9}})
-    config = resolve_config(folder, sampler=SamplerConfig(batch_size=5), quality={"max_foreground": 0.9})
-    assert (config.sampler.num_inference_steps, config.sampler.batch_size) == (7, 5)
+    config = resolve_config(folder, generator=GeneratorConfig(batch_size=5), quality={"max_foreground": 0.9})
+    assert (config.generator.num_inference_steps, config.generator.batch_size) == (7, 5)
     # Not given anywhere: the model's own pipeline recommends it (StableDiffusionPipeline: 7.5).
-    assert config.sampler.guidance_scale == 7.5 and SamplerConfig().guidance_scale is None
+    assert config.generator.guidance_scale == 7.5 and GeneratorConfig().guidance_scale is None
     assert (config.quality.min_foreground, config.quality.max_foreground, config.quality.max_consecutive_rejects) == (
         0.1, 0.9, 9)
 
@@ -162,8 +173,8 @@ def test_unknown_options_fields_and_preset_keys_are_named(tmp_path, folder):
     with pytest.raises(ValueError, match=r"unknown MaskConfig option\(s\): \['gamma'\]"):
         resolve_config(bad_field)
     # Templates belong to the vocabulary now; a preset that still puts them in the sampler is named.
-    old = model_folder(tmp_path / "old", {"sampler": {"templates": ["a {}"]}})
-    with pytest.raises(ValueError, match=r"unknown SamplerConfig option\(s\): \['templates'\]"):
+    old = model_folder(tmp_path / "old", {"generator": {"templates": ["a {}"]}})
+    with pytest.raises(ValueError, match=r"unknown GeneratorConfig option\(s\): \['templates'\]"):
         resolve_config(old)
 
 
@@ -172,7 +183,7 @@ def test_toy_config_round_trips_through_its_dict(tmp_path):
     preset = json.loads((TOY_MODEL_DIR / PRESET_FILE).read_text())
     assert config.vocabulary == load_vocabulary(preset["vocabulary"])
     assert config.image_size == (preset["image_size"],) * 2
-    assert config.sampler.classes_per_prompt == preset["sampler"]["classes_per_prompt"]
+    assert config.generator.classes_per_prompt == preset["generator"]["classes_per_prompt"]
     assert config.mask.timestep_window == tuple(preset["mask"]["timestep_window"])
     data = config.to_dict()
     assert resolve_config(TOY_MODEL, **data) == config
@@ -191,7 +202,7 @@ def test_defaults_without_a_preset():
     assert isinstance(config, DiffuMaskConfig)
     assert config.label_space == VOC_CLASSES and config.vocabulary == default_vocabulary()
     assert config.image_size == (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
-    assert (config.mask, config.sampler, config.quality) == (MaskConfig(), SamplerConfig(), QualityConfig())
+    assert (config.mask, config.generator, config.quality) == (MaskConfig(), GeneratorConfig(), QualityConfig())
     assert resolve_config(lambda: None, image_size=(64, 96)).image_size == (64, 96)
     assert resolve_config(lambda: None, image_size=64).image_size == (64, 64)
 
@@ -271,7 +282,7 @@ def test_sample_source_resolves_the_same_way(tmp_path):
     preset = {"label_space": ["background", "blob", "dog"], "image_size": 32,
               "vocabulary": {"templates": ["a {class} drawing"]}, "mask": PRESET_MASK}
     folder = model_folder(tmp_path / "m", preset)
-    source = SampleSource(folder, ["blob"])
+    source = DiffuMaskGenerator(folder, ["blob"])
     assert source.config == resolve_config(folder, ["blob"])
     assert source.label_space == ("background", "blob", "dog") and source.class_ids == [1]
     assert source.image_size == (32, 32)
@@ -279,26 +290,26 @@ def test_sample_source_resolves_the_same_way(tmp_path):
     assert source.vocabulary.templates == ("a {class} drawing",)
     assert source.prompt(0).text == "a blob drawing"
     # The sampler fields nobody set are the model's own pipeline defaults (StableDiffusionPipeline's).
-    assert source.sampler_config == SamplerConfig(num_inference_steps=50, guidance_scale=7.5)
+    assert source.generator_config == GeneratorConfig(num_inference_steps=50, guidance_scale=7.5)
     assert source.quality_config == QualityConfig()
-    explicit = SampleSource(folder, ["dog"], image_size=64, mask=MaskConfig(threshold=0.5))
+    explicit = DiffuMaskGenerator(folder, ["dog"], image_size=64, mask=MaskConfig(threshold=0.5))
     assert explicit.image_size == (64, 64) and explicit.mask_config.threshold == 0.5
     assert explicit.mask_config.resolution_weights == {1: 2.0, 2: 1.0}, "the preset's other fields stay"
     assert explicit.mask_config.timestep_window == (0.5, 1.0)
     with pytest.raises(ValueError, match="unknown class 'cat'"):
-        SampleSource(folder, ["cat"])
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['prompt_names'\]"):
-        SampleSource(folder, ["dog"], prompt_names={"dog": "puppy"})
+        DiffuMaskGenerator(folder, ["cat"])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'prompt_names'"):
+        DiffuMaskGenerator(folder, ["dog"], prompt_names={"dog": "puppy"})
 
 
 def test_speed_options_are_booleans_and_round_trip():
-    sampler = SamplerConfig(compile=True, channels_last=True)
-    assert from_dict(SamplerConfig, json.loads(json.dumps(to_dict(sampler)))) == sampler
-    assert (SamplerConfig().compile, SamplerConfig().channels_last) == (False, False)
+    sampler = GeneratorConfig(compile=True, channels_last=True)
+    assert from_dict(GeneratorConfig, json.loads(json.dumps(to_dict(sampler)))) == sampler
+    assert (GeneratorConfig().compile, GeneratorConfig().channels_last) == (False, False)
     with pytest.raises(TypeError, match=r"compile must be True or False, got 'yes' \(str\)"):
-        SamplerConfig(compile="yes")
+        GeneratorConfig(compile="yes")
     with pytest.raises(TypeError, match=r"channels_last must be True or False, got 1 \(int\)"):
-        SamplerConfig(channels_last=1)
+        GeneratorConfig(channels_last=1)
 
 
 def test_compile_names_the_torch_it_needs(monkeypatch):
@@ -306,5 +317,5 @@ def test_compile_names_the_torch_it_needs(monkeypatch):
 
     monkeypatch.setattr(torch, "__version__", TorchVersion("2.7.1"))
     with pytest.raises(ValueError, match=r"compile=True needs torch >= 2.8 .* this is torch 2.7.1"):
-        SamplerConfig(compile=True)
-    assert SamplerConfig(channels_last=True).channels_last, "channels_last works on any torch"
+        GeneratorConfig(compile=True)
+    assert GeneratorConfig(channels_last=True).channels_last, "channels_last works on any torch"

@@ -6,7 +6,12 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 from torchvision.datasets import VOCSegmentation
 
-from ondemand_seg import AugmentConfig, DiffuMaskAugment, DiffuMaskDataset, SegmentationTransform
+from ondemand_seg import (
+    AugmentConfig,
+    DiffuMaskAugment,
+    DiffuMaskDataset,
+    SegmentationTransform,
+)
 from ondemand_seg.toyworld import TOY_CLASSES, write_voc
 
 
@@ -75,10 +80,10 @@ def test_cache_reuses_generated_items(tiny_sd1, fast):
 
 
 def test_a_single_index_generates_its_block_when_everything_fits(tiny_sd1, fast):
-    from ondemand_seg import SamplerConfig
+    from ondemand_seg import GeneratorConfig
 
-    sampler = SamplerConfig(num_inference_steps=fast["sampler"].num_inference_steps, batch_size=3)
-    options = {**fast, "sampler": sampler}
+    sampler = GeneratorConfig(num_inference_steps=fast["generator"].num_inference_steps, batch_size=3)
+    options = {**fast, "generator": sampler}
     dataset = DiffuMaskDataset(tiny_sd1, ["dog"], length=7, cache_size=7, augment=False, **options)
     dataset[4]  # block [3, 4, 5] in one pipeline call
     assert sorted(dataset._cache) == [3, 4, 5] and dataset.stats()["generated"] == 3
@@ -118,7 +123,7 @@ def test_map_style_splicing_tiles_an_item_with_others_of_its_block(tiny_sd1, fas
     spliced = splicing_dataset(tiny_sd1, fast, splice=1.0)
     plain = splicing_dataset(tiny_sd1, fast, splice=0.0)
     assert spliced.transforms.splices and not plain.transforms.splices
-    block = fast["sampler"].batch_size
+    block = fast["generator"].batch_size
     unspliced = [plain[i] for i in range(8)]
     raw_ids = [set(np.unique(s.mask).tolist()) for s in plain.raw(range(8))]
     foreign_ids = False

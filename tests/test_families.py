@@ -6,15 +6,21 @@ import re
 import pytest
 import torch
 
-from ondemand_seg import DiffuMaskStream, MaskConfig, SamplerConfig, resolve_config
-from ondemand_seg.capture import CrossAttentionStore, record_joint
-from ondemand_seg.families import FAMILIES, describe_pipeline, family_of
-from ondemand_seg.generation import DiffuMaskSampler
-from ondemand_seg.loading import check_model_source, load_pipeline
-from ondemand_seg.prompts import PromptSpec, class_token_weights
-from ondemand_seg.testing import (
-    FLAVORS, TEXT_ATTENTION_FACTORS, TINY_IMAGE_SIZES, build_tiny_pipeline, save_tiny_pipeline, sentencepiece_pieces,
+from ondemand_seg import DiffuMaskStream, GeneratorConfig, MaskConfig, resolve_config
+from ondemand_seg.generation.capture import AttentionStore, record_joint
+from ondemand_seg.generation.generator import CapturingPipeline
+from ondemand_seg.generation.tokens import class_token_weights
+from ondemand_seg.pipelines.families import FAMILIES, describe_pipeline, family_of
+from ondemand_seg.pipelines.loading import check_model_source, load_pipeline
+from ondemand_seg.pipelines.tiny import (
+    FLAVORS,
+    TEXT_ATTENTION_FACTORS,
+    TINY_IMAGE_SIZES,
+    build_tiny_pipeline,
+    save_tiny_pipeline,
+    sentencepiece_pieces,
 )
+from ondemand_seg.settings.vocabulary import PromptSpec
 
 PROMPTS = [
     PromptSpec("a photo of a potted plant and a dog", ("pottedplant", "dog"), (16, 12), ("potted plant", "dog")),
@@ -39,7 +45,7 @@ def pipes():
 
 
 def sampler_for(pipe, **mask):
-    return DiffuMaskSampler(pipe, MaskConfig(**mask), SamplerConfig(num_inference_steps=2))
+    return CapturingPipeline(pipe, MaskConfig(**mask), GeneratorConfig(num_inference_steps=2))
 
 
 def size_of(flavor):
@@ -80,7 +86,7 @@ def test_capture_does_not_change_the_images(pipes, flavor):
     sampler = sampler_for(pipe)
     h, w = size_of(flavor)
     bare = pipe(prompt=[p.text for p in PROMPTS], height=h, width=w, num_inference_steps=2,
-                guidance_scale=sampler.sampler_config.guidance_scale, output_type="pt",
+                guidance_scale=sampler.generator_config.guidance_scale, output_type="pt",
                 generator=[torch.Generator().manual_seed(s) for s in (0, 1)], **sampler.call_options).images
     captured = sampler.generate(PROMPTS, [0, 1], (h, w)).images
     assert torch.allclose(bare, captured, atol=1e-5)
@@ -144,7 +150,7 @@ def test_flux_has_no_unconditional_half(pipes):
         hook.remove()
     assert batches == [2, 2]  # one row per image at every step: guidance is embedded, not batched
     sd3 = pipes("sd3")
-    without_cfg = DiffuMaskSampler(sd3, MaskConfig(), SamplerConfig(num_inference_steps=2, guidance_scale=1.0))
+    without_cfg = CapturingPipeline(sd3, MaskConfig(), GeneratorConfig(num_inference_steps=2, guidance_scale=1.0))
     assert without_cfg.generate(PROMPTS, [0, 1], size_of("sd3")).masks.shape == (2, 64, 64)
 
 
@@ -160,7 +166,7 @@ def test_record_joint_matches_explicit_softmax():
     scale = dim**-0.5
 
     def recorded(**store_settings):
-        store = CrossAttentionStore(**store_settings)
+        store = AttentionStore(**store_settings)
         store.begin(weights, (4, 4), num_steps=1)
         record_joint(store, scale, query, key, output, text, image)
         return store.maps()[1].flatten(2)
@@ -202,7 +208,7 @@ def test_model_aware_defaults_come_from_each_pipeline(pipes):
             assert spec.num_inference_steps == params["num_inference_steps"].default
             assert spec.guidance_scale == params["guidance_scale"].default
         sampler = sampler_for(pipe)
-        assert sampler.sampler_config.guidance_scale == spec.guidance_scale
+        assert sampler.generator_config.guidance_scale == spec.guidance_scale
     # SDXL has no text attention at factor 1: the SD default (1, 2, 4) is never imposed on it.
     assert describe_pipeline(pipes("sdxl")).default_resolution_weights((1024, 1024)) == {2: 1.0, 4: 1.0}
     assert describe_pipeline(pipes("sd1")).default_resolution_weights((512, 512)) == {1: 1.0, 2: 1.0, 4: 1.0}
@@ -213,14 +219,14 @@ def test_saved_folders_resolve_and_fail_in_the_main_process(tmp_path):
     config = resolve_config(sdxl)
     unet = build_tiny_pipeline("sdxl").unet.config
     assert config.image_size == (unet.sample_size * 8,) * 2
-    assert (config.sampler.num_inference_steps, config.sampler.guidance_scale) == (50, 5.0)
+    assert (config.generator.num_inference_steps, config.generator.guidance_scale) == (50, 5.0)
     with pytest.raises(ValueError, match=r"factor\(s\) \[1\], but this Stable Diffusion XL model's text attention "
                                          r"runs at factor\(s\) \[2, 4\] only"):
         resolve_config(sdxl, mask={"resolution_weights": {1: 1.0, 2: 1.0}})
     # A preset still overrides the model, and explicit arguments override both.
-    (sdxl / "ondemand_seg.json").write_text('{"sampler": {"num_inference_steps": 7}}')
-    assert resolve_config(sdxl).sampler.num_inference_steps == 7
-    assert resolve_config(sdxl, sampler={"num_inference_steps": 3}).sampler.num_inference_steps == 3
+    (sdxl / "ondemand_seg.json").write_text('{"generator": {"num_inference_steps": 7}}')
+    assert resolve_config(sdxl).generator.num_inference_steps == 7
+    assert resolve_config(sdxl, generator={"num_inference_steps": 3}).generator.num_inference_steps == 3
     sd3 = save_tiny_pipeline(tmp_path / "sd3", "sd3")
     with pytest.raises(ValueError, match=r"image_size \(72, 72\) is not a multiple of 16"):
         resolve_config(sd3, image_size=72)
@@ -231,14 +237,14 @@ def test_saved_folders_resolve_and_fail_in_the_main_process(tmp_path):
 def test_a_transformer_folder_streams_through_from_pretrained(tmp_path):
     folder = save_tiny_pipeline(tmp_path / "flux", "flux")
     stream = DiffuMaskStream(folder, ["dog", "pottedplant"], num_samples=2, augment=False, seed=3,
-                             image_size=64, sampler={"num_inference_steps": 2, "batch_size": 2},
+                             image_size=64, generator={"num_inference_steps": 2, "batch_size": 2},
                              quality={"min_foreground": 0.0, "max_foreground": 1.0})
     samples = list(stream)
     assert len(samples) == 2
     image, mask = samples[0]
     assert image.shape == (3, 64, 64) and mask.shape == (64, 64)
     assert set(mask.unique().tolist()) <= {0, 12, 16, 255}
-    assert type(stream.source.sampler.pipeline).__name__ == "FluxPipeline"
+    assert type(stream.source.pipeline).__name__ == "FluxPipeline"
 
 
 def test_a_pipeline_of_another_kind_is_named_early():
@@ -297,25 +303,25 @@ def test_saved_folders_of_every_family_pass_the_folder_check(pipes, flavor, tmp_
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_guidance_at_or_below_one_is_refused_only_where_it_turns_guidance_off(pipes, flavor):
     spec = describe_pipeline(pipes(flavor))
-    spec.check_sampler(SamplerConfig(guidance_scale=spec.guidance_scale))
+    spec.check_generator(GeneratorConfig(guidance_scale=spec.guidance_scale))
     if FAMILY_OF_FLAVOR[flavor] == "flux":  # guidance-distilled: the scale is a model input, not CFG
         assert not spec.classifier_free
-        spec.check_sampler(SamplerConfig(guidance_scale=0.0))
-        spec.check_sampler(SamplerConfig(guidance_scale=1.0))
+        spec.check_generator(GeneratorConfig(guidance_scale=0.0))
+        spec.check_generator(GeneratorConfig(guidance_scale=1.0))
     else:
         assert spec.classifier_free
         with pytest.raises(ValueError, match=f"guidance_scale=1.0 turns classifier-free guidance off in a "
                                              f"{type(pipes(flavor)).__name__}"):
-            spec.check_sampler(SamplerConfig(guidance_scale=1.0))
+            spec.check_generator(GeneratorConfig(guidance_scale=1.0))
 
 
 def test_a_unet_with_a_guidance_embedding_takes_guidance_as_an_input():
-    from ondemand_seg.families import describe, folder_reader
-    from ondemand_seg.loading import TOY_MODEL_DIR
+    from ondemand_seg.pipelines.builtin import TOY_MODEL_DIR
+    from ondemand_seg.pipelines.families import describe, folder_reader
 
     toy = folder_reader(TOY_MODEL_DIR)
     lcm = {**toy("unet/config.json"), "time_cond_proj_dim": 256}  # LCM-distilled: no CFG in the pipeline
     spec = describe(lambda name: lcm if name == "unet/config.json" else toy(name))
     assert not spec.classifier_free
-    spec.check_sampler(SamplerConfig(guidance_scale=1.0))
+    spec.check_generator(GeneratorConfig(guidance_scale=1.0))
     assert describe(toy).classifier_free

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ondemand_seg import DiffuMaskDataset, DiffuMaskStream, SamplerConfig
-from ondemand_seg.generation import DiffuMaskSampler
+from ondemand_seg import DiffuMaskDataset, DiffuMaskStream, GeneratorConfig
+from ondemand_seg.generation.generator import CapturingPipeline
 
 CLASSES = ["ring", "square"]
 
@@ -21,7 +21,7 @@ def untransformed(image, target):
 
 def toy(**options):
     """The embedded toy model at its 32x32 size, 2 steps, batches of 4, samples left as PIL."""
-    return dict(dict(sampler=SamplerConfig(num_inference_steps=2, batch_size=4), transforms=untransformed), **options)
+    return dict(dict(generator=GeneratorConfig(num_inference_steps=2, batch_size=4), transforms=untransformed), **options)
 
 
 def as_bytes(pair):
@@ -50,8 +50,8 @@ def oom():
 
 
 def inject(source, error, fail_on):
-    failing = Failing(source.sampler.generate, error, fail_on)
-    source.sampler.generate = failing
+    failing = Failing(source.capturing.generate, error, fail_on)
+    source.capturing.generate = failing
     return failing
 
 
@@ -64,7 +64,7 @@ def reference():
 def test_one_oom_retries_with_half_the_batch_and_yields_the_same_samples(reference, caplog):
     stream = DiffuMaskStream("toy", CLASSES, num_samples=8, **toy())
     failing = inject(stream.source, oom(), fail_on=[0])
-    with caplog.at_level(logging.WARNING, logger="ondemand_seg.source"):
+    with caplog.at_level(logging.WARNING, logger="ondemand_seg.generation.generator"):
         served = [as_bytes(p) for p in stream]
     assert len(set(reference)) == 8, "the reference has eight distinct samples"
     assert served == reference, "every index once, in order, byte for byte"
@@ -79,7 +79,7 @@ def test_oom_at_batch_one_is_a_clear_error_and_serves_nothing():
     iterator = iter(stream)
     failing = inject(stream.source, oom(), fail_on=range(100))
     with pytest.raises(torch.OutOfMemoryError, match=r"every generation batch size tried \(4, 2, 1; configured "
-                                                     r"sampler.batch_size=4\).*lower image_size") as raised:
+                                                     r"generator.batch_size=4\).*lower image_size") as raised:
         next(iterator)
     assert isinstance(raised.value.__cause__, torch.OutOfMemoryError), "the original error is chained"
     assert failing.sizes == [4, 2, 1]
@@ -135,7 +135,7 @@ def test_dataset_retries_oom_with_the_same_items():
 
 
 def test_oom_retries_in_a_worker_are_counted_in_the_main_process(reference, monkeypatch):
-    generate, failed = DiffuMaskSampler.generate, []
+    generate, failed = CapturingPipeline.generate, []
 
     def generate_failing_once(sampler, *args, **kwargs):
         if not failed:
@@ -144,7 +144,7 @@ def test_oom_retries_in_a_worker_are_counted_in_the_main_process(reference, monk
         return generate(sampler, *args, **kwargs)
 
     # Patched on the class before the forked worker starts, so the worker's own sampler fails once.
-    monkeypatch.setattr(DiffuMaskSampler, "generate", generate_failing_once)
+    monkeypatch.setattr(CapturingPipeline, "generate", generate_failing_once)
     stream = DiffuMaskStream("toy", CLASSES, num_samples=8, **toy())
     loader = DataLoader(stream, batch_size=None, num_workers=1, multiprocessing_context="fork")
     served = [as_bytes(p) for p in loader]

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from ondemand_seg import MaskConfig, SamplerConfig
-from ondemand_seg.generation import DiffuMaskSampler, GeneratedBatch
-from ondemand_seg.loading import load_pipeline
-from ondemand_seg.prompts import PromptSpec
-from ondemand_seg.testing import build_tiny_pipeline
+from ondemand_seg import GeneratorConfig, MaskConfig
+from ondemand_seg.generation.generator import CapturingPipeline, GeneratedBatch
+from ondemand_seg.pipelines.loading import load_pipeline
+from ondemand_seg.pipelines.tiny import build_tiny_pipeline
+from ondemand_seg.settings.vocabulary import PromptSpec
 
 DOG = PromptSpec("a photograph of a dog", ("dog",), (12,), ("dog",))
 BIRD_DOG = PromptSpec("a photograph of a bird and a dog", ("bird", "dog"), (3, 12), ("bird", "dog"))
@@ -21,7 +21,7 @@ def tiny_pipe():
 @pytest.mark.parametrize("flavor", ["tiny_sd1", "tiny_sd2"])
 def test_folder_pipelines_generate_images_and_masks(flavor, request):
     folder = request.getfixturevalue(flavor)
-    sampler = DiffuMaskSampler(load_pipeline(folder, torch.device("cpu")), MaskConfig(), SamplerConfig(num_inference_steps=3))
+    sampler = CapturingPipeline(load_pipeline(folder, torch.device("cpu")), MaskConfig(), GeneratorConfig(num_inference_steps=3))
     batch = sampler.generate([DOG, BIRD_DOG], [1, 2], (64, 96))
     assert batch.images.shape == (2, 3, 64, 96) and batch.images.dtype == torch.float32
     assert 0 <= batch.images.min() and batch.images.max() <= 1
@@ -33,7 +33,7 @@ def test_folder_pipelines_generate_images_and_masks(flavor, request):
 
 
 def test_keep_maps_returns_the_maps_the_masks_came_from(tiny_pipe):
-    sampler = DiffuMaskSampler(tiny_pipe, MaskConfig(), SamplerConfig(num_inference_steps=2))
+    sampler = CapturingPipeline(tiny_pipe, MaskConfig(), GeneratorConfig(num_inference_steps=2))
     batch = sampler.generate([DOG, BIRD_DOG], [1, 2], (64, 64), keep_maps=True)
     assert batch.fused.shape == (2, 2, 64, 64) and batch.fused.device.type == "cpu"
     assert 0 <= batch.fused.min() and batch.fused.max() <= 1
@@ -47,7 +47,7 @@ def test_keep_maps_returns_the_maps_the_masks_came_from(tiny_pipe):
 
 
 def test_non_finite_attention_is_flagged_and_kept_out_of_the_mask(tiny_pipe, monkeypatch):
-    sampler = DiffuMaskSampler(tiny_pipe, MaskConfig(), SamplerConfig(num_inference_steps=2))
+    sampler = CapturingPipeline(tiny_pipe, MaskConfig(), GeneratorConfig(num_inference_steps=2))
     clean = sampler.generate([DOG, DOG], [1, 2], (64, 64), keep_maps=True)
     assert (clean.masks[1] == 12).any(), "premise: the clean dog map labels pixels"
     real_add = sampler.store.add
@@ -74,7 +74,7 @@ def test_non_finite_attention_is_flagged_and_kept_out_of_the_mask(tiny_pipe, mon
 
 def test_a_neglected_class_is_labelled_as_not_named_and_counted(tiny_pipe, monkeypatch):
     config = MaskConfig(neglect_ratio=0.5)
-    sampler = DiffuMaskSampler(tiny_pipe, config, SamplerConfig(num_inference_steps=2))
+    sampler = CapturingPipeline(tiny_pipe, config, GeneratorConfig(num_inference_steps=2))
     clean = sampler.generate([BIRD_DOG, BIRD_DOG], [1, 2], (64, 64), keep_maps=True)
     assert clean.neglected.tolist() == [0, 0] and clean.class_ids.tolist() == [[3, 12], [3, 12]]
     assert (clean.masks[0] == 3).any(), "premise: the bird labels pixels when its attention is not faint"
@@ -99,7 +99,7 @@ def test_a_neglected_class_is_labelled_as_not_named_and_counted(tiny_pipe, monke
 
 
 def test_image_depends_on_its_seed_not_its_batch(tiny_sd1):
-    sampler = DiffuMaskSampler(load_pipeline(tiny_sd1, torch.device("cpu")), MaskConfig(), SamplerConfig(num_inference_steps=3))
+    sampler = CapturingPipeline(load_pipeline(tiny_sd1, torch.device("cpu")), MaskConfig(), GeneratorConfig(num_inference_steps=3))
     alone = sampler.generate([DOG], [7], (64, 64))
     batched = sampler.generate([BIRD_DOG, DOG, DOG], [1, 7, 8], (64, 64))
     # Batched BLAS kernels may round differently from single ones; anything beyond that is a bug.
@@ -110,21 +110,21 @@ def test_image_depends_on_its_seed_not_its_batch(tiny_sd1):
 
 def test_swapped_scheduler_generates(tiny_sd1):
     pipeline = load_pipeline(tiny_sd1, torch.device("cpu"), scheduler="DPMSolverMultistepScheduler")
-    batch = DiffuMaskSampler(pipeline, MaskConfig(), SamplerConfig(num_inference_steps=3)).generate([DOG], [0], (64, 64))
+    batch = CapturingPipeline(pipeline, MaskConfig(), GeneratorConfig(num_inference_steps=3)).generate([DOG], [0], (64, 64))
     assert torch.isfinite(batch.images).all() and batch.masks.shape == (1, 64, 64)
 
 
 def test_callable_model_and_window_with_no_guidance(tiny_sd1):
     pipeline = load_pipeline(lambda: load_pipeline(tiny_sd1, torch.device("cpu")), torch.device("cpu"))
-    sampler = DiffuMaskSampler(pipeline, MaskConfig(timestep_window=(0.5, 1.0)), SamplerConfig(num_inference_steps=4, guidance_scale=1.0))
+    sampler = CapturingPipeline(pipeline, MaskConfig(timestep_window=(0.5, 1.0)), GeneratorConfig(num_inference_steps=4, guidance_scale=1.0))
     batch = sampler.generate([DOG, DOG], [0, 1], (64, 64))
     assert batch.masks.shape == (2, 64, 64)
 
 
 def test_refinements_change_the_maps_not_the_images(tiny_pipe):
-    plain = DiffuMaskSampler(tiny_pipe, MaskConfig(), SamplerConfig(num_inference_steps=2)).generate([DOG], [0], (64, 64), keep_maps=True)
+    plain = CapturingPipeline(tiny_pipe, MaskConfig(), GeneratorConfig(num_inference_steps=2)).generate([DOG], [0], (64, 64), keep_maps=True)
     for config in (MaskConfig(threshold_mode="otsu"), MaskConfig(refine="affinity"), MaskConfig(self_attention_factor=1)):
-        batch = DiffuMaskSampler(tiny_pipe, config, SamplerConfig(num_inference_steps=2)).generate([DOG], [0], (64, 64), keep_maps=True)
+        batch = CapturingPipeline(tiny_pipe, config, GeneratorConfig(num_inference_steps=2)).generate([DOG], [0], (64, 64), keep_maps=True)
         assert torch.allclose(batch.images, plain.images, atol=1e-5), "refinement must not change the image"
         assert set(batch.masks.unique().tolist()) <= {0, 12, 255}
         if config.threshold_mode == "fixed":
@@ -132,16 +132,16 @@ def test_refinements_change_the_maps_not_the_images(tiny_pipe):
         else:
             assert torch.equal(batch.fused, plain.fused), "Otsu changes γ, not the maps"
     with pytest.raises(ValueError, match=r"self_attention_factor=8: .* self-attention runs at factor\(s\) \[1, 2, 4\]"):
-        DiffuMaskSampler(tiny_pipe, MaskConfig(self_attention_factor=8), SamplerConfig(num_inference_steps=2))
+        CapturingPipeline(tiny_pipe, MaskConfig(self_attention_factor=8), GeneratorConfig(num_inference_steps=2))
 
 
 def test_a_failed_batch_leaves_the_sampler_usable(tiny_pipe):
     # A resolution the model lacks is named at construction ...
     with pytest.raises(ValueError, match=r"factor\(s\) \[16\], but this Stable Diffusion 1.x/2.x model's text "
                                          r"attention runs at factor\(s\) \[1, 2, 4\] only"):
-        DiffuMaskSampler(tiny_pipe, MaskConfig(resolution_weights={1: 1.0, 16: 1.0}), SamplerConfig(num_inference_steps=2))
+        CapturingPipeline(tiny_pipe, MaskConfig(resolution_weights={1: 1.0, 16: 1.0}), GeneratorConfig(num_inference_steps=2))
     # ... so a batch that fails after the denoising (here: the same setting slipped in later) is made.
-    sampler = DiffuMaskSampler(tiny_pipe, MaskConfig(), SamplerConfig(num_inference_steps=2))
+    sampler = CapturingPipeline(tiny_pipe, MaskConfig(), GeneratorConfig(num_inference_steps=2))
     sampler.mask_config = MaskConfig(resolution_weights={1: 1.0, 16: 1.0})
     with pytest.raises(ValueError, match=r"no cross-attention was captured at latent factor\(s\) \[16\]"):
         sampler.generate([DOG], [0], (64, 64))
@@ -162,9 +162,9 @@ def test_uint8_images_rounds_and_clamps():
 def test_channels_last_gives_the_same_masks():
     pipe = build_tiny_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    plain = DiffuMaskSampler(pipe, MaskConfig(), SamplerConfig(num_inference_steps=3))
+    plain = CapturingPipeline(pipe, MaskConfig(), GeneratorConfig(num_inference_steps=3))
     reference = plain.generate([DOG, BIRD_DOG], [1, 2], (64, 64), keep_maps=True)
-    sampler = DiffuMaskSampler(pipe, MaskConfig(), SamplerConfig(num_inference_steps=3, channels_last=True))
+    sampler = CapturingPipeline(pipe, MaskConfig(), GeneratorConfig(num_inference_steps=3, channels_last=True))
     assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert not pipe.unet.conv_in.weight.is_contiguous(), "premise: the weights really changed layout"
     batch = sampler.generate([DOG, BIRD_DOG], [1, 2], (64, 64), keep_maps=True)
@@ -195,21 +195,21 @@ def test_compiled_capture_gives_the_same_masks_without_graph_breaks_or_per_step_
     from torch._dynamo.testing import CompileCounter
     from torch._dynamo.utils import counters
 
-    from ondemand_seg import generation
+    from ondemand_seg.generation import generator as generation
 
     pipe = build_tiny_pipeline()
     pipe.set_progress_bar_config(disable=True)
     # A window inside (0, 1): steps before, inside and after it, and the first recorded step.
     mask_config, steps = MaskConfig(timestep_window=(0.25, 0.75)), 6
     reference, reference_counts = generate_counting(
-        DiffuMaskSampler(pipe, mask_config, SamplerConfig(num_inference_steps=steps)), [1, 2])
+        CapturingPipeline(pipe, mask_config, GeneratorConfig(num_inference_steps=steps)), [1, 2])
     # Dynamo traces as for inductor; the counter runs the graphs eagerly and counts them.
     graphs = CompileCounter()
     monkeypatch.setattr(generation, "COMPILE_BACKEND", graphs)
     torch._dynamo.reset()
     counters.clear()
     try:
-        sampler = DiffuMaskSampler(pipe, mask_config, SamplerConfig(num_inference_steps=steps, compile=True))
+        sampler = CapturingPipeline(pipe, mask_config, GeneratorConfig(num_inference_steps=steps, compile=True))
         first, first_counts = generate_counting(sampler, [1, 2])
         assert not counters["graph_break"], dict(counters["graph_break"])
         # Not recording before the window, recording into empty sums, recording, not recording after.

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ondemand_seg.label_noise import LabelNoiseFilter, class_agreement
+from ondemand_seg.data.label_noise import LabelNoiseFilter, class_agreement
 
 
 def square(value, top, left, size=8, shape=(16, 16)):

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from ondemand_seg import MaskConfig
-from ondemand_seg.capture import CapturedAttention
-from ondemand_seg.labelling import finite_samples, masks_from_attention
+from ondemand_seg.generation.capture import CapturedAttention
+from ondemand_seg.masks.labelling import finite_samples, masks_from_attention
 
 ONLY_LATENT = {1: 1.0}  # one map at the latent grid; with latent size == image size nothing is resized
 

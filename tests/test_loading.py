@@ -7,12 +7,19 @@ import pytest
 import torch
 
 import ondemand_seg
-import ondemand_seg.loading as loading
-from ondemand_seg.loading import (
-    PRESET_FILE, RANDOM_WEIGHTS_MODEL, TOY_MODEL, TOY_MODEL_DIR, check_image_size, check_model_source, load_pipeline,
-    pick_device, read_preset, resolve_model,
+import ondemand_seg.pipelines.builtin as builtin
+from ondemand_seg.pipelines.builtin import (
+    PRESET_FILE,
+    RANDOM_WEIGHTS_MODEL,
+    TOY_MODEL,
+    TOY_MODEL_DIR,
+    read_preset,
+    resolve_model,
 )
-from ondemand_seg.testing import TINY_IMAGE_SIZE
+from ondemand_seg.pipelines.devices import pick_device
+from ondemand_seg.pipelines.loading import check_model_source, load_pipeline
+from ondemand_seg.pipelines.tiny import TINY_IMAGE_SIZE
+from ondemand_seg.settings.validation import check_image_size
 
 PACKAGE_DIR = Path(ondemand_seg.__file__).resolve().parent
 
@@ -86,7 +93,7 @@ def test_resolve_model_maps_only_the_toy_name():
 
 
 def test_missing_toy_model_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setitem(loading.BUILTIN_MODELS, "toy", tmp_path / "gone")
+    monkeypatch.setitem(builtin.BUILTIN_MODELS, "toy", tmp_path / "gone")
     with pytest.raises(FileNotFoundError, match="embedded 'toy' model is missing.*train_toy_model.py"):
         resolve_model(TOY_MODEL)
 
@@ -180,12 +187,12 @@ def test_pick_device_round_robin_or_cpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_pipelines_are_fp16(tiny_sd1):
-    from ondemand_seg import MaskConfig, SamplerConfig
-    from ondemand_seg.generation import DiffuMaskSampler
-    from ondemand_seg.prompts import PromptSpec
+    from ondemand_seg import GeneratorConfig, MaskConfig
+    from ondemand_seg.generation.generator import CapturingPipeline
+    from ondemand_seg.settings.vocabulary import PromptSpec
 
     pipeline = load_pipeline(tiny_sd1, torch.device("cuda"))
     assert pipeline.unet.dtype == torch.float16 and pipeline.unet.device.type == "cuda"
     dog = PromptSpec("a photograph of a dog", ("dog",), (12,), ("dog",))
-    batch = DiffuMaskSampler(pipeline, MaskConfig(), SamplerConfig(num_inference_steps=3)).generate([dog], [0], (64, 64))
+    batch = CapturingPipeline(pipeline, MaskConfig(), GeneratorConfig(num_inference_steps=3)).generate([dog], [0], (64, 64))
     assert batch.images.device.type == "cpu" and torch.isfinite(batch.images).all()

@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from ondemand_seg import MaskConfig, QualityConfig
-from ondemand_seg.capture import CapturedAttention
-from ondemand_seg.labelling import finite_samples, masks_from_attention
-from ondemand_seg.masks import labels_from_maps, normalize_maps, otsu_thresholds
-from ondemand_seg.quality import gate
+from ondemand_seg.generation.capture import CapturedAttention
+from ondemand_seg.masks.labelling import finite_samples, masks_from_attention
+from ondemand_seg.masks.maps import labels_from_maps, normalize_maps, otsu_thresholds
+from ondemand_seg.masks.quality import gate
 
 # Few examples and no example database (nothing written into the checkout): the suite stays fast.
 PROPERTY = settings(max_examples=40, deadline=None, database=None)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ondemand_seg.masks import (
+from ondemand_seg.masks.maps import (
     calibrate_threshold,
     fuse_resolutions,
     labels_from_maps,

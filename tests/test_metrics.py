@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from ondemand_seg.label_spaces import IGNORE_INDEX
 from ondemand_seg.metrics import ConfusionMatrix
+from ondemand_seg.settings.label_spaces import IGNORE_INDEX
 
 
 def test_confusion_matrix_iou_ignores_255():

@@ -40,12 +40,12 @@ import torch
 from torch.utils.data import DataLoader
 
 import ondemand_seg
-from ondemand_seg import DiffuMaskStream, SamplerConfig
+from ondemand_seg import DiffuMaskStream, GeneratorConfig
 
 
 def stream():
     return DiffuMaskStream("toy", ["ring"], num_samples=1, cache_size=1,
-                           sampler=SamplerConfig(num_inference_steps=2, batch_size=1))
+                           generator=GeneratorConfig(num_inference_steps=2, batch_size=1))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ondemand_seg.label_spaces import IGNORE_INDEX, VOC_CLASSES, voc_palette
 from ondemand_seg.preview import render_preview, write_preview
+from ondemand_seg.settings.label_spaces import IGNORE_INDEX, VOC_CLASSES, voc_palette
 
 BIRD, DOG, PERSON = VOC_CLASSES.index("bird"), VOC_CLASSES.index("dog"), VOC_CLASSES.index("person")
 SIZE = 32  # enlarged to 128 px tiles by render_preview

@@ -1,7 +1,8 @@
 import pytest
 
-from ondemand_seg.prompts import PromptSpec, class_token_weights, token_positions
-from ondemand_seg.testing import build_clip_tokenizer
+from ondemand_seg.generation.tokens import class_token_weights, token_positions
+from ondemand_seg.pipelines.tiny import build_clip_tokenizer
+from ondemand_seg.settings.vocabulary import PromptSpec
 
 
 @pytest.fixture(scope="module")

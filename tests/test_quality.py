@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from ondemand_seg import DiffuMaskStream, QualityConfig, TooManyRejects
-from ondemand_seg.loading import RANDOM_WEIGHTS_MODEL
-from ondemand_seg.quality import REJECT_REASONS, GateStats, RejectCounter, gate
+from ondemand_seg.masks.quality import REJECT_REASONS, GateStats, RejectCounter, gate
+from ondemand_seg.pipelines.builtin import RANDOM_WEIGHTS_MODEL
 
 
 def good():
@@ -100,7 +100,7 @@ def test_stream_stops_with_a_clear_error_instead_of_looping(fast):
 
 
 def test_rejected_sample_is_redrawn_not_passed_on(fast, monkeypatch):
-    import ondemand_seg.source as source
+    import ondemand_seg.generation.generator as source
 
     real_gate = source.gate
     calls = []
@@ -120,13 +120,13 @@ def test_rejected_sample_is_redrawn_not_passed_on(fast, monkeypatch):
 def test_a_nan_in_one_attention_map_is_rejected_counted_and_never_served(tiny_sd1, fast, monkeypatch):
     import numpy as np
 
-    from ondemand_seg.source import SampleSource
+    from ondemand_seg.generation.generator import DiffuMaskGenerator
 
-    clean = SampleSource(tiny_sd1, ["dog"], **fast)
-    expected = clean.draw([0, 1])
+    clean = DiffuMaskGenerator(tiny_sd1, ["dog"], **fast)
+    expected = clean.samples([0, 1])
     assert expected[0].attempt == 0, "premise: without the NaN, sample 0's first attempt is accepted"
-    source = SampleSource(tiny_sd1, ["dog"], **fast)
-    store = source.sampler.store
+    source = DiffuMaskGenerator(tiny_sd1, ["dog"], **fast)
+    store = source.capturing.store
     real_add, calls = store.add, []
 
     def add_with_one_nan(class_maps):
@@ -138,8 +138,8 @@ def test_a_nan_in_one_attention_map_is_rejected_counted_and_never_served(tiny_sd
         real_add(class_maps)
 
     monkeypatch.setattr(store, "add", add_with_one_nan)
-    drawn = source.draw([0, 1])
-    stats, clean_stats = source.stats.as_dict(), clean.stats.as_dict()
+    drawn = source.samples([0, 1])
+    stats, clean_stats = source.stats(), clean.stats()
     assert stats["non-finite attention"] == 1 and clean_stats["non-finite attention"] == 0
     assert stats["generated"] == clean_stats["generated"] + 1 and stats["accepted"] == 2
     assert [(s.index, s.attempt) for s in drawn] == [(0, 1), (1, expected[1].attempt)], \

@@ -5,10 +5,20 @@ import numpy as np
 import pytest
 import torch
 
-import ondemand_seg.seeding as seeding
-from ondemand_seg.seeding import (
-    SubStream, augment_seed, calibration_keys, calibration_seed, derive_seed, evaluation_seed, sample_keys, sample_seed,
-    schedule_seed, serving_seed, shard, splice_generator, split_by_node, split_by_worker,
+import ondemand_seg.generation.seeding as seeding
+from ondemand_seg.data.sharding import shard, split_by_node, split_by_worker
+from ondemand_seg.generation.seeding import (
+    SubStream,
+    augment_seed,
+    calibration_keys,
+    calibration_seed,
+    derive_seed,
+    evaluation_seed,
+    sample_keys,
+    sample_seed,
+    schedule_seed,
+    serving_seed,
+    splice_generator,
 )
 
 BASE = 1234
@@ -116,5 +126,5 @@ def test_shard_counts_workers_within_ranks(monkeypatch):
     for rank, worker in itertools.product(range(4), range(3)):
         monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda w=worker: SimpleNamespace(id=w, num_workers=3))
         monkeypatch.setattr(torch.distributed, "get_rank", lambda r=rank: r)
-        ids.add(seeding.shard())
+        ids.add(shard())
     assert ids == {(s, 12) for s in range(12)}

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ondemand_seg import seeding
-from ondemand_seg.config import DiffuMaskConfig, MaskConfig
-from ondemand_seg.label_spaces import voc_palette
-from ondemand_seg.source import RawSample, SampleSource
+from ondemand_seg.generation import seeding
+from ondemand_seg.generation.generator import DiffuMaskGenerator, RawSample
+from ondemand_seg.settings.config import DiffuMaskConfig, MaskConfig
+from ondemand_seg.settings.label_spaces import voc_palette
 
 
 def raw_sample(index=3, attempt=1):
@@ -41,70 +41,70 @@ def test_augment_seed_is_the_seeding_layout_per_use():
 
 def test_settings_are_resolved_and_checked_before_any_model_loads(fast):
     loaded = []
-    source = SampleSource(lambda: loaded.append(1), ["dog", "bird"], seed=4, **fast)
+    source = DiffuMaskGenerator(lambda: loaded.append(1), ["dog", "bird"], seed=4, **fast)
     assert isinstance(source.config, DiffuMaskConfig)
     assert source.image_size == (64, 64) and source.class_ids == [12, 3]
     assert source.label_space == source.config.label_space and source.label_space[12] == "dog"
     assert source.vocabulary is source.config.vocabulary
     assert source.mask_config is source.config.mask and source.quality_config is source.config.quality
-    assert source.sampler_config.batch_size == fast["sampler"].batch_size == source.config.sampler.batch_size
-    with pytest.raises(ValueError, match="prompt_names"):
-        SampleSource(lambda: loaded.append(1), ["dog"], prompt_names={"dog": "puppy"}, **fast)
+    assert source.generator_config.batch_size == fast["generator"].batch_size == source.config.generator.batch_size
+    with pytest.raises(TypeError, match="unexpected keyword argument 'prompt_names'"):
+        DiffuMaskGenerator(lambda: loaded.append(1), ["dog"], prompt_names={"dog": "puppy"}, **fast)
     with pytest.raises(ValueError, match="unknown class 'dragon'"):
-        SampleSource(lambda: loaded.append(1), ["dragon"], **fast)
+        DiffuMaskGenerator(lambda: loaded.append(1), ["dragon"], **fast)
     assert not loaded
 
 
 def test_prompt_is_drawn_from_seed_index_and_attempt(fast):
     options = dict(fast, vocabulary="voc")
-    source = SampleSource(lambda: None, ["dog", "bird", "cat"], seed=1, **options)
-    same = SampleSource(lambda: None, ["dog", "bird", "cat"], seed=1, **options)
+    source = DiffuMaskGenerator(lambda: None, ["dog", "bird", "cat"], seed=1, **options)
+    same = DiffuMaskGenerator(lambda: None, ["dog", "bird", "cat"], seed=1, **options)
     prompts = [source.prompt(i) for i in range(12)]
     assert prompts == [same.prompt(i) for i in range(12)]
     for prompt in prompts:
         assert len(prompt.class_names) == 1 and prompt.class_ids == (source.label_space.index(prompt.class_names[0]),)
     assert len({p.text for p in prompts}) > 3
     assert any(source.prompt(i, attempt=1) != source.prompt(i) for i in range(12))
-    other = SampleSource(lambda: None, ["dog", "bird", "cat"], seed=2, **options)
+    other = DiffuMaskGenerator(lambda: None, ["dog", "bird", "cat"], seed=2, **options)
     assert [other.prompt(i) for i in range(12)] != prompts
 
 
 def test_a_count_range_draws_each_prompts_class_count_from_the_seed(fast):
-    options = dict(fast, vocabulary="voc", sampler=dataclasses.replace(fast["sampler"], classes_per_prompt=(1, 3)))
+    options = dict(fast, vocabulary="voc", generator=dataclasses.replace(fast["generator"], classes_per_prompt=(1, 3)))
     classes = ["dog", "bird", "cat", "horse"]
-    source = SampleSource(lambda: None, classes, seed=1, **options)
+    source = DiffuMaskGenerator(lambda: None, classes, seed=1, **options)
     prompts = [source.prompt(i) for i in range(40)]
-    assert prompts == [SampleSource(lambda: None, classes, seed=1, **options).prompt(i) for i in range(40)]
+    assert prompts == [DiffuMaskGenerator(lambda: None, classes, seed=1, **options).prompt(i) for i in range(40)]
     counts = [len(p.class_names) for p in prompts]
     assert set(counts) == {1, 2, 3}
     for prompt in prompts:  # distinct classes, each named in the text
         assert len(set(prompt.class_names)) == len(prompt.class_names)
         assert prompt.class_ids == tuple(source.label_space.index(n) for n in prompt.class_names)
     # More classes asked for than there are: every class, once.
-    few = SampleSource(lambda: None, ["dog", "cat"], seed=1, **dict(options, sampler=dataclasses.replace(
-        fast["sampler"], classes_per_prompt=(3, 3))))
+    few = DiffuMaskGenerator(lambda: None, ["dog", "cat"], seed=1, **dict(options, generator=dataclasses.replace(
+        fast["generator"], classes_per_prompt=(3, 3))))
     assert {len(few.prompt(i).class_names) for i in range(5)} == {2}
 
 
 def test_draw_returns_the_indices_in_order_whatever_the_batch(tiny_sd1, fast):
-    source = SampleSource(tiny_sd1, ["dog", "bird"], **fast)
-    drawn = source.draw([5, 1])
+    source = DiffuMaskGenerator(tiny_sd1, ["dog", "bird"], **fast)
+    drawn = source.samples([5, 1])
     assert [s.index for s in drawn] == [5, 1]
     for sample in drawn:
         assert sample.image.shape == (64, 64, 3) and sample.image.dtype == np.uint8
         assert sample.mask.shape == (64, 64) and sample.mask.dtype == np.uint8
         assert sample.prompt == source.prompt(sample.index, sample.attempt).text
-    alone = SampleSource(tiny_sd1, ["dog", "bird"], **fast).draw([1])[0]
+    alone = DiffuMaskGenerator(tiny_sd1, ["dog", "bird"], **fast).samples([1])[0]
     assert np.array_equal(alone.mask, drawn[1].mask)
     assert np.abs(alone.image.astype(int) - drawn[1].image.astype(int)).max() <= 1
-    assert source.stats.as_dict()["accepted"] == 2
+    assert source.stats()["accepted"] == 2
 
 
 def test_neglected_classes_are_counted_and_kept_out_of_the_masks(tiny_sd1, fast):
-    two = dataclasses.replace(fast["sampler"], classes_per_prompt=2)
-    keep_all = SampleSource(tiny_sd1, ["dog", "bird"], **{**fast, "sampler": two})
-    strict = SampleSource(tiny_sd1, ["dog", "bird"], **{**fast, "sampler": two, "mask": MaskConfig(neglect_ratio=0.99)})
-    kept, pruned = keep_all.draw(range(6)), strict.draw(range(6))
+    two = dataclasses.replace(fast["generator"], classes_per_prompt=2)
+    keep_all = DiffuMaskGenerator(tiny_sd1, ["dog", "bird"], **{**fast, "generator": two})
+    strict = DiffuMaskGenerator(tiny_sd1, ["dog", "bird"], **{**fast, "generator": two, "mask": MaskConfig(neglect_ratio=0.99)})
+    kept, pruned = keep_all.samples(range(6)), strict.samples(range(6))
     classes = [set(np.unique(s.mask).tolist()) - {0, 255} for s in pruned]
     assert keep_all.counts()["neglected_classes"] == 0
     assert strict.counts()["neglected_classes"] == sum(

@@ -1,15 +1,14 @@
 import itertools
 
 import numpy as np
-
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ondemand_seg import DiffuMaskDataset, DiffuMaskStream, SamplerConfig
-from ondemand_seg import seeding
-from ondemand_seg.source import RawSample
-from ondemand_seg.stream import StreamIterator, splice_partners
+from ondemand_seg import DiffuMaskDataset, DiffuMaskStream, GeneratorConfig
+from ondemand_seg.data import sharding
+from ondemand_seg.data.stream import StreamIterator, splice_partners
+from ondemand_seg.generation.generator import RawSample
 
 
 def collect(stream, **loader):
@@ -39,7 +38,7 @@ def test_yields_torchvision_format(tiny_sd1, fast):
     assert set(masks.unique().tolist()) <= {0, 3, 12, 255}
     assert images.mean().abs() < 2 and images.std() > 0.1  # normalized, not [0, 255]
     assert stream.config is stream.source.config and stream.config.image_size == (64, 64)
-    assert stream.config.sampler.batch_size == fast["sampler"].batch_size
+    assert stream.config.generator.batch_size == fast["generator"].batch_size
 
 
 def test_same_seed_same_sequence_other_seed_differs(tiny_sd1, fast):
@@ -57,7 +56,7 @@ def test_stream_sample_i_is_dataset_item_i_whatever_workers_and_batch(tiny_sd1, 
     reference = ([x for x, _ in items], [y for _, y in items])
     one_worker = collect(DiffuMaskStream(tiny_sd1, ["bird", "dog"], num_samples=8, **plain))
     two_workers = collect(DiffuMaskStream(tiny_sd1, ["bird", "dog"], num_samples=8, **plain), num_workers=2)
-    other_batch = dict(plain, sampler=SamplerConfig(num_inference_steps=3, batch_size=3))
+    other_batch = dict(plain, generator=GeneratorConfig(num_inference_steps=3, batch_size=3))
     batch_of_3 = collect(DiffuMaskStream(tiny_sd1, ["bird", "dog"], num_samples=6, cache_size=6, **other_batch))
     for run in (one_worker, two_workers):
         assert same_samples(*run, *reference)
@@ -75,8 +74,8 @@ def test_shards_draw_disjoint_indices(tiny_sd1, fast, monkeypatch):
     stream = DiffuMaskStream(tiny_sd1, ["dog"], **fast)
     seen = []
     for rank in range(2):
-        monkeypatch.setattr(seeding, "split_by_node", lambda rank=rank: (rank, 2))
-        shard_id, shards = seeding.shard()
+        monkeypatch.setattr(sharding, "split_by_node", lambda rank=rank: (rank, 2))
+        shard_id, shards = sharding.shard()
         iterator = StreamIterator(stream, shard_id, shards)
         next(iterator)
         seen.append({entry.sample.index for entry in iterator.cache} | {i for i in range(shard_id, 8, shards)})
@@ -173,8 +172,8 @@ OTHER_SETTINGS = [
     (dict(classes=["bird", "dog"]), r"classes: \['dog', 'bird'\] -> \['bird', 'dog'\]"),
     (dict(reuse=3), "reuse: 2 -> 3"),
     (dict(cache_size=12), "cache_size: 8 -> 12"),
-    (dict(sampler=SamplerConfig(num_inference_steps=3, batch_size=2)), "sampler.batch_size: 4 -> 2"),
-    (dict(sampler=SamplerConfig(num_inference_steps=2, batch_size=4)), "sampler.num_inference_steps: 3 -> 2"),
+    (dict(generator=GeneratorConfig(num_inference_steps=3, batch_size=2)), "generator.batch_size: 4 -> 2"),
+    (dict(generator=GeneratorConfig(num_inference_steps=2, batch_size=4)), "generator.num_inference_steps: 3 -> 2"),
     (dict(mask={"threshold": 0.3}), "mask.threshold: 0.4 -> 0.3"),
     (dict(image_size=32), r"image_size: \[64, 64\] -> \[32, 32\]"),
     (dict(vocabulary={"templates": ["a drawing of a {class}"]}), "vocabulary: '"),
@@ -200,7 +199,7 @@ def test_settings_that_change_only_speed_or_the_model_folders_place_resume(tiny_
     state = DiffuMaskStream(tiny_sd1, **settings).state_dict()
     moved = shutil.copytree(tiny_sd1, tmp_path / "moved")
     DiffuMaskStream(moved, **settings).load_state_dict(state)
-    speed = dict(settings, sampler=SamplerConfig(num_inference_steps=3, batch_size=4, channels_last=True),
+    speed = dict(settings, generator=GeneratorConfig(num_inference_steps=3, batch_size=4, channels_last=True),
                  quality={"max_consecutive_rejects": 7})
     DiffuMaskStream(tiny_sd1, **speed).load_state_dict(state)
     weights = moved / "unet" / "diffusion_pytorch_model.safetensors"

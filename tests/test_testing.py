@@ -7,7 +7,7 @@ from diffusers import DiffusionPipeline
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
 
-from ondemand_seg.testing import (
+from ondemand_seg.pipelines.tiny import (
     FLAVORS,
     TEXT_ATTENTION_FACTORS,
     TINY_IMAGE_SIZES,

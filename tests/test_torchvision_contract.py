@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.functional import pil_to_tensor, to_tensor
 
 from ondemand_seg import DiffuMaskDataset, DiffuMaskStream
-from ondemand_seg.label_spaces import voc_palette
+from ondemand_seg.settings.label_spaces import voc_palette
 from ondemand_seg.toyworld import TOY_CLASSES, write_voc
 
 CLASSES = ["circle", "square"]

@@ -11,9 +11,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from ondemand_seg import DiffuMaskStream
-from ondemand_seg.config import resolve_config
-from ondemand_seg.loading import TOY_MODEL_DIR, load_pipeline, read_preset
-from ondemand_seg.source import SampleSource
+from ondemand_seg.generation.generator import DiffuMaskGenerator
+from ondemand_seg.pipelines.builtin import TOY_MODEL_DIR, read_preset
+from ondemand_seg.pipelines.loading import load_pipeline
+from ondemand_seg.settings.resolve import resolve_config
 from ondemand_seg.toyworld import TOY_CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def test_toy_model_loads_offline_through_from_pretrained(monkeypatch):
 
 def test_toy_prompts_are_the_training_captions_form():
     # The toy model learnt "a photo of a {class}"; its preset's vocabulary must write exactly that.
-    source = SampleSource("toy", list(TOY_CLASSES[1:]))
+    source = DiffuMaskGenerator("toy", list(TOY_CLASSES[1:]))
     for name in TOY_CLASSES[1:]:
         prompt = source.class_prompt(random.Random(0), [name])
         assert prompt.text == f"a photo of a {name}"
@@ -132,19 +133,19 @@ def test_steps_quality_writes_one_row_per_scheduler_and_step_count(tmp_path):
 
 @pytest.mark.parametrize("factor", [1, 2, 4])
 def test_cross_attention_at_several_resolutions(factor):
-    from ondemand_seg import MaskConfig, SamplerConfig
-    from ondemand_seg.generation import DiffuMaskSampler
-    from ondemand_seg.prompts import PromptSpec
+    from ondemand_seg import GeneratorConfig, MaskConfig
+    from ondemand_seg.generation.generator import CapturingPipeline
+    from ondemand_seg.settings.vocabulary import PromptSpec
 
-    sampler = DiffuMaskSampler(load_pipeline("toy", torch.device("cpu")), MaskConfig(resolution_weights={factor: 1.0}),
-                               SamplerConfig(num_inference_steps=2))
+    sampler = CapturingPipeline(load_pipeline("toy", torch.device("cpu")), MaskConfig(resolution_weights={factor: 1.0}),
+                               GeneratorConfig(num_inference_steps=2))
     batch = sampler.generate([PromptSpec("a photo of a ring", ("ring",), (4,), ("ring",))], [0], (32, 32))
     assert batch.masks.shape == (1, 32, 32)
 
 
 def assert_streams_two_toyworld_samples(model):
     """Two samples of ``model``'s stream pass the gate as 32 px image/ToyWorld-label pairs."""
-    stream = DiffuMaskStream(model, list(TOY_CLASSES[1:]), num_samples=2, seed=3, sampler={"batch_size": 2})
+    stream = DiffuMaskStream(model, list(TOY_CLASSES[1:]), num_samples=2, seed=3, generator={"batch_size": 2})
     samples = list(stream)
     assert len(samples) == 2 and stream.stats()["accepted"] >= 2
     image, mask = samples[0]

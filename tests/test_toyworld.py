@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ondemand_seg.label_spaces import voc_palette
+from ondemand_seg.settings.label_spaces import voc_palette
 from ondemand_seg.toyworld import TOY_CLASSES, ToyWorld, color_oracle, write_voc
 from ondemand_seg.toyworld.__main__ import main as cli_main
 

@@ -14,9 +14,9 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ondemand_seg import DiffuMaskStream
-from ondemand_seg.config import resolve_config
+from ondemand_seg.settings.resolve import resolve_config
+from ondemand_seg.settings.vocabulary import load_vocabulary
 from ondemand_seg.toyworld import TOY_CLASSES
-from ondemand_seg.vocabulary import load_vocabulary
 
 SCRIPT = Path(__file__).resolve().parents[1] / "train" / "train_deeplab.py"
 FAST = ["--model", "random-weights", "--vocabulary", "toy", "--batch-size", "4", "--gen-steps", "2",
@@ -124,7 +124,7 @@ def test_synthetic_only_run_writes_metrics_and_resumes(tmp_path):
     assert (tmp_path / "whole" / "metrics.csv").read_text().startswith("event,step,key,value")
     # The generator settings of the run are saved beside its metrics, in the preset's form.
     saved = json.loads((tmp_path / "whole" / "generator_config.json").read_text())
-    assert saved["label_space"] == list(TOY_CLASSES) and saved["sampler"]["num_inference_steps"] == 2
+    assert saved["label_space"] == list(TOY_CLASSES) and saved["generator"]["num_inference_steps"] == 2
 
     half = run(["--synthetic-only", "--steps", "4", "--checkpoint-every", "2", "--output-dir", "half", "--workers", "0"], tmp_path)
     assert half.returncode == 0, half.stderr[-3000:]
@@ -434,13 +434,13 @@ def test_generator_flags_override_only_their_fields_of_the_preset():
     preset = resolve_config("toy")
     config = printed_config("--vocabulary", "toy", "--classes-per-prompt", "1", "--threshold", "0.3",
                             "--threshold-mode", "fixed", "--class-thresholds", "ring=0.56", "circle=0.3")
-    assert config["sampler"]["classes_per_prompt"] == 1
+    assert config["generator"]["classes_per_prompt"] == 1
     assert config["mask"]["class_thresholds"] == {"ring": 0.56, "circle": 0.3}
     assert config["mask"]["threshold_mode"] == "fixed" and config["mask"]["threshold"] == 0.3
     # Every field no flag names stays the toy preset's (not the library's defaults).
     assert {int(k): v for k, v in config["mask"]["resolution_weights"].items()} == preset.mask.resolution_weights
     assert tuple(config["mask"]["timestep_window"]) == preset.mask.timestep_window
-    assert config["sampler"]["num_inference_steps"] == preset.sampler.num_inference_steps
+    assert config["generator"]["num_inference_steps"] == preset.generator.num_inference_steps
     assert config["image_size"] == list(preset.image_size)
     assert config["label_space"] == list(TOY_CLASSES)
 
@@ -452,7 +452,7 @@ def test_vocabulary_accepts_each_builtin(vocabulary):
     assert config["vocabulary"]["name"] == vocabulary
     # Nothing but the vocabulary was asked for: the rest is the toy preset's.
     preset = resolve_config("toy")
-    assert config["sampler"]["classes_per_prompt"] == preset.sampler.classes_per_prompt == 2
+    assert config["generator"]["classes_per_prompt"] == preset.generator.classes_per_prompt == 2
     assert config["mask"]["class_thresholds"] == {}
 
 
@@ -464,10 +464,10 @@ def test_vocabulary_reads_a_user_file_and_label_space_is_its_old_name(tmp_path):
     # A class the file lacks joins as free text (zero-shot), after the file's own classes.
     assert config["label_space"] == ["background", "cat", "dog", "hamster"]
     assert config["vocabulary"]["name"] == "pets" and config["vocabulary"]["templates"] == ["a photo of a {class}"]
-    assert config["sampler"]["classes_per_prompt"] == 3
+    assert config["generator"]["classes_per_prompt"] == 3
     ranged = printed_config("--label-space", "pets.json", "--model", "random-weights", "--classes-per-prompt", "1", "3",
                             cwd=tmp_path)
-    assert ranged["sampler"]["classes_per_prompt"] == [1, 3]
+    assert ranged["generator"]["classes_per_prompt"] == [1, 3]
 
 
 def test_the_segmenter_skips_dilated_taps_that_read_padding_only(monkeypatch):

@@ -9,11 +9,17 @@ from torchvision.datasets.vision import VisionDataset
 from torchvision.transforms import v2
 from torchvision.transforms.functional import pil_to_tensor
 
-from ondemand_seg.label_spaces import voc_palette
-from ondemand_seg.transforms import (
-    IMAGENET_MEAN, IMAGENET_STD, PairAugmentation, SegmentationTransform, apply_transforms, check_same_size,
-    joint_transforms, spatial_size,
+from ondemand_seg.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PairAugmentation,
+    SegmentationTransform,
+    apply_transforms,
+    check_same_size,
+    joint_transforms,
+    spatial_size,
 )
+from ondemand_seg.settings.label_spaces import voc_palette
 
 
 def coded_pair(size=(60, 90)):

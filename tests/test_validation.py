@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-import ondemand_seg.source as source
+import ondemand_seg.generation.generator as source
 from ondemand_seg import DiffuMaskDataset, DiffuMaskStream
-from ondemand_seg.config import check_finite, check_int
-from ondemand_seg.loading import PRESET_FILE, TOY_MODEL, check_device, check_model_source
-from ondemand_seg.model_folder import check_safetensors
+from ondemand_seg.pipelines.builtin import PRESET_FILE, TOY_MODEL
+from ondemand_seg.pipelines.devices import check_device
+from ondemand_seg.pipelines.folder import check_safetensors
+from ondemand_seg.pipelines.loading import check_model_source
+from ondemand_seg.settings.validation import check_finite, check_int
 
 STREAM_ONLY = {"reuse", "num_samples"}
 DATASET_ONLY = {"length"}
@@ -49,23 +51,23 @@ BAD_VALUES = [
     (dict(cache_size="64"), TypeError, r"cache_size must be an int, got '64' \(str\)"),
     (dict(cache_size=-1), ValueError, "cache_size must be >= "),
     # sampler
-    (dict(sampler={"num_inference_steps": 2.5}), TypeError, r"num_inference_steps must be an int, got 2.5"),
-    (dict(sampler={"num_inference_steps": True}), TypeError, r"num_inference_steps must be an int, got True \(bool\)"),
-    (dict(sampler={"num_inference_steps": 0}), ValueError, "num_inference_steps must be >= 1, got 0"),
-    (dict(sampler={"batch_size": 2.0}), TypeError, r"batch_size must be an int, got 2.0 \(float\)"),
-    (dict(sampler={"classes_per_prompt": "2"}), TypeError, "classes_per_prompt must be an int, got '2'"),
-    (dict(sampler={"guidance_scale": math.nan}), ValueError, "guidance_scale must be finite, got nan"),
-    (dict(sampler={"guidance_scale": math.inf}), ValueError, "guidance_scale must be finite, got inf"),
-    (dict(sampler={"guidance_scale": "7.5"}), TypeError, r"guidance_scale must be a number, got '7.5' \(str\)"),
-    (dict(sampler={"guidance_scale": -2.0}), ValueError, "guidance_scale must be >= 0, got -2.0"),
-    (dict(sampler={"guidance_scale": 1.0}), ValueError, "guidance_scale=1.0 turns classifier-free guidance off in a "
+    (dict(generator={"num_inference_steps": 2.5}), TypeError, r"num_inference_steps must be an int, got 2.5"),
+    (dict(generator={"num_inference_steps": True}), TypeError, r"num_inference_steps must be an int, got True \(bool\)"),
+    (dict(generator={"num_inference_steps": 0}), ValueError, "num_inference_steps must be >= 1, got 0"),
+    (dict(generator={"batch_size": 2.0}), TypeError, r"batch_size must be an int, got 2.0 \(float\)"),
+    (dict(generator={"classes_per_prompt": "2"}), TypeError, "classes_per_prompt must be an int, got '2'"),
+    (dict(generator={"guidance_scale": math.nan}), ValueError, "guidance_scale must be finite, got nan"),
+    (dict(generator={"guidance_scale": math.inf}), ValueError, "guidance_scale must be finite, got inf"),
+    (dict(generator={"guidance_scale": "7.5"}), TypeError, r"guidance_scale must be a number, got '7.5' \(str\)"),
+    (dict(generator={"guidance_scale": -2.0}), ValueError, "guidance_scale must be >= 0, got -2.0"),
+    (dict(generator={"guidance_scale": 1.0}), ValueError, "guidance_scale=1.0 turns classifier-free guidance off in a "
                                                         r"StableDiffusionPipeline .*> 1 \(this model's default: 7.5\)"),
-    (dict(sampler={"guidance_scale": 0.5}), ValueError, "guidance_scale=0.5 turns classifier-free guidance off"),
-    (dict(sampler={"scheduler": "NoSuchScheduler"}), ValueError, "unknown diffusers scheduler 'NoSuchScheduler'"),
-    (dict(sampler={"scheduler": "DDIMSchedular"}), ValueError, "unknown diffusers scheduler 'DDIMSchedular'; did you "
+    (dict(generator={"guidance_scale": 0.5}), ValueError, "guidance_scale=0.5 turns classifier-free guidance off"),
+    (dict(generator={"scheduler": "NoSuchScheduler"}), ValueError, "unknown diffusers scheduler 'NoSuchScheduler'"),
+    (dict(generator={"scheduler": "DDIMSchedular"}), ValueError, "unknown diffusers scheduler 'DDIMSchedular'; did you "
                                                                "mean 'DDIMScheduler'"),
-    (dict(sampler={"scheduler": "StableDiffusionPipeline"}), ValueError, "unknown diffusers scheduler"),
-    (dict(sampler={"scheduler": 42}), TypeError, r"scheduler must be a diffusers scheduler class name .*got 42"),
+    (dict(generator={"scheduler": "StableDiffusionPipeline"}), ValueError, "unknown diffusers scheduler"),
+    (dict(generator={"scheduler": 42}), TypeError, r"scheduler must be a diffusers scheduler class name .*got 42"),
     # mask
     (dict(mask={"resolution_weights": {1: math.nan}}), ValueError, r"resolution_weights\[1\] must be finite, got nan"),
     (dict(mask={"resolution_weights": {1: math.inf}}), ValueError, r"resolution_weights\[1\] must be finite, got inf"),
@@ -147,20 +149,20 @@ def test_bad_values_fail_at_construction_naming_the_value(kind, options, error, 
 
 @pytest.mark.parametrize("kind", ["stream", "dataset"])
 def test_numpy_integers_are_ints(kind):
-    made = construct(kind, seed=np.int64(2), image_size=np.int64(32), sampler={"batch_size": np.int32(2)},
+    made = construct(kind, seed=np.int64(2), image_size=np.int64(32), generator={"batch_size": np.int32(2)},
                      **({"reuse": np.int16(2), "cache_size": np.int64(4)} if kind == "stream" else
                         {"length": np.int64(4), "cache_size": np.uint8(4)}))
     assert made.config.image_size == (32, 32) and type(made.config.image_size[0]) is int
-    assert json.loads(made.config.to_json())["sampler"]["batch_size"] == 2
+    assert json.loads(made.config.to_json())["generator"]["batch_size"] == 2
     assert construct(kind, image_size=(np.int32(32), 40)).config.image_size == (32, 40)
 
 
 @pytest.mark.parametrize("kind", ["stream", "dataset"])
 def test_good_values_pass_and_construction_loads_nothing(kind):
     started = time.perf_counter()
-    made = construct(kind, seed=3, image_size=(32, 40), device="cpu", sampler={"scheduler": "DDIMScheduler",
+    made = construct(kind, seed=3, image_size=(32, 40), device="cpu", generator={"scheduler": "DDIMScheduler",
                                                                             "guidance_scale": 4}, augment=False)
-    assert made.config.image_size == (32, 40) and made.config.sampler.guidance_scale == 4.0
+    assert made.config.image_size == (32, 40) and made.config.generator.guidance_scale == 4.0
     assert made.source.seed == 3
     assert time.perf_counter() - started < 30, "construction reads configs and headers, never weights"
 
@@ -192,25 +194,25 @@ def test_an_uncached_hub_model_is_an_error_when_offline(monkeypatch):
 
 
 def test_guidance_distilled_flux_takes_guidance_up_to_one(tmp_path):
-    from ondemand_seg.testing import save_tiny_pipeline
+    from ondemand_seg.pipelines.tiny import save_tiny_pipeline
 
     schnell = save_tiny_pipeline(tmp_path / "schnell", "flux-schnell")
-    stream = DiffuMaskStream(schnell, ["dog"], image_size=64, sampler={"guidance_scale": 0.0})
-    assert stream.config.sampler.guidance_scale == 0.0
-    assert DiffuMaskStream(schnell, ["dog"], image_size=64, sampler={"guidance_scale": 1.0})
+    stream = DiffuMaskStream(schnell, ["dog"], image_size=64, generator={"guidance_scale": 0.0})
+    assert stream.config.generator.guidance_scale == 0.0
+    assert DiffuMaskStream(schnell, ["dog"], image_size=64, generator={"guidance_scale": 1.0})
     with pytest.raises(ValueError, match="guidance_scale must be finite, got nan"):
-        DiffuMaskStream(schnell, ["dog"], image_size=64, sampler={"guidance_scale": math.nan})
+        DiffuMaskStream(schnell, ["dog"], image_size=64, generator={"guidance_scale": math.nan})
 
 
 def test_a_callable_models_guidance_is_checked_when_it_loads(monkeypatch):
     # A callable's pipeline class is known only once it is called, in whichever process draws.
-    from ondemand_seg.loading import load_pipeline
-    from ondemand_seg.testing import build_tiny_pipeline
+    from ondemand_seg.pipelines.loading import load_pipeline
+    from ondemand_seg.pipelines.tiny import build_tiny_pipeline
 
     monkeypatch.setattr(source, "load_pipeline", load_pipeline)
 
     stream = DiffuMaskStream(lambda: build_tiny_pipeline("sd1"), ["dog"], image_size=32,
-                             sampler={"guidance_scale": 1.0, "num_inference_steps": 2})
+                             generator={"guidance_scale": 1.0, "num_inference_steps": 2})
     with pytest.raises(ValueError, match="guidance_scale=1.0 turns classifier-free guidance off in a "
                                          "StableDiffusionPipeline"):
         next(iter(stream))
@@ -393,8 +395,8 @@ def test_no_module_a_folder_names_is_imported(sd_copy, tmp_path, monkeypatch):
 def test_a_subclass_of_a_supported_pipeline_is_recognised_by_its_bases():
     from diffusers import StableDiffusionPipeline
 
-    from ondemand_seg.families import describe_pipeline, family_of
-    from ondemand_seg.testing import build_tiny_pipeline
+    from ondemand_seg.pipelines.families import describe_pipeline, family_of
+    from ondemand_seg.pipelines.tiny import build_tiny_pipeline
 
     class MyPipeline(StableDiffusionPipeline):
         pass

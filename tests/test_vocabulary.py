@@ -6,16 +6,21 @@ from pathlib import Path
 
 import pytest
 
-from ondemand_seg.label_spaces import VOC_CLASSES, class_ids
-from ondemand_seg.prompts import token_positions
-from ondemand_seg.testing import build_clip_tokenizer
-from ondemand_seg.toyworld import TOY_CLASSES
-from ondemand_seg.vocabulary import (
-    BUILTIN_VOCABULARIES, DEFAULT_TEMPLATES, PLAIN_TEMPLATES, Vocabulary, default_vocabulary, load_vocabulary,
+from ondemand_seg.generation.tokens import token_positions
+from ondemand_seg.pipelines.tiny import build_clip_tokenizer
+from ondemand_seg.settings.label_spaces import VOC_CLASSES, class_ids
+from ondemand_seg.settings.vocabulary import (
+    BUILTIN_VOCABULARIES,
+    DEFAULT_TEMPLATES,
+    PLAIN_TEMPLATES,
+    Vocabulary,
+    default_vocabulary,
+    load_vocabulary,
     vocabulary_from,
 )
+from ondemand_seg.toyworld import TOY_CLASSES
 
-BUILTIN_DIR = Path(__file__).resolve().parents[1] / "ondemand_seg" / "vocabularies"
+BUILTIN_DIR = Path(__file__).resolve().parents[1] / "ondemand_seg" / "settings" / "vocabularies"
 CITYSCAPES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
               "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
 

@@ -16,8 +16,9 @@ from typing import Any
 
 from torch.utils.data import ConcatDataset, Dataset
 
-from ondemand_seg.seeding import serving_seed, shard
-from ondemand_seg.transforms import JointTransform, apply_transforms
+from ondemand_seg.generation.seeding import serving_seed
+from ondemand_seg.data.sharding import shard
+from ondemand_seg.data.transforms import JointTransform, apply_transforms
 
 
 class SeededServings(Dataset):

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from ondemand_seg import AugmentConfig, DiffuMaskAugment, DiffuMaskDataset, DiffuMaskStream, SegmentationTransform
 from ondemand_seg.cli import HelpFormatter, add_generator_arguments, resolve_generator
-from ondemand_seg.label_noise import LabelNoiseFilter
-from ondemand_seg.label_spaces import class_ids
+from ondemand_seg.data.label_noise import LabelNoiseFilter
+from ondemand_seg.settings.label_spaces import class_ids
 from ondemand_seg.metrics import ConfusionMatrix
 from ondemand_seg.toyworld import TOY_CLASSES, write_voc
 from dilated_convs import crop_dilated_convs

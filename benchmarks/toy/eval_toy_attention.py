@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ondemand_seg import DiffuMaskDataset, MaskConfig, QualityConfig, SamplerConfig
-from ondemand_seg.masks import fuse_resolutions, labels_from_maps
+from ondemand_seg import DiffuMaskDataset, GeneratorConfig, MaskConfig, QualityConfig
+from ondemand_seg.masks.maps import fuse_resolutions, labels_from_maps
 from ondemand_seg.toyworld import TOY_CLASSES, color_oracle
 
 CLASSES = TOY_CLASSES[1:]
@@ -169,7 +169,7 @@ def run_library(args, config: MaskConfig):
             model=args.model, classes=[cls], length=args.per_class, vocabulary="toy", label_space=TOY_CLASSES,
             image_size=args.image_size, seed=args.seed * 1000 + k, augment=False, mask=dataclasses.replace(config),
             cache_size=args.per_class,  # each sample is generated once, however raw() fetches it
-            sampler=SamplerConfig(num_inference_steps=args.steps, guidance_scale=args.guidance,
+            generator=GeneratorConfig(num_inference_steps=args.steps, guidance_scale=args.guidance,
                                   batch_size=args.batch_size),
             quality=QualityConfig(max_consecutive_rejects=500), device="cpu",
         )

@@ -31,9 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline
+from train_toy_mmdit import (  # this folder: the script's own sys.path entry
+    joint_output,
+    joint_qkv,
+)
 
-from ondemand_seg.masks import fuse_resolutions, labels_from_maps
-from train_toy_mmdit import joint_output, joint_qkv  # this folder: the script's own sys.path entry
+from ondemand_seg.masks.maps import fuse_resolutions, labels_from_maps
 from ondemand_seg.toyworld import TOY_CLASSES, color_oracle
 
 CLASSES = TOY_CLASSES[1:]

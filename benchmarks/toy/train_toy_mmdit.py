@@ -70,14 +70,24 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                       StableDiffusion3Pipeline)
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
 from diffusers.models.attention_processor import JointAttnProcessor2_0
+from train_toy_model import (
+    WORDS,
+    localisation_loss,
+    make_data,
+    to_tensor_images,
+    write_preset,
+)
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from ondemand_seg.loading import PRESET_FILE
-from ondemand_seg.testing import build_clip_tokenizer
-from train_toy_model import WORDS, localisation_loss, make_data, to_tensor_images, write_preset
+from ondemand_seg.pipelines.builtin import PRESET_FILE
+from ondemand_seg.pipelines.tiny import build_clip_tokenizer
 
 TOY_VAE = Path(__file__).resolve().parents[2] / "ondemand_seg" / "models" / "toy" / "vae"
 T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length: the zero rows without T5

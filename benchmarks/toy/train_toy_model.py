@@ -60,13 +60,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ondemand_seg.config import resolve_config
-from ondemand_seg.loading import PRESET_FILE
-from ondemand_seg.testing import build_clip_tokenizer
+from ondemand_seg.pipelines.builtin import PRESET_FILE
+from ondemand_seg.pipelines.tiny import build_clip_tokenizer
+from ondemand_seg.settings.resolve import resolve_config
 from ondemand_seg.toyworld import TOY_CLASSES, ToyWorld, color_oracle
 
 WORDS = ("a", "photo", "of", "and") + TOY_CLASSES[1:]

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from ondemand_seg.label_spaces import voc_palette
 from ondemand_seg.toyworld.world import ToyWorld, _check_int
+
+from ..settings.label_spaces import voc_palette
 
 # Val samples are drawn from indices this far past train's, so the splits never share a sample.
 VAL_INDEX_OFFSET = 1_000_000_000

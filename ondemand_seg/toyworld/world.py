@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ondemand_seg.label_spaces import validate_label_space
+from ..settings.label_spaces import validate_label_space
 
 TOY_CLASSES: tuple[str, ...] = ("background", "circle", "square", "triangle", "ring", "cross")
 

@@ -14,10 +14,15 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .capture import CapturedAttention
-from .config import MaskConfig
-from .masks import (
-    fuse_resolutions, labels_from_maps, normalize_maps, otsu_thresholds, propagate_self_attention, refine_with_affinity,
+from ..settings.config import MaskConfig
+from .attention import CapturedAttention
+from .maps import (
+    fuse_resolutions,
+    labels_from_maps,
+    normalize_maps,
+    otsu_thresholds,
+    propagate_self_attention,
+    refine_with_affinity,
 )
 
 
@@ -56,7 +61,7 @@ def masks_from_attention(
         fused: ``[B, K, H, W]`` the final maps in [0, 1]; masks: ``[B, H, W]`` long ids, 255 ignore.
     """
     size = tuple(images.shape[-2:])
-    # Unset weights are normally the model's own (DiffuMaskSampler fills them in); without a model
+    # Unset weights are normally the model's own (the generator fills them in); without a model
     # to ask, every captured grid counts equally.
     weights = config.resolution_weights or {factor: 1.0 for factor in captured.maps}
     fused = fuse_resolutions(captured.maps, weights, size, config.normalization)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .label_spaces import IGNORE_INDEX
+from ..settings.label_spaces import IGNORE_INDEX
 
 
 def class_agreement(

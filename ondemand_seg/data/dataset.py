@@ -4,22 +4,24 @@ from __future__ import annotations
 import operator
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from torch.utils.data import Dataset
+import torch
+from torchvision.datasets import VisionDataset
 
-from .config import check_bool, check_int
-from .loading import ModelSource
-from .source import RawSample, SampleSource
+from ..generation.generator import DiffuMaskGenerator, RawSample
+from ..pipelines.builtin import ModelSource
+from ..settings.config import GeneratorConfig, MaskConfig, QualityConfig
+from ..settings.validation import check_bool, check_int
 from .stream import splice_partners
 from .transforms import JointTransform, PairAugmentation, SegmentationTransform, apply_transforms, joint_transforms
 
 
-class DiffuMaskDataset(Dataset):
+class DiffuMaskDataset(VisionDataset):
     """``length`` generated samples; item ``i`` is drawn from ``(seed, i)`` alone, augmentation included.
 
     Takes the stream's arguments (``model``, ``classes``, ``seed``, ``device``, ``vocabulary``,
-    ``label_space``, ``image_size``, ``mask``, ``sampler``, ``quality``; see
+    ``label_space``, ``image_size``, ``mask``, ``generator``, ``quality``; see
     :class:`~ondemand_seg.DiffuMaskStream`) plus ``length`` and ``cache_size``, and torchvision's
     ``transforms`` / ``transform`` / ``target_transform`` with ``VisionDataset``'s meaning. Before
     any transform an item is what ``VOCSegmentation`` yields (a PIL RGB image and a PIL mode-"P"
@@ -29,7 +31,7 @@ class DiffuMaskDataset(Dataset):
     the whole batch in one pipeline call. ``cache_size`` > 0 keeps that many generated samples
     (per process) so later epochs do not regenerate them; with ``cache_size >= length``, a single
     index (as ``ConcatDataset`` fetches) generates its whole aligned block of
-    ``sampler.batch_size`` indices in one call and keeps them.
+    ``generator.batch_size`` indices in one call and keeps them.
 
     Splicing (a :class:`PairAugmentation` whose ``splices`` is true, such as
     :class:`~ondemand_seg.DiffuMaskAugment`) tiles item ``i`` with other items of its generation
@@ -39,11 +41,18 @@ class DiffuMaskDataset(Dataset):
 
     def __init__(self, model: ModelSource, classes: Sequence[str], length: int, augment: bool = True,
                  transforms: JointTransform | None = None, transform: Callable | None = None,
-                 target_transform: Callable | None = None, cache_size: int = 0, **settings: Any) -> None:
+                 target_transform: Callable | None = None, cache_size: int = 0, seed: int = 0,
+                 device: str | torch.device | None = None, vocabulary: Any = None,
+                 label_space: Sequence[str] | None = None, image_size: int | Sequence[int] | None = None,
+                 mask: MaskConfig | Mapping[str, Any] | None = None,
+                 generator: GeneratorConfig | Mapping[str, Any] | None = None,
+                 quality: QualityConfig | Mapping[str, Any] | None = None) -> None:
         length = check_int("length", length, minimum=1)
         cache_size = check_int("cache_size", cache_size, minimum=0)
         check_bool("augment", augment)
-        self.source = SampleSource(model, classes, **settings)
+        super().__init__(root=None)
+        self.source = DiffuMaskGenerator(model, classes, seed, device, vocabulary=vocabulary, label_space=label_space,
+                                         image_size=image_size, mask=mask, generator=generator, quality=quality)
         self.length = length
         self.transforms = joint_transforms(transforms, transform, target_transform,
                                            SegmentationTransform(self.source.image_size, train=augment))
@@ -59,9 +68,13 @@ class DiffuMaskDataset(Dataset):
         self.cache_size = cache_size
         self._cache: OrderedDict[int, RawSample] = OrderedDict()
 
+    def extra_repr(self) -> str:
+        return (f"Model: {self.source.model!r}\nClasses: {list(self.source.classes)}\nLength: {self.length}\n"
+                f"Seed: {self.source.seed}")
+
     @property
     def config(self):
-        """The resolved settings (:class:`~ondemand_seg.config.DiffuMaskConfig`)."""
+        """The resolved settings (:class:`~ondemand_seg.settings.config.DiffuMaskConfig`)."""
         return self.source.config
 
     def __len__(self) -> int:
@@ -96,7 +109,7 @@ class DiffuMaskDataset(Dataset):
         missing = [i for i in wanted if i not in self._cache]
         if missing and self.cache_size >= self.length:
             missing = [i for i in self._blocks(missing) if i not in self._cache]
-        drawn = dict(zip(missing, self.source.draw(missing))) if missing else {}
+        drawn = dict(zip(missing, self.source.samples(missing))) if missing else {}
         found = {i: self._cache[i] for i in wanted if i in self._cache}
         if self.cache_size:
             self._cache.update(drawn)
@@ -112,7 +125,7 @@ class DiffuMaskDataset(Dataset):
         generating a block's neighbours early yields exactly what their own fetch would; done when
         the cache keeps everything (nothing drawn is wasted) or when splicing needs the block.
         """
-        block = self.source.sampler_config.batch_size
+        block = self.source.generator_config.batch_size
         wanted = (j for i in indices for j in range(i - i % block, min(i - i % block + block, self.length)))
         return list(dict.fromkeys(wanted))
 

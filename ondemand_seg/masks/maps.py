@@ -11,7 +11,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from .label_spaces import IGNORE_INDEX
+from ..settings.label_spaces import IGNORE_INDEX
 
 
 def normalize_maps(maps: torch.Tensor, mode: str = "max", eps: float = 1e-8) -> torch.Tensor:

@@ -1,20 +1,11 @@
-"""Configuration: dataclasses with DiffuMask's defaults that round-trip to JSON, and the one
-place where a model's preset and a caller's explicit settings are merged.
-
-Like diffusers' ``from_pretrained(..., **kwargs)`` over a saved config, :func:`resolve_config`
-starts from the defaults, applies what the model has and its pipeline recommends, the model
-folder's ``ondemand_seg.json`` preset, then the caller's arguments, field by field:
-``mask={"threshold": 0.3}`` or ``mask=MaskConfig(threshold=0.3)`` changes γ and keeps every other
-field the preset sets. The library's datasets, the command line
-and the trainer all go through it, and the result prints and saves as JSON in the preset's form.
-"""
+"""Configuration sections: dataclasses with DiffuMask's defaults that round-trip to JSON, each
+checking its fields at construction. :func:`~ondemand_seg.settings.resolve.resolve_config` merges
+them with a model's preset and a caller's settings."""
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
-import math
-import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,82 +13,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .label_spaces import check_class_spelling, class_ids, validate_label_space
-from .loading import check_image_size, check_model_source, read_preset, scheduler_class
-from .vocabulary import Vocabulary, default_vocabulary, load_vocabulary, vocabulary_from
-
-
-# ------------------------------------------------------------------------------ validators
-# Every constructor checks its arguments with these, so a bad value is an error naming it at
-# construction, in the main process, not a crash in a worker at the first draw.
-def check_int(name: str, value: Any, minimum: int | None = None) -> int:
-    """``value`` as an int when it is one (``bool``, ``float`` and ``str`` are not) and ``>= minimum``.
-
-    Raises:
-        TypeError: not an integer. ValueError: below ``minimum``.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def check_count_range(name: str, value: Any) -> int | tuple[int, int]:
-    """A count >= 1, or a ``(min, max)`` pair of them with min <= max (a list, as JSON gives it,
-    becomes a tuple)."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        return check_int(name, value, minimum=1)
-    if len(value) != 2:
-        raise ValueError(f"{name} must be a count or a (min, max) pair, got {value!r}")
-    low, high = (check_int(name, v, minimum=1) for v in value)
-    if low > high:
-        raise ValueError(f"{name} must be (min, max) with min <= max, got {value!r}")
-    return (low, high)
-
-
-def check_finite(name: str, value: Any) -> float:
-    """``value`` as a float when it is a finite real number (not a ``bool`` nor a ``str``).
-
-    Raises:
-        TypeError: not a real number. ValueError: NaN or infinite.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
-
-
-def check_bool(name: str, value: Any) -> bool:
-    """``value`` when it is ``True`` or ``False`` (a truthy string is not)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def check_callable(name: str, value: Any) -> Any:
-    """``value`` when it is ``None`` or callable (a transform)."""
-    if value is not None and not callable(value):
-        raise TypeError(f"{name} must be callable or None, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def check_names(name: str, value: Any) -> tuple[str, ...]:
-    """A list or tuple of non-empty strings as a tuple (one string is not a list of names)."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"{name} must be a list of names, got {value!r} ({type(value).__name__})")
-    bad = [item for item in value if not isinstance(item, str) or not item.strip()]
-    if bad:
-        raise TypeError(f"{name} must hold non-empty strings, got {bad[0]!r} in {list(value)!r}")
-    return tuple(value)
-
-
-def check_classes(classes: Any) -> tuple[str, ...]:
-    """The classes to generate as a tuple: one name or a list of names."""
-    if isinstance(classes, str):
-        classes = (classes,)
-    return check_names("classes", classes)
+from ..pipelines.loading import scheduler_class
+from .validation import check_bool, check_count_range, check_finite, check_int
+from .vocabulary import Vocabulary
 
 
 def _latent_factor(key: Any) -> int:
@@ -243,13 +161,15 @@ class MaskConfig:
             raise ValueError(f"neglect_ratio must be in [0, 1), got {self.neglect_ratio}")
 
 
-# SamplerConfig(compile=True) marks the capture's step counters dynamic by a source-name pattern
+# GeneratorConfig(compile=True) marks the capture's step counters dynamic by a source-name pattern
 # (generation.DYNAMIC_STORE_INTS), which torch reads as a regular expression from 2.8.
 COMPILE_MIN_TORCH = "2.8"
+# The kernels of ``capture.class_mass`` (named here so that configs load without diffusers).
+CAPTURE_KERNELS = ("auto", "sdpa", "explicit")
 
 
 @config_dataclass
-class SamplerConfig:
+class GeneratorConfig:
     """How images are generated.
 
     ``num_inference_steps`` and ``guidance_scale`` default (``None``) to what the model's own
@@ -263,13 +183,16 @@ class SamplerConfig:
     and a ring", one mask per named class; a pair ``(min, max)`` draws the count per prompt,
     uniformly in ``[min, max]`` (scenes with a varying number of objects, like real photos).
 
-    Prompt wording (templates, names, synonyms) is the vocabulary's job, not the sampler's:
+    Prompt wording (templates, names, synonyms) is the vocabulary's job, not the generator's:
     see :class:`~ondemand_seg.vocabulary.Vocabulary`.
 
     Speed, same masks: ``compile`` runs the denoiser, capture included, through ``torch.compile``
     (inductor; the first batches of each batch size pay the compilation); ``channels_last`` stores
     its convolution weights channels-last (UNet families; a transformer's only convolution is its
-    patch embedding). See :class:`~ondemand_seg.generation.DiffuMaskSampler`.
+    patch embedding). See :class:`~ondemand_seg.generation.generator.CapturingPipeline`.
+    ``capture_kernel``: how the class tokens' attention mass is computed (``"auto"``: a fused SDPA
+    kernel on CUDA, the explicit softmax elsewhere; ``"sdpa"``, ``"explicit"``: that one, to
+    compare them), see :func:`~ondemand_seg.generation.capture.class_mass`.
     """
 
     num_inference_steps: int | None = None
@@ -279,12 +202,13 @@ class SamplerConfig:
     scheduler: str | None = None
     compile: bool = False
     channels_last: bool = False
+    capture_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if self.num_inference_steps is not None:
             self.num_inference_steps = check_int("num_inference_steps", self.num_inference_steps, minimum=1)
         if self.guidance_scale is not None:
-            # Whether a scale <= 1 is meaningful depends on the model (ModelSpec.check_sampler).
+            # Whether a scale <= 1 is meaningful depends on the model (ModelSpec.check_generator).
             self.guidance_scale = check_finite("guidance_scale", self.guidance_scale)
             if self.guidance_scale < 0:
                 raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
@@ -297,6 +221,8 @@ class SamplerConfig:
             raise ValueError(f"compile=True needs torch >= {COMPILE_MIN_TORCH} (regular expressions in "
                              f"torch.compiler.config.dynamic_sources), this is torch {torch.__version__}")
         self.channels_last = check_bool("channels_last", self.channels_last)
+        if self.capture_kernel not in CAPTURE_KERNELS:
+            raise ValueError(f"capture_kernel must be one of {CAPTURE_KERNELS}, got {self.capture_kernel!r}")
 
 
 @config_dataclass
@@ -345,11 +271,7 @@ def from_dict(cls: type, data: dict) -> Any:
     return merge_section(cls, data)
 
 
-SECTIONS: dict[str, type] = {"mask": MaskConfig, "sampler": SamplerConfig, "quality": QualityConfig}
-_TOP_LEVEL = ("vocabulary", "label_space", "image_size", *SECTIONS)
-# The image side for a model known only once loaded (a callable, an uncached hub id): every
-# supported family can generate at it.
-DEFAULT_IMAGE_SIZE = 512
+SECTIONS: dict[str, type] = {"mask": MaskConfig, "generator": GeneratorConfig, "quality": QualityConfig}
 
 
 def given_fields(config: Any) -> dict:
@@ -387,7 +309,7 @@ class DiffuMaskConfig:
 
     vocabulary: the words prompts are drawn from (its classes include any free-text class asked for);
     label_space: class names whose position is the id in masks (0 background);
-    image_size: ``(height, width)``; mask, sampler, quality: the three config sections.
+    image_size: ``(height, width)``; mask, generator, quality: the three config sections.
     :meth:`to_dict` is the preset file's form: saved, it can be passed back as arguments
     (``DiffuMaskStream(model, classes, **config.to_dict())``) or shipped as ``ondemand_seg.json``.
     """
@@ -396,7 +318,7 @@ class DiffuMaskConfig:
     label_space: tuple[str, ...]
     image_size: tuple[int, int]
     mask: MaskConfig
-    sampler: SamplerConfig
+    generator: GeneratorConfig
     quality: QualityConfig
 
     def to_dict(self) -> dict:
@@ -412,90 +334,3 @@ class DiffuMaskConfig:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_json() + "\n")
         return path
-
-
-def resolve_config(model: Any, classes: Sequence[str] = (), **overrides: Any) -> DiffuMaskConfig:
-    """Defaults, then what ``model`` itself has and recommends, then its preset, then ``overrides``,
-    merged field by field.
-
-    The model layer (:meth:`~ondemand_seg.families.ModelSpec.defaults`: its pipeline's steps and
-    guidance, its image size, the attention grids it has) is read from the folder's configs without
-    loading weights; for a model known only once loaded (a callable, an uncached hub id) the
-    fields left ``None`` are filled in the generating process, by the same rules.
-
-    Args:
-        model: what :func:`~ondemand_seg.loading.read_preset` reads a preset from (a folder, a
-            built-in name, a hub id or a callable: the last two have none).
-        classes: classes to generate, each in the label space; when ``vocabulary`` is given, any
-            class it lacks is added to it as free text (zero-shot).
-        overrides: ``vocabulary`` (a built-in name, a .json/.yaml path, a :class:`Vocabulary`, a
-            full mapping in the file form, or a mapping without ``classes`` whose fields replace
-            those of the preset's vocabulary), ``label_space`` (class names; default the
-            vocabulary's), ``image_size`` (int or ``(H, W)``), and ``mask`` / ``sampler`` /
-            ``quality`` (config instances or dicts of fields). ``None`` means "not given".
-    Raises:
-        ValueError: an unknown option, field or class, a bad value, an image size or attention
-            resolution the model cannot take, a guidance scale that turns its guidance off, an
-            unsupported pipeline class or a broken model folder, naming it. TypeError: a value of the
-            wrong type (the model first), naming it. FileNotFoundError: a model folder that does not
-            exist, or a hub model neither cached nor downloadable (``HF_HUB_OFFLINE``).
-    """
-    spec = check_model_source(model)
-    classes = check_classes(classes)
-    unknown = sorted(set(overrides) - set(_TOP_LEVEL))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; the settings are {', '.join(_TOP_LEVEL)}")
-    preset = read_preset(model)
-    unknown = sorted(set(preset) - set(_TOP_LEVEL))
-    if unknown:
-        raise ValueError(f"the model preset names unknown option(s) {unknown}; the settings are {', '.join(_TOP_LEVEL)}")
-
-    given_vocabulary = overrides.get("vocabulary")
-    labels = overrides.get("label_space")
-    patch = isinstance(given_vocabulary, Mapping) and "classes" not in given_vocabulary
-    if labels is None and (given_vocabulary is None or patch):
-        labels = preset.get("label_space")
-    if isinstance(labels, str):
-        raise TypeError(f"label_space must be a list of class names, got the string {labels!r} (a built-in label "
-                        f"space is chosen with vocabulary={labels!r})")
-    if labels is not None:
-        labels = validate_label_space(check_names("label_space", labels))
-    vocabulary = None
-    for layer in (preset.get("vocabulary"), given_vocabulary):
-        if layer is None:
-            continue
-        if isinstance(layer, Vocabulary):
-            vocabulary = layer
-        elif isinstance(layer, Mapping) and "classes" not in layer:
-            base = vocabulary or default_vocabulary(labels)
-            vocabulary = vocabulary_from({**base.to_dict(), **layer})
-        elif isinstance(layer, Mapping):
-            vocabulary = vocabulary_from(layer)
-        elif isinstance(layer, (str, os.PathLike)):
-            vocabulary = load_vocabulary(layer)
-        else:
-            raise TypeError(f"vocabulary must be a built-in name, a file path, a Vocabulary or a mapping, got "
-                            f"{layer!r} ({type(layer).__name__})")
-    vocabulary = vocabulary or default_vocabulary(labels)
-    check_class_spelling(classes, labels if labels is not None else vocabulary.label_space)
-    if given_vocabulary is not None:
-        # Free-text classes only when a vocabulary is asked for: otherwise a misspelt class would
-        # silently become a new zero-shot class instead of an error.
-        vocabulary = vocabulary.with_classes([c for c in classes if c != "background"])
-    label_space = validate_label_space(labels if labels is not None else vocabulary.label_space)
-    if classes:
-        class_ids(classes, label_space)
-    size = overrides.get("image_size")
-    if size is None:
-        size = preset.get("image_size", spec.default_size if spec is not None else DEFAULT_IMAGE_SIZE)
-    size = check_image_size(size, spec)
-    model_layer = spec.defaults(size) if spec is not None else {}
-    sections = {name: merge_section(cls, model_layer.get(name), preset.get(name), overrides.get(name))
-                for name, cls in SECTIONS.items()}
-    if spec is not None:
-        spec.check_mask(sections["mask"])
-        spec.check_sampler(sections["sampler"])
-    unknown = sorted(set(sections["mask"].class_thresholds) - set(label_space))
-    if unknown:
-        raise ValueError(f"class_thresholds names classes outside the label space: {unknown}")
-    return DiffuMaskConfig(vocabulary, label_space, size, **sections)

@@ -17,42 +17,34 @@ softmax over all keys (image and text) or renormalised over the text keys.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from .families import Family
+from ..masks.attention import CapturedAttention
+from ..pipelines.families import Family
+
+# How :func:`class_mass` computes the class tokens' share (``GeneratorConfig.capture_kernel``).
+CLASS_MASS_KERNELS = ("auto", "sdpa", "explicit")
 
 
-@dataclass
-class CapturedAttention:
-    """What one generation batch recorded, for :func:`~ondemand_seg.labelling.masks_from_attention`.
-
-    maps: ``{latent factor: [B, K, h_f, w_f]}`` mean class-token attention per resolution;
-    self_attention: ``[B, N, N]`` mean self-attention at ``self_attention_factor`` (rows sum to 1),
-    or ``None``; self_attention_factors_seen: the factors at which self-attention layers ran;
-    latent_size: ``(h, w)`` of the denoised latent.
-    """
-
-    maps: dict[int, torch.Tensor]
-    self_attention: torch.Tensor | None
-    self_attention_factor: int | None
-    self_attention_factors_seen: set[int]
-    latent_size: tuple[int, int]
-
-
-class CrossAttentionStore:
-    """Running per-resolution sums of class-token cross-attention for one generation batch.
+class AttentionStore:
+    """Running sums of what the capture records for one generation batch: per-resolution
+    class-token maps (from cross or joint attention) and, for refinement, self-attention at one
+    resolution. Memory does not grow with layers or steps.
 
     Call :meth:`begin` before a pipeline call; pass :meth:`on_step_end` as the pipeline's
-    ``callback_on_step_end`` so the store knows the denoising step; read :meth:`maps` after.
+    ``callback_on_step_end`` so the store knows the denoising step; read :meth:`captured` after.
+    ``kernel`` is how the class-token mass is computed (:func:`class_mass`).
     """
 
-    def __init__(self, map_source: str = "attention", joint_softmax: str = "all") -> None:
+    def __init__(self, map_source: str = "attention", joint_softmax: str = "all", kernel: str = "auto") -> None:
+        if kernel not in CLASS_MASS_KERNELS:
+            raise ValueError(f"class-mass kernel must be one of {CLASS_MASS_KERNELS}, got {kernel!r}")
         self.map_source = map_source
         self.joint_softmax = joint_softmax
+        self.kernel = kernel
         self._sums: dict[int, torch.Tensor] = {}
         self.counts: dict[int, int] = {}
         self.self_attention_factor: int | None = None
@@ -203,14 +195,8 @@ def _scores(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tenso
     return torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
 
 
-CLASS_MASS_KERNELS = ("auto", "sdpa", "explicit")
-# The kernel :func:`class_mass` uses when its caller names none; benchmarks and tests set it to
-# compare the two kernels on the same run.
-CLASS_MASS_KERNEL = "auto"
-
-
 def class_mass(query: torch.Tensor, key: torch.Tensor, weights: torch.Tensor, scale: float,
-               mask: torch.Tensor | None = None, kernel: str | None = None) -> torch.Tensor:
+               mask: torch.Tensor | None = None, kernel: str = "auto") -> torch.Tensor:
     """``[B, K, N]`` float32 head-averaged softmax mass on each class's keys: mean over heads of
     ``softmax(q·kᵀ·scale + mask)·Wᵀ``.
 
@@ -221,10 +207,8 @@ def class_mass(query: torch.Tensor, key: torch.Tensor, weights: torch.Tensor, sc
         kernel: ``"explicit"`` builds the ``[B, heads, N, M]`` scores in float32 and takes their
             softmax; ``"sdpa"`` hands the weights to ``F.scaled_dot_product_attention`` as values
             (in the model's dtype on CUDA, float32 elsewhere): on CUDA a fused kernel, with no
-            score tensor in memory; ``"auto"`` is ``"sdpa"`` on CUDA and ``"explicit"`` elsewhere;
-            ``None`` reads :data:`CLASS_MASS_KERNEL`.
+            score tensor in memory; ``"auto"`` is ``"sdpa"`` on CUDA and ``"explicit"`` elsewhere.
     """
-    kernel = kernel or CLASS_MASS_KERNEL
     if kernel not in CLASS_MASS_KERNELS:
         raise ValueError(f"class-mass kernel must be one of {CLASS_MASS_KERNELS}, got {kernel!r}")
     if kernel == "auto":
@@ -254,16 +238,28 @@ def class_mass(query: torch.Tensor, key: torch.Tensor, weights: torch.Tensor, sc
     return mass.float().mean(1).transpose(1, 2)
 
 
-class CrossAttentionCaptureProcessor:
-    """Attention processor that feeds a :class:`CrossAttentionStore`: class-token probabilities of
-    cross-attention layers and, for self-attention refinement, self-attention at one resolution.
+class CaptureProcessor:
+    """What the capture processors share: the store they feed and the processor they replaced.
+
+    A call the store records nothing from (a step outside the timestep window, a self-attention
+    layer at another resolution) is handed to the replaced processor as it is, so those steps run
+    the model's own attention code at its own speed; only recording calls take the capture's path,
+    which re-implements the layer to read its queries and keys. Each subclass keeps the exact call
+    signature of the processor it was adapted from: diffusers passes a processor only the keyword
+    arguments its ``__call__`` names.
+    """
+
+    def __init__(self, store: AttentionStore, replaced=None) -> None:
+        self.store = store
+        self.replaced = replaced
+
+
+class CrossAttentionCaptureProcessor(CaptureProcessor):
+    """Capture for cross-attention layers (class-token probabilities) and, for self-attention
+    refinement, self-attention layers (their probabilities at one resolution).
 
     Adapted from diffusers' ``AttnProcessor2_0`` (0.42): re-check when that processor changes.
     """
-
-    def __init__(self, store: CrossAttentionStore, replaced=None) -> None:
-        self.store = store
-        self.replaced = replaced
 
     def __call__(
         self,
@@ -275,6 +271,10 @@ class CrossAttentionCaptureProcessor:
         *args,
         **kwargs,
     ) -> torch.Tensor:
+        if self.replaced is not None and not self._records(attn, hidden_states):
+            # temb only where it was given: processors of layers without a spatial norm do not take it.
+            extra = {} if temb is None else {"temb": temb}
+            return self.replaced(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **extra, **kwargs)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -320,11 +320,17 @@ class CrossAttentionCaptureProcessor:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
+    def _records(self, attn: Attention, hidden_states: torch.Tensor) -> bool:
+        if attn.is_cross_attention:
+            return self.store.recording
+        queries = hidden_states.shape[2] * hidden_states.shape[3] if hidden_states.ndim == 4 else hidden_states.shape[1]
+        return self.store.wants_self_attention(queries)
+
     def _record(self, attn: Attention, query, key, attention_mask) -> None:
         self.store.check_text_length(key.shape[2])
         query, key = self.store.conditional(query, key)
         mask = None if attention_mask is None else self.store.conditional(attention_mask)[0]
-        self.store.add(class_mass(query, key, self.store.token_weights, attn.scale, mask))
+        self.store.add(class_mass(query, key, self.store.token_weights, attn.scale, mask, self.store.kernel))
 
     def _record_self(self, attn: Attention, query, key) -> None:
         query, key = self.store.conditional(query, key)
@@ -332,7 +338,7 @@ class CrossAttentionCaptureProcessor:
         self.store.add_self(probs.mean(1))
 
 
-def record_joint(store: CrossAttentionStore, scale: float, query: torch.Tensor, key: torch.Tensor,
+def record_joint(store: AttentionStore, scale: float, query: torch.Tensor, key: torch.Tensor,
                  output: torch.Tensor, text: slice, image: slice) -> None:
     """Record one joint-attention layer's class maps (and self-attention, when wanted).
 
@@ -349,9 +355,9 @@ def record_joint(store: CrossAttentionStore, scale: float, query: torch.Tensor, 
         # ConceptAttention, with the prompt's own tokens as the concepts: each image token's
         # attention output is compared with every text token's, and the class tokens' share of
         # the softmax over text tokens is the map (no extra concept tokens are run).
-        store.add(class_mass(output[:, :, image], output[:, :, text], weights, scale))
+        store.add(class_mass(output[:, :, image], output[:, :, text], weights, scale, kernel=store.kernel))
     elif store.joint_softmax == "text":
-        store.add(class_mass(q_image, key[:, :, text], weights, scale))
+        store.add(class_mass(q_image, key[:, :, text], weights, scale, kernel=store.kernel))
     else:
         # The model's own softmax runs over every key, image keys included: always the SDPA kernel,
         # which on CUDA needs no [N, N + T] score tensor (the explicit kernel always writes one).
@@ -363,18 +369,16 @@ def record_joint(store: CrossAttentionStore, scale: float, query: torch.Tensor, 
         store.add_self(probs.mean(1))
 
 
-class JointAttentionCaptureProcessor:
+class JointAttentionCaptureProcessor(CaptureProcessor):
     """SD3's joint attention (image tokens first, then text) with capture.
 
     Adapted from diffusers' ``JointAttnProcessor2_0`` (0.42): re-check when that processor changes.
     """
 
-    def __init__(self, store: CrossAttentionStore, replaced=None) -> None:
-        self.store = store
-        self.replaced = replaced
-
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
                  attention_mask: torch.Tensor | None = None, *args, **kwargs):
+        if self.replaced is not None and (encoder_hidden_states is None or not self.store.recording):
+            return self.replaced(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         residual = hidden_states
         batch_size = hidden_states.shape[0]
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
@@ -411,19 +415,17 @@ class JointAttentionCaptureProcessor:
         return hidden_states
 
 
-class FluxAttentionCaptureProcessor:
+class FluxAttentionCaptureProcessor(CaptureProcessor):
     """Flux's attention (text tokens first) with capture, in double-stream blocks (separate text
     and image inputs) and single-stream blocks (one sequence whose first ``T`` tokens are text).
 
     Adapted from diffusers' ``FluxAttnProcessor`` (0.42): re-check when that processor changes.
     """
 
-    def __init__(self, store: CrossAttentionStore, replaced=None) -> None:
-        self.store = store
-        self.replaced = replaced
-
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None):
+        if self.replaced is not None and not self.store.recording:
+            return self.replaced(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         from diffusers.models.attention_dispatch import dispatch_attention_fn
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
@@ -458,9 +460,6 @@ class FluxAttentionCaptureProcessor:
         return hidden_states
 
 
-_CAPTURE_PROCESSORS = (CrossAttentionCaptureProcessor, JointAttentionCaptureProcessor, FluxAttentionCaptureProcessor)
-
-
 def _reads_text(module, family: Family) -> bool:
     if family.name == "flux":
         return type(module).__name__ == "FluxAttention"
@@ -469,7 +468,7 @@ def _reads_text(module, family: Family) -> bool:
     return bool(getattr(module, "is_cross_attention", False))
 
 
-def install_capture(denoiser: torch.nn.Module, store: CrossAttentionStore, family: Family,
+def install_capture(denoiser: torch.nn.Module, store: AttentionStore, family: Family,
                     self_attention: bool = False) -> list[str]:
     """Route ``denoiser``'s text-attention layers through the family's capture processor.
 
@@ -484,7 +483,7 @@ def install_capture(denoiser: torch.nn.Module, store: CrossAttentionStore, famil
         family.name, JointAttentionCaptureProcessor if family.attention == "joint" else CrossAttentionCaptureProcessor)
     processors, captured, self_layers = {}, [], 0
     for name, current in denoiser.attn_processors.items():
-        if isinstance(current, _CAPTURE_PROCESSORS):
+        if isinstance(current, CaptureProcessor):
             current = current.replaced
         module = denoiser.get_submodule(name[: -len(".processor")])
         if _reads_text(module, family):

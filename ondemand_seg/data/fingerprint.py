@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-# Settings that change speed but never a sample (SamplerConfig documents compile and
-# channels_last as "same masks"; the reject limit only decides when to give up).
-SPEED_ONLY = {"sampler": ("compile", "channels_last"), "quality": ("max_consecutive_rejects",)}
+# Settings that change speed but never a sample (GeneratorConfig documents compile, channels_last
+# and the capture kernel as "same masks"; the reject limit only decides when to give up).
+SPEED_ONLY = {"generator": ("compile", "channels_last", "capture_kernel"), "quality": ("max_consecutive_rejects",)}
 # Bytes of a large file read for its digest: its start, middle and end.
 _CHUNK = 1 << 16
 _WHOLE_FILE_LIMIT = 1 << 20
@@ -58,7 +58,7 @@ def model_fingerprint(model: Any) -> str:
     built-in model (wherever it lies), ``hub:<id>@<digest>`` for a hub model in the local cache,
     ``hub:<id>`` for one that is not, ``callable:<module>.<name>`` for a callable (its weights are
     known only to it) and ``random-weights``."""
-    from .loading import RANDOM_WEIGHTS_MODEL, resolve_model
+    from ..pipelines.builtin import RANDOM_WEIGHTS_MODEL, resolve_model
 
     if callable(model):
         return f"callable:{getattr(model, '__module__', '?')}.{getattr(model, '__qualname__', type(model).__name__)}"

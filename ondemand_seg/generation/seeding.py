@@ -1,4 +1,4 @@
-"""Every seed in the library comes from here, and how work splits across ranks and workers.
+"""Every seed in the library comes from here.
 
 A seed is NumPy's ``SeedSequence`` hash of the base seed and a tuple of integer keys. Each use has
 its own key layout, and no two layouts can produce the same tuple (they differ in length or in
@@ -26,7 +26,6 @@ from __future__ import annotations
 from enum import IntEnum
 
 import numpy as np
-import torch
 
 
 class SubStream(IntEnum):
@@ -99,23 +98,3 @@ def serving_seed(base_seed: int, shard_id: int, shards: int, serving: int) -> in
 def evaluation_seed(base_seed: int, index: int) -> int:
     """Seed of evaluation sample ``index`` (benchmarks): one key, apart from every other layout."""
     return derive_seed(base_seed, int(index))
-
-
-def split_by_node() -> tuple[int, int]:
-    """``(rank, world_size)`` of ``torch.distributed``, or ``(0, 1)`` when it is not initialised."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def split_by_worker() -> tuple[int, int]:
-    """``(worker_id, num_workers)`` of the current DataLoader worker, ``(0, 1)`` in the main process."""
-    info = torch.utils.data.get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
-def shard() -> tuple[int, int]:
-    """This process's shard and the shard count over all ranks and their workers."""
-    rank, world = split_by_node()
-    worker, workers = split_by_worker()
-    return rank * workers + worker, world * workers

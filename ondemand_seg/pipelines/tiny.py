@@ -63,7 +63,6 @@ from transformers import (
     T5Tokenizer,
 )
 
-
 FLAVORS: tuple[str, ...] = ("sd1", "sd2", "sdxl", "sd3", "flux", "flux-schnell", "pixart", "sana")
 TINY_IMAGE_SIZE = 64
 # Each flavor's image side. sd1/sd2 keep their 64 px (text-attention grids 8, 4 and 2 wide); the
@@ -211,7 +210,7 @@ def _check_pieces(tokenizer, targets: Sequence[str]) -> None:
 
 def default_words() -> tuple[str, ...]:
     """:data:`BASE_WORDS` and the prompt names of the default vocabulary's classes."""
-    from .vocabulary import default_vocabulary
+    from ..settings.vocabulary import default_vocabulary
 
     vocabulary = default_vocabulary()
     return BASE_WORDS + tuple(vocabulary.prompt_names.get(c, c) for c in vocabulary.classes)

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from ..settings.files import check_regular_file, read_text
 from .families import Family, family_of, folder_reader
-from .files import check_regular_file, read_text
 
 # The libraries a folder may name components from. Each is imported by its own name and its
 # classes looked up as attributes (both load only their own submodules); a folder naming any

@@ -25,7 +25,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from torchvision.datasets.vision import StandardTransform
 
-from .config import check_callable
+from ..settings.validation import check_callable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,28 +1,18 @@
-"""Prompts: one image's text and the classes it names, and the tokens naming them in the text.
+"""The tokens that name a prompt's classes in the denoiser's text sequence.
 
-The text itself is drawn by a :class:`~ondemand_seg.vocabulary.Vocabulary`. Token positions are
+The text itself is drawn by a :class:`~ondemand_seg.settings.vocabulary.Vocabulary`. Token positions are
 found through the tokenizer's character offsets, so one rule serves CLIP's BPE and SentencePiece
 tokenizers (T5, Gemma), where a class name is often several pieces ("▁pot", "ted", "▁plant").
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from .families import TextSegment
-
-
-@dataclass(frozen=True)
-class PromptSpec:
-    """One image's prompt and the classes it names, in prompt order."""
-
-    text: str
-    class_names: tuple[str, ...]
-    class_ids: tuple[int, ...]
-    words: tuple[str, ...]
+from ..pipelines.families import TextSegment
+from ..settings.vocabulary import PromptSpec
 
 
 def word_spans(text: str, words: Sequence[str], start: int = 0) -> list[tuple[int, int]]:

@@ -4,15 +4,18 @@ from __future__ import annotations
 import random
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import torch
 from torch.utils.data import IterableDataset
 
-from .config import check_bool, check_int
-from .loading import ModelSource
+from ..generation.generator import DiffuMaskGenerator, RawSample
+from ..generation.seeding import schedule_seed
+from ..pipelines.builtin import ModelSource
+from ..settings.config import GeneratorConfig, MaskConfig, QualityConfig
+from ..settings.validation import check_bool, check_int
 from .fingerprint import fingerprint_differences, sequence_fingerprint
-from .seeding import schedule_seed, shard
-from .source import RawSample, SampleSource
+from .sharding import shard
 from .transforms import JointTransform, PairAugmentation, SegmentationTransform, apply_transforms, joint_transforms
 
 
@@ -52,9 +55,10 @@ class DiffuMaskStream(IterableDataset):
             meaning; not together with ``transforms``).
         seed: base seed; sample ``i`` depends on ``(seed, i)`` only.
         device: generation device; default CUDA (round-robin over workers) when available, else CPU.
-        settings: ``vocabulary``, ``label_space``, ``image_size``, ``mask``, ``sampler``,
-            ``quality``, merged field by field over the model's preset
-            (:func:`~ondemand_seg.config.resolve_config`); ``stream.config`` holds the result.
+        vocabulary, label_space, image_size, mask, generator, quality: the settings, merged field
+            by field over the model's preset (:func:`~ondemand_seg.settings.resolve.resolve_config`);
+            ``stream.config`` holds the result and ``stream.source`` the
+            :class:`~ondemand_seg.generation.generator.DiffuMaskGenerator` drawing the samples.
     Yields:
         ``(image, target)``: a PIL RGB image and a PIL mode-"P" mask (ids, 255 ignore) passed
         through the transforms; with the default, ``image`` float ``[3, H, W]`` normalized like
@@ -72,7 +76,14 @@ class DiffuMaskStream(IterableDataset):
         transforms: JointTransform | None = None,
         transform: Callable | None = None,
         target_transform: Callable | None = None,
-        **settings: Any,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        vocabulary: Any = None,
+        label_space: Sequence[str] | None = None,
+        image_size: int | Sequence[int] | None = None,
+        mask: MaskConfig | Mapping[str, Any] | None = None,
+        generator: GeneratorConfig | Mapping[str, Any] | None = None,
+        quality: QualityConfig | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         reuse = check_int("reuse", reuse, minimum=1)
@@ -80,8 +91,9 @@ class DiffuMaskStream(IterableDataset):
         if num_samples is not None:
             num_samples = check_int("num_samples", num_samples, minimum=1)
         check_bool("augment", augment)
-        self.source = SampleSource(model, classes, **settings)
-        batch = self.source.sampler_config.batch_size
+        self.source = DiffuMaskGenerator(model, classes, seed, device, vocabulary=vocabulary, label_space=label_space,
+                                         image_size=image_size, mask=mask, generator=generator, quality=quality)
+        batch = self.source.generator_config.batch_size
         if cache_size < batch:
             raise ValueError(f"cache_size ({cache_size}) must be at least the generation batch_size ({batch})")
         self.reuse, self.cache_size, self.num_samples = reuse, cache_size, num_samples
@@ -94,7 +106,7 @@ class DiffuMaskStream(IterableDataset):
 
     @property
     def config(self):
-        """The resolved settings (:class:`~ondemand_seg.config.DiffuMaskConfig`)."""
+        """The resolved settings (:class:`~ondemand_seg.settings.config.DiffuMaskConfig`)."""
         return self.source.config
 
     def stats(self) -> dict[str, int]:
@@ -197,7 +209,7 @@ class StreamIterator:
 
     def _schedule(self) -> _CacheEntry:
         """Advance the schedule by one serving and return the entry served."""
-        stream, batch = self.stream, self.stream.source.sampler_config.batch_size
+        stream, batch = self.stream, self.stream.source.generator_config.batch_size
         # Keep the cache full while it has room for a batch, but draw at most one sample per sample served,
         # so the first samples come out after one batch, not after filling the cache.
         if not self.cache or (len(self.cache) + batch <= stream.cache_size and self.served_since_draw >= batch):
@@ -242,7 +254,7 @@ class StreamIterator:
         # a resumed iterator (whose whole cache is pending) reaches the same state.
         pending = sorted({e for e in self.cache + [entry] if e.sample is None}, key=lambda e: e.index)
         if pending:
-            for e, sample in zip(pending, self.stream.source.draw([e.index for e in pending])):
+            for e, sample in zip(pending, self.stream.source.samples([e.index for e in pending])):
                 e.sample = sample
         transforms = self.stream.transforms
         seed = entry.sample.augment_seed(self.stream.source.seed, entry.uses - 1)

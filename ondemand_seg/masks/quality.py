@@ -5,8 +5,8 @@ from collections import Counter
 
 import torch
 
-from .config import QualityConfig
-from .label_spaces import IGNORE_INDEX
+from ..settings.config import QualityConfig
+from ..settings.label_spaces import IGNORE_INDEX
 
 # Each reason the gate gives, with what a run of it means (for :class:`TooManyRejects`).
 REJECT_CAUSES = {

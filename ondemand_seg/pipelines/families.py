@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .files import read_json_object
+from ..settings.files import read_json_object
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ class ModelSpec:
         size = tuple(image_size) if image_size is not None else (self.default_size, self.default_size)
         return {
             "image_size": [self.default_size, self.default_size],
-            "sampler": {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale},
+            "generator": {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale},
             "mask": {"resolution_weights": self.default_resolution_weights(size)},
         }
 
@@ -178,9 +178,9 @@ class ModelSpec:
                 f"cell(s) per attention token{required})"
             )
 
-    def check_sampler(self, sampler: Any) -> None:
+    def check_generator(self, generator: Any) -> None:
         """An error for a guidance scale that would silently turn this model's guidance off."""
-        guidance = sampler.guidance_scale
+        guidance = generator.guidance_scale
         if guidance is not None and self.classifier_free and guidance <= 1:
             raise ValueError(
                 f"guidance_scale={guidance} turns classifier-free guidance off in a {self.pipeline_class} (it "

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
-from .label_spaces import IGNORE_INDEX
-from .seeding import splice_generator
+from ..generation.seeding import splice_generator
+from ..settings.label_spaces import IGNORE_INDEX
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, PairAugmentation
 
 Pair = tuple[np.ndarray, np.ndarray]

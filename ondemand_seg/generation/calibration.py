@@ -6,28 +6,27 @@ ToyWorld, the colour oracle. The result goes into ``MaskConfig.class_thresholds`
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import random
+from typing import Callable
 
 import numpy as np
 import torch
 
-from .masks import calibrate_threshold
+from ..masks.maps import calibrate_threshold
+from .generator import DiffuMaskGenerator
 from .seeding import SubStream, calibration_seed
-from .source import SampleSource
 
 # label_fn(image [H, W, 3] uint8 RGB, class name) -> [H, W] bool truth of that class in the image
 LabelFn = Callable[[np.ndarray, str], np.ndarray]
 
 
-def calibrate_class_thresholds(source: SampleSource, label_fn: LabelFn, n_per_class: int = 20,
+def calibrate_class_thresholds(source: DiffuMaskGenerator, label_fn: LabelFn, n_per_class: int = 20,
                                candidates: torch.Tensor | None = None, batch_size: int = 20) -> dict[str, float]:
     """γ per class of ``source``: the threshold that maximises IoU on ``n_per_class`` labelled samples.
 
     Each sample is generated from a one-class prompt drawn from the source's vocabulary, with the
     source's mask settings, so refinements the config turns on are calibrated through. Its seeds
-    come from the calibration sub-stream (:func:`~ondemand_seg.seeding.calibration_seed`), so no
+    come from the calibration sub-stream (:func:`~ondemand_seg.generation.seeding.calibration_seed`), so no
     calibration image is one the training stream draws. Samples whose truth is empty (the model
     did not draw the object) are skipped.
 
@@ -35,7 +34,7 @@ def calibrate_class_thresholds(source: SampleSource, label_fn: LabelFn, n_per_cl
         source: the classes, model and mask settings to calibrate for.
         label_fn: truth of one class in one generated image, ``[H, W]`` bool.
         n_per_class: labelled samples per class.
-        candidates: thresholds to try (default :func:`~ondemand_seg.masks.calibrate_threshold`'s).
+        candidates: thresholds to try (default :func:`~ondemand_seg.masks.maps.calibrate_threshold`'s).
     Returns:
         ``{class name: γ}`` for every class of ``source`` that had a drawn sample.
     Raises:
@@ -52,7 +51,7 @@ def calibrate_class_thresholds(source: SampleSource, label_fn: LabelFn, n_per_cl
         prompts = [source.class_prompt(random.Random(calibration_seed(source.seed, c, k, SubStream.PROMPT)), [n])
                    for n, c, k in chunk]
         seeds = [calibration_seed(source.seed, c, k, SubStream.IMAGE) for _, c, k in chunk]
-        batch = source.sampler.generate(prompts, seeds, source.image_size, keep_maps=True)
+        batch = source.generate(prompts, seeds, keep_maps=True)
         images = batch.uint8_images()
         for j, (name, _, _) in enumerate(chunk):
             truth = torch.from_numpy(np.asarray(label_fn(images[j], name), dtype=bool))

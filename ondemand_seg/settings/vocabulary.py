@@ -35,7 +35,6 @@ from typing import Any, Mapping, Sequence
 
 from .files import read_json, read_text
 from .label_spaces import validate_label_space
-from .prompts import PromptSpec
 
 BUILTIN_VOCABULARIES: tuple[str, ...] = ("voc", "cityscapes", "ade20k", "toy")
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photograph of a {class}", "a photograph of a {subclass} {class}")
@@ -50,6 +49,16 @@ _JOINER = " and a "
 # never merges across those cuts; the checks below reason about these pieces.
 _PIECE = re.compile(r"[^\W\d_]+|\d|[^\w\s]+")
 _ENDS_WITH_ARTICLE = re.compile(r"(?:^|\s)[Aa] $")
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """One image's prompt and the classes it names, in prompt order."""
+
+    text: str
+    class_names: tuple[str, ...]
+    class_ids: tuple[int, ...]
+    words: tuple[str, ...]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,101 @@
+"""Validators: each checks one user-given value and returns it in canonical form, or raises an
+error naming the value. Every constructor (configs, datasets, augmentation, ToyWorld) checks its
+arguments with these, so a bad value fails at construction in the main process, not in a worker."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Sequence
+
+
+# Every constructor checks its arguments with these, so a bad value is an error naming it at
+# construction, in the main process, not a crash in a worker at the first draw.
+def check_int(name: str, value: Any, minimum: int | None = None) -> int:
+    """``value`` as an int when it is one (``bool``, ``float`` and ``str`` are not) and ``>= minimum``.
+
+    Raises:
+        TypeError: not an integer. ValueError: below ``minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_count_range(name: str, value: Any) -> int | tuple[int, int]:
+    """A count >= 1, or a ``(min, max)`` pair of them with min <= max (a list, as JSON gives it,
+    becomes a tuple)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        return check_int(name, value, minimum=1)
+    if len(value) != 2:
+        raise ValueError(f"{name} must be a count or a (min, max) pair, got {value!r}")
+    low, high = (check_int(name, v, minimum=1) for v in value)
+    if low > high:
+        raise ValueError(f"{name} must be (min, max) with min <= max, got {value!r}")
+    return (low, high)
+
+
+def check_finite(name: str, value: Any) -> float:
+    """``value`` as a float when it is a finite real number (not a ``bool`` nor a ``str``).
+
+    Raises:
+        TypeError: not a real number. ValueError: NaN or infinite.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` when it is ``True`` or ``False`` (a truthy string is not)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_callable(name: str, value: Any) -> Any:
+    """``value`` when it is ``None`` or callable (a transform)."""
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable or None, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_names(name: str, value: Any) -> tuple[str, ...]:
+    """A list or tuple of non-empty strings as a tuple (one string is not a list of names)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a list of names, got {value!r} ({type(value).__name__})")
+    bad = [item for item in value if not isinstance(item, str) or not item.strip()]
+    if bad:
+        raise TypeError(f"{name} must hold non-empty strings, got {bad[0]!r} in {list(value)!r}")
+    return tuple(value)
+
+
+def check_classes(classes: Any) -> tuple[str, ...]:
+    """The classes to generate as a tuple: one name or a list of names."""
+    if isinstance(classes, str):
+        classes = (classes,)
+    return check_names("classes", classes)
+
+
+def check_image_size(image_size: int | Sequence[int], spec: Any = None) -> tuple[int, int]:
+    """``(height, width)`` from an int or a pair of positive ints, each a multiple of
+    :attr:`~ondemand_seg.families.ModelSpec.size_multiple` when the model is known (what its
+    pipeline and its attention tokens need), of 8 otherwise (every supported VAE's factor)."""
+    if isinstance(image_size, numbers.Integral):
+        size = (image_size, image_size)
+    elif isinstance(image_size, Sequence) and not isinstance(image_size, str):
+        size = tuple(image_size)
+    else:
+        size = ()
+    if len(size) != 2 or any(not isinstance(s, numbers.Integral) or isinstance(s, bool) or s <= 0 for s in size):
+        raise ValueError(f"image_size must be an int or (height, width) of positive ints, got {image_size!r}")
+    size = tuple(int(s) for s in size)  # numpy ints too, as plain ints for JSON and PIL
+    if spec is not None:
+        spec.check_image_size(size)
+    elif any(s % 8 for s in size):
+        raise ValueError(f"image_size {image_size!r} is not a multiple of 8 on each side (the VAEs of the supported "
+                         "families downsample by 8 or more; this model is known only once loaded)")
+    return size
