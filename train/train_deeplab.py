@@ -5,9 +5,10 @@
     torchrun --nproc_per_node=2 train/train_deeplab.py --synthetic-only   # DDP (nccl on GPUs, gloo on CPU)
     python train/train_deeplab.py --synthetic-only --resume out/train/checkpoint.pt
 
-Only rank 0 logs and writes checkpoints and metrics (``metrics.jsonl``/``metrics.csv``). A checkpoint that
-cannot be written (disk full) is a warning and training continues, the previous one kept; the last one
-failing stops the run with an error.
+A bad flag is refused before anything is built, as argparse refuses its own: one line
+``train_deeplab.py: error: ...`` on stderr and exit status 2. Only rank 0 logs and writes checkpoints
+and metrics (``metrics.jsonl``/``metrics.csv``). A checkpoint that cannot be written (disk full) is a
+warning and training continues, the previous one kept; the last one failing stops the run with an error.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from ondemand_seg import AugmentConfig, DiffuMaskAugment, DiffuMaskDataset, Diff
 from ondemand_seg.cli import HelpFormatter, add_generator_arguments, resolve_generator
 from ondemand_seg.label_noise import LabelNoiseFilter
 from ondemand_seg.label_spaces import class_ids
+from ondemand_seg.loading import check_device
 from ondemand_seg.metrics import ConfusionMatrix
 from ondemand_seg.toyworld import TOY_CLASSES, write_voc
 from dilated_convs import crop_dilated_convs
@@ -43,6 +45,21 @@ from utils import (CheckpointError, MetricLog, MetricLogError, all_reduce_mean, 
 # torchdata 0.11 calls an API torch has deprecated; the message says nothing about this run.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
+PROG = Path(__file__).name
+
+
+class FlagError(SystemExit):
+    """A bad flag: :func:`cli` prints it as argparse prints its own errors (``train_deeplab.py:
+    error: MESSAGE``, one line on stderr) and exits with argparse's status, 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = " ".join(line.strip() for line in message.splitlines())
+
+    def __str__(self) -> str:
+        return self.message
+
+
 BACKBONES = {
     "mobilenet_v3_large": segmentation.deeplabv3_mobilenet_v3_large,
     "resnet50": segmentation.deeplabv3_resnet50,
@@ -51,7 +68,7 @@ BACKBONES = {
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     data = p.add_argument_group("data")
     source = data.add_mutually_exclusive_group()
     source.add_argument("--synthetic-only", action="store_true", help="train on the DiffuMask stream alone")
@@ -121,56 +138,85 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
-    """Every bad flag fails here, before data or models load (generator values already failed in
-    :func:`generator_config`)."""
+    """Refuse every bad flag with a :class:`FlagError` naming it, before data or models load
+    (generator values already failed in :func:`generator_config`)."""
     if args.backbone not in BACKBONES:
-        raise SystemExit(f"error: unknown backbone {args.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        raise FlagError(f"--backbone: unknown backbone {args.backbone!r}; choose one of {', '.join(BACKBONES)}")
     for flag in ("voc_root", "eval_root"):
         root = getattr(args, flag)
         if root is not None and not (root / "VOCdevkit" / "VOC2012").is_dir():
-            raise SystemExit(f"error: --{flag.replace('_', '-')} {root} has no VOCdevkit/VOC2012 folder")
+            raise FlagError(f"--{flag.replace('_', '-')} {root} has no VOCdevkit/VOC2012 folder")
     if args.backbone_weights is not None and not args.backbone_weights.is_file():
-        raise SystemExit(f"error: --backbone-weights {args.backbone_weights} is not a file")
+        raise FlagError(f"--backbone-weights {args.backbone_weights} is not a file")
     if args.noise_cutoff is not None and args.real_only:
-        raise SystemExit("error: --noise-cutoff prunes synthetic labels and a --real-only run has none")
+        raise FlagError("--noise-cutoff prunes synthetic labels and a --real-only run has none")
     if not 0.0 <= args.ema_decay < 1.0:
-        raise SystemExit(f"error: --ema-decay must be in [0, 1), got {args.ema_decay}")
+        raise FlagError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if not 0.0 < args.synthetic_ratio < 1.0:
-        raise SystemExit(f"error: --synthetic-ratio must be in (0, 1), got {args.synthetic_ratio}")
-    problem = output_dir_problem(args.output_dir)
-    if problem:
-        raise SystemExit(f"error: --output-dir {args.output_dir} {problem}")
+        raise FlagError(f"--synthetic-ratio must be in (0, 1), got {args.synthetic_ratio}")
+    # AdamW takes a NaN or infinite rate without complaint and trains the weights to NaN.
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise FlagError(f"--lr must be a finite number > 0, got {args.lr}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise FlagError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    for flag, problem in (("output_dir", output_dir_problem(args.output_dir)), ("data_dir", data_dir_problem(args))):
+        if problem:
+            raise FlagError(f"--{flag.replace('_', '-')} {getattr(args, flag)} {problem}")
+    try:
+        check_device(args.device)
+    except (ValueError, TypeError) as error:
+        raise FlagError(f"--device: {error}") from None
     if args.real_images is not None and args.synthetic_only:
-        raise SystemExit("error: --real-images picks real training images and cannot go with --synthetic-only")
+        raise FlagError("--real-images picks real training images and cannot go with --synthetic-only")
     if args.synthetic_length is not None and (args.synthetic_only or args.real_only):
-        raise SystemExit("error: --synthetic-length sizes the synthetic part of a mixed run; drop --synthetic-only/--real-only")
+        raise FlagError("--synthetic-length sizes the synthetic part of a mixed run; drop --synthetic-only/--real-only")
     for flag in ("steps", "batch_size", "reuse", "cache_size", "crop_size", "checkpoint_every", "real_images",
-                 "synthetic_length", "prefetch_batches", "threads"):
+                 "synthetic_length", "prefetch_batches", "threads", "eval_limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+            raise FlagError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("workers", "eval_every", "noise_warmup"):
+        if getattr(args, flag) < 0:
+            raise FlagError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if label_space != TOY_CLASSES and (args.eval_root is None or (args.voc_root is None and not args.synthetic_only)):
-        raise SystemExit("error: the default real data is ToyWorld; with another label space pass --voc-root and --eval-root")
+        raise FlagError("the default real data is ToyWorld; with another label space pass --voc-root and --eval-root")
     try:
         class_ids(args.classes, label_space)
         if args.noise_cutoff is not None:
             noise_filter(args)
     except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise FlagError(str(error)) from None
+
+
+def uses_toyworld(args: argparse.Namespace) -> bool:
+    """Whether the run trains or evaluates on the ToyWorld folder in ``--data-dir`` (no real data named)."""
+    return args.voc_root is None and not args.synthetic_only or args.eval_root is None
+
+
+def toyworld_ready(data_dir: Path) -> Path:
+    """The file whose presence says the ToyWorld folder in ``data_dir`` is complete (written last)."""
+    return data_dir / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt"
+
+
+def data_dir_problem(args: argparse.Namespace) -> str | None:
+    """Why ToyWorld cannot be written into ``--data-dir`` when this run needs it written; a complete
+    one already there is only read, so a read-only copy is fine."""
+    if not uses_toyworld(args) or toyworld_ready(args.data_dir).is_file():
+        return None
+    return output_dir_problem(args.data_dir)
 
 
 def generator_config(args: argparse.Namespace):
     """The generator's settings: the model's preset merged with the flags (the library's
-    :func:`~ondemand_seg.config.resolve_config`); a bad value fails here, naming it."""
+    :func:`~ondemand_seg.config.resolve_config`); a bad value is a :class:`FlagError` naming it."""
     try:
         return resolve_generator(args)
     except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
+        raise FlagError(str(error)) from None
 
 
 def default_voc_root(args: argparse.Namespace, image_size: int) -> Path:
     """The ToyWorld VOC folder (written once by rank 0) used when no real data is named."""
-    ready = args.data_dir / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt"
-    if is_main_process() and not ready.is_file():
+    if is_main_process() and not toyworld_ready(args.data_dir).is_file():
         # A fixed dataset, not drawn from --seed: runs with different training seeds are scored on
         # the same val split.
         write_voc(args.data_dir, n_train=1000, n_val=200, image_size=image_size, seed=0)
@@ -198,7 +244,8 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     own = model.backbone.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if len(matched) < len(own) // 2:
-        raise SystemExit(f"error: {args.backbone_weights} matches {len(matched)} of {len(own)} {args.backbone} backbone tensors")
+        raise FlagError(f"--backbone-weights {args.backbone_weights} matches {len(matched)} of {len(own)} "
+                        f"{args.backbone} backbone tensors")
     model.backbone.load_state_dict(matched, strict=False)
     if is_main_process():
         print(f"backbone {args.backbone}: loaded {len(matched)}/{len(own)} tensors from {args.backbone_weights}")
@@ -245,7 +292,7 @@ def build_train_loader(args, config, rank: int, world: int, device: torch.device
     dataset = (StatefulConcatDataset(parts) if args.noise_cutoff is None
                else SourceFlaggedConcatDataset(parts, flagged=[len(parts) - 1]))
     if len(dataset) < args.batch_size * world:  # drop_last would make every epoch empty: a silent endless loop
-        raise SystemExit(f"error: the training set has {len(dataset)} samples, fewer than one batch "
+        raise FlagError(f"the training set has {len(dataset)} samples, fewer than one batch "
                          f"(--batch-size {args.batch_size} x {world} processes); lower --batch-size or add images")
     sampler = (DistributedSampler(dataset, world, rank, seed=args.seed) if world > 1
                else RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed)))
@@ -285,7 +332,7 @@ def real_training_set(args: argparse.Namespace) -> Dataset:
     if args.real_images is None:
         return real
     if args.real_images > len(real):
-        raise SystemExit(f"error: --real-images {args.real_images} but {args.voc_root} has {len(real)} train images")
+        raise FlagError(f"--real-images {args.real_images} but {args.voc_root} has {len(real)} train images")
     chosen = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))[: args.real_images]
     return Subset(real, sorted(chosen.tolist()))
 
@@ -368,10 +415,10 @@ def main(args: argparse.Namespace) -> dict:
     try:  # read before the model and data are built, so a bad file fails at once
         checkpoint = load_checkpoint(args.resume) if args.resume else None
     except CheckpointError as error:
-        raise SystemExit(f"error: --resume: {error}") from None
+        raise FlagError(f"--resume: {error}") from None
     rank, world, local_rank = init_distributed()
     if checkpoint is not None and len(checkpoint["loader"]) != world:
-        raise SystemExit(f"error: --resume {args.resume} was written by {len(checkpoint['loader'])} ranks, "
+        raise FlagError(f"--resume {args.resume} was written by {len(checkpoint['loader'])} ranks, "
                          f"this run has {world}")
     threads = training_threads(args, world)
     if threads:
@@ -381,14 +428,14 @@ def main(args: argparse.Namespace) -> dict:
     # ToyWorld is written at the generator's image size whatever the run, so real-only, synthetic
     # and mixed runs sharing a --data-dir are scored on the same val images.
     image_size = config.image_size
-    if args.voc_root is None and not args.synthetic_only or args.eval_root is None:
+    if uses_toyworld(args):
         toy_root = default_voc_root(args, image_size)
         args.voc_root = args.voc_root or toy_root
         args.eval_root = args.eval_root or args.voc_root
     try:
         args.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise SystemExit(f"error: --output-dir {args.output_dir} cannot be created: {error}") from None
+        raise FlagError(f"--output-dir {args.output_dir} cannot be created: {error}") from None
     if is_main_process() and not args.real_only:
         config.save(args.output_dir / "generator_config.json")
 
@@ -405,8 +452,8 @@ def main(args: argparse.Namespace) -> dict:
     step, epoch = 0, 0
     if checkpoint is not None:
         if ("ema" in checkpoint) != (ema is not None):
-            raise SystemExit(f"error: --resume {args.resume} was written " + ("with" if "ema" in checkpoint else "without")
-                             + " --ema-decay; resume with the flags it was written with")
+            raise FlagError(f"--resume {args.resume} was written " + ("with" if "ema" in checkpoint else "without")
+                            + " --ema-decay; resume with the flags it was written with")
         bare.load_state_dict(checkpoint["model"])
         if ema is not None:
             ema.load_state_dict(checkpoint["ema"])
@@ -517,8 +564,18 @@ def main(args: argparse.Namespace) -> dict:
     return summary
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> dict:
+    """What ``python train_deeplab.py ARGS`` runs: :func:`main` on the parsed flags, a
+    :class:`FlagError` printed as argparse prints its own (one line, exit status 2)."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     try:
-        main(get_args_parser().parse_args())
+        return main(args)
+    except FlagError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     except MetricLogError as error:
         raise SystemExit(f"error: {error}; checkpoints written so far are kept") from None
+
+
+if __name__ == "__main__":
+    cli()
