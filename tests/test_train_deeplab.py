@@ -155,7 +155,7 @@ def test_real_only_run_is_fixed_by_its_seed_and_resumes_exactly(tmp_path):
     assert [r["loss"] for r in rows(tmp_path / "two", "train")] == pytest.approx(want[2:], rel=1e-4)
 
 
-def test_weight_average_is_evaluated_checkpointed_and_resumed_exactly(tmp_path):
+def test_weight_average_is_evaluated_checkpointed_and_resumed_exactly(tmp_path, monkeypatch, capsys):
     flags = ["--synthetic-only", "--steps", "4", "--checkpoint-every", "2", "--workers", "0", "--ema-decay", "0.5"]
     whole = run([*flags, "--output-dir", "whole"], tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -169,10 +169,16 @@ def test_weight_average_is_evaluated_checkpointed_and_resumed_exactly(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     again = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["ema"]
     assert all(torch.allclose(again[k].float(), v.float(), atol=1e-5) for k, v in end["ema"].items())
-    # Resuming with other averaging than the checkpoint's would silently change the run: refused.
-    plain = run(["--synthetic-only", "--steps", "4", "--workers", "0", "--output-dir", "three",
-                 "--resume", str(tmp_path / "whole" / "checkpoint_000002.pt")], tmp_path)
-    assert plain.returncode != 0 and "was written with --ema-decay" in plain.stderr and "Traceback" not in plain.stderr
+    # Resuming without the average the checkpoint keeps would silently change the run: refused,
+    # whatever --allow-changed says.
+    trainer = load_trainer(monkeypatch)
+    forbid_building(trainer, monkeypatch)
+    plain = [*FAST, "--synthetic-only", "--steps", "4", "--workers", "0", "--data-dir", str(tmp_path / "data"),
+             "--output-dir", str(tmp_path / "three"), "--resume", str(tmp_path / "whole" / "checkpoint_000002.pt")]
+    for allowed in ([], ["--allow-changed", "ema-decay"]):
+        error = refusal(trainer, capsys, [*plain, *allowed])
+        assert error.endswith("other flags: --ema-decay 0.5 -> 0.0 (the checkpoint keeps a weight average); "
+                              "resume with the checkpoint's values"), error
 
 
 def test_mixed_with_real_voc_and_full_augmentation(tmp_path):
@@ -361,6 +367,152 @@ def test_a_flag_error_is_one_line_and_exit_status_2_from_the_command_line(tmp_pa
     done = run(["--synthetic-only", "--lr", "inf"], tmp_path, timeout=120)
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr == "train_deeplab.py: error: --lr must be a finite number > 0, got inf\n"
+
+
+def recorded_checkpoint(trainer, tmp_path, flags, ema=False):
+    """A checkpoint as a run with ``flags`` records them, holding only what the resume check reads: the
+    flags (``--voc-root`` set to the ToyWorld folder when none is given, as the run does) and the
+    classifier's shape."""
+    args = trainer.get_args_parser().parse_args(flags)
+    config, args.classes = trainer.generator_config(args)
+    if trainer.uses_toyworld(args):
+        args.voc_root = args.voc_root or args.data_dir
+        args.eval_root = args.eval_root or args.voc_root
+    state = {"model": {trainer.CLASSIFIER_WEIGHT: torch.zeros(len(config.label_space), 256, 1, 1)}, "optimizer": {},
+             "scheduler": {}, "step": 2, "epoch": 0, "loader": [{}], "rng": torch.get_rng_state(),
+             "args": trainer.saved_args(args)}
+    if ema:
+        state["ema"] = {}
+    path = tmp_path / "recorded.pt"
+    torch.save(state, path)
+    return path
+
+
+def resume_flags(tmp_path, *flags):
+    """FAST synthetic-only flags of a run in ``tmp_path``, then ``flags``."""
+    return [*FAST, "--synthetic-only", "--workers", "1", "--data-dir", str(tmp_path / "data"),
+            "--output-dir", str(tmp_path / "out"), *flags]
+
+
+def fake_voc(tmp_path):
+    """A folder that passes the trainer's VOC-folder check (nothing is read from it before building)."""
+    (tmp_path / "voc" / "VOCdevkit" / "VOC2012").mkdir(parents=True)
+    return str(tmp_path / "voc")
+
+
+@pytest.mark.parametrize(
+    "flags, changed",
+    [
+        (["--seed", "1"], "--seed 0 -> 1"),
+        (["--batch-size", "8"], "--batch-size 4 -> 8"),
+        (["--gen-batch-size", "2"], "--gen-batch-size unset -> 2"),
+        (["--backbone", "resnet50"], "--backbone mobilenet_v3_large -> resnet50"),
+        (["--workers", "0"], "--workers 1 -> 0"),
+        (["--reuse", "2"], "--reuse 8 -> 2"),
+        (["--cache-size", "8"], "--cache-size 64 -> 8"),
+        (["--augment", "basic"], "--augment full -> basic"),
+        (["--crop-size", "32"], "--crop-size 64 -> 32"),
+        (["--gen-steps", "3"], "--gen-steps 2 -> 3"),
+        (["--guidance", "3"], "--guidance unset -> 3.0"),
+        (["--image-size", "32"], "--image-size unset -> [32]"),
+        (["--threshold", "0.3", "--no-ignore-band"], "--threshold unset -> 0.3, --no-ignore-band False -> True"),
+        (["--model", "toy"], "--model random-weights -> toy"),
+        (["--classes", "circle", "ring"],
+         "--classes ['circle', 'square', 'triangle', 'ring', 'cross'] -> ['circle', 'ring']"),
+        (["--voc-root", "{voc}"], "--voc-root ToyWorld -> {voc}"),
+        (["--vocabulary", "voc", "--eval-root", "{voc}"],
+         "--vocabulary toy -> voc, --classes ['circle', 'square', 'triangle', 'ring', 'cross'] -> ['aeroplane', "),
+        (["--vocabulary", "voc", "--eval-root", "{voc}"], "the label space (--model, --vocabulary, --classes) 6 -> 21 classes"),
+        (["--seed", "1", "--allow-changed", "lr"], "--seed 0 -> 1;"),
+        (["--lr", "1e-3"], "--lr 0.002 -> 0.001; resume with the checkpoint's values or accept --lr with --allow-changed"),
+        (["--noise-cutoff", "0.5", "--weight-decay", "0", "--allow-changed", "weight-decay"],
+         "--noise-cutoff unset -> 0.5; resume with the checkpoint's values or accept --noise-cutoff with --allow-changed"),
+    ],
+)
+def test_resume_refuses_another_run_naming_each_changed_flag_before_building(tmp_path, monkeypatch, capsys, flags, changed):
+    trainer = load_trainer(monkeypatch)
+    forbid_building(trainer, monkeypatch)
+    checkpoint = recorded_checkpoint(trainer, tmp_path, resume_flags(tmp_path))
+    voc = fake_voc(tmp_path)
+    flags = [flag.format(voc=voc) for flag in flags]
+    error = refusal(trainer, capsys, resume_flags(tmp_path, "--resume", str(checkpoint), *flags))
+    assert f"--resume {checkpoint} continues a run with other flags: " in error
+    assert changed.format(voc=voc) in error, error
+
+
+def test_resume_refuses_the_real_only_source_and_a_flag_allow_changed_never_accepts(tmp_path, monkeypatch, capsys):
+    trainer = load_trainer(monkeypatch)
+    forbid_building(trainer, monkeypatch)
+    checkpoint = recorded_checkpoint(trainer, tmp_path, resume_flags(tmp_path))
+    flags = resume_flags(tmp_path, "--resume", str(checkpoint))
+    flags.remove("--synthetic-only")
+    assert "--synthetic-only True -> False, --real-only False -> True;" in refusal(trainer, capsys, [*flags, "--real-only"])
+    assert "argument --allow-changed: invalid choice: 'workers'" in refusal(
+        trainer, capsys, [*flags, "--workers", "0", "--allow-changed", "workers"])
+
+
+def test_resume_lets_flags_that_keep_the_run_change(tmp_path, monkeypatch):
+    trainer = load_trainer(monkeypatch)
+    forbid_building(trainer, monkeypatch)
+    checkpoint = recorded_checkpoint(trainer, tmp_path, resume_flags(tmp_path, "--ema-decay", "0.5"), ema=True)
+    args = trainer.get_args_parser().parse_args(resume_flags(
+        tmp_path, "--resume", str(checkpoint), "--steps", "9", "--checkpoint-every", "3", "--eval-every", "3",
+        "--eval-limit", "2", "--eval-root", fake_voc(tmp_path), "--threads", "2", "--device", "cpu",
+        "--prefetch-batches", "5", "--lr", "1e-3", "--ema-decay", "0.9", "--noise-cutoff", "0.5",
+        "--allow-changed", "lr", "ema-decay", "noise-cutoff"))
+    args.data_dir = args.output_dir = tmp_path / "elsewhere"
+    config, args.classes = trainer.generator_config(args)
+    accepted = trainer.check_resume_args(torch.load(checkpoint, weights_only=True), args, config.label_space)
+    assert accepted == {"lr": ("0.002", "0.001"), "ema_decay": ("0.5", "0.9"), "noise_cutoff": ("unset", "0.5")}
+    with pytest.raises(AssertionError, match="got as far as building"):
+        trainer.main(args)
+
+
+def test_a_checkpoint_without_a_record_of_some_flags_is_compared_on_the_others(tmp_path, monkeypatch):
+    trainer = load_trainer(monkeypatch)
+    checkpoint = torch.load(recorded_checkpoint(trainer, tmp_path, resume_flags(tmp_path)), weights_only=True)
+    del checkpoint["args"]["reuse"], checkpoint["args"]["seed"]
+    args = trainer.get_args_parser().parse_args(resume_flags(tmp_path, "--reuse", "2", "--seed", "3"))
+    config, args.classes = trainer.generator_config(args)
+    assert trainer.check_resume_args(checkpoint, args, config.label_space) == {}
+    assert trainer.unrecorded_flags(checkpoint, args) == ["--reuse", "--seed"]
+    args.workers = 0
+    with pytest.raises(SystemExit, match="other flags: --workers 1 -> 0;"):
+        trainer.check_resume_args(checkpoint, args, config.label_space)
+
+
+def test_resume_flag_lists_name_real_flags_and_keep_what_picks_the_samples_compared(monkeypatch):
+    trainer = load_trainer(monkeypatch)
+    parser_keys = set(vars(trainer.get_args_parser().parse_args([])))
+    compared = parser_keys - set(trainer.RESUME_FREE)
+    assert set(trainer.RESUME_FREE) <= parser_keys and set(trainer.RESUME_ALLOWABLE) <= compared
+    never = {"seed", "batch_size", "gen_batch_size", "backbone", "workers", "synthetic_only", "real_only", "voc_root",
+             "synthetic_ratio", "real_images", "synthetic_length", "model", "vocabulary", "classes", "image_size",
+             "gen_steps", "guidance", "threshold", "reuse", "cache_size", "augment", "crop_size"}
+    assert never <= compared - set(trainer.RESUME_ALLOWABLE)
+
+
+def test_an_accepted_lr_and_weight_decay_change_is_applied_printed_and_logged(tmp_path, monkeypatch, capsys):
+    from ondemand_seg.toyworld import write_voc
+
+    trainer = load_trainer(monkeypatch)
+    write_voc(tmp_path / "val", n_train=1, n_val=2, image_size=64)
+    flags = resume_flags(tmp_path, "--workers", "0", "--steps", "3", "--checkpoint-every", "1", "--eval-root",
+                         str(tmp_path / "val"))
+    trainer.cli([*flags, "--output-dir", str(tmp_path / "whole")])
+    trainer.cli([*flags, "--output-dir", str(tmp_path / "resumed"), "--lr", "1e-3", "--weight-decay", "0.01",
+                 "--resume", str(tmp_path / "whole" / "checkpoint_000001.pt"),
+                 "--allow-changed", "lr", "weight-decay"])
+    assert ("changed (--allow-changed): --lr 0.002 -> 0.001; --weight-decay 0.0001 -> 0.01"
+            in capsys.readouterr().out)
+    assert rows(tmp_path / "resumed", "resume") == [{
+        "event": "resume", "step": 1, "checkpoint": str(tmp_path / "whole" / "checkpoint_000001.pt"),
+        "changed": "--lr 0.002 -> 0.001; --weight-decay 0.0001 -> 0.01"}]
+    # The schedule goes on from where it was, on the new base rate.
+    whole = [row["lr"] for row in rows(tmp_path / "whole", "train")]
+    assert [row["lr"] for row in rows(tmp_path / "resumed", "train")] == pytest.approx([r / 2 for r in whole[1:]])
+    group = torch.load(tmp_path / "resumed" / "checkpoint_000002.pt", weights_only=True)["optimizer"]["param_groups"][0]
+    assert group["initial_lr"] == 1e-3 and group["weight_decay"] == 0.01
 
 
 def truncated_checkpoint(tmp_path):

@@ -60,6 +60,30 @@ class FlagError(SystemExit):
         return self.message
 
 
+# On --resume every flag is compared with the checkpoint's run (check_resume_args) except these,
+# which change neither the samples, their order nor the weights' shapes: where and how often the
+# run writes, what and how often it evaluates, how long it goes on, how fast it runs. The backbone
+# weights only initialise a run, and a resumed one takes the checkpoint's weights instead.
+RESUME_FREE = ("steps", "output_dir", "resume", "checkpoint_every", "eval_every", "eval_limit", "eval_root", "data_dir",
+               "threads", "device", "prefetch_batches", "print_config", "backbone_weights", "allow_changed")
+# Compared flags whose change is applied from the resumed step on when --allow-changed names them:
+# the optimiser's settings, the weight average's decay and online noise learning (whose history a
+# checkpoint does not keep anyway). Every other compared flag picks the samples and their order that
+# the checkpoint's loader position belongs to (seed, batch sizes, data, generator, augmentation,
+# --workers, whose worker states torchdata restores one by one) or the weights' shapes (backbone).
+RESUME_ALLOWABLE = ("lr", "weight_decay", "ema_decay", "noise_cutoff", "noise_warmup", "noise_drop_fraction", "noise_mode")
+
+
+# DeepLabHead's last convolution, one output channel a class whatever the backbone: a checkpoint's
+# number of classes.
+CLASSIFIER_WEIGHT = "classifier.4.weight"
+
+
+def flag_name(key: str) -> str:
+    """The command-line spelling of an ``args`` attribute: ``batch_size`` -> ``--batch-size``."""
+    return "--" + key.replace("_", "-")
+
+
 BACKBONES = {
     "mobilenet_v3_large": segmentation.deeplabv3_mobilenet_v3_large,
     "resnet50": segmentation.deeplabv3_resnet50,
@@ -123,7 +147,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="batches each worker prepares ahead of the trainer (default: with --synthetic-only, the "
                           "batches one generation call feeds, generation batch x reuse / batch size; else torch's 2)")
     run.add_argument("--output-dir", type=Path, default=Path("out/train"))
-    run.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from")
+    run.add_argument("--resume", type=Path, default=None,
+                     help="checkpoint to continue from; the run's flags must be the checkpoint's, except "
+                          + ", ".join(map(flag_name, RESUME_FREE)) + " and what --allow-changed names; a flag the "
+                          "checkpoint has no record of (it predates the flag) is not compared")
+    run.add_argument("--allow-changed", nargs="+", default=[], metavar="FLAG",
+                     choices=[name.replace("_", "-") for name in RESUME_ALLOWABLE],
+                     help="with --resume, accept these flags' new values and apply them from the resumed step on "
+                          "(named without dashes: " + ", ".join(name.replace("_", "-") for name in RESUME_ALLOWABLE)
+                          + "; --ema-decay cannot turn the average on or off); the change is printed and logged. "
+                          "Flags that choose the samples, their order or the weights' shapes never change "
+                          "(default: none)")
     run.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     run.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end only)")
     run.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many val images")
@@ -212,6 +246,102 @@ def generator_config(args: argparse.Namespace):
         return resolve_generator(args)
     except (ValueError, FileNotFoundError) as error:
         raise FlagError(str(error)) from None
+
+
+def read_resume_checkpoint(args: argparse.Namespace) -> dict | None:
+    """The ``--resume`` checkpoint, or a :class:`FlagError` naming what is wrong with the file."""
+    if args.resume is None:
+        return None
+    try:
+        return load_checkpoint(args.resume)
+    except CheckpointError as error:
+        raise FlagError(f"--resume: {error}") from None
+
+
+def saved_args(args: argparse.Namespace) -> dict[str, str]:
+    """The flags as a checkpoint records them (``str`` of each value) and :func:`check_resume_args`
+    compares them."""
+    return {key: str(value) for key, value in vars(args).items()}
+
+
+def comparable(recorded: dict[str, str]) -> dict[str, str]:
+    """``recorded`` flags as compared on resume. Without ``--voc-root`` the run reads the ToyWorld
+    folder in ``--data-dir`` and stores that folder as its ``--voc-root``: the same data whichever
+    ``--data-dir`` holds it."""
+    if recorded.get("voc_root") in ("None", recorded.get("data_dir")):
+        recorded = {**recorded, "voc_root": "ToyWorld"}
+    return {key: "unset" if value == "None" else value for key, value in recorded.items()}
+
+
+def check_resume_args(checkpoint: dict, args: argparse.Namespace, label_space: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+    """The changes from the checkpoint's run that ``--allow-changed`` accepts, ``{key: (old, new)}``;
+    a :class:`FlagError` naming every other change with its old and new value.
+
+    Compared: every flag but :data:`RESUME_FREE`, as the checkpoint's ``args`` records it (a flag it
+    has no record of, from a checkpoint older than the flag, is not compared: see
+    :func:`unrecorded_flags`); the number of classes, against the checkpoint's classifier; whether a
+    weight average is kept. Only :data:`RESUME_ALLOWABLE` flags may be accepted, never the backbone,
+    the classes, ``--workers`` or turning the average on or off.
+    """
+    old, new = comparable(checkpoint.get("args", {})), comparable(saved_args(args))
+    changes = {key: (old[key], new[key]) for key in new if key not in RESUME_FREE and key in old and old[key] != new[key]}
+    accepted = {name.replace("-", "_") for name in args.allow_changed}
+    why = {}
+    averaged = "ema" in checkpoint
+    if averaged != (args.ema_decay > 0):  # the average's state would be dropped, or is not there to continue
+        changes.setdefault("ema_decay", ("on" if averaged else "off", str(args.ema_decay)))
+        why["ema_decay"] = f" (the checkpoint keeps {'a' if averaged else 'no'} weight average)"
+        accepted.discard("ema_decay")
+    refused = [f"{flag_name(key)} {before} -> {after}{why.get(key, '')}" for key, (before, after) in changes.items()
+               if key not in accepted]
+    classifier = checkpoint["model"].get(CLASSIFIER_WEIGHT)
+    if classifier is not None and classifier.shape[0] != len(label_space):
+        refused.append(f"the label space (--model, --vocabulary, --classes) {classifier.shape[0]} -> {len(label_space)} classes")
+    if refused:
+        allowable = [key for key in changes if key in RESUME_ALLOWABLE and key not in accepted and key not in why]
+        hint = f" or accept {', '.join(map(flag_name, allowable))} with --allow-changed" if allowable else ""
+        raise FlagError(f"--resume {args.resume} continues a run with other flags: {', '.join(refused)}; "
+                        f"resume with the checkpoint's values{hint}")
+    return {key: change for key, change in changes.items() if key in accepted}
+
+
+def unrecorded_flags(checkpoint: dict, args: argparse.Namespace) -> list[str]:
+    """Compared flags the checkpoint has no record of (it predates them), so not compared."""
+    recorded = checkpoint.get("args", {})
+    return [flag_name(key) for key in vars(args) if key not in RESUME_FREE and key not in recorded]
+
+
+def apply_allowed_changes(changes: dict, optimizer: torch.optim.Optimizer, scheduler, args: argparse.Namespace) -> None:
+    """Put accepted ``--lr``/``--weight-decay`` changes into the optimizer and schedule just loaded
+    from the checkpoint, which hold the checkpoint's values (the other accepted flags act through
+    what is built from ``args``)."""
+    for group in optimizer.param_groups:
+        if "lr" in changes:
+            # The polynomial schedule scales the current rate at each step, so rescaling it once
+            # moves the rest of the schedule onto the new base rate.
+            group["lr"] *= args.lr / group["initial_lr"]
+            group["initial_lr"] = args.lr
+        if "weight_decay" in changes:
+            group["weight_decay"] = args.weight_decay
+    if "lr" in changes:
+        scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
+
+
+def report_resume(checkpoint: dict, args: argparse.Namespace, changes: dict, log: MetricLog, step: int) -> None:
+    """Say (rank 0) and log where the run resumed, which accepted flags changed (old -> new) and which
+    flags the checkpoint could not be compared on."""
+    changed = "; ".join(f"{flag_name(key)} {old} -> {new}" for key, (old, new) in changes.items())
+    unrecorded = unrecorded_flags(checkpoint, args)
+    row = {"event": "resume", "step": step, "checkpoint": str(args.resume)}
+    if changed:
+        row["changed"] = changed
+    if unrecorded:
+        row["not_compared"] = " ".join(unrecorded)
+    log.write(row)
+    if is_main_process():
+        print(f"resumed from {args.resume} at step {step}" + (f"; changed (--allow-changed): {changed}" if changed else ""))
+        if unrecorded:
+            print(f"note: {args.resume} has no record of {', '.join(unrecorded)}: not compared with this run's")
 
 
 def default_voc_root(args: argparse.Namespace, image_size: int) -> Path:
@@ -412,10 +542,8 @@ def main(args: argparse.Namespace) -> dict:
         return {"config": config.to_dict()}
     label_space = config.label_space
     check_args(args, label_space)
-    try:  # read before the model and data are built, so a bad file fails at once
-        checkpoint = load_checkpoint(args.resume) if args.resume else None
-    except CheckpointError as error:
-        raise FlagError(f"--resume: {error}") from None
+    checkpoint = read_resume_checkpoint(args)
+    changes = check_resume_args(checkpoint, args, label_space) if checkpoint is not None else {}
     rank, world, local_rank = init_distributed()
     if checkpoint is not None and len(checkpoint["loader"]) != world:
         raise FlagError(f"--resume {args.resume} was written by {len(checkpoint['loader'])} ranks, "
@@ -450,20 +578,17 @@ def main(args: argparse.Namespace) -> dict:
     loader, train_data = build_train_loader(args, config, rank, world, device)
     ema = ema_model(bare, args.ema_decay) if args.ema_decay else None
     step, epoch = 0, 0
+    log = MetricLog(args.output_dir)
     if checkpoint is not None:
-        if ("ema" in checkpoint) != (ema is not None):
-            raise FlagError(f"--resume {args.resume} was written " + ("with" if "ema" in checkpoint else "without")
-                            + " --ema-decay; resume with the flags it was written with")
         bare.load_state_dict(checkpoint["model"])
         if ema is not None:
             ema.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
+        apply_allowed_changes(changes, optimizer, scheduler, args)
         step, epoch = checkpoint["step"], checkpoint["epoch"]
         loader.load_state_dict(checkpoint["loader"][rank])
-        if is_main_process():
-            print(f"resumed from {args.resume} at step {step}")
-    log = MetricLog(args.output_dir)
+        report_resume(checkpoint, args, changes, log, step)
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)
     batches = iter(loader)
@@ -521,7 +646,7 @@ def main(args: argparse.Namespace) -> dict:
             if is_main_process():
                 state = {"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "loader": states,
-                         "rng": torch.get_rng_state(), "args": {k: str(v) for k, v in vars(args).items()}}
+                         "rng": torch.get_rng_state(), "args": saved_args(args)}
                 if ema is not None:
                     state["ema"] = ema.state_dict()
                 try:
