@@ -515,6 +515,97 @@ def test_an_accepted_lr_and_weight_decay_change_is_applied_printed_and_logged(tm
     assert group["initial_lr"] == 1e-3 and group["weight_decay"] == 0.01
 
 
+def finite(state):
+    return all(bool(torch.isfinite(value).all()) for value in state.values() if value.is_floating_point())
+
+
+def test_a_diverging_run_stops_keeping_the_last_good_checkpoint(tmp_path):
+    # A huge rate: step 1's loss is finite and its weights huge but finite; step 2's loss is NaN.
+    from ondemand_seg.toyworld import write_voc
+
+    write_voc(tmp_path / "val", n_train=1, n_val=2, image_size=64)
+    done = run(["--synthetic-only", "--lr", "1e30", "--steps", "4", "--checkpoint-every", "1", "--workers", "0",
+                "--eval-root", str(tmp_path / "val"), "--output-dir", "diverged"], tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.splitlines()[-1] == (
+        "error: the loss is nan at step 2 (1 non-finite in a row; --max-nonfinite-steps 0); the run stopped, "
+        "keeping the last good checkpoint (diverged/checkpoint.pt)")
+    kept = torch.load(tmp_path / "diverged" / "checkpoint.pt", weights_only=True)
+    assert kept["step"] == 1 and finite(kept["model"])
+    assert not (tmp_path / "diverged" / "checkpoint_000002.pt").exists()
+    assert [r["step"] for r in rows(tmp_path / "diverged", "nonfinite_loss")] == [2]
+    assert not rows(tmp_path / "diverged", "final")
+
+
+def in_process_run_flags(tmp_path, *flags):
+    """A tiny synthetic-only run in this process, scored on a 2-image val folder (no ToyWorld written)."""
+    from ondemand_seg.toyworld import write_voc
+
+    write_voc(tmp_path / "val", n_train=1, n_val=2, image_size=64)
+    return [*FAST, "--synthetic-only", "--workers", "0", "--checkpoint-every", "1", "--eval-root", str(tmp_path / "val"),
+            "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"), *flags]
+
+
+def test_nonfinite_losses_are_skipped_up_to_the_patience_then_stop_the_run(tmp_path, monkeypatch, capsys):
+    trainer = load_trainer(monkeypatch)
+    calls = []
+    forward = torch.nn.CrossEntropyLoss.forward
+
+    def nan_at_steps_2_4_5(self, logits, masks):
+        calls.append(None)
+        loss = forward(self, logits, masks)
+        return loss * float("nan") if len(calls) in (2, 4, 5) else loss
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", nan_at_steps_2_4_5)
+    with pytest.raises(SystemExit) as stopped:
+        trainer.cli(in_process_run_flags(tmp_path, "--steps", "6", "--max-nonfinite-steps", "1"))
+    assert str(stopped.value) == ("error: the loss is nan at step 5 (2 non-finite in a row; --max-nonfinite-steps 1); "
+                                  f"the run stopped, keeping the last good checkpoint ({tmp_path / 'out' / 'checkpoint.pt'})")
+    assert "warning: the loss is nan at step 2; the step is skipped" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert [(r["step"], r["in_a_row"]) for r in rows(out, "nonfinite_loss")] == [(2, 1), (4, 1), (5, 2)]
+    saved = {step: torch.load(out / f"checkpoint_{step:06d}.pt", weights_only=True) for step in range(1, 5)}
+    assert not (out / "checkpoint_000005.pt").exists() and torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
+    weights = {step: {k: v for k, v in s["model"].items() if "running_" not in k and "num_batches" not in k}
+               for step, s in saved.items()}
+
+    def same(a, b):
+        return all(torch.equal(weights[a][k], weights[b][k]) for k in weights[a])
+
+    assert same(1, 2) and not same(2, 3) and same(3, 4), "a skipped step leaves the weights as they were"
+    assert all(finite(s["model"]) for s in saved.values())
+
+
+def test_weights_that_are_not_finite_stop_the_run_before_they_are_saved(tmp_path, monkeypatch):
+    trainer = load_trainer(monkeypatch)
+    optimizer_step = torch.optim.AdamW.step
+
+    def overflow_at_step_2(self, *args, **kwargs):
+        result = optimizer_step(self, *args, **kwargs)
+        if self.state_dict()["state"][0]["step"] == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflow_at_step_2)
+    with pytest.raises(SystemExit) as stopped:
+        trainer.cli(in_process_run_flags(tmp_path, "--steps", "3", "--ema-decay", "0.5"))
+    out = tmp_path / "out"
+    assert str(stopped.value) == (
+        "error: the weights are not finite at step 2 (backbone.0.0.weight, averaged module.backbone.0.0.weight); "
+        f"no checkpoint was written for it; the run stopped, keeping the last good checkpoint ({out / 'checkpoint.pt'})")
+    kept = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert kept["step"] == 1 and finite(kept["model"]) and finite({k: v for k, v in kept["ema"].items()})
+    assert not (out / "checkpoint_000002.pt").exists()
+
+
+def test_nonfinite_tensors_names_each_one_holding_nan_or_inf(monkeypatch):
+    trainer = load_trainer(monkeypatch)
+    state = {"a": torch.zeros(3), "b": torch.tensor([0.0, float("-inf")]), "c": torch.tensor([float("nan")]),
+             "steps": torch.tensor(4), "n": 2}
+    assert trainer.nonfinite_tensors(state) == ["b", "c"]
+
+
 def truncated_checkpoint(tmp_path):
     path = tmp_path / "checkpoint.pt"
     torch.save({"model": {"w": torch.zeros(1000)}, "step": 2}, path)

@@ -9,6 +9,9 @@ A bad flag is refused before anything is built, as argparse refuses its own: one
 ``train_deeplab.py: error: ...`` on stderr and exit status 2. Only rank 0 logs and writes checkpoints
 and metrics (``metrics.jsonl``/``metrics.csv``). A checkpoint that cannot be written (disk full) is a
 warning and training continues, the previous one kept; the last one failing stops the run with an error.
+A resumed run must have the checkpoint's flags but those that keep the run the same (``--resume``,
+``--allow-changed``). A loss that is not finite stops the run (``--max-nonfinite-steps``), and weights
+that are not finite stop it before they are saved: the last good checkpoint is kept.
 """
 from __future__ import annotations
 
@@ -65,7 +68,8 @@ class FlagError(SystemExit):
 # run writes, what and how often it evaluates, how long it goes on, how fast it runs. The backbone
 # weights only initialise a run, and a resumed one takes the checkpoint's weights instead.
 RESUME_FREE = ("steps", "output_dir", "resume", "checkpoint_every", "eval_every", "eval_limit", "eval_root", "data_dir",
-               "threads", "device", "prefetch_batches", "print_config", "backbone_weights", "allow_changed")
+               "threads", "device", "prefetch_batches", "print_config", "backbone_weights", "allow_changed",
+               "max_nonfinite_steps")
 # Compared flags whose change is applied from the resumed step on when --allow-changed names them:
 # the optimiser's settings, the weight average's decay and online noise learning (whose history a
 # checkpoint does not keep anyway). Every other compared flag picks the samples and their order that
@@ -161,6 +165,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     run.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end only)")
     run.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many val images")
+    run.add_argument("--max-nonfinite-steps", type=int, default=0, metavar="N",
+                     help="steps in a row whose loss is NaN or infinite that are skipped (no weight update; "
+                          "logged) before the run stops with an error; 0: the first one stops it. Weights that "
+                          "are not finite stop the run before any checkpoint of them is written")
     run.add_argument("--seed", type=int, default=0, help="seed of the generator, the model and the data order")
     run.add_argument("--print-config", action="store_true",
                      help="print the generator settings (model preset merged with the flags) as JSON and exit")
@@ -208,7 +216,7 @@ def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
                  "synthetic_length", "prefetch_batches", "threads", "eval_limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise FlagError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("workers", "eval_every", "noise_warmup"):
+    for flag in ("workers", "eval_every", "noise_warmup", "max_nonfinite_steps"):
         if getattr(args, flag) < 0:
             raise FlagError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if label_space != TOY_CLASSES and (args.eval_root is None or (args.voc_root is None and not args.synthetic_only)):
@@ -525,6 +533,45 @@ def evaluate(model: nn.Module, args, num_classes: int, device: torch.device) -> 
     return confusion
 
 
+def diverged(reason: str, last_saved: Path | None) -> SystemExit:
+    """The exit (status 1) that stops a diverging run on every rank; rank 0's says why."""
+    message = f"error: {reason}; the run stopped, keeping the last good checkpoint ({last_saved or 'none written'})"
+    return SystemExit(message if is_main_process() else 1)
+
+
+def skip_nonfinite_step(loss: float, step: int, in_a_row: int, patience: int, log: MetricLog,
+                        last_saved: Path | None) -> None:
+    """Log a step whose loss (mean over ranks) is not finite, which is skipped without updating the
+    weights; stop the run once more than ``patience`` such steps came in a row."""
+    log.write({"event": "nonfinite_loss", "step": step, "loss": loss, "in_a_row": in_a_row})
+    if in_a_row > patience:
+        raise diverged(f"the loss is {loss} at step {step} ({in_a_row} non-finite in a row; "
+                       f"--max-nonfinite-steps {patience})", last_saved)
+    if is_main_process():
+        tqdm.write(f"warning: the loss is {loss} at step {step}; the step is skipped, the weights not updated "
+                   f"({in_a_row} in a row of --max-nonfinite-steps {patience})", file=sys.stderr)
+
+
+def nonfinite_tensors(state: dict) -> list[str]:
+    """The names of ``state``'s floating-point tensors that hold a NaN or an infinity."""
+    return [name for name, value in state.items()
+            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+
+
+def check_finite_weights(model: nn.Module, ema: AveragedModel | None, step: int, device: torch.device,
+                         last_saved: Path | None) -> None:
+    """Stop the run, on every rank alike, when the weights about to be checkpointed (trained or
+    averaged, BatchNorm statistics included) hold a NaN or an infinity: saved, they would replace
+    the last good checkpoint."""
+    bad = nonfinite_tensors(model.state_dict())
+    if ema is not None:
+        bad += [f"averaged {name}" for name in nonfinite_tensors(ema.state_dict())]
+    if all_reduce_mean(float(bool(bad)), device) > 0:
+        named = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") if bad else "on another rank"
+        raise diverged(f"the weights are not finite at step {step} ({named}); no checkpoint was written for it",
+                       last_saved)
+
+
 def gather_loader_states(loader: StatefulDataLoader) -> list:
     """Every rank's loader position, gathered on all ranks (each rank's stream shard differs)."""
     state = loader.state_dict()
@@ -600,75 +647,87 @@ def main(args: argparse.Namespace) -> dict:
     waited = trained = startup = 0.0
     first_batch = True
     last_saved = args.resume
+    nonfinite_in_a_row = 0
     bar = tqdm(total=args.steps, initial=step, desc="train", disable=not is_main_process(), dynamic_ncols=True)
     model.train()
-    while step < args.steps:
-        started = time.perf_counter()
-        try:
-            images, masks, *flags = next(batches)
-        except StopIteration:  # end of an epoch of the map-style mix
-            epoch += 1
-            if isinstance(loader.sampler, DistributedSampler):
-                loader.sampler.set_epoch(epoch)
-            batches = iter(loader)
-            continue
-        fetched = time.perf_counter()
-        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-        recent.append(images)
-        logits = model(images)["out"]
-        if noise is not None:
-            masks = noise(step, logits, masks, prunable=flags[0] if flags else None)
-        loss = criterion(logits, masks)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(bare)
-        step += 1
-        # .item() waits for the device, so a GPU's queued training work is timed as training, not
-        # left to show up as the next step's data wait.
-        loss_value = all_reduce_mean(loss.item(), device)
-        done = time.perf_counter()
-        if first_batch:  # worker start-up and pipeline loading, not steady-state feeding
-            startup, first_batch = done - started, False
-        else:
-            waited += fetched - started
-            trained += done - fetched
-        wait_share = waited / max(waited + trained, 1e-9)
-        bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{args.batch_size * world / (done - started):.1f}",
-                        data_wait=f"{wait_share:.0%}")
-        bar.update(1)
-        log.write({"event": "train", "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                   "data_wait_s": fetched - started, "train_s": done - fetched})
-        if step % args.checkpoint_every == 0 or step == args.steps:
-            states = gather_loader_states(loader)
-            if is_main_process():
-                state = {"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "loader": states,
-                         "rng": torch.get_rng_state(), "args": saved_args(args)}
+    # Closed on the way out too, so that an error is printed after the bar rather than on its line.
+    try:
+        while step < args.steps:
+            started = time.perf_counter()
+            try:
+                images, masks, *flags = next(batches)
+            except StopIteration:  # end of an epoch of the map-style mix
+                epoch += 1
+                if isinstance(loader.sampler, DistributedSampler):
+                    loader.sampler.set_epoch(epoch)
+                batches = iter(loader)
+                continue
+            fetched = time.perf_counter()
+            images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+            recent.append(images)
+            logits = model(images)["out"]
+            if noise is not None:
+                masks = noise(step, logits, masks, prunable=flags[0] if flags else None)
+            loss = criterion(logits, masks)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            step += 1
+            # Read before the optimizer step, which must not apply a non-finite loss's gradients; the
+            # mean over ranks is non-finite when any rank's loss is, so every rank decides alike.
+            # .item() waits for the device: the forward and backward are timed as training, not left to
+            # show up as the next step's data wait (the optimizer step's device work is timed with it).
+            loss_value = all_reduce_mean(loss.item(), device)
+            if math.isfinite(loss_value):
+                optimizer.step()
                 if ema is not None:
-                    state["ema"] = ema.state_dict()
-                try:
-                    for path in (args.output_dir / f"checkpoint_{step:06d}.pt", args.output_dir / "checkpoint.pt"):
-                        save_checkpoint(path, state)
-                        last_saved = path
-                except CheckpointError as error:
-                    # A failed periodic save (disk full, quota) leaves the previous good checkpoint as it
-                    # was: training on loses nothing saved, while stopping would lose every step since it
-                    # for certain, and the next save retries, succeeding once space is freed. The last
-                    # save has nothing after it to retry, so its failure stops the run.
-                    latest = f"latest good checkpoint: {last_saved or 'none'}"
-                    if step == args.steps:
-                        raise SystemExit(f"error: {error} ({latest})") from None
-                    tqdm.write(f"warning: {error}; training continues and the next checkpoint retries ({latest})",
-                               file=sys.stderr)
-                    log.write({"event": "checkpoint_failed", "step": step, "error": str(error)})
-        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            recalibrate_batchnorm(evaluated, recent)
-            confusion = evaluate(evaluated, args, len(label_space), device)
-            log.write({"event": "eval", "step": step, "miou": confusion.mean_iou()})
-    bar.close()
+                    ema.update_parameters(bare)
+                nonfinite_in_a_row = 0
+            else:
+                nonfinite_in_a_row += 1
+                skip_nonfinite_step(loss_value, step, nonfinite_in_a_row, args.max_nonfinite_steps, log, last_saved)
+            scheduler.step()  # on skipped steps too: the schedule follows the batches served
+            done = time.perf_counter()
+            if first_batch:  # worker start-up and pipeline loading, not steady-state feeding
+                startup, first_batch = done - started, False
+            else:
+                waited += fetched - started
+                trained += done - fetched
+            wait_share = waited / max(waited + trained, 1e-9)
+            bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{args.batch_size * world / (done - started):.1f}",
+                            data_wait=f"{wait_share:.0%}")
+            bar.update(1)
+            log.write({"event": "train", "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                       "data_wait_s": fetched - started, "train_s": done - fetched})
+            if step % args.checkpoint_every == 0 or step == args.steps:
+                check_finite_weights(bare, ema, step, device, last_saved)
+                states = gather_loader_states(loader)
+                if is_main_process():
+                    state = {"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "loader": states,
+                             "rng": torch.get_rng_state(), "args": saved_args(args)}
+                    if ema is not None:
+                        state["ema"] = ema.state_dict()
+                    try:
+                        for path in (args.output_dir / f"checkpoint_{step:06d}.pt", args.output_dir / "checkpoint.pt"):
+                            save_checkpoint(path, state)
+                            last_saved = path
+                    except CheckpointError as error:
+                        # A failed periodic save (disk full, quota) leaves the previous good checkpoint as it
+                        # was: training on loses nothing saved, while stopping would lose every step since it
+                        # for certain, and the next save retries, succeeding once space is freed. The last
+                        # save has nothing after it to retry, so its failure stops the run.
+                        latest = f"latest good checkpoint: {last_saved or 'none'}"
+                        if step == args.steps:
+                            raise SystemExit(f"error: {error} ({latest})") from None
+                        tqdm.write(f"warning: {error}; training continues and the next checkpoint retries ({latest})",
+                                   file=sys.stderr)
+                        log.write({"event": "checkpoint_failed", "step": step, "error": str(error)})
+            if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+                recalibrate_batchnorm(evaluated, recent)
+                confusion = evaluate(evaluated, args, len(label_space), device)
+                log.write({"event": "eval", "step": step, "miou": confusion.mean_iou()})
+    finally:
+        bar.close()
     recalibrate_batchnorm(evaluated, recent)
     confusion = evaluate(evaluated, args, len(label_space), device)
     per_class = {name: round(float(v), 4) for name, v in zip(label_space, confusion.iou())}
