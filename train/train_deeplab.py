@@ -9,9 +9,10 @@ A bad flag is refused before anything is built, as argparse refuses its own: one
 ``train_deeplab.py: error: ...`` on stderr and exit status 2. Only rank 0 logs and writes checkpoints
 and metrics (``metrics.jsonl``/``metrics.csv``). A checkpoint that cannot be written (disk full) is a
 warning and training continues, the previous one kept; the last one failing stops the run with an error.
-A resumed run must have the checkpoint's flags but those that keep the run the same (``--resume``,
-``--allow-changed``). A loss that is not finite stops the run (``--max-nonfinite-steps``), and weights
-that are not finite stop it before they are saved: the last good checkpoint is kept.
+A resumed run is given its checkpoint's flags, but for those that leave the run the same and those
+``--allow-changed`` names (see ``--resume``). A loss that is not finite stops the run
+(``--max-nonfinite-steps``), and weights that are not finite stop it before they are saved: the last
+good checkpoint is kept.
 """
 from __future__ import annotations
 
@@ -534,7 +535,7 @@ def evaluate(model: nn.Module, args, num_classes: int, device: torch.device) -> 
 
 
 def diverged(reason: str, last_saved: Path | None) -> SystemExit:
-    """The exit (status 1) that stops a diverging run on every rank; rank 0's says why."""
+    """The exit (status 1) that stops a diverging run on every rank; rank 0's carries the message."""
     message = f"error: {reason}; the run stopped, keeping the last good checkpoint ({last_saved or 'none written'})"
     return SystemExit(message if is_main_process() else 1)
 
@@ -549,7 +550,7 @@ def skip_nonfinite_step(loss: float, step: int, in_a_row: int, patience: int, lo
                        f"--max-nonfinite-steps {patience})", last_saved)
     if is_main_process():
         tqdm.write(f"warning: the loss is {loss} at step {step}; the step is skipped, the weights not updated "
-                   f"({in_a_row} in a row of --max-nonfinite-steps {patience})", file=sys.stderr)
+                   f"({in_a_row} in a row; --max-nonfinite-steps {patience})", file=sys.stderr)
 
 
 def nonfinite_tensors(state: dict) -> list[str]:
