@@ -23,7 +23,7 @@ from ondemand_seg.data.transforms import JointTransform, apply_transforms
 
 class SeededServings(Dataset):
     """``dataset`` (untransformed ``(image, target)`` pairs) with ``transforms`` applied under
-    :func:`~ondemand_seg.seeding.serving_seed` of ``seed``, this process's shard and how many items
+    :func:`~ondemand_seg.generation.seeding.serving_seed` of ``seed``, this process's shard and how many items
     the shard served before.
 
     ``state_dict()`` / ``load_state_dict()`` hold the count (torchdata's ``Stateful`` protocol).

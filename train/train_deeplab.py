@@ -5,9 +5,14 @@
     torchrun --nproc_per_node=2 train/train_deeplab.py --synthetic-only   # DDP (nccl on GPUs, gloo on CPU)
     python train/train_deeplab.py --synthetic-only --resume out/train/checkpoint.pt
 
-Only rank 0 logs and writes checkpoints and metrics (``metrics.jsonl``/``metrics.csv``). A checkpoint that
-cannot be written (disk full) is a warning and training continues, the previous one kept; the last one
-failing stops the run with an error.
+A bad flag is refused before anything is built, as argparse refuses its own: one line
+``train_deeplab.py: error: ...`` on stderr and exit status 2. Only rank 0 logs and writes checkpoints
+and metrics (``metrics.jsonl``/``metrics.csv``). A checkpoint that cannot be written (disk full) is a
+warning and training continues, the previous one kept; the last one failing stops the run with an error.
+A resumed run is given its checkpoint's flags, but for those that leave the run the same and those
+``--allow-changed`` names (see ``--resume``). A loss that is not finite stops the run
+(``--max-nonfinite-steps``), and weights that are not finite stop it before they are saved: the last
+good checkpoint is kept.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from tqdm.auto import tqdm
 from ondemand_seg import AugmentConfig, DiffuMaskAugment, DiffuMaskDataset, DiffuMaskStream, SegmentationTransform
 from ondemand_seg.cli import HelpFormatter, add_generator_arguments, resolve_generator
 from ondemand_seg.data.label_noise import LabelNoiseFilter
+from ondemand_seg.pipelines.devices import check_device
 from ondemand_seg.settings.label_spaces import class_ids
 from ondemand_seg.metrics import ConfusionMatrix
 from ondemand_seg.toyworld import TOY_CLASSES, write_voc
@@ -43,6 +49,46 @@ from utils import (CheckpointError, MetricLog, MetricLogError, all_reduce_mean, 
 # torchdata 0.11 calls an API torch has deprecated; the message says nothing about this run.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
+PROG = Path(__file__).name
+
+
+class FlagError(SystemExit):
+    """A bad flag: :func:`cli` prints it as argparse prints its own errors (``train_deeplab.py:
+    error: MESSAGE``, one line on stderr) and exits with argparse's status, 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = " ".join(line.strip() for line in message.splitlines())
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# On --resume every flag is compared with the checkpoint's run (check_resume_args) except these,
+# which change neither the samples, their order nor the weights' shapes: where and how often the
+# run writes, what and how often it evaluates, how long it goes on, how fast it runs. The backbone
+# weights only initialise a run, and a resumed one takes the checkpoint's weights instead.
+RESUME_FREE = ("steps", "output_dir", "resume", "checkpoint_every", "eval_every", "eval_limit", "eval_root", "data_dir",
+               "threads", "device", "prefetch_batches", "print_config", "backbone_weights", "allow_changed",
+               "max_nonfinite_steps")
+# Compared flags whose change is applied from the resumed step on when --allow-changed names them:
+# the optimiser's settings, the weight average's decay and online noise learning (whose history a
+# checkpoint does not keep anyway). Every other compared flag picks the samples and their order that
+# the checkpoint's loader position belongs to (seed, batch sizes, data, generator, augmentation,
+# --workers, whose worker states torchdata restores one by one) or the weights' shapes (backbone).
+RESUME_ALLOWABLE = ("lr", "weight_decay", "ema_decay", "noise_cutoff", "noise_warmup", "noise_drop_fraction", "noise_mode")
+
+
+# DeepLabHead's last convolution, one output channel a class whatever the backbone: a checkpoint's
+# number of classes.
+CLASSIFIER_WEIGHT = "classifier.4.weight"
+
+
+def flag_name(key: str) -> str:
+    """The command-line spelling of an ``args`` attribute: ``batch_size`` -> ``--batch-size``."""
+    return "--" + key.replace("_", "-")
+
+
 BACKBONES = {
     "mobilenet_v3_large": segmentation.deeplabv3_mobilenet_v3_large,
     "resnet50": segmentation.deeplabv3_resnet50,
@@ -51,7 +97,7 @@ BACKBONES = {
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     data = p.add_argument_group("data")
     source = data.add_mutually_exclusive_group()
     source.add_argument("--synthetic-only", action="store_true", help="train on the DiffuMask stream alone")
@@ -67,7 +113,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="train on this many images of the real train split, drawn with --seed (default: all); "
                            "the few-labels regime")
     data.add_argument("--crop-size", type=int, default=64, help="training and evaluation image size")
-    add_generator_arguments(p, step_flag="--gen-steps", batch_flag="--gen-batch-size")
+    add_generator_arguments(p)
     gen = p.add_argument_group("synthetic data")
     gen.add_argument("--reuse", type=int, default=8, help="times each generated sample is served")
     gen.add_argument("--cache-size", type=int, default=64, help="generated samples kept per worker")
@@ -106,10 +152,24 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="batches each worker prepares ahead of the trainer (default: with --synthetic-only, the "
                           "batches one generation call feeds, generation batch x reuse / batch size; else torch's 2)")
     run.add_argument("--output-dir", type=Path, default=Path("out/train"))
-    run.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from")
+    run.add_argument("--resume", type=Path, default=None,
+                     help="checkpoint to continue from; the run's flags must be the checkpoint's, except "
+                          + ", ".join(map(flag_name, RESUME_FREE)) + " and what --allow-changed names; a flag the "
+                          "checkpoint has no record of (it predates the flag) is not compared")
+    run.add_argument("--allow-changed", nargs="+", default=[], metavar="FLAG",
+                     choices=[name.replace("_", "-") for name in RESUME_ALLOWABLE],
+                     help="with --resume, accept these flags' new values and apply them from the resumed step on "
+                          "(named without dashes: " + ", ".join(name.replace("_", "-") for name in RESUME_ALLOWABLE)
+                          + "; --ema-decay cannot turn the average on or off); the change is printed and logged. "
+                          "Flags that choose the samples, their order or the weights' shapes never change "
+                          "(default: none)")
     run.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     run.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end only)")
     run.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many val images")
+    run.add_argument("--max-nonfinite-steps", type=int, default=0, metavar="N",
+                     help="steps in a row whose loss is NaN or infinite that are skipped (no weight update; "
+                          "logged) before the run stops with an error; 0: the first one stops it. Weights that "
+                          "are not finite stop the run before any checkpoint of them is written")
     run.add_argument("--seed", type=int, default=0, help="seed of the generator, the model and the data order")
     run.add_argument("--print-config", action="store_true",
                      help="print the generator settings (model preset merged with the flags) as JSON and exit")
@@ -121,56 +181,181 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
-    """Every bad flag fails here, before data or models load (generator values already failed in
-    :func:`generator_config`)."""
+    """Refuse every bad flag with a :class:`FlagError` naming it, before data or models load
+    (generator values already failed in :func:`generator_config`)."""
     if args.backbone not in BACKBONES:
-        raise SystemExit(f"error: unknown backbone {args.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        raise FlagError(f"--backbone: unknown backbone {args.backbone!r}; choose one of {', '.join(BACKBONES)}")
     for flag in ("voc_root", "eval_root"):
         root = getattr(args, flag)
         if root is not None and not (root / "VOCdevkit" / "VOC2012").is_dir():
-            raise SystemExit(f"error: --{flag.replace('_', '-')} {root} has no VOCdevkit/VOC2012 folder")
+            raise FlagError(f"--{flag.replace('_', '-')} {root} has no VOCdevkit/VOC2012 folder")
     if args.backbone_weights is not None and not args.backbone_weights.is_file():
-        raise SystemExit(f"error: --backbone-weights {args.backbone_weights} is not a file")
+        raise FlagError(f"--backbone-weights {args.backbone_weights} is not a file")
     if args.noise_cutoff is not None and args.real_only:
-        raise SystemExit("error: --noise-cutoff prunes synthetic labels and a --real-only run has none")
+        raise FlagError("--noise-cutoff prunes synthetic labels and a --real-only run has none")
     if not 0.0 <= args.ema_decay < 1.0:
-        raise SystemExit(f"error: --ema-decay must be in [0, 1), got {args.ema_decay}")
+        raise FlagError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if not 0.0 < args.synthetic_ratio < 1.0:
-        raise SystemExit(f"error: --synthetic-ratio must be in (0, 1), got {args.synthetic_ratio}")
-    problem = output_dir_problem(args.output_dir)
-    if problem:
-        raise SystemExit(f"error: --output-dir {args.output_dir} {problem}")
+        raise FlagError(f"--synthetic-ratio must be in (0, 1), got {args.synthetic_ratio}")
+    # AdamW takes a NaN or infinite rate without complaint and trains the weights to NaN.
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise FlagError(f"--lr must be a finite number > 0, got {args.lr}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise FlagError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    for flag, problem in (("output_dir", output_dir_problem(args.output_dir)), ("data_dir", data_dir_problem(args))):
+        if problem:
+            raise FlagError(f"--{flag.replace('_', '-')} {getattr(args, flag)} {problem}")
+    try:
+        check_device(args.device)
+    except (ValueError, TypeError) as error:
+        raise FlagError(f"--device: {error}") from None
     if args.real_images is not None and args.synthetic_only:
-        raise SystemExit("error: --real-images picks real training images and cannot go with --synthetic-only")
+        raise FlagError("--real-images picks real training images and cannot go with --synthetic-only")
     if args.synthetic_length is not None and (args.synthetic_only or args.real_only):
-        raise SystemExit("error: --synthetic-length sizes the synthetic part of a mixed run; drop --synthetic-only/--real-only")
+        raise FlagError("--synthetic-length sizes the synthetic part of a mixed run; drop --synthetic-only/--real-only")
     for flag in ("steps", "batch_size", "reuse", "cache_size", "crop_size", "checkpoint_every", "real_images",
-                 "synthetic_length", "prefetch_batches", "threads"):
+                 "synthetic_length", "prefetch_batches", "threads", "eval_limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+            raise FlagError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("workers", "eval_every", "noise_warmup", "max_nonfinite_steps"):
+        if getattr(args, flag) < 0:
+            raise FlagError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if label_space != TOY_CLASSES and (args.eval_root is None or (args.voc_root is None and not args.synthetic_only)):
-        raise SystemExit("error: the default real data is ToyWorld; with another label space pass --voc-root and --eval-root")
+        raise FlagError("the default real data is ToyWorld; with another label space pass --voc-root and --eval-root")
     try:
         class_ids(args.classes, label_space)
         if args.noise_cutoff is not None:
             noise_filter(args)
     except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise FlagError(str(error)) from None
+
+
+def uses_toyworld(args: argparse.Namespace) -> bool:
+    """Whether the run trains or evaluates on the ToyWorld folder in ``--data-dir`` (no real data named)."""
+    return args.voc_root is None and not args.synthetic_only or args.eval_root is None
+
+
+def toyworld_ready(data_dir: Path) -> Path:
+    """The file whose presence says the ToyWorld folder in ``data_dir`` is complete (written last)."""
+    return data_dir / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt"
+
+
+def data_dir_problem(args: argparse.Namespace) -> str | None:
+    """Why ToyWorld cannot be written into ``--data-dir`` when this run needs it written; a complete
+    one already there is only read, so a read-only copy is fine."""
+    if not uses_toyworld(args) or toyworld_ready(args.data_dir).is_file():
+        return None
+    return output_dir_problem(args.data_dir)
 
 
 def generator_config(args: argparse.Namespace):
     """The generator's settings: the model's preset merged with the flags (the library's
-    :func:`~ondemand_seg.config.resolve_config`); a bad value fails here, naming it."""
+    :func:`~ondemand_seg.settings.resolve.resolve_config`); a bad value is a :class:`FlagError` naming it."""
     try:
         return resolve_generator(args)
     except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
+        raise FlagError(str(error)) from None
+
+
+def read_resume_checkpoint(args: argparse.Namespace) -> dict | None:
+    """The ``--resume`` checkpoint, or a :class:`FlagError` naming what is wrong with the file."""
+    if args.resume is None:
+        return None
+    try:
+        return load_checkpoint(args.resume)
+    except CheckpointError as error:
+        raise FlagError(f"--resume: {error}") from None
+
+
+def saved_args(args: argparse.Namespace) -> dict[str, str]:
+    """The flags as a checkpoint records them (``str`` of each value) and :func:`check_resume_args`
+    compares them."""
+    return {key: str(value) for key, value in vars(args).items()}
+
+
+def comparable(recorded: dict[str, str]) -> dict[str, str]:
+    """``recorded`` flags as compared on resume. Without ``--voc-root`` the run reads the ToyWorld
+    folder in ``--data-dir`` and stores that folder as its ``--voc-root``: the same data whichever
+    ``--data-dir`` holds it."""
+    if recorded.get("voc_root") in ("None", recorded.get("data_dir")):
+        recorded = {**recorded, "voc_root": "ToyWorld"}
+    return {key: "unset" if value == "None" else value for key, value in recorded.items()}
+
+
+def check_resume_args(checkpoint: dict, args: argparse.Namespace, label_space: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+    """The changes from the checkpoint's run that ``--allow-changed`` accepts, ``{key: (old, new)}``;
+    a :class:`FlagError` naming every other change with its old and new value.
+
+    Compared: every flag but :data:`RESUME_FREE`, as the checkpoint's ``args`` records it (a flag it
+    has no record of, from a checkpoint older than the flag, is not compared: see
+    :func:`unrecorded_flags`); the number of classes, against the checkpoint's classifier; whether a
+    weight average is kept. Only :data:`RESUME_ALLOWABLE` flags may be accepted, never the backbone,
+    the classes, ``--workers`` or turning the average on or off.
+    """
+    old, new = comparable(checkpoint.get("args", {})), comparable(saved_args(args))
+    changes = {key: (old[key], new[key]) for key in new if key not in RESUME_FREE and key in old and old[key] != new[key]}
+    accepted = {name.replace("-", "_") for name in args.allow_changed}
+    why = {}
+    averaged = "ema" in checkpoint
+    if averaged != (args.ema_decay > 0):  # the average's state would be dropped, or is not there to continue
+        changes.setdefault("ema_decay", ("on" if averaged else "off", str(args.ema_decay)))
+        why["ema_decay"] = f" (the checkpoint keeps {'a' if averaged else 'no'} weight average)"
+        accepted.discard("ema_decay")
+    refused = [f"{flag_name(key)} {before} -> {after}{why.get(key, '')}" for key, (before, after) in changes.items()
+               if key not in accepted]
+    classifier = checkpoint["model"].get(CLASSIFIER_WEIGHT)
+    if classifier is not None and classifier.shape[0] != len(label_space):
+        refused.append(f"the label space (--model, --vocabulary, --classes) {classifier.shape[0]} -> {len(label_space)} classes")
+    if refused:
+        allowable = [key for key in changes if key in RESUME_ALLOWABLE and key not in accepted and key not in why]
+        hint = f" or accept {', '.join(map(flag_name, allowable))} with --allow-changed" if allowable else ""
+        raise FlagError(f"--resume {args.resume} continues a run with other flags: {', '.join(refused)}; "
+                        f"resume with the checkpoint's values{hint}")
+    return {key: change for key, change in changes.items() if key in accepted}
+
+
+def unrecorded_flags(checkpoint: dict, args: argparse.Namespace) -> list[str]:
+    """Compared flags the checkpoint has no record of (it predates them), so not compared."""
+    recorded = checkpoint.get("args", {})
+    return [flag_name(key) for key in vars(args) if key not in RESUME_FREE and key not in recorded]
+
+
+def apply_allowed_changes(changes: dict, optimizer: torch.optim.Optimizer, scheduler, args: argparse.Namespace) -> None:
+    """Put accepted ``--lr``/``--weight-decay`` changes into the optimizer and schedule just loaded
+    from the checkpoint, which hold the checkpoint's values (the other accepted flags act through
+    what is built from ``args``)."""
+    for group in optimizer.param_groups:
+        if "lr" in changes:
+            # The polynomial schedule scales the current rate at each step, so rescaling it once
+            # moves the rest of the schedule onto the new base rate.
+            group["lr"] *= args.lr / group["initial_lr"]
+            group["initial_lr"] = args.lr
+        if "weight_decay" in changes:
+            group["weight_decay"] = args.weight_decay
+    if "lr" in changes:
+        scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
+
+
+def report_resume(checkpoint: dict, args: argparse.Namespace, changes: dict, log: MetricLog, step: int) -> None:
+    """Say (rank 0) and log where the run resumed, which accepted flags changed (old -> new) and which
+    flags the checkpoint could not be compared on."""
+    changed = "; ".join(f"{flag_name(key)} {old} -> {new}" for key, (old, new) in changes.items())
+    unrecorded = unrecorded_flags(checkpoint, args)
+    row = {"event": "resume", "step": step, "checkpoint": str(args.resume)}
+    if changed:
+        row["changed"] = changed
+    if unrecorded:
+        row["not_compared"] = " ".join(unrecorded)
+    log.write(row)
+    if is_main_process():
+        print(f"resumed from {args.resume} at step {step}" + (f"; changed (--allow-changed): {changed}" if changed else ""))
+        if unrecorded:
+            print(f"note: {args.resume} has no record of {', '.join(unrecorded)}: not compared with this run's")
 
 
 def default_voc_root(args: argparse.Namespace, image_size: int) -> Path:
     """The ToyWorld VOC folder (written once by rank 0) used when no real data is named."""
-    ready = args.data_dir / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt"
-    if is_main_process() and not ready.is_file():
+    if is_main_process() and not toyworld_ready(args.data_dir).is_file():
         # A fixed dataset, not drawn from --seed: runs with different training seeds are scored on
         # the same val split.
         write_voc(args.data_dir, n_train=1000, n_val=200, image_size=image_size, seed=0)
@@ -198,7 +383,8 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     own = model.backbone.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if len(matched) < len(own) // 2:
-        raise SystemExit(f"error: {args.backbone_weights} matches {len(matched)} of {len(own)} {args.backbone} backbone tensors")
+        raise FlagError(f"--backbone-weights {args.backbone_weights} matches {len(matched)} of {len(own)} "
+                        f"{args.backbone} backbone tensors")
     model.backbone.load_state_dict(matched, strict=False)
     if is_main_process():
         print(f"backbone {args.backbone}: loaded {len(matched)}/{len(own)} tensors from {args.backbone_weights}")
@@ -222,7 +408,7 @@ def build_train_loader(args, config, rank: int, world: int, device: torch.device
                   persistent_workers=args.workers > 0)
     prefetch = args.prefetch_batches
     if prefetch is None and args.synthetic_only:
-        prefetch = generation_burst(config.sampler.batch_size, args.reuse, args.batch_size)
+        prefetch = generation_burst(config.generator.batch_size, args.reuse, args.batch_size)
     if args.workers > 0 and prefetch is not None:
         common["prefetch_factor"] = prefetch
     if args.synthetic_only:
@@ -245,7 +431,7 @@ def build_train_loader(args, config, rank: int, world: int, device: torch.device
     dataset = (StatefulConcatDataset(parts) if args.noise_cutoff is None
                else SourceFlaggedConcatDataset(parts, flagged=[len(parts) - 1]))
     if len(dataset) < args.batch_size * world:  # drop_last would make every epoch empty: a silent endless loop
-        raise SystemExit(f"error: the training set has {len(dataset)} samples, fewer than one batch "
+        raise FlagError(f"the training set has {len(dataset)} samples, fewer than one batch "
                          f"(--batch-size {args.batch_size} x {world} processes); lower --batch-size or add images")
     sampler = (DistributedSampler(dataset, world, rank, seed=args.seed) if world > 1
                else RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed)))
@@ -285,7 +471,7 @@ def real_training_set(args: argparse.Namespace) -> Dataset:
     if args.real_images is None:
         return real
     if args.real_images > len(real):
-        raise SystemExit(f"error: --real-images {args.real_images} but {args.voc_root} has {len(real)} train images")
+        raise FlagError(f"--real-images {args.real_images} but {args.voc_root} has {len(real)} train images")
     chosen = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))[: args.real_images]
     return Subset(real, sorted(chosen.tolist()))
 
@@ -348,6 +534,45 @@ def evaluate(model: nn.Module, args, num_classes: int, device: torch.device) -> 
     return confusion
 
 
+def diverged(reason: str, last_saved: Path | None) -> SystemExit:
+    """The exit (status 1) that stops a diverging run on every rank; rank 0's carries the message."""
+    message = f"error: {reason}; the run stopped, keeping the last good checkpoint ({last_saved or 'none written'})"
+    return SystemExit(message if is_main_process() else 1)
+
+
+def skip_nonfinite_step(loss: float, step: int, in_a_row: int, patience: int, log: MetricLog,
+                        last_saved: Path | None) -> None:
+    """Log a step whose loss (mean over ranks) is not finite, which is skipped without updating the
+    weights; stop the run once more than ``patience`` such steps came in a row."""
+    log.write({"event": "nonfinite_loss", "step": step, "loss": loss, "in_a_row": in_a_row})
+    if in_a_row > patience:
+        raise diverged(f"the loss is {loss} at step {step} ({in_a_row} non-finite in a row; "
+                       f"--max-nonfinite-steps {patience})", last_saved)
+    if is_main_process():
+        tqdm.write(f"warning: the loss is {loss} at step {step}; the step is skipped, the weights not updated "
+                   f"({in_a_row} in a row; --max-nonfinite-steps {patience})", file=sys.stderr)
+
+
+def nonfinite_tensors(state: dict) -> list[str]:
+    """The names of ``state``'s floating-point tensors that hold a NaN or an infinity."""
+    return [name for name, value in state.items()
+            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+
+
+def check_finite_weights(model: nn.Module, ema: AveragedModel | None, step: int, device: torch.device,
+                         last_saved: Path | None) -> None:
+    """Stop the run, on every rank alike, when the weights about to be checkpointed (trained or
+    averaged, BatchNorm statistics included) hold a NaN or an infinity: saved, they would replace
+    the last good checkpoint."""
+    bad = nonfinite_tensors(model.state_dict())
+    if ema is not None:
+        bad += [f"averaged {name}" for name in nonfinite_tensors(ema.state_dict())]
+    if all_reduce_mean(float(bool(bad)), device) > 0:
+        named = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") if bad else "on another rank"
+        raise diverged(f"the weights are not finite at step {step} ({named}); no checkpoint was written for it",
+                       last_saved)
+
+
 def gather_loader_states(loader: StatefulDataLoader) -> list:
     """Every rank's loader position, gathered on all ranks (each rank's stream shard differs)."""
     state = loader.state_dict()
@@ -365,13 +590,11 @@ def main(args: argparse.Namespace) -> dict:
         return {"config": config.to_dict()}
     label_space = config.label_space
     check_args(args, label_space)
-    try:  # read before the model and data are built, so a bad file fails at once
-        checkpoint = load_checkpoint(args.resume) if args.resume else None
-    except CheckpointError as error:
-        raise SystemExit(f"error: --resume: {error}") from None
+    checkpoint = read_resume_checkpoint(args)
+    changes = check_resume_args(checkpoint, args, label_space) if checkpoint is not None else {}
     rank, world, local_rank = init_distributed()
     if checkpoint is not None and len(checkpoint["loader"]) != world:
-        raise SystemExit(f"error: --resume {args.resume} was written by {len(checkpoint['loader'])} ranks, "
+        raise FlagError(f"--resume {args.resume} was written by {len(checkpoint['loader'])} ranks, "
                          f"this run has {world}")
     threads = training_threads(args, world)
     if threads:
@@ -381,14 +604,14 @@ def main(args: argparse.Namespace) -> dict:
     # ToyWorld is written at the generator's image size whatever the run, so real-only, synthetic
     # and mixed runs sharing a --data-dir are scored on the same val images.
     image_size = config.image_size
-    if args.voc_root is None and not args.synthetic_only or args.eval_root is None:
+    if uses_toyworld(args):
         toy_root = default_voc_root(args, image_size)
         args.voc_root = args.voc_root or toy_root
         args.eval_root = args.eval_root or args.voc_root
     try:
         args.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise SystemExit(f"error: --output-dir {args.output_dir} cannot be created: {error}") from None
+        raise FlagError(f"--output-dir {args.output_dir} cannot be created: {error}") from None
     if is_main_process() and not args.real_only:
         config.save(args.output_dir / "generator_config.json")
 
@@ -403,20 +626,17 @@ def main(args: argparse.Namespace) -> dict:
     loader, train_data = build_train_loader(args, config, rank, world, device)
     ema = ema_model(bare, args.ema_decay) if args.ema_decay else None
     step, epoch = 0, 0
+    log = MetricLog(args.output_dir)
     if checkpoint is not None:
-        if ("ema" in checkpoint) != (ema is not None):
-            raise SystemExit(f"error: --resume {args.resume} was written " + ("with" if "ema" in checkpoint else "without")
-                             + " --ema-decay; resume with the flags it was written with")
         bare.load_state_dict(checkpoint["model"])
         if ema is not None:
             ema.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
+        apply_allowed_changes(changes, optimizer, scheduler, args)
         step, epoch = checkpoint["step"], checkpoint["epoch"]
         loader.load_state_dict(checkpoint["loader"][rank])
-        if is_main_process():
-            print(f"resumed from {args.resume} at step {step}")
-    log = MetricLog(args.output_dir)
+        report_resume(checkpoint, args, changes, log, step)
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)
     batches = iter(loader)
@@ -428,75 +648,87 @@ def main(args: argparse.Namespace) -> dict:
     waited = trained = startup = 0.0
     first_batch = True
     last_saved = args.resume
+    nonfinite_in_a_row = 0
     bar = tqdm(total=args.steps, initial=step, desc="train", disable=not is_main_process(), dynamic_ncols=True)
     model.train()
-    while step < args.steps:
-        started = time.perf_counter()
-        try:
-            images, masks, *flags = next(batches)
-        except StopIteration:  # end of an epoch of the map-style mix
-            epoch += 1
-            if isinstance(loader.sampler, DistributedSampler):
-                loader.sampler.set_epoch(epoch)
-            batches = iter(loader)
-            continue
-        fetched = time.perf_counter()
-        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-        recent.append(images)
-        logits = model(images)["out"]
-        if noise is not None:
-            masks = noise(step, logits, masks, prunable=flags[0] if flags else None)
-        loss = criterion(logits, masks)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(bare)
-        step += 1
-        # .item() waits for the device, so a GPU's queued training work is timed as training, not
-        # left to show up as the next step's data wait.
-        loss_value = all_reduce_mean(loss.item(), device)
-        done = time.perf_counter()
-        if first_batch:  # worker start-up and pipeline loading, not steady-state feeding
-            startup, first_batch = done - started, False
-        else:
-            waited += fetched - started
-            trained += done - fetched
-        wait_share = waited / max(waited + trained, 1e-9)
-        bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{args.batch_size * world / (done - started):.1f}",
-                        data_wait=f"{wait_share:.0%}")
-        bar.update(1)
-        log.write({"event": "train", "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                   "data_wait_s": fetched - started, "train_s": done - fetched})
-        if step % args.checkpoint_every == 0 or step == args.steps:
-            states = gather_loader_states(loader)
-            if is_main_process():
-                state = {"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "loader": states,
-                         "rng": torch.get_rng_state(), "args": {k: str(v) for k, v in vars(args).items()}}
+    # Closed on the way out too, so that an error is printed after the bar rather than on its line.
+    try:
+        while step < args.steps:
+            started = time.perf_counter()
+            try:
+                images, masks, *flags = next(batches)
+            except StopIteration:  # end of an epoch of the map-style mix
+                epoch += 1
+                if isinstance(loader.sampler, DistributedSampler):
+                    loader.sampler.set_epoch(epoch)
+                batches = iter(loader)
+                continue
+            fetched = time.perf_counter()
+            images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+            recent.append(images)
+            logits = model(images)["out"]
+            if noise is not None:
+                masks = noise(step, logits, masks, prunable=flags[0] if flags else None)
+            loss = criterion(logits, masks)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            step += 1
+            # Read before the optimizer step, which must not apply a non-finite loss's gradients; the
+            # mean over ranks is non-finite when any rank's loss is, so every rank decides alike.
+            # .item() waits for the device: the forward and backward are timed as training, not left to
+            # show up as the next step's data wait (the optimizer step's device work is timed with it).
+            loss_value = all_reduce_mean(loss.item(), device)
+            if math.isfinite(loss_value):
+                optimizer.step()
                 if ema is not None:
-                    state["ema"] = ema.state_dict()
-                try:
-                    for path in (args.output_dir / f"checkpoint_{step:06d}.pt", args.output_dir / "checkpoint.pt"):
-                        save_checkpoint(path, state)
-                        last_saved = path
-                except CheckpointError as error:
-                    # A failed periodic save (disk full, quota) leaves the previous good checkpoint as it
-                    # was: training on loses nothing saved, while stopping would lose every step since it
-                    # for certain, and the next save retries, succeeding once space is freed. The last
-                    # save has nothing after it to retry, so its failure stops the run.
-                    latest = f"latest good checkpoint: {last_saved or 'none'}"
-                    if step == args.steps:
-                        raise SystemExit(f"error: {error} ({latest})") from None
-                    tqdm.write(f"warning: {error}; training continues and the next checkpoint retries ({latest})",
-                               file=sys.stderr)
-                    log.write({"event": "checkpoint_failed", "step": step, "error": str(error)})
-        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            recalibrate_batchnorm(evaluated, recent)
-            confusion = evaluate(evaluated, args, len(label_space), device)
-            log.write({"event": "eval", "step": step, "miou": confusion.mean_iou()})
-    bar.close()
+                    ema.update_parameters(bare)
+                nonfinite_in_a_row = 0
+            else:
+                nonfinite_in_a_row += 1
+                skip_nonfinite_step(loss_value, step, nonfinite_in_a_row, args.max_nonfinite_steps, log, last_saved)
+            scheduler.step()  # on skipped steps too: the schedule follows the batches served
+            done = time.perf_counter()
+            if first_batch:  # worker start-up and pipeline loading, not steady-state feeding
+                startup, first_batch = done - started, False
+            else:
+                waited += fetched - started
+                trained += done - fetched
+            wait_share = waited / max(waited + trained, 1e-9)
+            bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{args.batch_size * world / (done - started):.1f}",
+                            data_wait=f"{wait_share:.0%}")
+            bar.update(1)
+            log.write({"event": "train", "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                       "data_wait_s": fetched - started, "train_s": done - fetched})
+            if step % args.checkpoint_every == 0 or step == args.steps:
+                check_finite_weights(bare, ema, step, device, last_saved)
+                states = gather_loader_states(loader)
+                if is_main_process():
+                    state = {"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "loader": states,
+                             "rng": torch.get_rng_state(), "args": saved_args(args)}
+                    if ema is not None:
+                        state["ema"] = ema.state_dict()
+                    try:
+                        for path in (args.output_dir / f"checkpoint_{step:06d}.pt", args.output_dir / "checkpoint.pt"):
+                            save_checkpoint(path, state)
+                            last_saved = path
+                    except CheckpointError as error:
+                        # A failed periodic save (disk full, quota) leaves the previous good checkpoint as it
+                        # was: training on loses nothing saved, while stopping would lose every step since it
+                        # for certain, and the next save retries, succeeding once space is freed. The last
+                        # save has nothing after it to retry, so its failure stops the run.
+                        latest = f"latest good checkpoint: {last_saved or 'none'}"
+                        if step == args.steps:
+                            raise SystemExit(f"error: {error} ({latest})") from None
+                        tqdm.write(f"warning: {error}; training continues and the next checkpoint retries ({latest})",
+                                   file=sys.stderr)
+                        log.write({"event": "checkpoint_failed", "step": step, "error": str(error)})
+            if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+                recalibrate_batchnorm(evaluated, recent)
+                confusion = evaluate(evaluated, args, len(label_space), device)
+                log.write({"event": "eval", "step": step, "miou": confusion.mean_iou()})
+    finally:
+        bar.close()
     recalibrate_batchnorm(evaluated, recent)
     confusion = evaluate(evaluated, args, len(label_space), device)
     per_class = {name: round(float(v), 4) for name, v in zip(label_space, confusion.iou())}
@@ -517,8 +749,18 @@ def main(args: argparse.Namespace) -> dict:
     return summary
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> dict:
+    """What ``python train_deeplab.py ARGS`` runs: :func:`main` on the parsed flags, a
+    :class:`FlagError` printed as argparse prints its own (one line, exit status 2)."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     try:
-        main(get_args_parser().parse_args())
+        return main(args)
+    except FlagError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     except MetricLogError as error:
         raise SystemExit(f"error: {error}; checkpoints written so far are kept") from None
+
+
+if __name__ == "__main__":
+    cli()
