@@ -6,9 +6,8 @@ Every pixel an augmentation invents (padding, an occluder, the area outside a wa
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Sequence
 
 import albumentations as A
@@ -19,6 +18,7 @@ from albumentations.pytorch import ToTensorV2
 
 from ..generation.seeding import splice_generator
 from ..settings.label_spaces import IGNORE_INDEX
+from ..settings.validation import check_increasing_pair, check_probability, check_size
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, PairAugmentation
 
 Pair = tuple[np.ndarray, np.ndarray]
@@ -41,7 +41,7 @@ class AugmentConfig:
         from the sample at the scale an unspliced sample has (objects keep their size and shape;
         some are cut by the tile border); ``"whole"`` resizes the whole sample into the tile (the
         paper's splicing; objects shrink and change aspect with the tile). Real objects keep their
-        scale, so ``"crop"`` keeps training images closer to real ones (compared in RESULTS.md).
+        scale, so ``"crop"`` keeps training images closer to real ones.
     blur: probability of a Gaussian blur (sigma 0.5-1.5 px; image only, the mask is unchanged).
     occlusion: probability of 1-3 rectangles of random colour, each 10-30 % of a side (mask 255).
     perspective: probability of a perspective warp that keeps the whole image (outside it: mask 255).
@@ -61,32 +61,19 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         for name in _PROBABILITIES:
-            value = getattr(self, name)
-            # NaN fails both comparisons, so it is rejected too.
-            if not isinstance(value, Real) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1] (or a bool), got {value!r}")
+            setattr(self, name, check_probability(name, getattr(self, name)))
         splice_max = self.splice_max
         if isinstance(splice_max, bool) or not isinstance(splice_max, Integral) or not 2 <= splice_max <= 4:
             raise ValueError(f"splice_max must be an int from 2 to 4, got {self.splice_max!r}")
         if self.splice_fit not in ("whole", "crop"):
             raise ValueError(f"splice_fit must be 'whole' or 'crop', got {self.splice_fit!r}")
         if self.scale_jitter is not None:
-            self.scale_jitter = _check_scale_range(self.scale_jitter)
+            self.scale_jitter = check_increasing_pair("scale_jitter", self.scale_jitter)
 
     @classmethod
     def off(cls) -> "AugmentConfig":
         """Every augmentation disabled: only resizing to the output size and normalisation remain."""
         return cls(splice=0.0, blur=0.0, occlusion=0.0, perspective=0.0, scale_jitter=None, flip=0.0)
-
-
-def _check_scale_range(value) -> tuple[float, float]:
-    try:
-        low, high = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"scale_jitter must be a (min, max) pair of zoom factors or None, got {value!r}") from None
-    if not (math.isfinite(high) and 0.0 < low <= high):
-        raise ValueError(f"scale_jitter must satisfy 0 < min <= max, got {value!r}")
-    return low, high
 
 
 class DiffuMaskAugment(PairAugmentation):
@@ -120,7 +107,7 @@ class DiffuMaskAugment(PairAugmentation):
         std: Sequence[float] = IMAGENET_STD,
         seed: int | None = None,
     ) -> None:
-        self.size = _check_size(size)
+        self.size = check_size("size", size, minimum=2)
         self.config = config if config is not None else AugmentConfig()
         ops = _single_image_ops(self.config, *self.size)
         self.compose = A.Compose(ops + [A.Normalize(mean=mean, std=std), ToTensorV2()], seed=seed)
@@ -249,14 +236,6 @@ def _tile_boxes(count: int, height: int, width: int, rng: np.random.Generator) -
 
 def _split(length: int, rng: np.random.Generator) -> int:
     return int(np.clip(round(length * rng.uniform(*_SPLIT_RANGE)), 1, length - 1))
-
-
-def _check_size(size: int | Sequence[int]) -> tuple[int, int]:
-    sides = (size, size) if isinstance(size, Integral) else tuple(size)
-    valid = all(isinstance(side, Integral) and not isinstance(side, bool) and side >= 2 for side in sides)
-    if len(sides) != 2 or not valid:
-        raise ValueError(f"size must be one int or (height, width) ints, each >= 2, got {size!r}")
-    return int(sides[0]), int(sides[1])
 
 
 def _as_pair(image, mask) -> Pair:

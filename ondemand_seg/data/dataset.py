@@ -14,7 +14,13 @@ from ..pipelines.builtin import ModelSource
 from ..settings.config import GeneratorConfig, MaskConfig, QualityConfig
 from ..settings.validation import check_bool, check_int
 from .stream import splice_partners
-from .transforms import JointTransform, PairAugmentation, SegmentationTransform, apply_transforms, joint_transforms
+from .transforms import (
+    JointTransform,
+    PairAugmentation,
+    SegmentationTransform,
+    apply_transforms,
+    joint_transforms,
+)
 
 
 class DiffuMaskDataset(VisionDataset):

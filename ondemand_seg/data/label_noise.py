@@ -10,7 +10,7 @@ weights to them.
 Why per class and relative, not one absolute cutoff per sample: with splicing and occlusion a
 mosaic of good masks still disagrees with a half-trained model, so a sample-level cutoff drops a
 large share of all samples, most of them of the classes the model is still bad at, and those
-classes get worse (compared in RESULTS.md). A region is therefore pruned only when its score is
+classes get worse. A region is therefore pruned only when its score is
 both below ``cutoff`` and among the lowest ``drop_fraction`` of its own class's recent scores: a
 class the model has not learnt yet keeps its labels, and the pruned share is bounded.
 """

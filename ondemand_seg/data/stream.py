@@ -16,7 +16,13 @@ from ..settings.config import GeneratorConfig, MaskConfig, QualityConfig
 from ..settings.validation import check_bool, check_int
 from .fingerprint import fingerprint_differences, sequence_fingerprint
 from .sharding import shard
-from .transforms import JointTransform, PairAugmentation, SegmentationTransform, apply_transforms, joint_transforms
+from .transforms import (
+    JointTransform,
+    PairAugmentation,
+    SegmentationTransform,
+    apply_transforms,
+    joint_transforms,
+)
 
 
 @dataclass(eq=False)

@@ -1,4 +1,5 @@
-"""Test scaffolding: tiny random-weight pipelines in the real layouts of every text-to-image family.
+"""Tiny random-weight pipelines in the real layouts of every text-to-image family: the
+``model="random-weights"`` model, and what the tests build their folders from.
 
 They make noise, not pictures: they exist so that the whole data path (tokenizers, text encoders,
 denoiser with its text attention, VAE, scheduler, ``from_pretrained``) runs offline in about a

@@ -80,19 +80,49 @@ def check_classes(classes: Any) -> tuple[str, ...]:
     return check_names("classes", classes)
 
 
+def check_size(name: str, value: Any, minimum: int = 1) -> tuple[int, int]:
+    """``(height, width)`` from one int for both sides or a pair of ints, each ``>= minimum``
+    (numpy ints too, returned as plain ints for JSON and PIL).
+
+    Raises:
+        ValueError: naming ``name`` and the value.
+    """
+    if isinstance(value, numbers.Integral):
+        sides = (value, value)
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        sides = tuple(value)
+    else:
+        sides = ()
+    if len(sides) != 2 or any(not isinstance(s, numbers.Integral) or isinstance(s, bool) or s < minimum for s in sides):
+        kind = "positive ints" if minimum == 1 else f"ints >= {minimum}"
+        raise ValueError(f"{name} must be an int or (height, width) of {kind}, got {value!r}")
+    return int(sides[0]), int(sides[1])
+
+
+def check_probability(name: str, value: Any) -> float:
+    """``value`` as a float when it is a probability in [0, 1] (``True``/``False`` are 1 and 0)."""
+    # NaN fails both comparisons, so it is refused too.
+    if not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1] (or a bool), got {value!r}")
+    return float(value)
+
+
+def check_increasing_pair(name: str, value: Any) -> tuple[float, float]:
+    """A ``(low, high)`` pair of finite numbers with ``0 < low <= high`` (a range of factors)."""
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a (min, max) pair of numbers, got {value!r}") from None
+    if not (math.isfinite(high) and 0.0 < low <= high):
+        raise ValueError(f"{name} must satisfy 0 < min <= max, got {value!r}")
+    return low, high
+
+
 def check_image_size(image_size: int | Sequence[int], spec: Any = None) -> tuple[int, int]:
     """``(height, width)`` from an int or a pair of positive ints, each a multiple of
-    :attr:`~ondemand_seg.families.ModelSpec.size_multiple` when the model is known (what its
-    pipeline and its attention tokens need), of 8 otherwise (every supported VAE's factor)."""
-    if isinstance(image_size, numbers.Integral):
-        size = (image_size, image_size)
-    elif isinstance(image_size, Sequence) and not isinstance(image_size, str):
-        size = tuple(image_size)
-    else:
-        size = ()
-    if len(size) != 2 or any(not isinstance(s, numbers.Integral) or isinstance(s, bool) or s <= 0 for s in size):
-        raise ValueError(f"image_size must be an int or (height, width) of positive ints, got {image_size!r}")
-    size = tuple(int(s) for s in size)  # numpy ints too, as plain ints for JSON and PIL
+    :attr:`~ondemand_seg.pipelines.families.ModelSpec.size_multiple` when the model is known
+    (what its pipeline and its attention tokens need), of 8 otherwise (every supported VAE's factor)."""
+    size = check_size("image_size", image_size)
     if spec is not None:
         spec.check_image_size(size)
     elif any(s % 8 for s in size):

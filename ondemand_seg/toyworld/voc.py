@@ -9,9 +9,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from ondemand_seg.toyworld.world import ToyWorld, _check_int
-
 from ..settings.label_spaces import voc_palette
+from ..settings.validation import check_int
+from .world import ToyWorld
 
 # Val samples are drawn from indices this far past train's, so the splits never share a sample.
 VAL_INDEX_OFFSET = 1_000_000_000
@@ -29,8 +29,8 @@ def write_voc(root: str | Path, n_train: int, n_val: int, image_size: int | tupl
     Returns:
         The ``VOC2012`` folder.
     """
-    n_train = _check_int("n_train", n_train, minimum=0)
-    n_val = _check_int("n_val", n_val, minimum=0)
+    n_train = check_int("n_train", n_train, minimum=0)
+    n_val = check_int("n_val", n_val, minimum=0)
     if n_train > VAL_INDEX_OFFSET:
         raise ValueError(f"n_train={n_train} would overlap val, which starts at index {VAL_INDEX_OFFSET}")
     world = ToyWorld(image_size=image_size, seed=seed)

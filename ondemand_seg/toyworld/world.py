@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..settings.label_spaces import validate_label_space
+from ..settings.validation import check_int, check_size
 
 TOY_CLASSES: tuple[str, ...] = ("background", "circle", "square", "triangle", "ring", "cross")
 
@@ -76,10 +77,10 @@ class ToyWorld:
 
     def __init__(self, image_size: int | tuple[int, int] = 64, seed: int = 0,
                  min_objects: int = 1, max_objects: int = 3):
-        self.height, self.width = _parse_image_size(image_size)
-        self.seed = _check_int("seed", seed, minimum=0)
-        self.min_objects = _check_int("min_objects", min_objects, minimum=1)
-        self.max_objects = _check_int("max_objects", max_objects, minimum=1)
+        self.height, self.width = check_size("image_size", image_size, minimum=16)
+        self.seed = check_int("seed", seed, minimum=0)
+        self.min_objects = check_int("min_objects", min_objects, minimum=1)
+        self.max_objects = check_int("max_objects", max_objects, minimum=1)
         num_object_classes = len(TOY_CLASSES) - 1
         if self.max_objects > num_object_classes:
             raise ValueError(
@@ -91,7 +92,7 @@ class ToyWorld:
 
     def sample(self, index: int) -> ToySample:
         """Render sample ``index``: a pure function of ``(seed, index)``."""
-        index = _check_int("index", index, minimum=0)
+        index = check_int("index", index, minimum=0)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, index]))
         h, w = self.height, self.width
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5  # pixel centres
@@ -188,25 +189,6 @@ def color_oracle(image: np.ndarray, classes: Sequence[str] = TOY_CLASSES, *,
     stray = np.bincount(labels.ravel(), minlength=len(names)) < min_class_fraction * labels.size
     stray[0] = False
     return np.where(stray[labels], 0, labels).astype(np.uint8)
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    # bool is an int subclass, but True as a seed or size is always a mistake
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _parse_image_size(image_size) -> tuple[int, int]:
-    if isinstance(image_size, (tuple, list)):
-        if len(image_size) != 2:
-            raise ValueError(f"image_size must be an int or (height, width), got {image_size!r}")
-        sides = tuple(image_size)
-    else:
-        sides = (image_size, image_size)
-    return tuple(_check_int("image_size", side, minimum=16) for side in sides)
 
 
 def _rotated(dy: np.ndarray, dx: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
