@@ -170,3 +170,16 @@ def test_map_style_splicing_warns_when_the_cache_cannot_keep_the_blocks(tiny_sd1
         for dataset in (small, none):
             image, mask = dataset[i]
             assert torch.equal(mask, want_mask) and torch.allclose(image, want_image, atol=0.02)
+
+
+def test_indices_are_anything_with_index(tiny_sd1, fast):
+    dataset = DiffuMaskDataset(tiny_sd1, ["dog"], length=4, augment=False, cache_size=4, **fast)
+    image, mask = dataset[2]
+    for index in (torch.tensor(2), np.int64(2), np.uint8(2)):
+        other_image, other_mask = dataset[index]
+        assert torch.equal(other_mask, mask) and torch.equal(other_image, image)
+    assert [s.index for s in dataset.raw([np.int32(1), torch.tensor(3)])] == [1, 3]
+    with pytest.raises(TypeError, match=r"indices must be integers, got 2.0 \(float\)"):
+        dataset[2.0]
+    with pytest.raises(IndexError, match="index 4 out of range"):
+        dataset[np.int64(4)]
