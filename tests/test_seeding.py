@@ -84,6 +84,8 @@ def all_layouts(base):
     for shards in range(1, 9):
         for shard_id in range(shards):
             seeds["schedule", shard_id, shards] = schedule_seed(base, shard_id, shards)
+            for plan_base in (1, 2, 4, 96):
+                seeds["resharded schedule", shard_id, shards, plan_base] = schedule_seed(base, shard_id, shards, plan_base)
     for c, k, s in itertools.product(range(21), range(10), SAMPLE_STREAMS):
         seeds["calibration", c, k, s] = calibration_seed(base, c, k, s)
     for i in range(200):

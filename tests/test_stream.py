@@ -78,7 +78,7 @@ def test_shards_draw_disjoint_indices(tiny_sd1, fast, monkeypatch):
         shard_id, shards = sharding.shard()
         iterator = StreamIterator(stream, shard_id, shards)
         next(iterator)
-        seen.append({entry.sample.index for entry in iterator.cache} | {i for i in range(shard_id, 8, shards)})
+        seen.append({entry.sample.index for entry in iterator.schedule.cache} | {i for i in range(shard_id, 8, shards)})
     assert seen[0].isdisjoint(seen[1])
     assert seen[0] | seen[1] == set(range(8))
 
@@ -90,7 +90,7 @@ def test_reuse_serves_each_sample_k_times_within_cache_bound(tiny_sd1, fast):
     for _ in range(36):
         image, _ = next(iterator)
         served.append(image)
-        largest_cache = max(largest_cache, len(iterator.cache))
+        largest_cache = max(largest_cache, len(iterator.schedule.cache))
     assert largest_cache <= 8
     generated = stream.stats()["accepted"]
     assert generated <= 36 // 3 + 8, "reuse must cut generation"
@@ -163,7 +163,7 @@ def test_resume_continues_the_sequence_without_regenerating_it(tiny_sd1, fast):
 def test_resume_with_other_sharding_is_refused(tiny_sd1, fast):
     stream = DiffuMaskStream(tiny_sd1, ["dog"], **fast)
     with pytest.raises(ValueError, match="saved by shard 1 of 2"):
-        stream.load_state_dict({"served": 3, "shard_id": 1, "shards": 2, "fingerprint": stream.fingerprint})
+        stream.load_state_dict({**stream.state_dict(), "served": 3, "shard_id": 1, "shards": 2})
 
 
 # (what the resumed stream changes, a field its refusal names)
@@ -270,3 +270,41 @@ def test_splice_partners_are_picked_from_the_seed_alone():
     assert len({tuple(p.index for p in splice_partners(samples[0], candidates, seed)) for seed in range(10)}) > 1
     assert [p.index for p in splice_partners(samples[0], candidates[:2], seed=5, count=3)] in ([1, 2], [2, 1])
     assert len(splice_partners(samples[0], candidates, seed=5, count=5)) == 5
+
+
+def test_a_run_moves_from_two_workers_to_three_serving_nothing_twice_and_skipping_nothing():
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from ondemand_seg import DiffuMaskGenerator, GeneratorConfig
+    from ondemand_seg.data.schedule import ServingPlan
+    from ondemand_seg.data.stream import find_stream_states
+
+    settings = dict(generator=GeneratorConfig(num_inference_steps=2, batch_size=2), seed=5)
+    reference = DiffuMaskGenerator("toy", ["ring", "circle"], **settings).samples(range(24))
+    index_of = {sample.mask.tobytes() + sample.image.tobytes(): sample.index for sample in reference}
+
+    def make():
+        return DiffuMaskStream("toy", ["ring", "circle"], cache_size=2, transforms=lambda image, mask: (image, mask),
+                               **settings)
+
+    def served(loader, count):
+        items = []
+        for image, mask in loader:
+            items.append(index_of[np.asarray(mask).tobytes() + np.asarray(image).tobytes()])
+            if len(items) == count:
+                return items
+
+    first = StatefulDataLoader(make(), batch_size=None, num_workers=2)
+    seen = served(first, 5)
+    states = find_stream_states(first.state_dict())
+    assert sorted(s["shard_id"] for s in states) == [0, 1] and sum(s["served"] for s in states) == 5
+    second_stream = make()
+    second_stream.load_state_dict(second_stream.resharded_state(states))
+    second = StatefulDataLoader(second_stream, batch_size=None, num_workers=3)
+    seen += served(second, 7)
+    assert len(seen) == len(set(seen)), f"an index was served twice: {seen}"
+    plan = ServingPlan.from_dict(make().resharded_state(find_stream_states(second.state_dict()))["plan"])
+    unserved = {index for index, _ in plan.carried}
+    assert set(range(plan.base)) == set(seen) | unserved and not set(seen) & unserved, "an index was skipped"
+    with pytest.raises(ValueError, match="saved by shard 0 of 2, but this process is shard 0 of 1.*resharded_state"):
+        make().load_state_dict(states[0])

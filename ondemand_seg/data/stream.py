@@ -3,18 +3,17 @@ from __future__ import annotations
 
 import random
 import threading
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch.utils.data import IterableDataset
 
 from ..generation.generator import DiffuMaskGenerator, RawSample
-from ..generation.seeding import schedule_seed
 from ..pipelines.builtin import ModelSource
 from ..settings.config import GeneratorConfig, MaskConfig, QualityConfig
 from ..settings.validation import check_bool, check_int
 from .fingerprint import fingerprint_differences, sequence_fingerprint
+from .schedule import ServingPlan, ServingSchedule, reshard
 from .sharding import shard
 from .transforms import (
     JointTransform,
@@ -23,13 +22,6 @@ from .transforms import (
     apply_transforms,
     joint_transforms,
 )
-
-
-@dataclass(eq=False)
-class _CacheEntry:
-    index: int
-    sample: RawSample | None = None
-    uses: int = 0
 
 
 class DiffuMaskStream(IterableDataset):
@@ -121,26 +113,50 @@ class DiffuMaskStream(IterableDataset):
         classes labelled as not drawn), over all workers so far."""
         return self.source.counts()
 
-    def _quota(self, shard_id: int, shards: int) -> int | None:
-        if self.num_samples is None:
-            return None
-        return self.num_samples // shards + (shard_id < self.num_samples % shards)
-
     def __iter__(self) -> "StreamIterator":
-        served = self._resume.pop("served", 0) if self._resume else 0
-        self._iterator = StreamIterator(self, *shard(), served=served)
+        resume = self._resume
+        plan = ServingPlan.from_dict(resume["plan"]) if resume else ServingPlan()
+        self._iterator = StreamIterator(self, *shard(), plan=plan, served=resume.get("served", 0))
+        self._resume = {}
         return self._iterator
 
     def state_dict(self) -> dict:
-        """Position of this process's shard and the :attr:`fingerprint` of the settings that decide
-        its sequence (torchdata ``StatefulDataLoader`` protocol: called in each worker, or in the
-        main process with ``num_workers=0``)."""
+        """Position of this process's shard, the plan all shards draw from, and the
+        :attr:`fingerprint` of the settings that decide the sequence (torchdata
+        ``StatefulDataLoader`` protocol: called in each worker, or in the main process with
+        ``num_workers=0``). Before iterating: where the next iteration starts."""
         iterator = self._iterator
         if iterator is None:
-            return dict(self._resume) or {"served": 0, **dict(zip(("shard_id", "shards"), shard())),
-                                          "fingerprint": self.fingerprint}
-        return {"served": iterator.served, "shard_id": iterator.shard_id, "shards": iterator.shards,
-                "fingerprint": self.fingerprint}
+            shard_id, shards = shard()
+            if self._resume:
+                return {**self._resume, "shard_id": self._resume.get("shard_id", shard_id),
+                        "shards": self._resume.get("shards", shards)}
+            return {"served": 0, "shard_id": shard_id, "shards": shards, "plan": ServingPlan().to_dict(),
+                    "fingerprint": self.fingerprint}
+        schedule = iterator.schedule
+        return {"served": schedule.served, "shard_id": schedule.shard_id, "shards": schedule.shards,
+                "plan": schedule.plan.to_dict(), "fingerprint": self.fingerprint}
+
+    def resharded_state(self, states: Sequence[dict]) -> dict:
+        """A state that continues a run whose every shard saved one of ``states`` (one per rank ×
+        DataLoader worker, as :meth:`state_dict` wrote them) under any other number of ranks and
+        workers: pass it to :meth:`load_state_dict` in the main process before the DataLoader
+        starts. Samples drawn but not served ``reuse`` times are served first, then fresh ones;
+        none is served twice and none skipped.
+
+        Raises:
+            ValueError: a state is malformed, made under other settings, or the states are not
+                exactly the shards of one run.
+        """
+        states = list(states)
+        if not states:
+            raise ValueError("no stream states to reshard")
+        for state in states:
+            self._check(state)
+        config = self.source.generator_config
+        plan = reshard(states, seed=self.source.seed, batch=config.batch_size, cache_size=self.cache_size,
+                       reuse=self.reuse)
+        return {"served": 0, "plan": plan.to_dict(), "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume the next iteration where ``state`` left off: the cache is rebuilt without
@@ -154,111 +170,112 @@ class DiffuMaskStream(IterableDataset):
         if not isinstance(state, dict):
             raise TypeError(f"stream state must be a dict from state_dict(), got {type(state).__name__}")
         if state:
-            check_stream_state(state)
+            self._check(state)
             shard_id, shards = shard()
-            if (state["shard_id"], state["shards"]) != (shard_id, shards):
+            if "shard_id" in state and (state["shard_id"], state["shards"]) != (shard_id, shards):
                 raise ValueError(
-                    f"stream state was saved by shard {state['shard_id']} of {state['shards']}, "
-                    f"but this process is shard {shard_id} of {shards}: resume with the same ranks and workers"
+                    f"stream state was saved by shard {state['shard_id']} of {state['shards']}, but this process "
+                    f"is shard {shard_id} of {shards}: resume with the same ranks and workers, or pass every "
+                    "shard's state through resharded_state()"
                 )
-            changes = fingerprint_differences(state["fingerprint"], self.fingerprint)
-            if changes:
-                raise ValueError("stream state was saved under other settings, so resuming would not continue its "
-                                 f"sample sequence: {'; '.join(changes)} (saved -> now); resume with the settings "
-                                 "it was saved with")
         self._resume = dict(state)
+
+    def _check(self, state: dict) -> None:
+        check_stream_state(state)
+        changes = fingerprint_differences(state["fingerprint"], self.fingerprint)
+        if changes:
+            raise ValueError("stream state was saved under other settings, so resuming would not continue its "
+                             f"sample sequence: {'; '.join(changes)} (saved -> now); resume with the settings "
+                             "it was saved with")
+
+
+def find_stream_states(state: Any) -> list[dict]:
+    """Every stream state inside a DataLoader's ``state_dict()`` (torchdata's
+    ``StatefulDataLoader`` keeps one per worker, nested in its own layout), or inside a list of
+    them (one per rank), found by their keys so that no loader layout is assumed."""
+    if isinstance(state, dict):
+        if {"plan", "fingerprint", "served"} <= set(state):
+            return [state]
+        return [found for value in state.values() for found in find_stream_states(value)]
+    if isinstance(state, (list, tuple)):
+        return [found for value in state for found in find_stream_states(value)]
+    return []
 
 
 def check_stream_state(state: dict) -> None:
     """An error naming what is wrong with a stream state that :meth:`DiffuMaskStream.state_dict`
-    could not have written (a key missing, of the wrong type or out of range)."""
-    missing = [key for key in ("served", "shard_id", "shards", "fingerprint") if key not in state]
+    (or :meth:`~DiffuMaskStream.resharded_state`, which names no shard and starts its plan at 0)
+    could not have written: a key missing, of the wrong type or out of range."""
+    sharded = "shard_id" in state or "shards" in state
+    required = ("served", "shard_id", "shards", "plan", "fingerprint") if sharded else ("served", "plan", "fingerprint")
+    missing = [key for key in required if key not in state]
     if missing:
         raise ValueError(f"stream state lacks {', '.join(missing)}: it was not written by DiffuMaskStream.state_dict()")
     for key, minimum in (("served", 0), ("shard_id", 0), ("shards", 1)):
+        if key not in state:
+            continue
         value = state[key]
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"stream state's {key} must be an int, got {value!r} ({type(value).__name__})")
         if value < minimum:
             raise ValueError(f"stream state's {key} must be >= {minimum}, got {value}")
-    if state["shard_id"] >= state["shards"]:
+    if sharded and state["shard_id"] >= state["shards"]:
         raise ValueError(f"stream state's shard_id {state['shard_id']} is not below its shards {state['shards']}")
+    if not sharded and state["served"]:
+        raise ValueError(f"a stream state naming no shard starts its plan (served 0), got served {state['served']}")
     if not isinstance(state["fingerprint"], dict):
         raise ValueError(f"stream state's fingerprint must be a dict, got {type(state['fingerprint']).__name__}")
+    ServingPlan.from_dict(state["plan"])
 
 
 class StreamIterator:
-    """One shard's pass over a :class:`DiffuMaskStream`: draws its indices ``shard_id + k·shards``
-    in batches and serves them from its bounded cache.
+    """One shard's pass over a :class:`DiffuMaskStream`: serves the indices its
+    :class:`~ondemand_seg.data.schedule.ServingSchedule` picks, generating them in batches.
 
-    The serving schedule (which index is served next) is a pure function of the stream settings
-    and the count served, so ``served=n`` replays it without generating anything and only the
-    samples still in the cache are generated again. A serving commits only when its sample is
-    returned: a ``next()`` that raises (a failed generation, a transform error) leaves the schedule
-    as it was, so the next call serves the same index and ``state_dict()`` never counts it.
+    The schedule is a pure function of the stream settings, the plan and the count served, so
+    ``served=n`` replays it without generating anything and only the samples still in the cache
+    are generated again. A serving commits only when its sample is returned: a ``next()`` that
+    raises (a failed generation, a transform error) leaves the schedule as it was, so the next call
+    serves the same index and ``state_dict()`` never counts it.
     """
 
-    def __init__(self, stream: DiffuMaskStream, shard_id: int, shards: int, served: int = 0) -> None:
-        self.stream, self.shard_id, self.shards = stream, shard_id, shards
-        self.quota = stream._quota(shard_id, shards)
-        self.cache: list[_CacheEntry] = []
-        self.next_local = 0
-        self.served = 0
-        self.served_since_draw = 0
-        self.pick = random.Random(schedule_seed(stream.source.seed, shard_id, shards))
+    def __init__(self, stream: DiffuMaskStream, shard_id: int, shards: int, plan: ServingPlan | None = None,
+                 served: int = 0) -> None:
+        self.stream = stream
+        plan = plan or ServingPlan()
+        self.schedule = ServingSchedule(plan, shard_id, shards, seed=stream.source.seed,
+                                        batch=stream.source.generator_config.batch_size,
+                                        cache_size=stream.cache_size, reuse=stream.reuse)
+        self.quota = plan.quota(stream.num_samples, shard_id, shards)
         self._lock = threading.Lock()
         for _ in range(served):
-            self._schedule()
+            self.schedule.advance()
+
+    @property
+    def served(self) -> int:
+        return self.schedule.served
 
     def __iter__(self) -> "StreamIterator":
         return self
 
-    def _schedule(self) -> _CacheEntry:
-        """Advance the schedule by one serving and return the entry served."""
-        stream, batch = self.stream, self.stream.source.generator_config.batch_size
-        # Keep the cache full while it has room for a batch, but draw at most one sample per sample served,
-        # so the first samples come out after one batch, not after filling the cache.
-        if not self.cache or (len(self.cache) + batch <= stream.cache_size and self.served_since_draw >= batch):
-            self.cache.extend(_CacheEntry(self.shard_id + self.shards * (self.next_local + j)) for j in range(batch))
-            self.next_local += batch
-            self.served_since_draw = 0
-        entry = self.cache[self.pick.randrange(len(self.cache))]
-        entry.uses += 1
-        self.served += 1
-        self.served_since_draw += 1
-        if entry.uses >= stream.reuse:
-            self.cache.remove(entry)
-        return entry
-
-    def _checkpoint(self) -> tuple:
-        """Everything :meth:`_schedule` changes, for :meth:`_rollback`."""
-        return ([(e, e.uses) for e in self.cache], self.pick.getstate(), self.next_local, self.served,
-                self.served_since_draw)
-
-    def _rollback(self, checkpoint: tuple) -> None:
-        entries, pick_state, self.next_local, self.served, self.served_since_draw = checkpoint
-        self.cache = [e for e, _ in entries]
-        for e, uses in entries:
-            e.uses = uses
-        self.pick.setstate(pick_state)
-
     def __next__(self) -> tuple[Any, Any]:
         with self._lock:  # one serving at a time when threads share this iterator
-            if self.quota is not None and self.served >= self.quota:
+            if self.quota is not None and self.schedule.served >= self.quota:
                 raise StopIteration
-            checkpoint = self._checkpoint()
+            checkpoint = self.schedule.checkpoint()
             try:
                 return self._serve()
             except BaseException:
-                self._rollback(checkpoint)
+                self.schedule.rollback(checkpoint)
                 raise
 
     def _serve(self) -> tuple[Any, Any]:
         """Advance the schedule by one serving, generate what it drew, and transform the entry served."""
-        entry = self._schedule()
+        entry = self.schedule.advance()
+        cache = self.schedule.cache
         # Generate whatever the schedule has drawn, so every cached sample is ready for splicing and
         # a resumed iterator (whose whole cache is pending) reaches the same state.
-        pending = sorted({e for e in self.cache + [entry] if e.sample is None}, key=lambda e: e.index)
+        pending = sorted({e for e in cache + [entry] if e.sample is None}, key=lambda e: e.index)
         if pending:
             for e, sample in zip(pending, self.stream.source.samples([e.index for e in pending])):
                 e.sample = sample
@@ -266,7 +283,7 @@ class StreamIterator:
         seed = entry.sample.augment_seed(self.stream.source.seed, entry.uses - 1)
         samples = [entry.sample]
         if isinstance(transforms, PairAugmentation) and transforms.splices:
-            samples += splice_partners(entry.sample, [e.sample for e in self.cache if e is not entry], seed)
+            samples += splice_partners(entry.sample, [e.sample for e in cache if e is not entry], seed)
         return apply_transforms(transforms, [s.pil() for s in samples], seed)
 
 

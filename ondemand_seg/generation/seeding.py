@@ -12,6 +12,7 @@ sample prompt               ``(index, attempt, PROMPT)``     :func:`sample_seed`
 sample augmentation         ``(index, attempt, AUGMENT, u)`` :func:`augment_seed` (``u``: the use)
 splice layout               ``(1,)`` under an aug. seed     :func:`splice_generator`
 stream serving order        ``(shard, shards, SCHEDULE)``    :func:`schedule_seed`
+... after a reshard         ``(shard, shards, SCHEDULE, b)`` :func:`schedule_seed` (``b``: plan base)
 calibration image / prompt  ``(class, k, CALIBRATION, s)``   :func:`calibration_seed`
 evaluation sample           ``(index,)``                     :func:`evaluation_seed`
 serving of a real sample    ``(shard, shards, SERVING, n)``  :func:`serving_seed`
@@ -29,7 +30,8 @@ import numpy as np
 
 
 class SubStream(IntEnum):
-    """The tag that ends (or, for augmentation, calibration and servings, stands third in) a key tuple."""
+    """The tag that ends (or, for augmentation, calibration, servings and resharded schedules, stands
+    third in) a key tuple."""
 
     IMAGE = 0
     PROMPT = 1
@@ -70,9 +72,12 @@ def splice_generator(seed: int | None) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
 
 
-def schedule_seed(base_seed: int, shard_id: int, shards: int) -> int:
-    """Seed of one stream shard's serving order (which cached sample is served next)."""
-    return derive_seed(base_seed, int(shard_id), int(shards), int(SubStream.SCHEDULE))
+def schedule_seed(base_seed: int, shard_id: int, shards: int, plan_base: int = 0) -> int:
+    """Seed of one stream shard's serving order (which cached sample is served next); a plan that
+    continues a run under other sharding (``plan_base`` > 0, its first fresh index) has its own."""
+    if plan_base == 0:
+        return derive_seed(base_seed, int(shard_id), int(shards), int(SubStream.SCHEDULE))
+    return derive_seed(base_seed, int(shard_id), int(shards), int(SubStream.SCHEDULE), int(plan_base))
 
 
 def calibration_keys(class_id: int, k: int, stream: SubStream) -> tuple[int, ...]:
