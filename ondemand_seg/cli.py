@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from .settings.files import check_output_file
 from .settings.vocabulary import BUILTIN_VOCABULARIES
 
 
@@ -200,6 +201,10 @@ def run_preview(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     if args.n < 1:
         parser.error(f"--n must be >= 1, got {args.n}")
     try:
+        check_output_file(args.out)
+    except ValueError as error:
+        parser.error(f"--out {error}")
+    try:
         config, classes = resolve_generator(args)
         generator = DiffuMaskGenerator(args.model, classes, seed=args.seed, device=args.device, **config.to_dict())
     except (ValueError, TypeError, FileNotFoundError) as error:
@@ -216,6 +221,11 @@ def run_preview(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        if args.out:
+            check_output_file(args.out)
+    except ValueError as error:
+        parser.error(f"--out {error}")
     try:
         config, _ = resolve_generator(args)
     except (ValueError, TypeError, FileNotFoundError) as error:

@@ -119,6 +119,9 @@ def test_config_prints_the_preset_merged_with_the_flags_and_saves_it(tmp_path, c
         (["stream", "--reuse", "0"], "reuse must be >= 1, got 0"),
         (["preview", "--seed", "-3"], "seed must be >= 0, got -3"),
         (["preview", "--gen-batch-size", "0"], "batch_size must be >= 1, got 0"),
+        (["preview", "--out", "."], r"--out \. is a folder"),
+        (["config", "--out", "/etc/passwd/x.json"], "--out /etc/passwd/x.json cannot be written: /etc/passwd is a file"),
+        (["config", "--out", "/proc/version"], "--out /proc/version cannot be written"),
     ],
 )
 def test_bad_flags_are_clean_usage_errors_before_any_model_loads(argv, message, capsys, monkeypatch, tmp_path):

@@ -193,3 +193,54 @@ def test_two_threads_indexing_one_dataset_get_the_reference_items():
     dataset = make()
     results = run_in_threads(lambda n: [as_bytes(dataset[i]) for i in (range(8) if n == 0 else reversed(range(8)))])
     assert results[0] == reference and results[1] == reference[::-1]
+
+
+def test_a_worker_forked_while_another_thread_draws_does_not_wait_on_its_lock(reference):
+    stream = DiffuMaskStream("toy", CLASSES, num_samples=8, **toy())
+    holding, release = threading.Event(), threading.Event()
+
+    def draw_slowly():
+        with stream.source.lock:  # as a thread in the middle of a draw holds it
+            holding.set()
+            release.wait(timeout=120)
+
+    thread = threading.Thread(target=draw_slowly)
+    thread.start()
+    holding.wait(timeout=60)
+    try:
+        loader = DataLoader(stream, batch_size=None, num_workers=1, multiprocessing_context="fork", timeout=120)
+        served = [as_bytes(pair) for pair in loader]
+    finally:
+        release.set()
+        thread.join()
+    assert served == reference
+
+
+def test_state_dict_counts_only_servings_returned(monkeypatch):
+    import time
+
+    stream = DiffuMaskStream("toy", CLASSES, num_samples=8, **toy())
+    iterator = iter(stream)
+    next(iterator), next(iterator)
+    started = threading.Event()
+    real_samples = stream.source.samples
+
+    def slow_failure(indices):
+        started.set()
+        time.sleep(1.0)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(stream.source, "samples", slow_failure)
+    while iterator.schedule.cache and all(e.sample is not None for e in iterator.schedule.cache):
+        next(iterator)  # serve from the cache until the next serving must generate
+    before = stream.state_dict()["served"]
+    failed = []
+    thread = threading.Thread(target=lambda: failed.append(pytest.raises(RuntimeError, next, iterator)))
+    thread.start()
+    started.wait(timeout=60)
+    assert stream.state_dict()["served"] == before, "a serving in flight is not counted"
+    thread.join()
+    assert stream.state_dict()["served"] == before, "nor once it failed"
+    monkeypatch.setattr(stream.source, "samples", real_samples)
+    next(iterator)
+    assert stream.state_dict()["served"] == before + 1

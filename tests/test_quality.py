@@ -105,9 +105,9 @@ def test_rejected_sample_is_redrawn_not_passed_on(fast, monkeypatch):
     real_gate = source.gate
     calls = []
 
-    def reject_first_batch(images, masks, config, finite_maps=None):
+    def reject_first_batch(images, masks, config, **checks):
         calls.append(images.shape[0])
-        reasons = real_gate(images, masks, config, finite_maps=finite_maps)
+        reasons = real_gate(images, masks, config, **checks)
         return ["non-finite image"] * len(reasons) if len(calls) == 1 else reasons
 
     monkeypatch.setattr(source, "gate", reject_first_batch)
@@ -145,3 +145,24 @@ def test_a_nan_in_one_attention_map_is_rejected_counted_and_never_served(tiny_sd
     assert [(s.index, s.attempt) for s in drawn] == [(0, 1), (1, expected[1].attempt)], \
         "sample 0's corrupt attempt is redrawn, not served"
     assert np.array_equal(drawn[1].mask, expected[1].mask), "the other sample of the batch is untouched"
+
+
+def test_images_are_judged_as_served_and_masks_only_hold_label_ids():
+    image, mask = good()
+    overexposed = image + 3.0  # clamps to white when stored: one colour
+    hot_pixel = torch.zeros(3, 64, 64)
+    hot_pixel[:, 5, 5] = 1.0  # black but for one pixel
+    big_mask = torch.zeros(64, 64, dtype=torch.long)
+    big_mask[10:40, 10:40] = 3
+    outside = mask.clone()
+    outside[3, 3] = 256  # would wrap to 0 in uint8
+    unknown = mask.clone()
+    unknown[3, 3] = 13  # beyond a 13-class label space (ids 0-12)
+    negative = mask.clone()
+    negative[0, 0] = -1
+    small = torch.stack([overexposed, image, image, image])
+    assert gate(small, torch.stack([mask, outside, unknown, negative]), QualityConfig(), num_classes=13) == [
+        "constant image", "invalid label ids", "invalid label ids", "invalid label ids"]
+    assert gate(image[None], unknown[None], QualityConfig()) == [None], "without a class count ids are not checked"
+    assert gate(image[None], unknown[None], QualityConfig(), num_classes=14) == [None], "13 is an id of 14 classes"
+    assert gate(hot_pixel[None], big_mask[None], QualityConfig()) == ["all-black image"]

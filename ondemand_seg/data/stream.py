@@ -134,7 +134,7 @@ class DiffuMaskStream(IterableDataset):
             return {"served": 0, "shard_id": shard_id, "shards": shards, "plan": ServingPlan().to_dict(),
                     "fingerprint": self.fingerprint}
         schedule = iterator.schedule
-        return {"served": schedule.served, "shard_id": schedule.shard_id, "shards": schedule.shards,
+        return {"served": iterator.served, "shard_id": schedule.shard_id, "shards": schedule.shards,
                 "plan": schedule.plan.to_dict(), "fingerprint": self.fingerprint}
 
     def resharded_state(self, states: Sequence[dict]) -> dict:
@@ -250,10 +250,8 @@ class StreamIterator:
         self._lock = threading.Lock()
         for _ in range(served):
             self.schedule.advance()
-
-    @property
-    def served(self) -> int:
-        return self.schedule.served
+        # Servings returned to the caller; a next() in flight in another thread is not one yet.
+        self.served = served
 
     def __iter__(self) -> "StreamIterator":
         return self
@@ -264,10 +262,12 @@ class StreamIterator:
                 raise StopIteration
             checkpoint = self.schedule.checkpoint()
             try:
-                return self._serve()
+                pair = self._serve()
             except BaseException:
                 self.schedule.rollback(checkpoint)
                 raise
+            self.served = self.schedule.served
+            return pair
 
     def _serve(self) -> tuple[Any, Any]:
         """Advance the schedule by one serving, generate what it drew, and transform the entry served."""

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import multiprocessing
+import os
 import random
 import threading
 from collections import deque
@@ -240,6 +241,47 @@ def concat_batches(parts: Sequence[GeneratedBatch]) -> GeneratedBatch:
     return GeneratedBatch(**fields)
 
 
+class ForkSafeRLock:
+    """A re-entrant lock that each process makes anew on first use.
+
+    A DataLoader worker forked while another thread of the parent held a plain lock would inherit
+    it held, by a thread that does not exist in the child, and wait for it forever. Pickled, it
+    arrives unlocked.
+    """
+
+    # Guards the re-creation; replaced in a forked child, where it may have been inherited held.
+    _guard = threading.Lock()
+
+    def __init__(self) -> None:
+        self._pid, self._lock = os.getpid(), threading.RLock()
+
+    def _current(self) -> threading.RLock:
+        if self._pid != os.getpid():
+            with ForkSafeRLock._guard:
+                if self._pid != os.getpid():
+                    self._pid, self._lock = os.getpid(), threading.RLock()
+        return self._lock
+
+    def __enter__(self) -> bool:
+        return self._current().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        self._lock.__exit__(*exc)
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
+def _new_fork_guard() -> None:
+    ForkSafeRLock._guard = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_fork_guard)
+
+
 class DiffuMaskGenerator:
     """The generator: sample ``i`` (an image, its label mask and its prompt) from ``(seed, i)``.
 
@@ -287,7 +329,7 @@ class DiffuMaskGenerator:
         self._rejects: RejectCounter | None = None
         # One pipeline and one attention store serve every draw of this object: draws from several
         # threads (two loops over one dataset) take turns, or their captured maps would mix.
-        self.lock = threading.RLock()
+        self.lock = ForkSafeRLock()
 
     @property
     def vocabulary(self):
@@ -311,12 +353,7 @@ class DiffuMaskGenerator:
 
     def __getstate__(self) -> dict:
         # A worker loads its own pipeline; never ship weights through pickling.
-        state = {**self.__dict__, "_capturing": None, "_rejects": None}
-        del state["lock"]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, lock=threading.RLock())
+        return {**self.__dict__, "_capturing": None, "_rejects": None}
 
     @property
     def capturing(self) -> CapturingPipeline:
@@ -393,7 +430,8 @@ class DiffuMaskGenerator:
             prompts = [self.prompt(i, a) for i, a in keys]
             seeds = [sample_seed(self.seed, i, a, SubStream.IMAGE) for i, a in keys]
             batch = self._generate(prompts, seeds, keep_maps=False)
-            reasons = gate(batch.images, batch.masks, self.quality_config, finite_maps=batch.finite_maps)
+            reasons = gate(batch.images, batch.masks, self.quality_config, finite_maps=batch.finite_maps,
+                           num_classes=len(self.label_space))
             self.gate_stats.add(reasons)
             if batch.neglected is not None:
                 self.neglected_classes.add(int(batch.neglected.sum()))

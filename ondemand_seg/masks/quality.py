@@ -16,6 +16,7 @@ REJECT_CAUSES = {
     "all-black image": "the model or its dtype is broken (the decoder gives black images)",
     "constant image": "the decoder gives one-colour images while the attention still places objects: a broken "
                       "VAE or dtype, or latents that collapsed (QualityConfig.constant_level)",
+    "invalid label ids": "the mask holds ids outside the label space (nor 255): a labelling bug; please report it",
     "empty mask": "the threshold is too high for this model (MaskConfig.threshold) or "
                   "QualityConfig.min_foreground too strict",
     "full mask": "the threshold is too low for this model (MaskConfig.threshold) or "
@@ -25,13 +26,19 @@ REJECT_REASONS = tuple(REJECT_CAUSES)
 
 
 def gate(images: torch.Tensor, masks: torch.Tensor, config: QualityConfig,
-         finite_maps: torch.Tensor | None = None) -> list[str | None]:
+         finite_maps: torch.Tensor | None = None, num_classes: int | None = None) -> list[str | None]:
     """Why each sample fails the gate, or ``None`` when it passes.
 
+    The image is judged as it will be served: clamped to [0, 1] (as it is stored in uint8). "All
+    black" looks at the 99th percentile of its values, so a stray bright pixel does not make a
+    black image pass.
+
     Args:
-        images: ``[B, 3, H, W]`` float in [0, 1].
+        images: ``[B, 3, H, W]`` float, [0, 1] when valid.
         masks: ``[B, H, W]`` long label ids, 255 ignore.
         finite_maps: ``[B]`` bool, False where the sample's attention maps were non-finite
+            (``None``: not checked).
+        num_classes: size of the label space: ids at or above it (other than 255) are invalid
             (``None``: not checked).
     Returns:
         One entry per sample: ``None`` or one of :data:`REJECT_REASONS`.
@@ -42,10 +49,13 @@ def gate(images: torch.Tensor, masks: torch.Tensor, config: QualityConfig,
                          f"got {finite_maps.dtype} of shape {tuple(finite_maps.shape)}")
     finite = torch.isfinite(images).flatten(1).all(1)
     finite_attention = torch.ones(batch, dtype=torch.bool) if finite_maps is None else finite_maps.cpu()
-    finite_images = torch.nan_to_num(images, nan=0.0)
-    black = finite_images.flatten(1).amax(1) <= config.black_level
+    served = torch.nan_to_num(images.float(), nan=0.0).clamp(0, 1)
+    black = served.flatten(1).quantile(0.99, dim=1) <= config.black_level
     # One colour: every channel flat, whatever its level.
-    constant = finite_images.flatten(2).std(2, correction=0).amax(1) <= config.constant_level
+    constant = served.flatten(2).std(2, correction=0).amax(1) <= config.constant_level
+    valid_ids = (masks >= 0) & ((masks < (num_classes if num_classes is not None else IGNORE_INDEX))
+                                | (masks == IGNORE_INDEX))
+    valid = valid_ids.flatten(1).all(1)
     pixels = masks[0].numel()
     foreground = ((masks > 0) & (masks != IGNORE_INDEX)).flatten(1).sum(1) / pixels
     background = (masks == 0).flatten(1).sum(1) / pixels
@@ -55,6 +65,8 @@ def gate(images: torch.Tensor, masks: torch.Tensor, config: QualityConfig,
             reasons.append("non-finite image")
         elif not finite_attention[i]:
             reasons.append("non-finite attention")
+        elif not valid[i]:
+            reasons.append("invalid label ids")
         elif black[i]:
             reasons.append("all-black image")
         elif constant[i]:

@@ -57,3 +57,28 @@ def read_json_object(path: str | os.PathLike, what: str = "a JSON object") -> di
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold {what}, got {type(data).__name__}")
     return data
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """``path`` when a file can be written there: not a folder, and its folder exists and is
+    writable or can be created. Checked before any work, so a long run does not fail at its end.
+
+    Raises:
+        ValueError: naming the path and why.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file path")
+    existing = next(folder for folder in path.parents if folder.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{path} cannot be written: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{path} cannot be written: {existing} is not writable")
+    if path.exists():
+        if not path.is_file():
+            raise ValueError(f"{path} cannot be written: it is not a regular file")
+        try:  # append mode leaves the file as it is; os.access says yes to root for read-only files
+            open(path, "ab").close()
+        except OSError as error:
+            raise ValueError(f"{path} cannot be written: {error.strerror or error}") from None
+    return path
