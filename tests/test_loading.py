@@ -134,10 +134,11 @@ def test_check_model_source(tmp_path, tiny_sd1, monkeypatch):
         check_model_source(tmp_path / "weights.bin")
     with pytest.raises(TypeError, match=r"got 3 \(int\)"):
         check_model_source(3)
-    wide_vae = tmp_path / "wide"
-    shutil.copytree(tiny_sd1, wide_vae)
-    (wide_vae / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [1, 1, 1, 1, 1]}))
-    assert check_model_source(wide_vae).vae_factor == 16
+    from ondemand_seg.pipelines.families import describe, folder_reader
+
+    read = folder_reader(tiny_sd1)
+    five_levels = describe(lambda name: {"block_out_channels": [1] * 5} if name == "vae/config.json" else read(name))
+    assert five_levels.vae_factor == 16
 
 
 def test_folders_naming_no_supported_pipeline_fail_early(tmp_path):

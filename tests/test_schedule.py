@@ -63,10 +63,10 @@ def test_the_same_sharding_continues_the_same_order():
     assert [resumed.advance().index for _ in range(12)] == order[8:]
 
 
-def test_a_fresh_plan_draws_the_shards_interleaved_indices():
+def test_a_fresh_plan_draws_aligned_blocks_of_the_batch_by_turns():
     schedules = [ServingSchedule(ServingPlan(), j, 3, reuse=1, **SETTINGS) for j in range(3)]
-    served = sorted(s.advance().index for s in schedules for _ in range(4))
-    assert served == list(range(12))
+    served = [sorted(s.advance().index for _ in range(4)) for s in schedules]
+    assert served == [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5, 10, 11]]
 
 
 def test_a_resharded_plan_is_random_over_shards_and_orders():

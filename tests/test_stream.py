@@ -78,9 +78,11 @@ def test_shards_draw_disjoint_indices(tiny_sd1, fast, monkeypatch):
         shard_id, shards = sharding.shard()
         iterator = StreamIterator(stream, shard_id, shards)
         next(iterator)
-        seen.append({entry.sample.index for entry in iterator.schedule.cache} | {i for i in range(shard_id, 8, shards)})
+        batch = fast["generator"].batch_size
+        seen.append({entry.sample.index for entry in iterator.schedule.cache}
+                    | {i for i in range(16) if (i // batch) % shards == shard_id})
     assert seen[0].isdisjoint(seen[1])
-    assert seen[0] | seen[1] == set(range(8))
+    assert seen[0] | seen[1] == set(range(16))
 
 
 def test_reuse_serves_each_sample_k_times_within_cache_bound(tiny_sd1, fast):
@@ -178,10 +180,12 @@ OTHER_SETTINGS = [
     (dict(image_size=32), r"image_size: \[64, 64\] -> \[32, 32\]"),
     (dict(vocabulary={"templates": ["a drawing of a {class}"]}), "vocabulary: '"),
     (dict(model="random-weights"), "model: 'folder:"),
+    (dict(augment=False), "augment: True -> False"),
+    (dict(transforms=lambda image, mask: (image, mask)), "transforms: 'ondemand_seg.data.transforms.Segmentation"),
 ]
 
 
-@pytest.mark.parametrize("change, named", OTHER_SETTINGS, ids=[str(c) for c, _ in OTHER_SETTINGS])
+@pytest.mark.parametrize("change, named", OTHER_SETTINGS, ids=[",".join(c) for c, _ in OTHER_SETTINGS])
 def test_resume_under_other_settings_is_refused_naming_what_changed(tiny_sd1, fast, change, named):
     settings = dict(model=tiny_sd1, classes=["dog", "bird"], reuse=2, cache_size=8, **fast)
     saved = DiffuMaskStream(**settings)
@@ -219,6 +223,8 @@ def test_settings_that_change_only_speed_or_the_model_folders_place_resume(tiny_
     (dict(shard_id=2, shards=2), "shard_id 2 is not below its shards 2"),
     (dict(shards=0), "shards must be >= 1, got 0"),
     (dict(fingerprint="abc"), "fingerprint must be a dict, got str"),
+    (dict(served=10**9), "served 1000000000 is more than a resume replays"),
+    (dict(plan={"base": 0, "carried": [[1, -1]], "served": 0}), "plan carried must be a list"),
 ])
 def test_malformed_stream_states_are_refused(tiny_sd1, fast, change, message):
     stream = DiffuMaskStream(tiny_sd1, ["dog"], **fast)
@@ -308,3 +314,20 @@ def test_a_run_moves_from_two_workers_to_three_serving_nothing_twice_and_skippin
     assert set(range(plan.base)) == set(seen) | unserved and not set(seen) & unserved, "an index was skipped"
     with pytest.raises(ValueError, match="saved by shard 0 of 2, but this process is shard 0 of 1.*resharded_state"):
         make().load_state_dict(states[0])
+
+
+def test_a_state_serving_more_than_the_pass_holds_is_refused(tiny_sd1, fast):
+    stream = DiffuMaskStream(tiny_sd1, ["dog"], num_samples=4, **fast)
+    with pytest.raises(ValueError, match=r"served 100 is more than this shard serves in a pass \(4 of num_samples=4\)"):
+        stream.load_state_dict({**stream.state_dict(), "served": 100})
+
+
+def test_callables_are_told_apart_by_their_arguments():
+    import functools
+
+    from ondemand_seg.data.fingerprint import model_fingerprint
+    from ondemand_seg.pipelines.tiny import build_tiny_pipeline
+
+    sd1, sd2 = functools.partial(build_tiny_pipeline, "sd1"), functools.partial(build_tiny_pipeline, "sd2")
+    assert model_fingerprint(sd1) != model_fingerprint(sd2)
+    assert model_fingerprint(sd1) == "callable:ondemand_seg.pipelines.tiny.build_tiny_pipeline('sd1')"

@@ -108,12 +108,21 @@ BAD_VALUES = [
     (dict(model="", classes=["no-such-class"]), ValueError, "model is an empty name"),
     # classes as users type them: repeated, or a vocabulary class in another case or spacing
     (dict(classes=["circle", "circle"]), ValueError, "classes repeats 'circle': name each class once"),
-    (dict(classes=["Circle"]), ValueError, "class 'Circle' differs from the label space's 'circle' only by case or "
-                                           "whitespace; write 'circle'"),
-    (dict(classes=["circle "], vocabulary="toy"), ValueError, "class 'circle ' differs from the label space's 'circle'"),
-    (dict(classes=["RING"], vocabulary={"templates": ["a {class}"]}), ValueError, "class 'RING' differs from"),
+    (dict(classes=["Circle"]), ValueError, "class 'Circle' is another spelling of the label space's 'circle' "
+                                           r"\(case, spacing, Unicode form or invisible characters\); write 'circle'"),
+    (dict(classes=["circle "], vocabulary="toy"), ValueError, "class 'circle ' is another spelling of .*'circle'"),
+    (dict(classes=["RING"], vocabulary={"templates": ["a {class}"]}), ValueError, "class 'RING' is another spelling"),
     (dict(classes=["red panda", "Red  Panda"], vocabulary="toy"), ValueError,
-     "classes 'red panda' and 'Red  Panda' differ only by case or whitespace"),
+     "classes 'red panda' and 'Red  Panda' are spellings of one class"),
+    (dict(classes=["circle\u200b"], vocabulary="toy"), ValueError, "is another spelling of the label space's 'circle'"),
+    (dict(classes=["ｃｉｒｃｌｅ"], vocabulary="toy"), ValueError, "is another spelling of the label space's 'circle'"),
+    (dict(classes=["cir\u00adcle"], vocabulary="toy"), ValueError, "is another spelling of the label space's 'circle'"),
+    (dict(classes=["caf\u00e9", "cafe\u0301"], vocabulary="toy"), ValueError, "are spellings of one class"),
+    (dict(classes=["\u0441ircle"], vocabulary="toy"), ValueError, "mixes writing systems \\(CYRILLIC, LATIN\\)"),
+    (dict(classes=["\u200b"], vocabulary="toy"), ValueError, "has no visible characters"),
+    (dict(classes=["background\u200b"], vocabulary="toy"), ValueError, "another spelling of the label space's 'backgr"),
+    (dict(classes=["tv monitor"], vocabulary="voc"), ValueError, "another spelling of the label space's 'tvmonitor'"),
+    (dict(classes=["potted plant"], vocabulary="voc"), ValueError, "another spelling of the label space's 'pottedplant'"),
 ]
 
 
@@ -227,8 +236,8 @@ def test_validators_name_the_value():
 
 
 # ------------------------------------------------------------------------------ model folders
-def write_header(path, header, data=b""):
-    raw = json.dumps(header).encode()
+def write_header(path, header, data=b"", raw=None):
+    raw = (raw or json.dumps(header)).encode()
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
 
 
@@ -254,6 +263,30 @@ def fifo(path):
 
 def reencode(path, encoding):
     path.write_text(path.read_text(encoding="utf-8"), encoding=encoding)
+
+
+def sparse(path, size):
+    with open(path, "r+b") as file:
+        file.truncate(size)
+
+
+def edit_header(path, rename=None, dtype=None, overlap=None, metadata=None):
+    """Rewrite a safetensors file's header, keeping its data bytes."""
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8:8 + length]), raw[8 + length:]
+    if rename:
+        header[rename[1]] = header.pop(rename[0])
+    if dtype:
+        header[dtype[0]]["dtype"] = dtype[1]
+    if overlap:  # two tensors of one size share the first one's bytes
+        tensors = {name: t for name, t in header.items() if name != "__metadata__"}
+        first, second = next((a, b) for a in tensors for b in tensors
+                             if a < b and tensors[a]["shape"] == tensors[b]["shape"] == [16])
+        header[second]["data_offsets"] = list(header[first]["data_offsets"])
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    write_header(path, header, data)
 
 
 def edit_index(change):
@@ -335,6 +368,51 @@ BROKEN_FOLDERS = [
     ("preset a FIFO", lambda f: fifo(f / PRESET_FILE), rf"{PRESET_FILE} is a FIFO"),
     ("tokenizer vocabulary in UTF-16", lambda f: reencode(f / "tokenizer" / "tokenizer.json", "utf-16"),
      r"tokenizer/tokenizer.json is not UTF-8 text \(it starts with a UTF-16 byte-order mark"),
+    # the third round: the whole folder, file sizes, nesting, names, kinds, code, configs that do not build
+    ("a FIFO beside the components", lambda f: fifo(f / "notes"), r"model/notes is a FIFO"),
+    ("a link to /dev/zero", lambda f: (f / "z.bin").symlink_to("/dev/zero"), r"z.bin is not a regular file"),
+    ("a tokenizer file of 600 MiB", lambda f: sparse(f / "tokenizer" / "tokenizer.json", 600 * 2**20),
+     r"tokenizer.json is 600 MiB, larger than any text file"),
+    ("a preset nested too deeply", lambda f: (f / PRESET_FILE).write_text("[" * 100_000 + "]" * 100_000),
+     rf"{PRESET_FILE} is not valid JSON: it is nested too deeply"),
+    ("a component named ..", edit_index(lambda i: i.update({"..": ["diffusers", "DDIMScheduler"]})),
+     r"component name '..' is not a plain folder name"),
+    ("an Auto class", edit_index(lambda i: i.update(text_encoder=["transformers", "AutoModel"])),
+     r"AutoModel is not a model, scheduler, tokenizer or image processor class"),
+    ("a pipeline as a component", edit_index(lambda i: i.update(unet=["diffusers", "DiffusionPipeline"])),
+     r"DiffusionPipeline is not a model, scheduler, tokenizer or image processor class"),
+    ("code in a component folder", lambda f: (f / "unet" / "diffusers.py").write_text("x = 1\n"),
+     r"unet/diffusers.py is code in a component folder"),
+    ("layers_per_block 0", edit_config("unet", layers_per_block=0),
+     r"unet: the weights hold \d+ tensor\(s\) its config.json has no place for"),
+    ("channels not divisible by the groups", edit_config("unet", norm_num_groups=7),
+     r"unet/config.json: a UNet2DConditionModel cannot be built from it .*divisible"),
+    ("a bogus beta schedule", edit_config("scheduler", "scheduler_config.json", beta_schedule="bogus"),
+     r"scheduler_config.json: a DDIMScheduler cannot be built from it"),
+    ("cross_attention_dim unlike the weights", edit_config("unet", cross_attention_dim=48),
+     r"unet: tensor '.*attn2.to_k.weight' is \[\d+, 32\] in the weights but \[\d+, 48\] by config.json"),
+    ("a renamed tensor", lambda f: edit_header(f / UNET_WEIGHTS, rename=("conv_in.weight", "conv_in.weights")),
+     r"unet: the weights lack 1 tensor\(s\) its config.json asks for, such as \['conv_in.weight'\]"),
+    ("a float weight stored as I32", lambda f: edit_header(f / UNET_WEIGHTS, dtype=("conv_in.weight", "I32")),
+     r"unet: tensor 'conv_in.weight' is stored as I32, but it is a floating-point weight"),
+    ("overlapping tensors", lambda f: edit_header(f / UNET_WEIGHTS, overlap=True),
+     rf"{UNET_WEIGHTS} is corrupt: tensor .* overlaps the tensor before it"),
+    ("a repeated tensor name", lambda f: write_header(f / UNET_WEIGHTS, {"w": {"dtype": "F32", "shape": [1],
+                                                                             "data_offsets": [0, 4]}}, b"\0" * 4,
+                                                    raw='{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},'
+                                                        ' "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'),
+     rf"{UNET_WEIGHTS} is corrupt: its header is not valid JSON \(repeated key\(s\) \['w'\]\)"),
+    ("metadata not strings", lambda f: edit_header(f / UNET_WEIGHTS, metadata=[1, 2]),
+     rf"{UNET_WEIGHTS} is corrupt: its __metadata__ must map strings to strings"),
+    ("a shard outside the folder", lambda f: (f / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "../../outside.safetensors"}})),
+     r"names shard\(s\) that are not files of .*unet: \['../../outside.safetensors'\]"),
+    ("a tokenizer without its vocabulary", lambda f: (f / "tokenizer" / "tokenizer.json").unlink(),
+     r"tokenizer|vocabulary"),
+    ("a text encoder with fewer layers than its weights", edit_config("text_encoder", num_hidden_layers=0),
+     r"text_encoder: the weights hold \d+ tensor\(s\) its config.json has no place for"),
+    ("sample_size 0", edit_config("unet", sample_size=0), r"unet/config.json: sample_size must hold positive ints, got 0"),
+    ("empty block_out_channels", edit_config("vae", block_out_channels=[]), r"vae/config.json"),
 ]
 
 
@@ -414,9 +492,22 @@ def test_check_safetensors_reads_only_the_header(tmp_path):
     good = tmp_path / "good.safetensors"
     save_file({"a": torch.zeros(3), "b": torch.ones(2, 2)}, str(good))
     check_safetensors(good)
-    with open(good, "ab") as stream:  # trailing bytes are not our concern; missing ones are
+    assert check_safetensors(good) == {"a": ("F32", [3]), "b": ("F32", [2, 2])}
+    with open(good, "ab") as stream:  # the reference reader refuses bytes no tensor covers
         stream.write(b"\0")
-    check_safetensors(good)
+    with pytest.raises(ValueError, match=r"good.safetensors is corrupt: its tensors cover 28 bytes, but it holds 29"):
+        check_safetensors(good)
     truncate(good)
     with pytest.raises(ValueError, match=r"good.safetensors is truncated"):
         check_safetensors(good)
+
+
+def test_a_vocabulary_file_a_preset_names_is_found_beside_it(sd_copy, tmp_path, monkeypatch):
+    (sd_copy / "pets.json").write_text(json.dumps({"classes": ["dog", "hamster"]}))
+    (sd_copy / PRESET_FILE).write_text(json.dumps({"vocabulary": "pets.json"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "pets.json").write_text(json.dumps({"classes": ["cat"]}))  # the same name where the program runs
+    monkeypatch.chdir(elsewhere)
+    stream = DiffuMaskStream(sd_copy, ["hamster"], image_size=64)
+    assert stream.config.label_space == ("background", "dog", "hamster")

@@ -3,39 +3,47 @@ resume under other settings is refused, naming what changed, instead of silently
 a different sequence; and the identity of a model's weights without reading them whole."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from ..settings.files import check_regular_file
+
 # Settings that change speed but never a sample (GeneratorConfig documents compile, channels_last
 # and the capture kernel as "same masks"; the reject limit only decides when to give up).
 SPEED_ONLY = {"generator": ("compile", "channels_last", "capture_kernel"), "quality": ("max_consecutive_rejects",)}
-# Bytes of a large file read for its digest: its start, middle and end.
+# Files up to this size are hashed whole; a larger one by its safetensors header and this many
+# evenly spaced windows of _CHUNK bytes (16 MiB read per file).
+_WHOLE_FILE_LIMIT = 256 * 2**20
+_WINDOWS = 256
 _CHUNK = 1 << 16
-_WHOLE_FILE_LIMIT = 1 << 20
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """A sha256 of a file's size and content: whole when it is small (configs, vocabularies), else
-    of its start, middle and end plus, for safetensors, its header (tensor names, shapes, offsets).
+    """A sha256 of a file's size and content: whole up to 256 MiB (configs, vocabularies, small
+    models), else of its safetensors header (tensor names, shapes, offsets) and 256 evenly spaced
+    64 KiB windows.
 
-    Reading gigabytes of weights to name them would cost more than loading them; a retrained or
-    edited model changes its bytes all over, so three windows tell such models apart.
+    Reading gigabytes of weights to name them would cost as much as loading them; a retrained or
+    fine-tuned model changes its bytes all over, and an edit of more than 1/256 of a large file
+    changes a window. A smaller in-place edit of a file over 256 MiB can go unnoticed.
     """
-    path = Path(path)
+    path = check_regular_file(path)
     size = path.stat().st_size
     digest = hashlib.sha256(str(size).encode())
     with open(path, "rb") as stream:
         if size <= _WHOLE_FILE_LIMIT:
-            digest.update(stream.read())
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
             return digest.hexdigest()
         if path.suffix == ".safetensors":
             length = int.from_bytes(stream.read(8), "little")
             digest.update(stream.read(min(length, size - 8)))
-        for offset in (0, size // 2, max(0, size - _CHUNK)):
-            stream.seek(offset)
+        for k in range(_WINDOWS):
+            stream.seek((size - _CHUNK) * k // (_WINDOWS - 1))
             digest.update(stream.read(_CHUNK))
     return digest.hexdigest()
 
@@ -56,12 +64,13 @@ def folder_digest(folder: str | os.PathLike) -> str:
 def model_fingerprint(model: Any) -> str:
     """What a ``model`` argument loads, as a string: ``folder:<digest>`` for a local folder or a
     built-in model (wherever it lies), ``hub:<id>@<digest>`` for a hub model in the local cache,
-    ``hub:<id>`` for one that is not, ``callable:<module>.<name>`` for a callable (its weights are
-    known only to it) and ``random-weights``."""
+    ``hub:<id>`` for one that is not, ``random-weights``, and ``callable:<module>.<name>`` for a
+    callable, with the arguments of a ``functools.partial``: a callable's weights are known only
+    to it, so two callables of one name that build different models look alike."""
     from ..pipelines.builtin import RANDOM_WEIGHTS_MODEL, resolve_model
 
     if callable(model):
-        return f"callable:{getattr(model, '__module__', '?')}.{getattr(model, '__qualname__', type(model).__name__)}"
+        return f"callable:{_callable_name(model)}"
     if model == RANDOM_WEIGHTS_MODEL:
         return RANDOM_WEIGHTS_MODEL
     path = Path(resolve_model(model)).expanduser()
@@ -76,6 +85,13 @@ def model_fingerprint(model: Any) -> str:
     if isinstance(index, str):
         return f"hub:{model}@{folder_digest(Path(index).parent)}"
     return f"hub:{model}"
+
+
+def _callable_name(model: Any) -> str:
+    if isinstance(model, functools.partial):
+        arguments = ", ".join([*map(repr, model.args), *(f"{k}={v!r}" for k, v in model.keywords.items())])
+        return f"{_callable_name(model.func)}({arguments})"
+    return f"{getattr(model, '__module__', '?')}.{getattr(model, '__qualname__', type(model).__qualname__)}"
 
 
 def sequence_fingerprint(model: Any, config: Any, **settings: Any) -> dict:

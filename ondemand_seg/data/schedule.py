@@ -2,9 +2,11 @@
 generated here), and how a stream's position moves to another number of shards.
 
 A shard's draw order comes from a :class:`ServingPlan`: first the plan's carried-over entries
-that fall to it (every ``shards``-th, from its ``shard_id``), then fresh indices
-``base + shard_id + shards·k``. A fresh stream's plan carries nothing from base 0, so shard ``j``
-draws ``j, j + shards, ...``. :func:`reshard` turns the positions of every shard of one run into
+that fall to it (every ``shards``-th, from its ``shard_id``), then fresh indices in aligned blocks
+of the generation batch: shard ``j`` draws blocks ``j, j + shards, ...`` of ``batch`` indices
+from the plan's base. Every batch a shard generates is then one aligned block whatever the
+sharding, so sample ``i`` comes out of the same pipeline batch (and so the same bytes) in any
+run, export or dataset that generates aligned blocks. :func:`reshard` turns the positions of every shard of one run into
 a new plan for any other number of shards (ranks × DataLoader workers): samples drawn but not yet
 served ``reuse`` times, and fresh indices a slower shard had not reached, are carried over; fresh
 indices restart past the furthest shard. No serving is repeated and no index is skipped.
@@ -93,7 +95,12 @@ class ServingSchedule:
         if position < len(self.carried):
             index, uses = self.carried[position]
             return CacheEntry(index, uses)
-        return CacheEntry(self.plan.base + self.shard_id + self.shards * (position - len(self.carried)))
+        return CacheEntry(self.fresh_index(position - len(self.carried)))
+
+    def fresh_index(self, k: int) -> int:
+        """The index of this shard's ``k``-th fresh draw: blocks ``shard_id + shards·b`` of ``batch``."""
+        block = self.shard_id + self.shards * (k // self.batch)
+        return self.plan.base + block * self.batch + k % self.batch
 
     def advance(self) -> CacheEntry:
         """Serve one more: draw a batch when the cache has room (at most one draw per batch served,
@@ -160,8 +167,9 @@ def reshard(states: Sequence[dict], *, seed: int, batch: int, cache_size: int, r
         for _ in range(state["served"]):
             schedule.advance()
         schedules.append(schedule)
-    furthest = max(s.fresh_drawn for s in schedules)
+    # Every block any shard reached, to its end: what lies below the new base.
+    blocks = -(-max(s.fresh_drawn for s in schedules) // batch)
     carried = [pair for s in schedules for pair in s.unfinished()]
-    carried += [(plan.base + s.shard_id + count * k, 0) for s in schedules for k in range(s.fresh_drawn, furthest)]
-    return ServingPlan(base=plan.base + count * furthest, carried=tuple(sorted(carried)),
+    carried += [(s.fresh_index(k), 0) for s in schedules for k in range(s.fresh_drawn, blocks * batch)]
+    return ServingPlan(base=plan.base + count * blocks * batch, carried=tuple(sorted(carried)),
                        served=plan.served + sum(s.served for s in schedules))

@@ -10,6 +10,7 @@ from torch.utils.data import IterableDataset
 
 from ..generation.generator import DiffuMaskGenerator, RawSample
 from ..pipelines.builtin import ModelSource
+from ..pipelines.devices import pick_device
 from ..settings.config import GeneratorConfig, MaskConfig, QualityConfig
 from ..settings.validation import check_bool, check_int
 from .fingerprint import fingerprint_differences, sequence_fingerprint
@@ -99,8 +100,12 @@ class DiffuMaskStream(IterableDataset):
                                            SegmentationTransform(self.source.image_size, train=augment))
         self._iterator: StreamIterator | None = None
         self._resume: dict = {}
-        self.fingerprint = sequence_fingerprint(model, self.source.config, seed=self.source.seed,
-                                                classes=list(self.source.classes), reuse=reuse, cache_size=cache_size)
+        # The device decides the dtype (half precision on CUDA) and so the bytes of every sample; the
+        # transform's class decides what is served from them.
+        self.fingerprint = sequence_fingerprint(
+            model, self.source.config, seed=self.source.seed, classes=list(self.source.classes), reuse=reuse,
+            cache_size=cache_size, device=pick_device(self.source.device).type,
+            transforms=f"{type(self.transforms).__module__}.{type(self.transforms).__qualname__}", augment=augment)
 
     @property
     def config(self):
@@ -178,6 +183,10 @@ class DiffuMaskStream(IterableDataset):
                     f"is shard {shard_id} of {shards}: resume with the same ranks and workers, or pass every "
                     "shard's state through resharded_state()"
                 )
+            quota = ServingPlan.from_dict(state["plan"]).quota(self.num_samples, shard_id, shards)
+            if quota is not None and state["served"] > quota:
+                raise ValueError(f"stream state's served {state['served']} is more than this shard serves in a pass "
+                                 f"({quota} of num_samples={self.num_samples}): it was saved by another stream")
         self._resume = dict(state)
 
     def _check(self, state: dict) -> None:
@@ -187,6 +196,11 @@ class DiffuMaskStream(IterableDataset):
             raise ValueError("stream state was saved under other settings, so resuming would not continue its "
                              f"sample sequence: {'; '.join(changes)} (saved -> now); resume with the settings "
                              "it was saved with")
+
+
+# Resuming replays the serving schedule up to the count served: this many takes minutes, and no
+# run serves more from one DataLoader worker.
+MAX_REPLAYED_SERVINGS = 10**8
 
 
 def find_stream_states(state: Any) -> list[dict]:
@@ -215,6 +229,9 @@ def check_stream_state(state: dict) -> None:
         if key not in state:
             continue
         value = state[key]
+        if key == "served" and isinstance(value, int) and value > MAX_REPLAYED_SERVINGS:
+            raise ValueError(f"stream state's served {value} is more than a resume replays "
+                             f"({MAX_REPLAYED_SERVINGS:,}; replaying takes a few seconds per million)")
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"stream state's {key} must be an int, got {value!r} ({type(value).__name__})")
         if value < minimum:

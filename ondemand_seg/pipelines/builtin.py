@@ -48,7 +48,14 @@ def read_preset(model: ModelSource) -> dict:
         return {"image_size": TINY_IMAGE_SIZE}
     if callable(model) or not isinstance(model, (str, os.PathLike)):
         return {}
-    path = Path(resolve_model(model)).expanduser() / PRESET_FILE
+    folder = Path(resolve_model(model)).expanduser()
+    path = folder / PRESET_FILE
     if not path.exists() and not path.is_symlink():
         return {}
-    return read_json_object(path, "a JSON object of settings")
+    preset = read_json_object(path, "a JSON object of settings")
+    vocabulary = preset.get("vocabulary")
+    if isinstance(vocabulary, str) and Path(vocabulary).suffix and not Path(vocabulary).is_absolute():
+        # A vocabulary file a preset names ships with the model: relative to its folder, not to
+        # wherever the program runs.
+        preset = {**preset, "vocabulary": str(folder / vocabulary)}
+    return preset

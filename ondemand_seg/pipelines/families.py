@@ -217,10 +217,19 @@ def _unet_factors(config: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
 def _vae_factor(config: dict | None) -> int:
     if config is None:
         return 8
-    channels = config.get("block_out_channels") or config.get("encoder_block_out_channels")
-    if not channels:
-        raise ValueError("the VAE config names no block_out_channels")
+    field = "block_out_channels" if "block_out_channels" in config else "encoder_block_out_channels"
+    channels = _positive_ints(config.get(field), "vae/config.json", field)
     return 2 ** (len(channels) - 1)
+
+
+def _positive_ints(value: Any, file: str, field: str) -> list[int]:
+    """``value`` when it is a non-empty list of positive ints (channel counts, sizes); an error
+    naming the file and field otherwise (the fields the spec is read from)."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        what = "is empty" if values == [] else f"must hold positive ints, got {value!r}"
+        raise ValueError(f"{file}: {field} {what}")
+    return values
 
 
 def _diffusers_class(name: str) -> type | None:
@@ -254,6 +263,12 @@ def describe(read: ConfigReader) -> ModelSpec:
     if denoiser is None:
         raise ValueError(f"{family.denoiser}/config.json is missing (a {pipeline_class} needs a {family.denoiser})")
     vae_factor = _vae_factor(read("vae/config.json"))
+    where = f"{family.denoiser}/config.json"
+    for field in ("sample_size", "patch_size"):
+        if denoiser.get(field) is not None:
+            _positive_ints(denoiser[field], where, field)
+    if family.denoiser == "unet":
+        _positive_ints(denoiser.get("block_out_channels"), where, "block_out_channels")
     try:
         if family.denoiser == "unet":
             text, self_factors = _unet_factors(denoiser)

@@ -109,77 +109,200 @@ def component_classes(index: dict, where: str) -> tuple[type, dict[str, type]]:
     for name, entry in index.items():
         if name.startswith("_") or name in skipped or (not isinstance(entry, list) and name not in required):
             continue
+        if not _CLASS_NAME.match(name):
+            # A component's name is the folder it loads from: "..", "/usr" would read outside the model.
+            raise ValueError(f"{where}: component name {name!r} is not a plain folder name")
         if not isinstance(entry, list) or len(entry) != 2 or not all(isinstance(part, str) for part in entry):
             raise ValueError(f"{where}: component {name!r} must be [library, class name], got {entry!r}")
-        classes[name] = library_class(*entry, f"{where}: component {name!r} ({entry[0]}.{entry[1]})")
+        what = f"{where}: component {name!r} ({entry[0]}.{entry[1]})"
+        classes[name] = library_class(*entry, what)
+        component_kind(classes[name], what)
     return cls, classes
+
+
+def component_kind(cls: type, where: str = "") -> str:
+    """``"network"``, ``"scheduler"``, ``"tokenizer"`` or ``"processor"`` (image processors); an
+    error naming ``where`` for any other class (an ``Auto*`` class, a pipeline), which
+    ``from_pretrained`` would resolve from the folder's own files instead of a fixed class."""
+    from diffusers import ModelMixin, SchedulerMixin
+    from transformers import (
+        FeatureExtractionMixin,
+        ImageProcessingMixin,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        ProcessorMixin,
+    )
+
+    if issubclass(cls, (ModelMixin, PreTrainedModel)):
+        return "network"
+    if issubclass(cls, SchedulerMixin):
+        return "scheduler"
+    if issubclass(cls, PreTrainedTokenizerBase):
+        return "tokenizer"
+    if issubclass(cls, (ImageProcessingMixin, FeatureExtractionMixin, ProcessorMixin)):
+        return "processor"
+    raise ValueError(f"{where}: {cls.__name__} is not a model, scheduler, tokenizer or image processor class")
 
 
 def check_model_folder(path: str | os.PathLike) -> None:
     """Check a pipeline folder's files as ``from_pretrained`` will need them, without loading weights.
 
-    ``model_index.json`` names the pipeline and its components as diffusers/transformers classes
-    (:func:`component_classes`); each component's folder exists and holds only regular files; its
-    config files parse and their values have the types the component's class declares; a network
-    has ``config.json`` and ``.safetensors`` weights whose headers agree with their bytes (and
-    every shard its index names); a scheduler has ``scheduler_config.json``; a tokenizer's text
-    files are UTF-8.
+    Every file in the folder is a regular file. ``model_index.json`` names the pipeline and its
+    components as diffusers/transformers classes of a known kind (:func:`component_classes`);
+    each component's folder exists and holds no code; its config files parse and their values
+    have the types its class declares. A network has ``config.json`` from which it builds (on the
+    meta device: shapes only, no memory) and ``.safetensors`` weights whose headers agree with
+    their bytes and give every parameter it has, with its shape and kind of dtype (and every shard
+    its index names); a scheduler builds from its ``scheduler_config.json``; a tokenizer loads, and
+    its vocabulary fits its text encoder's.
     Raises:
         ValueError: naming the file (and the field or entry) at fault.
     """
-    from diffusers import SchedulerMixin
-    from transformers import PreTrainedTokenizerBase
-
     root = Path(path)
+    check_regular_files(root)
     read = folder_reader(root)
     index_file = root / "model_index.json"
     index = read("model_index.json")
     if index is None:
         raise ValueError(f"{index_file} is missing")
     _, classes = component_classes(index, str(index_file))
+    vocabularies, text_vocabularies = {}, {}
     for name, cls in classes.items():
         folder = root / name
         if not folder.is_dir():
             raise ValueError(f"{folder} is missing (model_index.json names a {cls.__name__} there)")
-        check_regular_files(folder)
+        code = sorted(folder.glob("*.py"))
+        if code:
+            raise ValueError(f"{code[0]} is code in a component folder, which diffusers would treat as the component's "
+                             "own (trust_remote_code); a model folder for this library holds none")
         configs = {file.name: read(f"{name}/{file.name}") for file in sorted(folder.glob("*config.json"))}
-        if issubclass(cls, SchedulerMixin):
+        kind = component_kind(cls)
+        if kind == "scheduler":
             if "scheduler_config.json" not in configs:
                 raise ValueError(f"{folder / 'scheduler_config.json'} is missing (a {cls.__name__} needs it)")
-            check_config_types(cls, configs["scheduler_config.json"], folder / "scheduler_config.json")
-        elif issubclass(cls, torch.nn.Module):
+            file = folder / "scheduler_config.json"
+            check_config_types(cls, configs["scheduler_config.json"], file)
+            _built(lambda: cls.from_config(configs["scheduler_config.json"]), file, cls)
+        elif kind == "network":
             if "config.json" not in configs:
                 raise ValueError(f"{folder / 'config.json'} is missing (a {cls.__name__} needs it)")
             check_config_types(cls, configs["config.json"], folder / "config.json")
-            check_weights(folder, cls, read)
-        elif issubclass(cls, PreTrainedTokenizerBase):
+            model = _built(lambda: meta_model(cls, configs["config.json"]), folder / "config.json", cls)
+            check_weights(folder, cls, read, model)
+            text_vocabularies[name] = getattr(model.config, "vocab_size", None)
+        elif kind == "tokenizer":
             for file in sorted(folder.iterdir()):
                 if file.suffix in (".json", ".txt"):
                     read_text(file)
+            tokenizer = _built(lambda: cls.from_pretrained(str(folder)), folder, cls)
+            vocabularies[name] = len(tokenizer)
+    check_vocabularies(vocabularies, text_vocabularies, root)
+
+
+def _built(build, where: Path, cls: type):
+    """``build()``, or an error naming ``where`` and what the library raised (a config the class
+    cannot be built from fails here, not in a worker at the first draw)."""
+    try:
+        return build()
+    except Exception as error:  # noqa: BLE001 - every library error becomes one naming the file
+        detail = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"{where}: a {cls.__name__} cannot be built from it ({type(error).__name__}: "
+                         f"{detail[:300]})") from None
+
+
+def meta_model(cls: type, config: dict) -> torch.nn.Module:
+    """``cls`` built from ``config`` on the meta device: every parameter's name, shape and dtype,
+    and no memory for them."""
+    with torch.device("meta"):
+        if cls.__module__.startswith("transformers"):
+            return cls._from_config(cls.config_class.from_dict(dict(config)))
+        return cls.from_config(config)
+
+
+def check_vocabularies(tokenizers: dict[str, int], encoders: dict[str, int | None], root: Path) -> None:
+    """Each tokenizer's vocabulary fits the text encoder it feeds (``tokenizer_2`` feeds
+    ``text_encoder_2``): no larger (its ids would index past the embedding) and not under half of
+    it (a tokenizer missing its vocabulary file loads with a handful of tokens and encodes every
+    prompt as unknowns)."""
+    for name, size in tokenizers.items():
+        encoder = name.replace("tokenizer", "text_encoder", 1)
+        expected = encoders.get(encoder)
+        if expected is None:
+            continue
+        if size > expected or size < expected / 2:
+            raise ValueError(f"{root / name} has {size} tokens, but {root / encoder} embeds {expected}: the tokenizer's "
+                             "vocabulary files are missing or belong to another model")
 
 
 def check_regular_files(folder: Path) -> None:
-    """Every file under ``folder`` is a regular file (or a symlink to one), so no loader blocks
-    opening a FIFO or reads a device; an error naming the first that is not."""
+    """Every file under ``folder`` is a regular file (or a symlink to one), so no loader or
+    fingerprint blocks opening a FIFO or reads a device; an error naming the first that is not."""
     for directory, _, files in os.walk(folder):
         for name in sorted(files):
             check_regular_file(Path(directory) / name)
 
 
-def check_weights(folder: Path, cls: type, read) -> None:
+def check_weights(folder: Path, cls: type, read, model: torch.nn.Module) -> None:
+    """The ``.safetensors`` files of a network's folder: each header agrees with its bytes, shard
+    indexes name files of this folder that exist, and the files the loader will read hold every
+    parameter ``model`` (built from the config) has, with its shape and a dtype of the same kind."""
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         raise ValueError(f"{folder} holds no .safetensors weights (a {cls.__name__} needs them; only safetensors "
                          "are loaded)")
-    for file in weights:
-        check_safetensors(file)
+    headers = {file.name: check_safetensors(file) for file in weights}
+    loaded = [file.name for file in weights if "." not in file.stem]  # variants (name.fp16.safetensors) aside
     for file in sorted(folder.glob("*.safetensors.index.json")):
         shard_map = read(f"{folder.name}/{file.name}").get("weight_map") or {}
         if not isinstance(shard_map, dict):
             raise ValueError(f"{file}: weight_map must map tensor names to shard files, got {shard_map!r}")
-        absent = sorted({str(shard) for shard in shard_map.values() if not (folder / str(shard)).is_file()})
+        outside = sorted({str(s) for s in shard_map.values() if not isinstance(s, str) or Path(s).name != s or s == ".."})
+        if outside:
+            raise ValueError(f"{file} names shard(s) that are not files of {folder}: {outside}")
+        absent = sorted({shard for shard in shard_map.values() if not (folder / shard).is_file()})
         if absent:
             raise ValueError(f"{file} names shard(s) that are missing: {absent}")
+        if file.name.endswith(".safetensors.index.json"):
+            loaded = sorted(set(shard_map.values()))
+    tensors = {name: entry for file in (loaded or headers) for name, entry in headers[file].items()}
+    check_tensors_fit(model, tensors, folder)
+
+
+def check_tensors_fit(model: torch.nn.Module, tensors: dict[str, tuple[str, list[int]]], folder: Path) -> None:
+    """Every parameter of ``model`` is among ``tensors`` (name: (safetensors dtype, shape)) with
+    its shape, and a floating-point parameter is stored as floating point. A parameter shared under
+    several names (tied weights) counts as present under any of them; diffusers' renaming of its
+    deprecated attention keys is applied first, as its loader does."""
+    tensors = dict(tensors)
+    fix_keys = getattr(model, "_fix_state_dict_keys_on_load", None)
+    if fix_keys is not None:
+        fix_keys(tensors)
+    names_of: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(parameter), []).append(name)
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or ()]
+    missing = sorted(names[0] for names in names_of.values()
+                     if not any(n in tensors for n in names) and not any(p.search(names[0]) for p in ignored))
+    if missing:
+        raise ValueError(f"{folder}: the weights lack {len(missing)} tensor(s) its config.json asks for, such as "
+                         f"{missing[:3]} (weights of another model, or renamed tensors)")
+    # Buffers the model rebuilds itself (position ids) may be stored too; anything else unused
+    # means the config describes a smaller model than the weights (layers, blocks left out).
+    known = set(model.state_dict()) | {name for name, _ in model.named_buffers()}
+    ignored_extra = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    unused = sorted(n for n in tensors if n not in known and not any(p.search(n) for p in ignored_extra))
+    if unused:
+        raise ValueError(f"{folder}: the weights hold {len(unused)} tensor(s) its config.json has no place for, such "
+                         f"as {unused[:3]} (the config describes another model, or a field was edited)")
+    for name, parameter in model.named_parameters():
+        if name not in tensors:
+            continue
+        dtype, shape = tensors[name]
+        if list(parameter.shape) != list(shape):
+            raise ValueError(f"{folder}: tensor {name!r} is {list(shape)} in the weights but {list(parameter.shape)} "
+                             "by config.json (the config belongs to another model, or a field was edited)")
+        if parameter.is_floating_point() and dtype[0] not in "FB" or dtype == "BOOL":
+            raise ValueError(f"{folder}: tensor {name!r} is stored as {dtype}, but it is a floating-point weight")
 
 
 # ------------------------------------------------------------------------------ config types
@@ -259,11 +382,15 @@ def _describe(hint: Any) -> str:
 
 
 # ------------------------------------------------------------------------------ safetensors
-def check_safetensors(file: str | os.PathLike) -> None:
+def check_safetensors(file: str | os.PathLike) -> dict[str, tuple[str, list[int]]]:
     """Check a ``.safetensors`` file's header without reading its tensors: the header length fits
-    the file, the header is a JSON object, every tensor has a known dtype and a shape of
-    non-negative ints whose size is its byte range, and every range lies within the file.
+    the file; the header is a JSON object with unique keys and string metadata; every tensor has a
+    known dtype and a shape of non-negative ints whose size is its byte range; and the byte ranges
+    follow one another without gap or overlap, covering the data exactly (as the reference reader
+    requires).
 
+    Returns:
+        ``{tensor name: (dtype, shape)}``.
     Raises:
         ValueError: naming the file, the tensor and what is wrong (a truncated or corrupt file).
     """
@@ -279,15 +406,17 @@ def check_safetensors(file: str | os.PathLike) -> None:
                              f"{size - 8} after the length")
         raw = stream.read(length)
     try:
-        header = json.loads(raw)
-    except ValueError as error:  # invalid JSON or not UTF-8
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as error:  # invalid JSON, not UTF-8, a repeated key, nested too deeply
         raise ValueError(f"{file} is corrupt: its header is not valid JSON ({error})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{file} is corrupt: its header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{file} is corrupt: its __metadata__ must map strings to strings, got {metadata!r}")
     data = size - 8 - length
+    spans, tensors = [], {}
     for name, tensor in header.items():
-        if name == "__metadata__":
-            continue
         if not isinstance(tensor, dict):
             raise ValueError(f"{file} is corrupt: tensor {name!r} is described by {tensor!r}, not an object")
         offsets, dtype, shape = tensor.get("data_offsets"), tensor.get("dtype"), tensor.get("shape")
@@ -307,6 +436,25 @@ def check_safetensors(file: str | os.PathLike) -> None:
         if offsets[1] > data:
             raise ValueError(f"{file} is truncated: tensor {name!r} ends at byte {offsets[1]} of the data, but the "
                              f"file holds {data} bytes of data")
+        spans.append((offsets[0], offsets[1], name))
+        tensors[name] = (dtype, shape)
+    end = 0
+    for start, stop, name in sorted(spans):
+        if start != end:
+            what = "overlaps the tensor before it" if start < end else f"leaves a gap of {start - end} bytes before it"
+            raise ValueError(f"{file} is corrupt: tensor {name!r} at bytes {start}-{stop} {what}")
+        end = stop
+    if end != data:
+        raise ValueError(f"{file} is corrupt: its tensors cover {end} bytes, but it holds {data} bytes of data")
+    return tensors
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"repeated key(s) {repeated}")
+    return dict(pairs)
 
 
 def _is_int(value: Any) -> bool:

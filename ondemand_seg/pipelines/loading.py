@@ -36,11 +36,19 @@ def check_model_source(model: ModelSource) -> ModelSpec | None:
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise ValueError(f"model folder {str(path)!r} is not a diffusers pipeline folder: it has no model_index.json")
+        state = _folder_state(path)
+        if state is not None and state in _CHECKED_FOLDERS:
+            return _CHECKED_FOLDERS[state]
         try:
             check_model_folder(path)
-            return describe(folder_reader(path))
+            spec = describe(folder_reader(path))
         except (ValueError, FileNotFoundError) as error:
             raise ValueError(f"model folder {str(path)!r}: {error}") from None
+        if state is not None:
+            if len(_CHECKED_FOLDERS) >= 32:
+                _CHECKED_FOLDERS.pop(next(iter(_CHECKED_FOLDERS)))
+            _CHECKED_FOLDERS[state] = spec
+        return spec
     if path.exists():
         raise ValueError(f"model {str(path)!r} is a file; give a diffusers pipeline folder or a hub id")
     if not _HUB_ID.match(str(model)):
@@ -53,6 +61,26 @@ def check_model_source(model: ModelSource) -> ModelSpec | None:
         return None
     component_classes(reader("model_index.json"), f"model {str(model)!r}: model_index.json")
     return describe(reader)
+
+
+# Folders already checked in this process, by their files' names, sizes and modification times:
+# every dataset built on one folder would otherwise build its networks on the meta device again.
+_CHECKED_FOLDERS: dict[tuple, ModelSpec] = {}
+
+
+def _folder_state(folder: Path) -> tuple | None:
+    """What a folder's check depends on, as a key: every file's relative name, size and
+    modification time (``None`` when a file cannot be stat'ed: the check itself will say why)."""
+    entries = []
+    try:
+        for directory, _, files in os.walk(folder):
+            for name in files:
+                stat = os.stat(Path(directory) / name)
+                entries.append((os.path.relpath(Path(directory) / name, folder), stat.st_size, stat.st_mtime_ns,
+                                stat.st_mode))
+    except OSError:
+        return None
+    return (str(folder.resolve()), tuple(sorted(entries)))
 
 
 def _hub_offline() -> bool:

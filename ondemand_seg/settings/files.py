@@ -31,9 +31,19 @@ def check_regular_file(path: str | os.PathLike) -> Path:
     return path
 
 
+# Larger than any config, preset, vocabulary or tokenizer file (the largest tokenizers are tens of
+# MB); reading a bigger one whole would take the memory of a model.
+MAX_TEXT_BYTES = 512 * 2**20
+
+
 def read_text(path: str | os.PathLike) -> str:
-    """A regular file's text, which must be UTF-8 (what JSON, YAML and tokenizer files are read as)."""
+    """A regular file's text, which must be UTF-8 (what JSON, YAML and tokenizer files are read as)
+    and at most :data:`MAX_TEXT_BYTES`."""
     path = check_regular_file(path)
+    size = path.stat().st_size
+    if size > MAX_TEXT_BYTES:
+        raise ValueError(f"{path} is {size / 2**20:.0f} MiB, larger than any text file a model or setting has "
+                         f"({MAX_TEXT_BYTES // 2**20} MiB)")
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8")
@@ -49,6 +59,8 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not valid JSON: it is nested too deeply") from None
 
 
 def read_json_object(path: str | os.PathLike, what: str = "a JSON object") -> dict:

@@ -5,7 +5,8 @@ segmentation references, so it never names a class.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import unicodedata
+from typing import Mapping, Sequence
 
 IGNORE_INDEX = 255
 
@@ -66,12 +67,25 @@ def class_ids(classes: Sequence[str], label_space: Sequence[str]) -> list[int]:
 
 
 def _folded(name: str) -> str:
-    return " ".join(name.split()).casefold()
+    """The form two spellings of one class share: Unicode-compatibility normalised (full-width and
+    composed letters), without invisible format characters (zero-width space, soft hyphen),
+    case-folded, and without spaces ("tv monitor" is VOC's "tvmonitor")."""
+    text = unicodedata.normalize("NFKC", name)
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+    return "".join(text.casefold().split())
 
 
-def check_class_spelling(classes: Sequence[str], label_space: Sequence[str]) -> None:
-    """Refuse ``classes`` that repeat a class, or that differ from each other or from a class of
-    ``label_space`` only by case or whitespace.
+def _scripts(name: str) -> set[str]:
+    """The writing systems of a name's letters (LATIN, CYRILLIC, ...)."""
+    return {unicodedata.name(ch, "?").split()[0] for ch in unicodedata.normalize("NFKC", name) if ch.isalpha()}
+
+
+def check_class_spelling(classes: Sequence[str], label_space: Sequence[str],
+                         aliases: Mapping[str, str] | None = None) -> None:
+    """Refuse ``classes`` that repeat a class, that differ from each other or from a class of
+    ``label_space`` (or one of its ``aliases``: the words a vocabulary writes for a label) only in
+    case, spacing, Unicode form or invisible characters, that have no visible letters, or that mix
+    writing systems (a Cyrillic "с" in "сircle").
 
     Left alone, ``"Circle"`` next to a label space's ``"circle"`` would become a free-text class of
     its own, with its own id, splitting one kind of object over two labels; and a repeated class
@@ -83,13 +97,22 @@ def check_class_spelling(classes: Sequence[str], label_space: Sequence[str]) -> 
     if repeated:
         raise ValueError(f"classes repeats {', '.join(map(repr, repeated))}: name each class once")
     known = {_folded(name): name for name in label_space}
+    for alias, label in (aliases or {}).items():
+        known.setdefault(_folded(alias), label)
     for name in classes:
+        if not _folded(name):
+            raise ValueError(f"class {name!r} has no visible characters")
+        if len(_scripts(name)) > 1:
+            raise ValueError(f"class {name!r} mixes writing systems ({', '.join(sorted(_scripts(name)))}); a "
+                             "look-alike letter from another alphabet would make it a class of its own")
         match = known.get(_folded(name))
         if match is not None and match != name:
-            raise ValueError(f"class {name!r} differs from the label space's {match!r} only by case or whitespace; "
-                             f"write {match!r} (a new free-text class must differ by more than that)")
+            raise ValueError(f"class {name!r} is another spelling of the label space's {match!r} (case, spacing, "
+                             f"Unicode form or invisible characters); write {match!r} (a new free-text class must "
+                             "differ by more than that)")
     seen: dict[str, str] = {}
     for name in classes:
         other = seen.setdefault(_folded(name), name)
         if other != name:
-            raise ValueError(f"classes {other!r} and {name!r} differ only by case or whitespace: name each class once")
+            raise ValueError(f"classes {other!r} and {name!r} are spellings of one class (case, spacing, Unicode form "
+                             "or invisible characters): name each class once")

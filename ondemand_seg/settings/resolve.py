@@ -96,7 +96,9 @@ def resolve_config(model: Any, classes: Sequence[str] = (), **overrides: Any) ->
             raise TypeError(f"vocabulary must be a built-in name, a file path, a Vocabulary or a mapping, got "
                             f"{layer!r} ({type(layer).__name__})")
     vocabulary = vocabulary or default_vocabulary(labels)
-    check_class_spelling(classes, labels if labels is not None else vocabulary.label_space)
+    aliases = {word: label for label, words in vocabulary.synonyms.items() for word in words}
+    aliases.update({words: label for label, words in vocabulary.prompt_names.items()})
+    check_class_spelling(classes, labels if labels is not None else vocabulary.label_space, aliases)
     if given_vocabulary is not None:
         # Free-text classes only when a vocabulary is asked for: otherwise a misspelt class would
         # silently become a new zero-shot class instead of an error.
