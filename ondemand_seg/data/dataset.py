@@ -94,6 +94,8 @@ class DiffuMaskDataset(VisionDataset):
 
     def _indices(self, indices: Sequence[Any]) -> list[int]:
         """``indices`` as ints: anything with ``__index__`` (numpy ints, one-element integer tensors)."""
+        if isinstance(indices, (str, bytes)) or not hasattr(indices, "__iter__"):
+            raise TypeError(f"indices must be a sequence of ints, got {indices!r} ({type(indices).__name__})")
         out = []
         for i in indices:
             try:

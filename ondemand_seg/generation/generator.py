@@ -410,13 +410,22 @@ class DiffuMaskGenerator:
         return self.counts()
 
     def samples(self, indices: Sequence[int]) -> list[RawSample]:
-        """Accepted samples for ``indices``, in order, generated in batches.
+        """Accepted samples for ``indices``, in order, generated in batches of
+        ``generator.batch_size`` in the order given.
 
         A sample the quality gate rejects is redrawn with the next attempt seed; too many
-        rejects in a row raise :class:`~ondemand_seg.quality.TooManyRejects`. Running out of memory
-        retries with a smaller batch (see :meth:`_generate`). Nothing is kept from a draw that
-        raises, so drawing the same indices again gives the same samples.
+        rejects in a row raise :class:`~ondemand_seg.masks.quality.TooManyRejects`. Running out of
+        memory retries with a smaller batch (see :meth:`_generate`). Nothing is kept from a draw
+        that raises, so drawing the same indices again gives the same samples.
+
+        Sample ``i`` is made from ``(seed, i)`` alone: its prompt, its noise and its mask. Its
+        bytes are identical wherever it is generated in the same pipeline batch on the same kind
+        of device and thread count, which is why the stream, exports and a fully cached dataset
+        generate aligned blocks of the batch size; generated beside other indices, float rounding
+        in batched kernels can move a few pixels by a level or so.
         """
+        if isinstance(indices, (str, bytes)) or not isinstance(indices, (Sequence, range)):
+            raise TypeError(f"indices must be a sequence of ints, got {indices!r} ({type(indices).__name__})")
         with self.lock:
             return self._samples(indices)
 
