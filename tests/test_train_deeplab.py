@@ -16,7 +16,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from ondemand_seg import DiffuMaskStream
 from ondemand_seg.settings.resolve import resolve_config
 from ondemand_seg.settings.vocabulary import load_vocabulary
-from ondemand_seg.toyworld import TOY_CLASSES
+from ondemand_seg.toyworld import TOY_CLASSES, write_voc
 
 SCRIPT = Path(__file__).resolve().parents[1] / "train" / "train_deeplab.py"
 FAST = ["--model", "random-weights", "--vocabulary", "toy", "--batch-size", "4", "--gen-steps", "2",
@@ -193,6 +193,7 @@ def test_mixed_with_real_voc_and_full_augmentation(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "mixing 2 real images (x4) with 8 synthetic: 50% of samples synthetic" in done.stdout
     assert rows(tmp_path / "mixed", "final")[0]["step"] == 3
+    assert not (tmp_path / "data").exists(), "scored on --voc-root's val split: no ToyWorld is written"
 
 
 def test_real_images_are_a_seeded_subset_the_same_for_real_only_and_mixed(tmp_path, monkeypatch):
@@ -349,15 +350,16 @@ def test_unknown_class_fails_when_no_vocabulary_is_given(tmp_path, monkeypatch, 
     assert "unknown class 'dragon'" in refusal(trainer, capsys, flags)
 
 
-def test_a_data_dir_that_is_only_read_may_be_anywhere(tmp_path, monkeypatch, capsys):
-    # Real data named for training and evaluation: --data-dir is never written, so it is not checked.
-    from ondemand_seg.toyworld import write_voc
-
+@pytest.mark.parametrize("flags", [["--eval-root", "{real}"], [], ["--vocabulary", "voc"]],
+                         ids=["eval-root", "eval-root-defaults-to-voc-root", "other-label-space"])
+def test_a_data_dir_that_is_only_read_may_be_anywhere(tmp_path, monkeypatch, flags):
+    # Real data named for training and evaluation (--eval-root defaults to --voc-root): --data-dir
+    # is never written, so it is not checked, and ToyWorld's label space is not needed.
     trainer = load_trainer(monkeypatch)
     forbid_building(trainer, monkeypatch)
     write_voc(tmp_path / "real", n_train=4, n_val=1, image_size=16)
     args = trainer.get_args_parser().parse_args([
-        *FAST, "--voc-root", str(tmp_path / "real"), "--eval-root", str(tmp_path / "real"),
+        *FAST, "--voc-root", str(tmp_path / "real"), *(flag.format(real=tmp_path / "real") for flag in flags),
         "--data-dir", str(regular_file(tmp_path) / "toyworld"), "--output-dir", str(tmp_path / "out")])
     with pytest.raises(AssertionError, match="got as far as building"):
         trainer.main(args)

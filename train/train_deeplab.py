@@ -317,7 +317,7 @@ def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
     for flag in ("workers", "eval_every", "noise_warmup", "max_nonfinite_steps"):
         if getattr(args, flag) < 0:
             raise FlagError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-    if label_space != TOY_CLASSES and (args.eval_root is None or (args.voc_root is None and not args.synthetic_only)):
+    if label_space != TOY_CLASSES and uses_toyworld(args):
         raise FlagError("the default real data is ToyWorld; with another label space pass --voc-root and --eval-root")
     try:
         class_ids(args.classes, label_space)
@@ -328,8 +328,9 @@ def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
 
 
 def uses_toyworld(args: argparse.Namespace) -> bool:
-    """Whether the run trains or evaluates on the ToyWorld folder in ``--data-dir`` (no real data named)."""
-    return args.voc_root is None and not args.synthetic_only or args.eval_root is None
+    """Whether the run trains or evaluates on the ToyWorld folder in ``--data-dir``: no ``--voc-root``,
+    and real training data or a val split are wanted (``--eval-root`` defaults to ``--voc-root``)."""
+    return args.voc_root is None and (not args.synthetic_only or args.eval_root is None)
 
 
 def toyworld_ready(data_dir: Path) -> Path:
@@ -445,9 +446,8 @@ def prepare_folders(args: argparse.Namespace, config) -> None:
     # ToyWorld is written at the generator's image size whatever the run, so real-only, synthetic
     # and mixed runs sharing a --data-dir are scored on the same val images.
     if uses_toyworld(args):
-        toy_root = default_voc_root(args, config.image_size)
-        args.voc_root = args.voc_root or toy_root
-        args.eval_root = args.eval_root or args.voc_root
+        args.voc_root = default_voc_root(args, config.image_size)
+    args.eval_root = args.eval_root or args.voc_root
     try:
         args.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
