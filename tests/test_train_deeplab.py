@@ -506,6 +506,7 @@ def fake_voc(tmp_path):
         (["--vocabulary", "voc", "--eval-root", "{voc}"], "the label space (--model, --vocabulary, --classes) 6 -> 21 classes"),
         (["--seed", "1", "--allow-changed", "lr"], "--seed 0 -> 1;"),
         (["--lr", "1e-3"], "--lr 0.002 -> 0.001; resume with the checkpoint's values or accept --lr with --allow-changed"),
+        (["--steps", "9"], "--steps 1200 -> 9; resume with the checkpoint's values or accept --steps with --allow-changed"),
         (["--noise-cutoff", "0.5", "--weight-decay", "0", "--allow-changed", "weight-decay"],
          "--noise-cutoff unset -> 0.5; resume with the checkpoint's values or accept --noise-cutoff with --allow-changed"),
     ],
@@ -540,11 +541,12 @@ def test_resume_lets_flags_that_keep_the_run_change(tmp_path, monkeypatch):
         tmp_path, "--resume", str(checkpoint), "--steps", "9", "--checkpoint-every", "3", "--eval-every", "3",
         "--eval-limit", "2", "--eval-root", fake_voc(tmp_path), "--threads", "2", "--device", "cpu",
         "--prefetch-batches", "5", "--lr", "1e-3", "--ema-decay", "0.9", "--noise-cutoff", "0.5",
-        "--allow-changed", "lr", "ema-decay", "noise-cutoff"))
+        "--allow-changed", "lr", "steps", "ema-decay", "noise-cutoff"))
     args.data_dir = args.output_dir = tmp_path / "elsewhere"
     config, args.classes = trainer.generator_config(args)
     accepted = trainer.check_resume_args(torch.load(checkpoint, weights_only=True), args, config.label_space)
-    assert accepted == {"lr": ("0.002", "0.001"), "ema_decay": ("0.5", "0.9"), "noise_cutoff": ("unset", "0.5")}
+    assert accepted == {"lr": ("0.002", "0.001"), "steps": ("1200", "9"), "ema_decay": ("0.5", "0.9"),
+                        "noise_cutoff": ("unset", "0.5")}
     with pytest.raises(AssertionError, match="got as far as building"):
         trainer.main(args)
 
@@ -588,6 +590,72 @@ def test_an_accepted_lr_and_weight_decay_change_is_applied_printed_and_logged(sy
     assert [row["lr"] for row in rows(tmp_path / "resumed", "train")] == pytest.approx([r / 2 for r in rates[2:]])
     group = torch.load(tmp_path / "resumed" / "checkpoint_000004.pt", weights_only=True)["optimizer"]["param_groups"][0]
     assert group["initial_lr"] == 1e-3 and group["weight_decay"] == 0.01
+
+
+def polynomial_rate(step, steps, lr=2e-3):
+    """The rate after ``step`` steps of a run of ``steps`` (the trainer's decay, power 0.9)."""
+    return lr * (1 - step / steps) ** 0.9
+
+
+def test_a_finished_run_resumed_with_more_steps_trains_on_at_a_rate_decaying_to_the_new_end(
+        synthetic_run, tmp_path, monkeypatch):
+    # Resumed from its last checkpoint, where the rate has decayed to 0, with --steps 6: the rate
+    # of steps 5 and 6 is the one a 6-step run has there, and the weights move again.
+    trainer = load_trainer(monkeypatch)
+    end = synthetic_run.root / "whole" / "checkpoint_000004.pt"
+    flags = [*synthetic_run.flags, "--steps", "6", "--output-dir", str(tmp_path / "longer"), "--resume", str(end)]
+    _, printed = train_in_process(trainer, [*flags, "--allow-changed", "steps"])
+    assert "changed (--allow-changed): --steps 4 -> 6" in printed
+    trained = rows(tmp_path / "longer", "train")
+    assert [row["step"] for row in trained] == [5, 6]
+    assert [row["lr"] for row in trained] == pytest.approx([polynomial_rate(5, 6), 0.0])
+    before = torch.load(end, weights_only=True)["model"]
+    after = torch.load(tmp_path / "longer" / "checkpoint_000006.pt", weights_only=True)["model"]
+    assert any(not torch.equal(before[k], after[k]) for k in before if "running_" not in k and "num_batches" not in k)
+    assert torch.load(tmp_path / "longer" / "checkpoint.pt", weights_only=True)["scheduler"]["total_iters"] == 6
+
+
+def test_the_rate_decay_is_retargeted_to_the_resumed_runs_steps(monkeypatch):
+    # The schedule a checkpoint holds, continued with another --steps (and a new --lr), against the
+    # closed form of a run started with those flags. A checkpoint with no record of --steps (no
+    # change accepted) is re-targeted all the same: its schedule's own length is what is compared.
+    trainer = load_trainer(monkeypatch)
+
+    def schedule(steps, lr=2e-3, state=None):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=steps, power=trainer.LR_POWER)
+        if state is not None:
+            optimizer.load_state_dict(state[0])
+            scheduler.load_state_dict(state[1])
+        return optimizer, scheduler
+
+    optimizer, scheduler = schedule(4)
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+    saved = (optimizer.state_dict(), scheduler.state_dict())
+    for steps, flags, changes in [(8, [], {"steps": ("4", "8")}), (3, [], {"steps": ("4", "3")}),
+                                  (8, ["--lr", "1e-3"], {"steps": ("4", "8"), "lr": ("0.002", "0.001")}),
+                                  (6, [], {}), (4, [], {})]:
+        args = trainer.get_args_parser().parse_args(["--steps", str(steps), *flags])
+        optimizer, scheduler = schedule(4, state=saved)
+        trainer.apply_allowed_changes(changes, optimizer, scheduler, args)
+        rates = []
+        for _ in range(2, steps):
+            optimizer.step()
+            scheduler.step()
+            rates.append(scheduler.get_last_lr()[0])
+        assert rates == pytest.approx([polynomial_rate(step, steps, args.lr) for step in range(3, steps + 1)]), (steps, flags)
+        assert rates[-1] == 0.0
+
+
+def test_resume_refuses_steps_that_end_before_the_checkpoint(tmp_path, monkeypatch, capsys):
+    trainer = load_trainer(monkeypatch)
+    forbid_building(trainer, monkeypatch)
+    checkpoint = recorded_checkpoint(trainer, tmp_path, resume_flags(tmp_path))
+    error = refusal(trainer, capsys, resume_flags(tmp_path, "--resume", str(checkpoint), "--steps", "1",
+                                                  "--allow-changed", "steps"))
+    assert error.endswith(f"--steps 1 ends before step 2, where --resume {checkpoint} continues"), error
 
 
 def finite(state):

@@ -66,18 +66,20 @@ class FlagError(SystemExit):
 
 
 # On --resume every flag is compared with the checkpoint's run (check_resume_args) except these,
-# which change neither the samples, their order nor the weights' shapes: where and how often the
-# run writes, what and how often it evaluates, how long it goes on, how fast it runs. The backbone
+# which change neither the samples, their order, the weights' shapes nor the learning rate: where
+# and how often the run writes, what and how often it evaluates, how fast it runs. The backbone
 # weights only initialise a run, and a resumed one takes the checkpoint's weights instead.
-RESUME_FREE = ("steps", "output_dir", "resume", "checkpoint_every", "eval_every", "eval_limit", "eval_root", "data_dir",
+RESUME_FREE = ("output_dir", "resume", "checkpoint_every", "eval_every", "eval_limit", "eval_root", "data_dir",
                "threads", "device", "prefetch_batches", "print_config", "backbone_weights", "allow_changed",
                "max_nonfinite_steps")
 # Compared flags whose change is applied from the resumed step on when --allow-changed names them:
-# the optimiser's settings, the weight average's decay and online noise learning (whose history a
+# the optimiser's settings, the run's length (which the learning-rate decay ends with: see
+# retarget_schedule), the weight average's decay and online noise learning (whose history a
 # checkpoint does not keep anyway). Every other compared flag picks the samples and their order that
 # the checkpoint's loader position belongs to (seed, batch sizes, data, generator, augmentation,
 # --workers, whose worker states torchdata restores one by one) or the weights' shapes (backbone).
-RESUME_ALLOWABLE = ("lr", "weight_decay", "ema_decay", "noise_cutoff", "noise_warmup", "noise_drop_fraction", "noise_mode")
+RESUME_ALLOWABLE = ("lr", "weight_decay", "steps", "ema_decay", "noise_cutoff", "noise_warmup", "noise_drop_fraction",
+                    "noise_mode")
 
 
 # The learning rate decays as (1 - step / --steps) ** LR_POWER, to 0 at the last step.
@@ -165,7 +167,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                      choices=[name.replace("_", "-") for name in RESUME_ALLOWABLE],
                      help="with --resume, accept these flags' new values and apply them from the resumed step on "
                           "(named without dashes: " + ", ".join(name.replace("_", "-") for name in RESUME_ALLOWABLE)
-                          + "; --ema-decay cannot turn the average on or off); the change is printed and logged. "
+                          + "; --ema-decay cannot turn the average on or off; with --steps the learning rate "
+                          "becomes, from the resumed step on, the one a run started with the new --steps has there, "
+                          "decaying to 0 at its last step); the change is printed and logged. "
                           "Flags that choose the samples, their order or the weights' shapes never change "
                           "(default: none)")
     run.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
@@ -385,6 +389,9 @@ def check_resume_args(checkpoint: dict, args: argparse.Namespace, label_space: t
         hint = f" or accept {', '.join(map(flag_name, allowable))} with --allow-changed" if allowable else ""
         raise FlagError(f"--resume {args.resume} continues a run with other flags: {', '.join(refused)}; "
                         f"resume with the checkpoint's values{hint}")
+    if args.steps < checkpoint["step"]:
+        raise FlagError(f"--steps {args.steps} ends before step {checkpoint['step']}, where --resume {args.resume} "
+                        "continues")
     return {key: change for key, change in changes.items() if key in accepted}
 
 
@@ -619,8 +626,8 @@ def restore_checkpoint(run: Run, checkpoint: dict, changes: dict[str, tuple[str,
 
 def apply_allowed_changes(changes: dict, optimizer: torch.optim.Optimizer, scheduler, args: argparse.Namespace) -> None:
     """Put accepted ``--lr``/``--weight-decay`` changes into the optimizer and schedule just loaded
-    from the checkpoint, which hold the checkpoint's values (the other accepted flags act through
-    what is built from ``args``)."""
+    from the checkpoint, which hold the checkpoint's values, and re-target the schedule to
+    ``--steps`` (the other accepted flags act through what is built from ``args``)."""
     for group in optimizer.param_groups:
         if "lr" in changes:
             # The polynomial schedule scales the current rate at each step, so rescaling it once
@@ -631,6 +638,21 @@ def apply_allowed_changes(changes: dict, optimizer: torch.optim.Optimizer, sched
             group["weight_decay"] = args.weight_decay
     if "lr" in changes:
         scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
+    # Compared on the schedule itself rather than on "steps" in changes: a checkpoint with no record
+    # of --steps still holds its schedule's length, which would otherwise end the decay early and
+    # train on at rate 0.
+    if scheduler.total_iters != args.steps:
+        retarget_schedule(optimizer, scheduler, args.steps)
+
+
+def retarget_schedule(optimizer: torch.optim.Optimizer, scheduler, steps: int) -> None:
+    """Make the polynomial decay end at ``steps``: from the schedule's step on, the rate is the one
+    a run started with ``steps`` has there, ``base_lr * (1 - step / steps) ** LR_POWER``, reaching 0 at
+    ``steps``. Lengthening a run raises the rate to that value (a finished run's rate was 0);
+    shortening lowers it."""
+    scheduler.total_iters = steps
+    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base_lr * (1.0 - min(scheduler.last_epoch, steps) / steps) ** scheduler.power
 
 
 def report_resume(checkpoint: dict, args: argparse.Namespace, changes: dict, log: MetricLog, step: int) -> None:
