@@ -1,6 +1,13 @@
 """The training script, run as users run it: single process, resume, DDP with gloo, bad flags,
-its help and the generator settings it resolves (``--print-config``)."""
+its help and the generator settings it resolves (``--print-config``).
+
+Most runs call ``cli``/``main`` in this process on a few steps, a 2-image val folder and the tiny
+random model; a subprocess is kept where the process is what is tested (the command line's exit
+status, a file-size limit, DDP, a resume in a new process), and those that take long are marked slow.
+"""
+import contextlib
 import importlib.util
+import io
 import itertools
 import json
 import os
@@ -8,15 +15,17 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from filelock import FileLock
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ondemand_seg import DiffuMaskStream
 from ondemand_seg.settings.resolve import resolve_config
 from ondemand_seg.settings.vocabulary import load_vocabulary
-from ondemand_seg.toyworld import TOY_CLASSES
+from ondemand_seg.toyworld import TOY_CLASSES, write_voc
 
 SCRIPT = Path(__file__).resolve().parents[1] / "train" / "train_deeplab.py"
 FAST = ["--model", "random-weights", "--vocabulary", "toy", "--batch-size", "4", "--gen-steps", "2",
@@ -47,16 +56,78 @@ def load_trainer(monkeypatch):
     return module
 
 
-def printed_config(*flags, cwd=None):
+def printed_config(trainer, capsys, *flags):
     """The generator settings ``train_deeplab.py --synthetic-only FLAGS --print-config`` prints."""
-    done = subprocess.run([sys.executable, str(SCRIPT), "--synthetic-only", *flags, "--print-config"],
-                          capture_output=True, text=True, timeout=300, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
+    capsys.readouterr()
+    trainer.cli(["--synthetic-only", *flags, "--print-config"])
+    return json.loads(capsys.readouterr().out)
 
 
 def rows(directory, event):
     return [r for r in map(json.loads, (directory / "metrics.jsonl").read_text().splitlines()) if r["event"] == event]
+
+
+def losses(directory):
+    return [r["loss"] for r in rows(directory, "train")]
+
+
+@pytest.fixture(scope="module")
+def small_voc(tmp_path_factory):
+    """A VOC folder of 12 train and 2 val images at the generator's size: the real data and the val
+    split of the runs here, which then write no ToyWorld (1200 images)."""
+    root = tmp_path_factory.mktemp("voc")
+    write_voc(root, n_train=12, n_val=2, image_size=resolve_config("random-weights").image_size)
+    return root
+
+
+def synthetic_flags(tmp_path, small_voc, *flags):
+    """A tiny synthetic-only run without DataLoader workers, scored on ``small_voc``'s val split."""
+    return [*FAST, "--synthetic-only", "--workers", "0", "--eval-root", str(small_voc), "--data-dir", str(tmp_path / "data"),
+            *flags]
+
+
+def train_in_process(trainer, flags):
+    """``train_deeplab.py FLAGS`` run in this process: its summary and what it printed."""
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        summary = trainer.cli(flags)
+    return summary, printed.getvalue()
+
+
+def once_per_session(tmp_path_factory, name, fill):
+    """``tmp/name`` after ``fill(tmp/name)``, filled once per test session: under xdist the first
+    worker to ask fills it in the session's folder while the others wait, rather than each
+    filling one of its own."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above each worker's own
+    folder = base / name
+    with FileLock(f"{folder}.lock"):
+        if not (folder / "filled").exists():
+            folder.mkdir(exist_ok=True)
+            fill(folder)
+            (folder / "filled").touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def synthetic_run(tmp_path_factory):
+    """A 4-step synthetic-only run keeping a weight average and checkpointing every 2 steps
+    (``root/whole``), then the same run resumed from its step-2 checkpoint (``root/two``), both in
+    a test process; ``printed``: what each printed (``root/whole.txt``, ``root/two.txt``)."""
+    def flags(root):
+        return synthetic_flags(root, root / "voc", "--steps", "4", "--checkpoint-every", "2", "--ema-decay", "0.5")
+
+    def train_and_resume(root):
+        write_voc(root / "voc", n_train=1, n_val=2, image_size=resolve_config("random-weights").image_size)
+        with pytest.MonkeyPatch.context() as patch:
+            trainer = load_trainer(patch)
+            for name, resume in (("whole", []), ("two", ["--resume", str(root / "whole" / "checkpoint_000002.pt")])):
+                _, printed = train_in_process(trainer, [*flags(root), "--output-dir", str(root / name), *resume])
+                (root / f"{name}.txt").write_text(printed)
+
+    root = once_per_session(tmp_path_factory, "synthetic-run", train_and_resume)
+    return SimpleNamespace(root=root, flags=flags(root),
+                           printed={name: (root / f"{name}.txt").read_text() for name in ("whole", "two")})
 
 
 @pytest.mark.parametrize("workers, prefetch", [(0, None), (2, 6)])
@@ -79,8 +150,6 @@ def test_stateful_loader_resume_continues_the_stream(fast, workers, prefetch):
 
 
 def test_stream_workers_prefetch_the_batches_of_one_generation_call(monkeypatch, tmp_path):
-    from ondemand_seg.toyworld import write_voc
-
     trainer = load_trainer(monkeypatch)
     assert trainer.generation_burst(20, 8, 16) == 10
     assert trainer.generation_burst(4, 1, 16) == 2, "never below torch's default"
@@ -115,89 +184,79 @@ def test_trainer_leaves_a_core_to_each_worker_generating_on_the_cpu(monkeypatch)
     assert threads("--synthetic-only") is None, "workers generate on the GPU"
 
 
-def test_synthetic_only_run_writes_metrics_and_resumes(tmp_path):
-    whole = run(["--synthetic-only", "--steps", "4", "--output-dir", "whole", "--workers", "0"], tmp_path)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    assert "random init" in whole.stdout and "mIoU" in whole.stdout
-    final = rows(tmp_path / "whole", "final")[0]
+def test_synthetic_only_run_writes_metrics_and_resumes(synthetic_run):
+    whole, printed = synthetic_run.root / "whole", synthetic_run.printed
+    assert "random init" in printed["whole"] and "mIoU" in printed["whole"]
+    final = rows(whole, "final")[0]
     assert 0.0 <= final["miou"] <= 1.0 and set(final["per_class_iou"]) >= {"background", "circle"}
-    assert (tmp_path / "whole" / "metrics.csv").read_text().startswith("event,step,key,value")
+    assert (whole / "metrics.csv").read_text().startswith("event,step,key,value")
     # The generator settings of the run are saved beside its metrics, in the preset's form.
-    saved = json.loads((tmp_path / "whole" / "generator_config.json").read_text())
+    saved = json.loads((whole / "generator_config.json").read_text())
     assert saved["label_space"] == list(TOY_CLASSES) and saved["generator"]["num_inference_steps"] == 2
-
-    half = run(["--synthetic-only", "--steps", "4", "--checkpoint-every", "2", "--output-dir", "half", "--workers", "0"], tmp_path)
-    assert half.returncode == 0, half.stderr[-3000:]
-    assert torch.load(tmp_path / "half" / "checkpoint.pt", weights_only=True)["step"] == 4
-    # Resume from step 2 into a new folder and compare the losses with the uninterrupted run.
-    resumed = run(["--synthetic-only", "--steps", "4", "--output-dir", "two", "--workers", "0",
-                   "--resume", str(tmp_path / "half" / "checkpoint_000002.pt")], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout
-    want = [r["loss"] for r in rows(tmp_path / "whole", "train")][2:]
-    got = [r["loss"] for r in rows(tmp_path / "two", "train")]
-    assert got == pytest.approx(want, rel=1e-4), "a resumed run sees the same batches as an uninterrupted one"
+    assert torch.load(whole / "checkpoint.pt", weights_only=True)["step"] == 4
+    # Resumed from step 2 into a new folder: the losses of the uninterrupted run, which also shows
+    # that writing the step-2 checkpoint left the run as it was.
+    assert "resumed from" in printed["two"]
+    assert losses(synthetic_run.root / "two") == pytest.approx(losses(whole)[2:], rel=1e-4), \
+        "a resumed run sees the same batches as an uninterrupted one"
 
 
-def test_real_only_run_is_fixed_by_its_seed_and_resumes_exactly(tmp_path):
+def test_real_only_run_is_fixed_by_its_seed_and_resumes_exactly(tmp_path, monkeypatch, small_voc):
     # The real images' random crops and flips come from --seed too: a rerun trains on the same
     # batches, and a resumed run continues their augmentation where it stopped (worker included).
-    flags = ["--real-only", "--steps", "4", "--checkpoint-every", "2", "--workers", "1"]
-    whole = run([*flags, "--output-dir", "whole"], tmp_path)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    again = run([*flags, "--output-dir", "again"], tmp_path)
-    want = [r["loss"] for r in rows(tmp_path / "whole", "train")]
-    assert [r["loss"] for r in rows(tmp_path / "again", "train")] == want
-    other = run([*flags, "--output-dir", "other", "--seed", "1"], tmp_path)
-    assert [r["loss"] for r in rows(tmp_path / "other", "train")] != want
-    resumed = run([*flags, "--output-dir", "two", "--resume", str(tmp_path / "whole" / "checkpoint_000002.pt")], tmp_path)
-    assert resumed.returncode == 0 and again.returncode == 0 and other.returncode == 0, resumed.stderr[-3000:]
-    assert [r["loss"] for r in rows(tmp_path / "two", "train")] == pytest.approx(want[2:], rel=1e-4)
+    # 12 images make 3 batches an epoch: the runs cross an epoch's end, the resumed one after resuming.
+    trainer = load_trainer(monkeypatch)
+    flags = [*FAST, "--real-only", "--voc-root", str(small_voc), "--steps", "4", "--checkpoint-every", "2",
+             "--workers", "1", "--data-dir", str(tmp_path / "data")]
+
+    def run_losses(name, *extra):
+        train_in_process(trainer, [*flags, "--output-dir", str(tmp_path / name), *extra])
+        return losses(tmp_path / name)
+
+    want = run_losses("whole")
+    assert run_losses("again", "--checkpoint-every", "4") == want, "a rerun (checkpointed only at its end) differs"
+    assert run_losses("other", "--seed", "1") != want
+    resumed = run_losses("two", "--resume", str(tmp_path / "whole" / "checkpoint_000002.pt"))
+    assert resumed == pytest.approx(want[2:], rel=1e-4)
 
 
-def test_weight_average_is_evaluated_checkpointed_and_resumed_exactly(tmp_path, monkeypatch, capsys):
-    flags = ["--synthetic-only", "--steps", "4", "--checkpoint-every", "2", "--workers", "0", "--ema-decay", "0.5"]
-    whole = run([*flags, "--output-dir", "whole"], tmp_path)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    assert rows(tmp_path / "whole", "final")[0]["ema_decay"] == 0.5
-    end = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+def test_weight_average_is_evaluated_checkpointed_and_resumed_exactly(synthetic_run, tmp_path, monkeypatch, capsys):
+    whole = synthetic_run.root / "whole"
+    assert rows(whole, "final")[0]["ema_decay"] == 0.5
+    end = torch.load(whole / "checkpoint.pt", weights_only=True)
     assert int(end["ema"]["n_averaged"]) == 4
     # The average trails the trained weights: some parameter moved since step 2 differs from it.
     trained, averaged = end["model"], {k.removeprefix("module."): v for k, v in end["ema"].items()}
     assert any(not torch.equal(trained[k], averaged[k]) for k in trained if k in averaged and trained[k].is_floating_point())
-    resumed = run([*flags, "--output-dir", "two", "--resume", str(tmp_path / "whole" / "checkpoint_000002.pt")], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    again = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["ema"]
+    again = torch.load(synthetic_run.root / "two" / "checkpoint.pt", weights_only=True)["ema"]
     assert all(torch.allclose(again[k].float(), v.float(), atol=1e-5) for k, v in end["ema"].items())
     # Resuming without the average the checkpoint keeps would silently change the run: refused,
     # whatever --allow-changed says.
     trainer = load_trainer(monkeypatch)
     forbid_building(trainer, monkeypatch)
     plain = [*FAST, "--synthetic-only", "--steps", "4", "--workers", "0", "--data-dir", str(tmp_path / "data"),
-             "--output-dir", str(tmp_path / "three"), "--resume", str(tmp_path / "whole" / "checkpoint_000002.pt")]
+             "--output-dir", str(tmp_path / "three"), "--resume", str(whole / "checkpoint_000002.pt")]
     for allowed in ([], ["--allow-changed", "ema-decay"]):
         error = refusal(trainer, capsys, [*plain, *allowed])
         assert error.endswith("other flags: --ema-decay 0.5 -> 0.0 (the checkpoint keeps a weight average); "
                               "resume with the checkpoint's values"), error
 
 
-def test_mixed_with_real_voc_and_full_augmentation(tmp_path):
+def test_mixed_with_real_voc_and_full_augmentation(tmp_path, monkeypatch, small_voc):
     # The full recipe splices in the map-style synthetic set too (its items tile with other items
     # of their generation block), next to real VOC-format data in one ConcatDataset; a few real
     # images are repeated so that the synthetic share stays the one asked for.
-    from ondemand_seg.toyworld import write_voc
-
-    write_voc(tmp_path / "real", n_train=8, n_val=4, image_size=32)
-    done = run(["--voc-root", str(tmp_path / "real"), "--synthetic-ratio", "0.5", "--steps", "3", "--augment", "full",
-                "--real-images", "2", "--synthetic-length", "8", "--output-dir", "mixed", "--workers", "0"], tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "mixing 2 real images (x4) with 8 synthetic: 50% of samples synthetic" in done.stdout
+    trainer = load_trainer(monkeypatch)
+    _, printed = train_in_process(trainer, [
+        *FAST, "--voc-root", str(small_voc), "--synthetic-ratio", "0.5", "--steps", "3", "--augment", "full",
+        "--real-images", "2", "--synthetic-length", "8", "--workers", "0", "--data-dir", str(tmp_path / "data"),
+        "--output-dir", str(tmp_path / "mixed")])
+    assert "mixing 2 real images (x4) with 8 synthetic: 50% of samples synthetic" in printed
     assert rows(tmp_path / "mixed", "final")[0]["step"] == 3
+    assert not (tmp_path / "data").exists(), "scored on --voc-root's val split: no ToyWorld is written"
 
 
 def test_real_images_are_a_seeded_subset_the_same_for_real_only_and_mixed(tmp_path, monkeypatch):
-    from ondemand_seg.toyworld import write_voc
-
     trainer = load_trainer(monkeypatch)
     write_voc(tmp_path / "real", n_train=12, n_val=2, image_size=16)
 
@@ -234,18 +293,24 @@ def test_mix_sizes_keep_the_synthetic_share(monkeypatch):
     assert trainer.mix_sizes(1000, 0.5, 256) == (256, 1)
 
 
-def test_toyworld_is_written_at_the_generator_size_whatever_the_run(tmp_path):
+def test_toyworld_is_written_at_the_generator_size_whatever_the_run(tmp_path, monkeypatch):
     # Real-only, synthetic and mixed runs sharing a --data-dir must be scored on the same val images.
     from PIL import Image
 
-    done = run(["--real-only", "--steps", "1", "--crop-size", "32", "--output-dir", "real", "--workers", "0"], tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    trainer = load_trainer(monkeypatch)
+    write = trainer.write_voc
+    # Fewer images than the trainer asks for: their size is what is checked.
+    monkeypatch.setattr(trainer, "write_voc", lambda root, n_train, n_val, **kwargs: write(root, 8, 2, **kwargs))
+    train_in_process(trainer, [*FAST, "--real-only", "--steps", "1", "--crop-size", "32", "--workers", "0",
+                               "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "real")])
     generated = resolve_config("random-weights").image_size
     images = sorted((tmp_path / "data" / "VOCdevkit" / "VOC2012" / "JPEGImages").glob("*.jpg"))
     assert images and Image.open(images[0]).size[::-1] == generated != (32, 32)
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_with_gloo(tmp_path):
+    # Scored on ToyWorld, which rank 0 writes while rank 1 waits at a barrier.
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517")
     done = run(["--synthetic-only", "--steps", "3", "--output-dir", "ddp", "--workers", "1"], tmp_path, launcher)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -254,6 +319,21 @@ def test_ddp_two_ranks_with_gloo(tmp_path):
     checkpoint = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
     states = checkpoint["loader"]
     assert len(states) == 2 and states[0] != states[1], "each rank's stream position is saved"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["--synthetic-only", "--real-only"])
+def test_a_run_resumed_in_a_new_process_sees_the_batches_of_an_uninterrupted_one(tmp_path, small_voc, source):
+    # The in-process resumes above share this process's caches and state with the run they resume;
+    # here nothing is carried over but the checkpoint (the stream or the seeded real data, in a worker).
+    flags = [source, "--steps", "4", "--checkpoint-every", "2", "--workers", "1", "--eval-root", str(small_voc)]
+    if source == "--real-only":
+        flags += ["--voc-root", str(small_voc)]
+    whole = run([*flags, "--output-dir", "whole"], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    resumed = run([*flags, "--output-dir", "two", "--resume", str(tmp_path / "whole" / "checkpoint_000002.pt")], tmp_path)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "whole")[2:], rel=1e-4)
 
 
 def forbid_building(trainer, monkeypatch):
@@ -349,15 +429,16 @@ def test_unknown_class_fails_when_no_vocabulary_is_given(tmp_path, monkeypatch, 
     assert "unknown class 'dragon'" in refusal(trainer, capsys, flags)
 
 
-def test_a_data_dir_that_is_only_read_may_be_anywhere(tmp_path, monkeypatch, capsys):
-    # Real data named for training and evaluation: --data-dir is never written, so it is not checked.
-    from ondemand_seg.toyworld import write_voc
-
+@pytest.mark.parametrize("flags", [["--eval-root", "{real}"], [], ["--vocabulary", "voc"]],
+                         ids=["eval-root", "eval-root-defaults-to-voc-root", "other-label-space"])
+def test_a_data_dir_that_is_only_read_may_be_anywhere(tmp_path, monkeypatch, flags):
+    # Real data named for training and evaluation (--eval-root defaults to --voc-root): --data-dir
+    # is never written, so it is not checked, and ToyWorld's label space is not needed.
     trainer = load_trainer(monkeypatch)
     forbid_building(trainer, monkeypatch)
     write_voc(tmp_path / "real", n_train=4, n_val=1, image_size=16)
     args = trainer.get_args_parser().parse_args([
-        *FAST, "--voc-root", str(tmp_path / "real"), "--eval-root", str(tmp_path / "real"),
+        *FAST, "--voc-root", str(tmp_path / "real"), *(flag.format(real=tmp_path / "real") for flag in flags),
         "--data-dir", str(regular_file(tmp_path) / "toyworld"), "--output-dir", str(tmp_path / "out")])
     with pytest.raises(AssertionError, match="got as far as building"):
         trainer.main(args)
@@ -425,6 +506,7 @@ def fake_voc(tmp_path):
         (["--vocabulary", "voc", "--eval-root", "{voc}"], "the label space (--model, --vocabulary, --classes) 6 -> 21 classes"),
         (["--seed", "1", "--allow-changed", "lr"], "--seed 0 -> 1;"),
         (["--lr", "1e-3"], "--lr 0.002 -> 0.001; resume with the checkpoint's values or accept --lr with --allow-changed"),
+        (["--steps", "9"], "--steps 1200 -> 9; resume with the checkpoint's values or accept --steps with --allow-changed"),
         (["--noise-cutoff", "0.5", "--weight-decay", "0", "--allow-changed", "weight-decay"],
          "--noise-cutoff unset -> 0.5; resume with the checkpoint's values or accept --noise-cutoff with --allow-changed"),
     ],
@@ -459,11 +541,12 @@ def test_resume_lets_flags_that_keep_the_run_change(tmp_path, monkeypatch):
         tmp_path, "--resume", str(checkpoint), "--steps", "9", "--checkpoint-every", "3", "--eval-every", "3",
         "--eval-limit", "2", "--eval-root", fake_voc(tmp_path), "--threads", "2", "--device", "cpu",
         "--prefetch-batches", "5", "--lr", "1e-3", "--ema-decay", "0.9", "--noise-cutoff", "0.5",
-        "--allow-changed", "lr", "ema-decay", "noise-cutoff"))
+        "--allow-changed", "lr", "steps", "ema-decay", "noise-cutoff"))
     args.data_dir = args.output_dir = tmp_path / "elsewhere"
     config, args.classes = trainer.generator_config(args)
     accepted = trainer.check_resume_args(torch.load(checkpoint, weights_only=True), args, config.label_space)
-    assert accepted == {"lr": ("0.002", "0.001"), "ema_decay": ("0.5", "0.9"), "noise_cutoff": ("unset", "0.5")}
+    assert accepted == {"lr": ("0.002", "0.001"), "steps": ("1200", "9"), "ema_decay": ("0.5", "0.9"),
+                        "noise_cutoff": ("unset", "0.5")}
     with pytest.raises(AssertionError, match="got as far as building"):
         trainer.main(args)
 
@@ -492,42 +575,101 @@ def test_resume_flag_lists_name_real_flags_and_keep_what_picks_the_samples_compa
     assert never <= compared - set(trainer.RESUME_ALLOWABLE)
 
 
-def test_an_accepted_lr_and_weight_decay_change_is_applied_printed_and_logged(tmp_path, monkeypatch, capsys):
-    from ondemand_seg.toyworld import write_voc
-
+def test_an_accepted_lr_and_weight_decay_change_is_applied_printed_and_logged(synthetic_run, tmp_path, monkeypatch):
     trainer = load_trainer(monkeypatch)
-    write_voc(tmp_path / "val", n_train=1, n_val=2, image_size=64)
-    flags = resume_flags(tmp_path, "--workers", "0", "--steps", "3", "--checkpoint-every", "1", "--eval-root",
-                         str(tmp_path / "val"))
-    trainer.cli([*flags, "--output-dir", str(tmp_path / "whole")])
-    trainer.cli([*flags, "--output-dir", str(tmp_path / "resumed"), "--lr", "1e-3", "--weight-decay", "0.01",
-                 "--resume", str(tmp_path / "whole" / "checkpoint_000001.pt"),
-                 "--allow-changed", "lr", "weight-decay"])
-    assert ("changed (--allow-changed): --lr 0.002 -> 0.001; --weight-decay 0.0001 -> 0.01"
-            in capsys.readouterr().out)
+    whole, checkpoint = synthetic_run.root / "whole", synthetic_run.root / "whole" / "checkpoint_000002.pt"
+    _, printed = train_in_process(trainer, [
+        *synthetic_run.flags, "--output-dir", str(tmp_path / "resumed"), "--lr", "1e-3", "--weight-decay", "0.01",
+        "--resume", str(checkpoint), "--allow-changed", "lr", "weight-decay"])
+    assert "changed (--allow-changed): --lr 0.002 -> 0.001; --weight-decay 0.0001 -> 0.01" in printed
     assert rows(tmp_path / "resumed", "resume") == [{
-        "event": "resume", "step": 1, "checkpoint": str(tmp_path / "whole" / "checkpoint_000001.pt"),
+        "event": "resume", "step": 2, "checkpoint": str(checkpoint),
         "changed": "--lr 0.002 -> 0.001; --weight-decay 0.0001 -> 0.01"}]
     # The schedule goes on from where it was, on the new base rate.
-    whole = [row["lr"] for row in rows(tmp_path / "whole", "train")]
-    assert [row["lr"] for row in rows(tmp_path / "resumed", "train")] == pytest.approx([r / 2 for r in whole[1:]])
-    group = torch.load(tmp_path / "resumed" / "checkpoint_000002.pt", weights_only=True)["optimizer"]["param_groups"][0]
+    rates = [row["lr"] for row in rows(whole, "train")]
+    assert [row["lr"] for row in rows(tmp_path / "resumed", "train")] == pytest.approx([r / 2 for r in rates[2:]])
+    group = torch.load(tmp_path / "resumed" / "checkpoint_000004.pt", weights_only=True)["optimizer"]["param_groups"][0]
     assert group["initial_lr"] == 1e-3 and group["weight_decay"] == 0.01
+
+
+def polynomial_rate(step, steps, lr=2e-3):
+    """The rate after ``step`` steps of a run of ``steps`` (the trainer's decay, power 0.9)."""
+    return lr * (1 - step / steps) ** 0.9
+
+
+def test_a_finished_run_resumed_with_more_steps_trains_on_at_a_rate_decaying_to_the_new_end(
+        synthetic_run, tmp_path, monkeypatch):
+    # Resumed from its last checkpoint, where the rate has decayed to 0, with --steps 6: the rate
+    # of steps 5 and 6 is the one a 6-step run has there, and the weights move again.
+    trainer = load_trainer(monkeypatch)
+    end = synthetic_run.root / "whole" / "checkpoint_000004.pt"
+    flags = [*synthetic_run.flags, "--steps", "6", "--output-dir", str(tmp_path / "longer"), "--resume", str(end)]
+    _, printed = train_in_process(trainer, [*flags, "--allow-changed", "steps"])
+    assert "changed (--allow-changed): --steps 4 -> 6" in printed
+    trained = rows(tmp_path / "longer", "train")
+    assert [row["step"] for row in trained] == [5, 6]
+    assert [row["lr"] for row in trained] == pytest.approx([polynomial_rate(5, 6), 0.0])
+    before = torch.load(end, weights_only=True)["model"]
+    after = torch.load(tmp_path / "longer" / "checkpoint_000006.pt", weights_only=True)["model"]
+    assert any(not torch.equal(before[k], after[k]) for k in before if "running_" not in k and "num_batches" not in k)
+    assert torch.load(tmp_path / "longer" / "checkpoint.pt", weights_only=True)["scheduler"]["total_iters"] == 6
+
+
+def test_the_rate_decay_is_retargeted_to_the_resumed_runs_steps(monkeypatch):
+    # The schedule a checkpoint holds, continued with another --steps (and a new --lr), against the
+    # closed form of a run started with those flags. A checkpoint with no record of --steps (no
+    # change accepted) is re-targeted all the same: its schedule's own length is what is compared.
+    trainer = load_trainer(monkeypatch)
+
+    def schedule(steps, lr=2e-3, state=None):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=steps, power=trainer.LR_POWER)
+        if state is not None:
+            optimizer.load_state_dict(state[0])
+            scheduler.load_state_dict(state[1])
+        return optimizer, scheduler
+
+    optimizer, scheduler = schedule(4)
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+    saved = (optimizer.state_dict(), scheduler.state_dict())
+    for steps, flags, changes in [(8, [], {"steps": ("4", "8")}), (3, [], {"steps": ("4", "3")}),
+                                  (8, ["--lr", "1e-3"], {"steps": ("4", "8"), "lr": ("0.002", "0.001")}),
+                                  (6, [], {}), (4, [], {})]:
+        args = trainer.get_args_parser().parse_args(["--steps", str(steps), *flags])
+        optimizer, scheduler = schedule(4, state=saved)
+        trainer.apply_allowed_changes(changes, optimizer, scheduler, args)
+        rates = []
+        for _ in range(2, steps):
+            optimizer.step()
+            scheduler.step()
+            rates.append(scheduler.get_last_lr()[0])
+        assert rates == pytest.approx([polynomial_rate(step, steps, args.lr) for step in range(3, steps + 1)]), (steps, flags)
+        assert rates[-1] == 0.0
+
+
+def test_resume_refuses_steps_that_end_before_the_checkpoint(tmp_path, monkeypatch, capsys):
+    trainer = load_trainer(monkeypatch)
+    forbid_building(trainer, monkeypatch)
+    checkpoint = recorded_checkpoint(trainer, tmp_path, resume_flags(tmp_path))
+    error = refusal(trainer, capsys, resume_flags(tmp_path, "--resume", str(checkpoint), "--steps", "1",
+                                                  "--allow-changed", "steps"))
+    assert error.endswith(f"--steps 1 ends before step 2, where --resume {checkpoint} continues"), error
 
 
 def finite(state):
     return all(bool(torch.isfinite(value).all()) for value in state.values() if value.is_floating_point())
 
 
-def test_a_diverging_run_stops_keeping_the_last_good_checkpoint(tmp_path):
+def test_a_diverging_run_stops_keeping_the_last_good_checkpoint(tmp_path, monkeypatch, small_voc):
     # A huge rate: step 1's loss is finite and its weights huge but finite; step 2's loss is NaN.
-    from ondemand_seg.toyworld import write_voc
-
-    write_voc(tmp_path / "val", n_train=1, n_val=2, image_size=64)
-    done = run(["--synthetic-only", "--lr", "1e30", "--steps", "4", "--checkpoint-every", "1", "--workers", "0",
-                "--eval-root", str(tmp_path / "val"), "--output-dir", "diverged"], tmp_path)
-    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert done.stderr.splitlines()[-1] == (
+    trainer = load_trainer(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        train_in_process(trainer, synthetic_flags(tmp_path, small_voc, "--lr", "1e30", "--steps", "4",
+                                                  "--checkpoint-every", "1", "--output-dir", "diverged"))
+    assert str(stopped.value) == (
         "error: the loss is nan at step 2 (1 non-finite in a row; --max-nonfinite-steps 0); the run stopped, "
         "keeping the last good checkpoint (diverged/checkpoint.pt)")
     kept = torch.load(tmp_path / "diverged" / "checkpoint.pt", weights_only=True)
@@ -537,16 +679,12 @@ def test_a_diverging_run_stops_keeping_the_last_good_checkpoint(tmp_path):
     assert not rows(tmp_path / "diverged", "final")
 
 
-def in_process_run_flags(tmp_path, *flags):
-    """A tiny synthetic-only run in this process, scored on a 2-image val folder (no ToyWorld written)."""
-    from ondemand_seg.toyworld import write_voc
-
-    write_voc(tmp_path / "val", n_train=1, n_val=2, image_size=64)
-    return [*FAST, "--synthetic-only", "--workers", "0", "--checkpoint-every", "1", "--eval-root", str(tmp_path / "val"),
-            "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"), *flags]
+def in_process_run_flags(tmp_path, small_voc, *flags):
+    """A tiny synthetic-only run in this process, checkpointed every step into ``tmp_path/out``."""
+    return synthetic_flags(tmp_path, small_voc, "--checkpoint-every", "1", "--output-dir", str(tmp_path / "out"), *flags)
 
 
-def test_nonfinite_losses_are_skipped_up_to_the_patience_then_stop_the_run(tmp_path, monkeypatch, capsys):
+def test_nonfinite_losses_are_skipped_up_to_the_patience_then_stop_the_run(tmp_path, monkeypatch, capsys, small_voc):
     trainer = load_trainer(monkeypatch)
     calls = []
     forward = torch.nn.CrossEntropyLoss.forward
@@ -558,7 +696,7 @@ def test_nonfinite_losses_are_skipped_up_to_the_patience_then_stop_the_run(tmp_p
 
     monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", nan_at_steps_2_4_5)
     with pytest.raises(SystemExit) as stopped:
-        trainer.cli(in_process_run_flags(tmp_path, "--steps", "6", "--max-nonfinite-steps", "1"))
+        trainer.cli(in_process_run_flags(tmp_path, small_voc, "--steps", "6", "--max-nonfinite-steps", "1"))
     assert str(stopped.value) == ("error: the loss is nan at step 5 (2 non-finite in a row; --max-nonfinite-steps 1); "
                                   f"the run stopped, keeping the last good checkpoint ({tmp_path / 'out' / 'checkpoint.pt'})")
     assert "warning: the loss is nan at step 2; the step is skipped" in capsys.readouterr().err
@@ -576,7 +714,7 @@ def test_nonfinite_losses_are_skipped_up_to_the_patience_then_stop_the_run(tmp_p
     assert all(finite(s["model"]) for s in saved.values())
 
 
-def test_weights_that_are_not_finite_stop_the_run_before_they_are_saved(tmp_path, monkeypatch):
+def test_weights_that_are_not_finite_stop_the_run_before_they_are_saved(tmp_path, monkeypatch, small_voc):
     trainer = load_trainer(monkeypatch)
     optimizer_step = torch.optim.AdamW.step
 
@@ -589,7 +727,7 @@ def test_weights_that_are_not_finite_stop_the_run_before_they_are_saved(tmp_path
 
     monkeypatch.setattr(torch.optim.AdamW, "step", overflow_at_step_2)
     with pytest.raises(SystemExit) as stopped:
-        trainer.cli(in_process_run_flags(tmp_path, "--steps", "3", "--ema-decay", "0.5"))
+        trainer.cli(in_process_run_flags(tmp_path, small_voc, "--steps", "3", "--ema-decay", "0.5"))
     out = tmp_path / "out"
     assert str(stopped.value) == (
         "error: the weights are not finite at step 2 (backbone.0.0.weight, averaged module.backbone.0.0.weight); "
@@ -642,15 +780,16 @@ def test_bad_resume_or_output_dir_fails_before_the_model_and_data_are_built(tmp_
     assert refused.value.code == 2 and str(refused.value).startswith(message.format(path=path)), str(refused.value)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="RLIMIT_FSIZE is POSIX")
-def test_a_disk_too_full_for_checkpoints_warns_then_stops_clearly_keeping_the_previous_one(tmp_path):
+def test_a_disk_too_full_for_checkpoints_warns_then_stops_clearly_keeping_the_previous_one(tmp_path, small_voc):
     # A file-size limit makes every write past 1 MB fail (EFBIG), as a nearly full disk does: the
-    # metrics and ToyWorld images fit, a checkpoint does not.
+    # metrics fit, a checkpoint does not. In a subprocess: the limit is the process's.
     out = tmp_path / "full"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(b"the previous good checkpoint")
-    done = run(["--synthetic-only", "--steps", "2", "--checkpoint-every", "1", "--output-dir", "full", "--workers", "0"],
-               tmp_path, max_file_bytes=1 << 20)
+    done = run(["--synthetic-only", "--steps", "2", "--checkpoint-every", "1", "--output-dir", "full", "--workers", "0",
+                "--eval-root", str(small_voc)], tmp_path, max_file_bytes=1 << 20)
     assert done.returncode == 1, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     # Step 1: a warning naming the file and the cause, and training goes on.
@@ -679,17 +818,20 @@ def help_entries(text):
     return {flag: " ".join(entry.split()) for flag, entry in entries.items()}
 
 
-def test_help_documents_every_flag_and_each_default_once():
-    done = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, COLUMNS="100"))
-    assert done.returncode == 0
-    entries = help_entries(done.stdout)
+def test_help_documents_every_flag_and_each_default_once(monkeypatch, capsys):
+    trainer = load_trainer(monkeypatch)
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as done:
+        trainer.cli(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    entries = help_entries(text)
     for flag in ("--synthetic-only", "--voc-root", "--eval-root", "--synthetic-ratio", "--backbone",
                  "--backbone-weights", "--resume", "--reuse", "--workers", "--vocabulary", "--gen-steps",
                  "--gen-batch-size", "--threshold", "--print-config"):
         assert flag in entries, flag
     assert "--label-space" in entries["--vocabulary"], "the old flag name still works"
-    assert "(default: None)" not in done.stdout and "(default: False)" not in done.stdout
+    assert "(default: None)" not in text and "(default: False)" not in text
     twice = {flag: entry for flag, entry in entries.items() if entry.lower().count("default") > 1}
     assert not twice, twice
     # Flags with a value of their own say it; generator flags say where an unset value comes from.
@@ -697,24 +839,21 @@ def test_help_documents_every_flag_and_each_default_once():
         assert "default" in entries[flag].lower(), entries[flag]
 
 
-def test_online_noise_learning_counts_dropped_samples(tmp_path):
+def test_online_noise_learning_counts_dropped_samples(tmp_path, monkeypatch, small_voc):
     # A plain cutoff (drop fraction 1): the random tiny model scores most regions alike, and ties
     # with the class quantile are kept by design (tested in test_noise.py).
-    done = run(["--synthetic-only", "--steps", "3", "--noise-cutoff", "0.99", "--noise-warmup", "1", "--noise-drop-fraction", "1",
-                "--output-dir", "noise", "--workers", "0"], tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    trainer = load_trainer(monkeypatch)
+    train_in_process(trainer, synthetic_flags(tmp_path, small_voc, "--steps", "3", "--noise-cutoff", "0.99", "--noise-warmup",
+                                              "1", "--noise-drop-fraction", "1", "--output-dir", str(tmp_path / "noise")))
     counts = rows(tmp_path / "noise", "final")[0]["noise_filter"]
     # Two steps after warm-up, 4 samples each, at least one class region per sample.
     assert counts["scored"] >= 8 and counts["dropped"] >= 1
     assert sum(counts["per_class"].values()) == counts["dropped"] and set(counts["per_class"]) <= set(TOY_CLASSES)
 
 
-def test_noise_learning_in_a_mixed_run_prunes_synthetic_labels_only(tmp_path, monkeypatch):
+def test_noise_learning_in_a_mixed_run_prunes_synthetic_labels_only(tmp_path, monkeypatch, small_voc):
     # In process, to see what the filter is handed: per batch, which samples are synthetic.
-    from ondemand_seg.toyworld import write_voc
-
     trainer = load_trainer(monkeypatch)
-    write_voc(tmp_path / "real", n_train=8, n_val=4, image_size=32)
     seen = []
     filter_call = trainer.LabelNoiseFilter.__call__
 
@@ -725,7 +864,7 @@ def test_noise_learning_in_a_mixed_run_prunes_synthetic_labels_only(tmp_path, mo
 
     monkeypatch.setattr(trainer.LabelNoiseFilter, "__call__", recording)
     args = trainer.get_args_parser().parse_args([
-        *FAST, "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"), "--voc-root", str(tmp_path / "real"),
+        *FAST, "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"), "--voc-root", str(small_voc),
         "--real-images", "4", "--synthetic-length", "8", "--synthetic-ratio", "0.5", "--steps", "6", "--workers", "0",
         "--noise-cutoff", "0.99", "--noise-warmup", "0", "--noise-drop-fraction", "1"])
     trainer.main(args)
@@ -739,9 +878,9 @@ def test_noise_learning_in_a_mixed_run_prunes_synthetic_labels_only(tmp_path, mo
     assert pruned >= 1 and counts["dropped"] >= 1
 
 
-def test_generator_flags_override_only_their_fields_of_the_preset():
+def test_generator_flags_override_only_their_fields_of_the_preset(monkeypatch, capsys):
     preset = resolve_config("toy")
-    config = printed_config("--vocabulary", "toy", "--classes-per-prompt", "1", "--threshold", "0.3",
+    config = printed_config(load_trainer(monkeypatch), capsys, "--vocabulary", "toy", "--classes-per-prompt", "1", "--threshold", "0.3",
                             "--threshold-mode", "fixed", "--class-thresholds", "ring=0.56", "circle=0.3")
     assert config["generator"]["classes_per_prompt"] == 1
     assert config["mask"]["class_thresholds"] == {"ring": 0.56, "circle": 0.3}
@@ -755,8 +894,8 @@ def test_generator_flags_override_only_their_fields_of_the_preset():
 
 
 @pytest.mark.parametrize("vocabulary", ["voc", "cityscapes", "ade20k"])
-def test_vocabulary_accepts_each_builtin(vocabulary):
-    config = printed_config("--vocabulary", vocabulary)
+def test_vocabulary_accepts_each_builtin(monkeypatch, capsys, vocabulary):
+    config = printed_config(load_trainer(monkeypatch), capsys, "--vocabulary", vocabulary)
     assert config["label_space"] == list(load_vocabulary(vocabulary).label_space)
     assert config["vocabulary"]["name"] == vocabulary
     # Nothing but the vocabulary was asked for: the rest is the toy preset's.
@@ -765,17 +904,19 @@ def test_vocabulary_accepts_each_builtin(vocabulary):
     assert config["mask"]["class_thresholds"] == {}
 
 
-def test_vocabulary_reads_a_user_file_and_label_space_is_its_old_name(tmp_path):
+def test_vocabulary_reads_a_user_file_and_label_space_is_its_old_name(tmp_path, monkeypatch, capsys):
+    trainer = load_trainer(monkeypatch)
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "pets.json").write_text(json.dumps({"classes": ["background", "cat", "dog"],
                                                     "templates": ["a photo of a {class}"]}))
-    config = printed_config("--label-space", "pets.json", "--model", "random-weights", "--classes-per-prompt", "3",
-                            "--classes", "dog", "hamster", cwd=tmp_path)
+    config = printed_config(trainer, capsys, "--label-space", "pets.json", "--model", "random-weights",
+                            "--classes-per-prompt", "3", "--classes", "dog", "hamster")
     # A class the file lacks joins as free text (zero-shot), after the file's own classes.
     assert config["label_space"] == ["background", "cat", "dog", "hamster"]
     assert config["vocabulary"]["name"] == "pets" and config["vocabulary"]["templates"] == ["a photo of a {class}"]
     assert config["generator"]["classes_per_prompt"] == 3
-    ranged = printed_config("--label-space", "pets.json", "--model", "random-weights", "--classes-per-prompt", "1", "3",
-                            cwd=tmp_path)
+    ranged = printed_config(trainer, capsys, "--label-space", "pets.json", "--model", "random-weights",
+                            "--classes-per-prompt", "1", "3")
     assert ranged["generator"]["classes_per_prompt"] == [1, 3]
 
 

@@ -1,7 +1,6 @@
 """train/seeded_data.py: real data augmented reproducibly from the run's seed, its state resumed."""
 import importlib.util
 import itertools
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -22,6 +22,7 @@ import math
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,8 +44,8 @@ from ondemand_seg.metrics import ConfusionMatrix
 from ondemand_seg.toyworld import TOY_CLASSES, write_voc
 from dilated_convs import crop_dilated_convs
 from seeded_data import SeededServings, SourceFlaggedConcatDataset, StatefulConcatDataset
-from utils import (CheckpointError, MetricLog, MetricLogError, all_reduce_mean, init_distributed, is_main_process,
-                   load_checkpoint, output_dir_problem, save_checkpoint)
+from utils import (CheckpointError, MetricLog, MetricLogError, all_gather_object, all_reduce_mean, init_distributed,
+                   is_main_process, load_checkpoint, output_dir_problem, save_checkpoint)
 
 # torchdata 0.11 calls an API torch has deprecated; the message says nothing about this run.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
@@ -65,19 +66,24 @@ class FlagError(SystemExit):
 
 
 # On --resume every flag is compared with the checkpoint's run (check_resume_args) except these,
-# which change neither the samples, their order nor the weights' shapes: where and how often the
-# run writes, what and how often it evaluates, how long it goes on, how fast it runs. The backbone
+# which change neither the samples, their order, the weights' shapes nor the learning rate: where
+# and how often the run writes, what and how often it evaluates, how fast it runs. The backbone
 # weights only initialise a run, and a resumed one takes the checkpoint's weights instead.
-RESUME_FREE = ("steps", "output_dir", "resume", "checkpoint_every", "eval_every", "eval_limit", "eval_root", "data_dir",
+RESUME_FREE = ("output_dir", "resume", "checkpoint_every", "eval_every", "eval_limit", "eval_root", "data_dir",
                "threads", "device", "prefetch_batches", "print_config", "backbone_weights", "allow_changed",
                "max_nonfinite_steps")
 # Compared flags whose change is applied from the resumed step on when --allow-changed names them:
-# the optimiser's settings, the weight average's decay and online noise learning (whose history a
+# the optimiser's settings, the run's length (which the learning-rate decay ends with: see
+# retarget_schedule), the weight average's decay and online noise learning (whose history a
 # checkpoint does not keep anyway). Every other compared flag picks the samples and their order that
 # the checkpoint's loader position belongs to (seed, batch sizes, data, generator, augmentation,
 # --workers, whose worker states torchdata restores one by one) or the weights' shapes (backbone).
-RESUME_ALLOWABLE = ("lr", "weight_decay", "ema_decay", "noise_cutoff", "noise_warmup", "noise_drop_fraction", "noise_mode")
+RESUME_ALLOWABLE = ("lr", "weight_decay", "steps", "ema_decay", "noise_cutoff", "noise_warmup", "noise_drop_fraction",
+                    "noise_mode")
 
+
+# The learning rate decays as (1 - step / --steps) ** LR_POWER, to 0 at the last step.
+LR_POWER = 0.9
 
 # DeepLabHead's last convolution, one output channel a class whatever the backbone: a checkpoint's
 # number of classes.
@@ -97,6 +103,7 @@ BACKBONES = {
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """The trainer's flags; :func:`check_args` checks their values."""
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     data = p.add_argument_group("data")
     source = data.add_mutually_exclusive_group()
@@ -160,7 +167,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                      choices=[name.replace("_", "-") for name in RESUME_ALLOWABLE],
                      help="with --resume, accept these flags' new values and apply them from the resumed step on "
                           "(named without dashes: " + ", ".join(name.replace("_", "-") for name in RESUME_ALLOWABLE)
-                          + "; --ema-decay cannot turn the average on or off); the change is printed and logged. "
+                          + "; --ema-decay cannot turn the average on or off; with --steps the learning rate "
+                          "becomes, from the resumed step on, the one a run started with the new --steps has there, "
+                          "decaying to 0 at its last step); the change is printed and logged. "
                           "Flags that choose the samples, their order or the weights' shapes never change "
                           "(default: none)")
     run.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
@@ -178,6 +187,98 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="torch CPU threads per process (default: torch's, less one core per DataLoader worker "
                           "when the workers generate on the CPU)")
     return p
+
+
+@dataclass
+class LoopTimes:
+    """Where the training loop's time goes: waiting for batches or training on them. The first step
+    (worker start-up, pipeline loading) is kept apart from steady-state feeding."""
+
+    startup: float = 0.0
+    waited: float = 0.0
+    trained: float = 0.0
+    first: bool = True
+
+    def add(self, started: float, fetched: float, done: float) -> None:
+        """Count one step that started waiting at ``started``, had its batch at ``fetched`` and was done at ``done``."""
+        if self.first:
+            self.startup, self.first = done - started, False
+        else:
+            self.waited += fetched - started
+            self.trained += done - fetched
+
+    @property
+    def wait_share(self) -> float:
+        """The share of the loop's steady-state time spent waiting for data."""
+        return self.waited / max(self.waited + self.trained, 1e-9)
+
+
+@dataclass
+class Run:
+    """What the training loop reads and advances: built by :func:`build_run`, restored by
+    :func:`restore_checkpoint`, saved by :func:`save_run_checkpoint`."""
+
+    args: argparse.Namespace
+    label_space: tuple[str, ...]
+    device: torch.device
+    rank: int
+    world: int
+    bare: nn.Module  # what is saved, loaded and averaged
+    model: nn.Module  # what the loop calls: with several ranks, DDP around the same module
+    ema: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.PolynomialLR
+    criterion: nn.Module
+    noise: LabelNoiseFilter | None
+    loader: StatefulDataLoader
+    train_data: Dataset
+    log: MetricLog
+    last_saved: Path | None  # the latest good checkpoint, named when the run stops
+    step: int = 0
+    epoch: int = 0
+    nonfinite_in_a_row: int = 0
+    recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))  # for BatchNorm recalibration
+    times: LoopTimes = field(default_factory=LoopTimes)
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights every evaluation scores: their average when one is kept."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Train and evaluate as ``args`` say; the final metrics row (with ``--print-config``, the
+    generator settings instead). A bad flag is a :class:`FlagError`, raised before anything is built
+    but where only the data or the backbone weights show it."""
+    config, args.classes = generator_config(args)
+    if args.print_config:
+        print(config.to_json())
+        return {"config": config.to_dict()}
+    check_args(args, config.label_space)
+    checkpoint = read_resume_checkpoint(args)
+    changes = check_resume_args(checkpoint, args, config.label_space) if checkpoint is not None else {}
+    rank, world, local_rank = init_distributed()
+    if checkpoint is not None:
+        check_resume_world(checkpoint, args, world)
+    device = set_up_process(args, rank, world, local_rank)
+    prepare_folders(args, config)
+    run = build_run(args, config, device, rank, world, local_rank)
+    if checkpoint is not None:
+        restore_checkpoint(run, checkpoint, changes)
+    train(run, resumed_rng=checkpoint["rng"] if checkpoint is not None else None)
+    summary = final_evaluation(run)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+def generator_config(args: argparse.Namespace):
+    """The generator's settings: the model's preset merged with the flags (the library's
+    :func:`~ondemand_seg.settings.resolve.resolve_config`); a bad value is a :class:`FlagError` naming it."""
+    try:
+        return resolve_generator(args)
+    except (ValueError, FileNotFoundError) as error:
+        raise FlagError(str(error)) from None
 
 
 def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
@@ -220,7 +321,7 @@ def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
     for flag in ("workers", "eval_every", "noise_warmup", "max_nonfinite_steps"):
         if getattr(args, flag) < 0:
             raise FlagError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-    if label_space != TOY_CLASSES and (args.eval_root is None or (args.voc_root is None and not args.synthetic_only)):
+    if label_space != TOY_CLASSES and uses_toyworld(args):
         raise FlagError("the default real data is ToyWorld; with another label space pass --voc-root and --eval-root")
     try:
         class_ids(args.classes, label_space)
@@ -231,8 +332,9 @@ def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
 
 
 def uses_toyworld(args: argparse.Namespace) -> bool:
-    """Whether the run trains or evaluates on the ToyWorld folder in ``--data-dir`` (no real data named)."""
-    return args.voc_root is None and not args.synthetic_only or args.eval_root is None
+    """Whether the run trains or evaluates on the ToyWorld folder in ``--data-dir``: no ``--voc-root``,
+    and real training data or a val split are wanted (``--eval-root`` defaults to ``--voc-root``)."""
+    return args.voc_root is None and (not args.synthetic_only or args.eval_root is None)
 
 
 def toyworld_ready(data_dir: Path) -> Path:
@@ -248,15 +350,6 @@ def data_dir_problem(args: argparse.Namespace) -> str | None:
     return output_dir_problem(args.data_dir)
 
 
-def generator_config(args: argparse.Namespace):
-    """The generator's settings: the model's preset merged with the flags (the library's
-    :func:`~ondemand_seg.settings.resolve.resolve_config`); a bad value is a :class:`FlagError` naming it."""
-    try:
-        return resolve_generator(args)
-    except (ValueError, FileNotFoundError) as error:
-        raise FlagError(str(error)) from None
-
-
 def read_resume_checkpoint(args: argparse.Namespace) -> dict | None:
     """The ``--resume`` checkpoint, or a :class:`FlagError` naming what is wrong with the file."""
     if args.resume is None:
@@ -265,21 +358,6 @@ def read_resume_checkpoint(args: argparse.Namespace) -> dict | None:
         return load_checkpoint(args.resume)
     except CheckpointError as error:
         raise FlagError(f"--resume: {error}") from None
-
-
-def saved_args(args: argparse.Namespace) -> dict[str, str]:
-    """The flags as a checkpoint records them (``str`` of each value) and :func:`check_resume_args`
-    compares them."""
-    return {key: str(value) for key, value in vars(args).items()}
-
-
-def comparable(recorded: dict[str, str]) -> dict[str, str]:
-    """``recorded`` flags as compared on resume. Without ``--voc-root`` the run reads the ToyWorld
-    folder in ``--data-dir`` and stores that folder as its ``--voc-root``: the same data whichever
-    ``--data-dir`` holds it."""
-    if recorded.get("voc_root") in ("None", recorded.get("data_dir")):
-        recorded = {**recorded, "voc_root": "ToyWorld"}
-    return {key: "unset" if value == "None" else value for key, value in recorded.items()}
 
 
 def check_resume_args(checkpoint: dict, args: argparse.Namespace, label_space: tuple[str, ...]) -> dict[str, tuple[str, str]]:
@@ -311,7 +389,25 @@ def check_resume_args(checkpoint: dict, args: argparse.Namespace, label_space: t
         hint = f" or accept {', '.join(map(flag_name, allowable))} with --allow-changed" if allowable else ""
         raise FlagError(f"--resume {args.resume} continues a run with other flags: {', '.join(refused)}; "
                         f"resume with the checkpoint's values{hint}")
+    if args.steps < checkpoint["step"]:
+        raise FlagError(f"--steps {args.steps} ends before step {checkpoint['step']}, where --resume {args.resume} "
+                        "continues")
     return {key: change for key, change in changes.items() if key in accepted}
+
+
+def saved_args(args: argparse.Namespace) -> dict[str, str]:
+    """The flags as a checkpoint records them (``str`` of each value) and :func:`check_resume_args`
+    compares them."""
+    return {key: str(value) for key, value in vars(args).items()}
+
+
+def comparable(recorded: dict[str, str]) -> dict[str, str]:
+    """``recorded`` flags as compared on resume. Without ``--voc-root`` the run reads the ToyWorld
+    folder in ``--data-dir`` and stores that folder as its ``--voc-root``: the same data whichever
+    ``--data-dir`` holds it."""
+    if recorded.get("voc_root") in ("None", recorded.get("data_dir")):
+        recorded = {**recorded, "voc_root": "ToyWorld"}
+    return {key: "unset" if value == "None" else value for key, value in recorded.items()}
 
 
 def unrecorded_flags(checkpoint: dict, args: argparse.Namespace) -> list[str]:
@@ -320,37 +416,51 @@ def unrecorded_flags(checkpoint: dict, args: argparse.Namespace) -> list[str]:
     return [flag_name(key) for key in vars(args) if key not in RESUME_FREE and key not in recorded]
 
 
-def apply_allowed_changes(changes: dict, optimizer: torch.optim.Optimizer, scheduler, args: argparse.Namespace) -> None:
-    """Put accepted ``--lr``/``--weight-decay`` changes into the optimizer and schedule just loaded
-    from the checkpoint, which hold the checkpoint's values (the other accepted flags act through
-    what is built from ``args``)."""
-    for group in optimizer.param_groups:
-        if "lr" in changes:
-            # The polynomial schedule scales the current rate at each step, so rescaling it once
-            # moves the rest of the schedule onto the new base rate.
-            group["lr"] *= args.lr / group["initial_lr"]
-            group["initial_lr"] = args.lr
-        if "weight_decay" in changes:
-            group["weight_decay"] = args.weight_decay
-    if "lr" in changes:
-        scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
+def check_resume_world(checkpoint: dict, args: argparse.Namespace, world: int) -> None:
+    """Refuse a checkpoint written by another number of ranks: it holds one loader position a rank."""
+    if len(checkpoint["loader"]) != world:
+        raise FlagError(f"--resume {args.resume} was written by {len(checkpoint['loader'])} ranks, this run has {world}")
 
 
-def report_resume(checkpoint: dict, args: argparse.Namespace, changes: dict, log: MetricLog, step: int) -> None:
-    """Say (rank 0) and log where the run resumed, which accepted flags changed (old -> new) and which
-    flags the checkpoint could not be compared on."""
-    changed = "; ".join(f"{flag_name(key)} {old} -> {new}" for key, (old, new) in changes.items())
-    unrecorded = unrecorded_flags(checkpoint, args)
-    row = {"event": "resume", "step": step, "checkpoint": str(args.resume)}
-    if changed:
-        row["changed"] = changed
-    if unrecorded:
-        row["not_compared"] = " ".join(unrecorded)
-    log.write(row)
-    if is_main_process():
-        print(f"resumed from {args.resume} at step {step}" + (f"; changed (--allow-changed): {changed}" if changed else ""))
-        if unrecorded:
-            print(f"note: {args.resume} has no record of {', '.join(unrecorded)}: not compared with this run's")
+def set_up_process(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> torch.device:
+    """Set this process's torch threads and seed; the device it trains on."""
+    threads = training_threads(args, world)
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed + rank)
+    return device
+
+
+def training_threads(args: argparse.Namespace, world: int) -> int | None:
+    """torch threads for the training process: ``--threads``, else, when DataLoader workers
+    generate synthetic data on the CPU, the cores left after one per worker (each worker runs one
+    thread), shared by the ranks; ``None`` keeps torch's choice.
+
+    The trainer at torch's default takes every core and then competes with the generating workers
+    for them: both slow down, and the workers are what the trainer waits on.
+    """
+    if args.threads is not None:
+        return args.threads
+    if args.real_only or args.workers == 0 or torch.cuda.is_available():
+        return None
+    return max(1, torch.get_num_threads() // world - args.workers)
+
+
+def prepare_folders(args: argparse.Namespace, config) -> None:
+    """Write ToyWorld where the run needs it (``--voc-root``/``--eval-root`` then name it), create
+    ``--output-dir`` and save the generator settings there (rank 0)."""
+    # ToyWorld is written at the generator's image size whatever the run, so real-only, synthetic
+    # and mixed runs sharing a --data-dir are scored on the same val images.
+    if uses_toyworld(args):
+        args.voc_root = default_voc_root(args, config.image_size)
+    args.eval_root = args.eval_root or args.voc_root
+    try:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FlagError(f"--output-dir {args.output_dir} cannot be created: {error}") from None
+    if is_main_process() and not args.real_only:
+        config.save(args.output_dir / "generator_config.json")
 
 
 def default_voc_root(args: argparse.Namespace, image_size: int) -> Path:
@@ -364,7 +474,25 @@ def default_voc_root(args: argparse.Namespace, image_size: int) -> Path:
     return args.data_dir
 
 
+def build_run(args: argparse.Namespace, config, device: torch.device, rank: int, world: int, local_rank: int) -> Run:
+    """The model (in DDP with several ranks), AdamW, the polynomial schedule, the loss, noise learning,
+    the training loader and the weight average, as a fresh run starts them."""
+    bare = build_model(args, len(config.label_space)).to(device)
+    model = bare
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(bare, device_ids=[local_rank] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=args.steps, power=LR_POWER)
+    criterion = nn.CrossEntropyLoss(ignore_index=255)
+    noise = noise_filter(args) if args.noise_cutoff is not None else None
+    loader, train_data = build_train_loader(args, config, rank, world, device)
+    ema = ema_model(bare, args.ema_decay) if args.ema_decay else None
+    return Run(args, config.label_space, device, rank, world, bare, model, ema, optimizer, scheduler, criterion, noise,
+               loader, train_data, MetricLog(args.output_dir), last_saved=args.resume)
+
+
 def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
+    """DeepLabV3 on ``--backbone``, from random init or ``--backbone-weights``, its padding-only dilated taps skipped."""
     model = BACKBONES[args.backbone](weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
     # Same function and parameters; on crops smaller than the ASPP's dilations most taps read padding only.
     crop_dilated_convs(model)
@@ -391,17 +519,22 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     return model
 
 
+def ema_model(model: nn.Module, decay: float) -> AveragedModel:
+    """torch's :class:`AveragedModel` keeping ``decay``-weighted moving averages of ``model``'s
+    parameters (``update_parameters`` after each optimizer step). BatchNorm statistics are not
+    averaged: :func:`recalibrate_batchnorm` re-estimates them for the averaged weights before each
+    evaluation, as for the trained ones."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+
 def noise_filter(args: argparse.Namespace) -> LabelNoiseFilter:
+    """Online noise learning as the ``--noise-*`` flags set it."""
     return LabelNoiseFilter(args.noise_cutoff, args.noise_warmup, args.noise_mode, args.noise_drop_fraction)
 
 
-def synthetic_transform(args: argparse.Namespace):
-    if args.augment == "full":
-        return DiffuMaskAugment(args.crop_size, AugmentConfig(splice_fit=args.splice_fit))
-    return SegmentationTransform(args.crop_size, train=args.augment == "basic")
-
-
 def build_train_loader(args, config, rank: int, world: int, device: torch.device) -> tuple[StatefulDataLoader, object]:
+    """This rank's training loader and the dataset it serves: the stream (``--synthetic-only``) or the
+    real set, alone or mixed with a synthetic set, in a seeded sampler whose position resumes."""
     # CUDA cannot start in forked workers; generation on the GPU needs spawned ones.
     context = "spawn" if device.type == "cuda" and args.workers > 0 else None
     common = dict(batch_size=args.batch_size, num_workers=args.workers, multiprocessing_context=context, drop_last=True,
@@ -438,19 +571,11 @@ def build_train_loader(args, config, rank: int, world: int, device: torch.device
     return StatefulDataLoader(dataset, sampler=sampler, **common), dataset
 
 
-def training_threads(args: argparse.Namespace, world: int) -> int | None:
-    """torch threads for the training process: ``--threads``, else, when DataLoader workers
-    generate synthetic data on the CPU, the cores left after one per worker (each worker runs one
-    thread), shared by the ranks; ``None`` keeps torch's choice.
-
-    The trainer at torch's default takes every core and then competes with the generating workers
-    for them: both slow down, and the workers are what the trainer waits on.
-    """
-    if args.threads is not None:
-        return args.threads
-    if args.real_only or args.workers == 0 or torch.cuda.is_available():
-        return None
-    return max(1, torch.get_num_threads() // world - args.workers)
+def synthetic_transform(args: argparse.Namespace):
+    """The synthetic samples' augmentation, as ``--augment`` names it."""
+    if args.augment == "full":
+        return DiffuMaskAugment(args.crop_size, AugmentConfig(splice_fit=args.splice_fit))
+    return SegmentationTransform(args.crop_size, train=args.augment == "basic")
 
 
 def generation_burst(generation_batch: int, reuse: int, batch_size: int) -> int:
@@ -485,6 +610,215 @@ def mix_sizes(n_real: int, ratio: float, synthetic_length: int | None) -> tuple[
     return synthetic_length, max(1, round(synthetic_length * (1 - ratio) / (ratio * n_real)))
 
 
+def restore_checkpoint(run: Run, checkpoint: dict, changes: dict[str, tuple[str, str]]) -> None:
+    """Continue ``run`` from ``checkpoint``: weights, average, optimizer, schedule, step, epoch and
+    this rank's loader position, with the changes ``--allow-changed`` accepted applied."""
+    run.bare.load_state_dict(checkpoint["model"])
+    if run.ema is not None:
+        run.ema.load_state_dict(checkpoint["ema"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    apply_allowed_changes(changes, run.optimizer, run.scheduler, run.args)
+    run.step, run.epoch = checkpoint["step"], checkpoint["epoch"]
+    run.loader.load_state_dict(checkpoint["loader"][run.rank])
+    report_resume(checkpoint, run.args, changes, run.log, run.step)
+
+
+def apply_allowed_changes(changes: dict, optimizer: torch.optim.Optimizer, scheduler, args: argparse.Namespace) -> None:
+    """Put accepted ``--lr``/``--weight-decay`` changes into the optimizer and schedule just loaded
+    from the checkpoint, which hold the checkpoint's values, and re-target the schedule to
+    ``--steps`` (the other accepted flags act through what is built from ``args``)."""
+    for group in optimizer.param_groups:
+        if "lr" in changes:
+            # The polynomial schedule scales the current rate at each step, so rescaling it once
+            # moves the rest of the schedule onto the new base rate.
+            group["lr"] *= args.lr / group["initial_lr"]
+            group["initial_lr"] = args.lr
+        if "weight_decay" in changes:
+            group["weight_decay"] = args.weight_decay
+    if "lr" in changes:
+        scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
+    # Compared on the schedule itself rather than on "steps" in changes: a checkpoint with no record
+    # of --steps still holds its schedule's length, which would otherwise end the decay early and
+    # train on at rate 0.
+    if scheduler.total_iters != args.steps:
+        retarget_schedule(optimizer, scheduler, args.steps)
+
+
+def retarget_schedule(optimizer: torch.optim.Optimizer, scheduler, steps: int) -> None:
+    """Make the polynomial decay end at ``steps``: from the schedule's step on, the rate is the one
+    a run started with ``steps`` has there, ``base_lr * (1 - step / steps) ** LR_POWER``, reaching 0 at
+    ``steps``. Lengthening a run raises the rate to that value (a finished run's rate was 0);
+    shortening lowers it."""
+    scheduler.total_iters = steps
+    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base_lr * (1.0 - min(scheduler.last_epoch, steps) / steps) ** scheduler.power
+
+
+def report_resume(checkpoint: dict, args: argparse.Namespace, changes: dict, log: MetricLog, step: int) -> None:
+    """Say (rank 0) and log where the run resumed, which accepted flags changed (old -> new) and which
+    flags the checkpoint could not be compared on."""
+    changed = "; ".join(f"{flag_name(key)} {old} -> {new}" for key, (old, new) in changes.items())
+    unrecorded = unrecorded_flags(checkpoint, args)
+    row = {"event": "resume", "step": step, "checkpoint": str(args.resume)}
+    if changed:
+        row["changed"] = changed
+    if unrecorded:
+        row["not_compared"] = " ".join(unrecorded)
+    log.write(row)
+    if is_main_process():
+        print(f"resumed from {args.resume} at step {step}" + (f"; changed (--allow-changed): {changed}" if changed else ""))
+        if unrecorded:
+            print(f"note: {args.resume} has no record of {', '.join(unrecorded)}: not compared with this run's")
+
+
+def train(run: Run, resumed_rng: torch.Tensor | None) -> None:
+    """Optimizer steps until ``--steps``, each logged; checkpoints every ``--checkpoint-every`` steps
+    and at the last, evaluations every ``--eval-every``. ``resumed_rng``: the checkpoint's CPU RNG state."""
+    args, loader = run.args, run.loader
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(run.epoch)
+    batches = iter(loader)
+    if resumed_rng is not None:
+        # After iter(loader), which draws a base seed: dropout then continues as in an uninterrupted run.
+        torch.set_rng_state(resumed_rng)
+    bar = tqdm(total=args.steps, initial=run.step, desc="train", disable=not is_main_process(), dynamic_ncols=True)
+    run.model.train()
+    # Closed on the way out too, so that an error is printed after the bar rather than on its line.
+    try:
+        while run.step < args.steps:
+            started = time.perf_counter()
+            try:
+                images, masks, *flags = next(batches)
+            except StopIteration:  # end of an epoch of the map-style mix
+                run.epoch += 1
+                if isinstance(loader.sampler, DistributedSampler):
+                    loader.sampler.set_epoch(run.epoch)
+                batches = iter(loader)
+                continue
+            fetched = time.perf_counter()
+            loss = train_step(run, images, masks, flags[0] if flags else None)
+            done = time.perf_counter()
+            run.times.add(started, fetched, done)
+            bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{args.batch_size * run.world / (done - started):.1f}",
+                            data_wait=f"{run.times.wait_share:.0%}")
+            bar.update(1)
+            run.log.write({"event": "train", "step": run.step, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
+                           "data_wait_s": fetched - started, "train_s": done - fetched})
+            if run.step % args.checkpoint_every == 0 or run.step == args.steps:
+                save_run_checkpoint(run)
+            if args.eval_every and run.step % args.eval_every == 0 and run.step < args.steps:
+                run.log.write({"event": "eval", "step": run.step, "miou": score(run).mean_iou()})
+    finally:
+        bar.close()
+
+
+def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor, prunable: torch.Tensor | None) -> float:
+    """One step on a batch; the loss, mean over ranks. A non-finite loss skips the weight update
+    (:func:`skip_nonfinite_step`). ``prunable``: which samples' labels noise learning may prune."""
+    images, masks = images.to(run.device, non_blocking=True), masks.to(run.device, non_blocking=True)
+    run.recent.append(images)
+    logits = run.model(images)["out"]
+    if run.noise is not None:
+        masks = run.noise(run.step, logits, masks, prunable=prunable)
+    loss = run.criterion(logits, masks)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.step += 1
+    # Read before the optimizer step, which must not apply a non-finite loss's gradients; the mean
+    # over ranks is non-finite when any rank's loss is, so every rank decides alike. .item() waits
+    # for the device: the forward and backward are timed as training, not left to show up as the
+    # next step's data wait (the optimizer step's device work is timed with it).
+    loss_value = all_reduce_mean(loss.item(), run.device)
+    if math.isfinite(loss_value):
+        run.optimizer.step()
+        if run.ema is not None:
+            run.ema.update_parameters(run.bare)
+        run.nonfinite_in_a_row = 0
+    else:
+        run.nonfinite_in_a_row += 1
+        skip_nonfinite_step(loss_value, run.step, run.nonfinite_in_a_row, run.args.max_nonfinite_steps, run.log,
+                            run.last_saved)
+    run.scheduler.step()  # on skipped steps too: the schedule follows the batches served
+    return loss_value
+
+
+def skip_nonfinite_step(loss: float, step: int, in_a_row: int, patience: int, log: MetricLog,
+                        last_saved: Path | None) -> None:
+    """Log a step whose loss (mean over ranks) is not finite, which is skipped without updating the
+    weights; stop the run once more than ``patience`` such steps came in a row."""
+    log.write({"event": "nonfinite_loss", "step": step, "loss": loss, "in_a_row": in_a_row})
+    if in_a_row > patience:
+        raise diverged(f"the loss is {loss} at step {step} ({in_a_row} non-finite in a row; "
+                       f"--max-nonfinite-steps {patience})", last_saved)
+    if is_main_process():
+        tqdm.write(f"warning: the loss is {loss} at step {step}; the step is skipped, the weights not updated "
+                   f"({in_a_row} in a row; --max-nonfinite-steps {patience})", file=sys.stderr)
+
+
+def diverged(reason: str, last_saved: Path | None) -> SystemExit:
+    """The exit (status 1) that stops a diverging run on every rank; rank 0's carries the message."""
+    message = f"error: {reason}; the run stopped, keeping the last good checkpoint ({last_saved or 'none written'})"
+    return SystemExit(message if is_main_process() else 1)
+
+
+def save_run_checkpoint(run: Run) -> None:
+    """Write ``checkpoint_<step>.pt`` and ``checkpoint.pt`` (rank 0), after checking on every rank
+    that the weights are finite. A failed periodic save is a warning and a ``checkpoint_failed``
+    row; a failed last save stops the run."""
+    args = run.args
+    check_finite_weights(run.bare, run.ema, run.step, run.device, run.last_saved)
+    states = all_gather_object(run.loader.state_dict())  # each rank's stream shard differs
+    if not is_main_process():
+        return
+    state = {"model": run.bare.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scheduler": run.scheduler.state_dict(), "step": run.step, "epoch": run.epoch, "loader": states,
+             "rng": torch.get_rng_state(), "args": saved_args(args)}
+    if run.ema is not None:
+        state["ema"] = run.ema.state_dict()
+    try:
+        for path in (args.output_dir / f"checkpoint_{run.step:06d}.pt", args.output_dir / "checkpoint.pt"):
+            save_checkpoint(path, state)
+            run.last_saved = path
+    except CheckpointError as error:
+        # A failed periodic save (disk full, quota) leaves the previous good checkpoint as it was:
+        # training on loses nothing saved, while stopping would lose every step since it for
+        # certain, and the next save retries, succeeding once space is freed. The last save has
+        # nothing after it to retry, so its failure stops the run.
+        latest = f"latest good checkpoint: {run.last_saved or 'none'}"
+        if run.step == args.steps:
+            raise SystemExit(f"error: {error} ({latest})") from None
+        tqdm.write(f"warning: {error}; training continues and the next checkpoint retries ({latest})", file=sys.stderr)
+        run.log.write({"event": "checkpoint_failed", "step": run.step, "error": str(error)})
+
+
+def check_finite_weights(model: nn.Module, ema: AveragedModel | None, step: int, device: torch.device,
+                         last_saved: Path | None) -> None:
+    """Stop the run, on every rank alike, when the weights about to be checkpointed (trained or
+    averaged, BatchNorm statistics included) hold a NaN or an infinity: saved, they would replace
+    the last good checkpoint."""
+    bad = nonfinite_tensors(model.state_dict())
+    if ema is not None:
+        bad += [f"averaged {name}" for name in nonfinite_tensors(ema.state_dict())]
+    if all_reduce_mean(float(bool(bad)), device) > 0:
+        named = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") if bad else "on another rank"
+        raise diverged(f"the weights are not finite at step {step} ({named}); no checkpoint was written for it",
+                       last_saved)
+
+
+def nonfinite_tensors(state: dict) -> list[str]:
+    """The names of ``state``'s floating-point tensors that hold a NaN or an infinity."""
+    return [name for name, value in state.items()
+            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+
+
+def score(run: Run) -> ConfusionMatrix:
+    """The evaluated weights' confusion matrix on the val split, BatchNorm statistics re-estimated
+    for them first."""
+    recalibrate_batchnorm(run.evaluated, run.recent)
+    return evaluate(run.evaluated, run.args, len(run.label_space), run.device)
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches) -> None:
     """Re-estimate BatchNorm running statistics as exact averages over recent training batches.
@@ -507,14 +841,6 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> None:
         m.momentum = momentum
 
 
-def ema_model(model: nn.Module, decay: float) -> AveragedModel:
-    """torch's :class:`AveragedModel` keeping ``decay``-weighted moving averages of ``model``'s
-    parameters (``update_parameters`` after each optimizer step). BatchNorm statistics are not
-    averaged: :func:`recalibrate_batchnorm` re-estimates them for the averaged weights before each
-    evaluation, as for the trained ones."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
-
-
 @torch.inference_mode()
 def evaluate(model: nn.Module, args, num_classes: int, device: torch.device) -> ConfusionMatrix:
     """mIoU on the val split of ``--eval-root`` (ignore 255), summed over ranks."""
@@ -534,218 +860,24 @@ def evaluate(model: nn.Module, args, num_classes: int, device: torch.device) -> 
     return confusion
 
 
-def diverged(reason: str, last_saved: Path | None) -> SystemExit:
-    """The exit (status 1) that stops a diverging run on every rank; rank 0's carries the message."""
-    message = f"error: {reason}; the run stopped, keeping the last good checkpoint ({last_saved or 'none written'})"
-    return SystemExit(message if is_main_process() else 1)
-
-
-def skip_nonfinite_step(loss: float, step: int, in_a_row: int, patience: int, log: MetricLog,
-                        last_saved: Path | None) -> None:
-    """Log a step whose loss (mean over ranks) is not finite, which is skipped without updating the
-    weights; stop the run once more than ``patience`` such steps came in a row."""
-    log.write({"event": "nonfinite_loss", "step": step, "loss": loss, "in_a_row": in_a_row})
-    if in_a_row > patience:
-        raise diverged(f"the loss is {loss} at step {step} ({in_a_row} non-finite in a row; "
-                       f"--max-nonfinite-steps {patience})", last_saved)
-    if is_main_process():
-        tqdm.write(f"warning: the loss is {loss} at step {step}; the step is skipped, the weights not updated "
-                   f"({in_a_row} in a row; --max-nonfinite-steps {patience})", file=sys.stderr)
-
-
-def nonfinite_tensors(state: dict) -> list[str]:
-    """The names of ``state``'s floating-point tensors that hold a NaN or an infinity."""
-    return [name for name, value in state.items()
-            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
-
-
-def check_finite_weights(model: nn.Module, ema: AveragedModel | None, step: int, device: torch.device,
-                         last_saved: Path | None) -> None:
-    """Stop the run, on every rank alike, when the weights about to be checkpointed (trained or
-    averaged, BatchNorm statistics included) hold a NaN or an infinity: saved, they would replace
-    the last good checkpoint."""
-    bad = nonfinite_tensors(model.state_dict())
-    if ema is not None:
-        bad += [f"averaged {name}" for name in nonfinite_tensors(ema.state_dict())]
-    if all_reduce_mean(float(bool(bad)), device) > 0:
-        named = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") if bad else "on another rank"
-        raise diverged(f"the weights are not finite at step {step} ({named}); no checkpoint was written for it",
-                       last_saved)
-
-
-def gather_loader_states(loader: StatefulDataLoader) -> list:
-    """Every rank's loader position, gathered on all ranks (each rank's stream shard differs)."""
-    state = loader.state_dict()
-    if not dist.is_initialized():
-        return [state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
-
-
-def main(args: argparse.Namespace) -> dict:
-    config, args.classes = generator_config(args)
-    if args.print_config:
-        print(config.to_json())
-        return {"config": config.to_dict()}
-    label_space = config.label_space
-    check_args(args, label_space)
-    checkpoint = read_resume_checkpoint(args)
-    changes = check_resume_args(checkpoint, args, label_space) if checkpoint is not None else {}
-    rank, world, local_rank = init_distributed()
-    if checkpoint is not None and len(checkpoint["loader"]) != world:
-        raise FlagError(f"--resume {args.resume} was written by {len(checkpoint['loader'])} ranks, "
-                         f"this run has {world}")
-    threads = training_threads(args, world)
-    if threads:
-        torch.set_num_threads(threads)
-    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(args.seed + rank)
-    # ToyWorld is written at the generator's image size whatever the run, so real-only, synthetic
-    # and mixed runs sharing a --data-dir are scored on the same val images.
-    image_size = config.image_size
-    if uses_toyworld(args):
-        toy_root = default_voc_root(args, image_size)
-        args.voc_root = args.voc_root or toy_root
-        args.eval_root = args.eval_root or args.voc_root
-    try:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise FlagError(f"--output-dir {args.output_dir} cannot be created: {error}") from None
-    if is_main_process() and not args.real_only:
-        config.save(args.output_dir / "generator_config.json")
-
-    bare = build_model(args, len(label_space)).to(device)  # what is saved, loaded and averaged
-    model = bare  # what the loop calls: with several ranks, DDP around the same module
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(bare, device_ids=[local_rank] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=args.steps, power=0.9)
-    criterion = nn.CrossEntropyLoss(ignore_index=255)
-    noise = noise_filter(args) if args.noise_cutoff is not None else None
-    loader, train_data = build_train_loader(args, config, rank, world, device)
-    ema = ema_model(bare, args.ema_decay) if args.ema_decay else None
-    step, epoch = 0, 0
-    log = MetricLog(args.output_dir)
-    if checkpoint is not None:
-        bare.load_state_dict(checkpoint["model"])
-        if ema is not None:
-            ema.load_state_dict(checkpoint["ema"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        apply_allowed_changes(changes, optimizer, scheduler, args)
-        step, epoch = checkpoint["step"], checkpoint["epoch"]
-        loader.load_state_dict(checkpoint["loader"][rank])
-        report_resume(checkpoint, args, changes, log, step)
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    batches = iter(loader)
-    if checkpoint is not None:
-        # After iter(loader), which draws a base seed: dropout then continues as in an uninterrupted run.
-        torch.set_rng_state(checkpoint["rng"])
-    evaluated = ema.module if ema is not None else model  # the weights every evaluation scores
-    recent = collections.deque(maxlen=20)  # training images for BatchNorm recalibration before evaluation
-    waited = trained = startup = 0.0
-    first_batch = True
-    last_saved = args.resume
-    nonfinite_in_a_row = 0
-    bar = tqdm(total=args.steps, initial=step, desc="train", disable=not is_main_process(), dynamic_ncols=True)
-    model.train()
-    # Closed on the way out too, so that an error is printed after the bar rather than on its line.
-    try:
-        while step < args.steps:
-            started = time.perf_counter()
-            try:
-                images, masks, *flags = next(batches)
-            except StopIteration:  # end of an epoch of the map-style mix
-                epoch += 1
-                if isinstance(loader.sampler, DistributedSampler):
-                    loader.sampler.set_epoch(epoch)
-                batches = iter(loader)
-                continue
-            fetched = time.perf_counter()
-            images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-            recent.append(images)
-            logits = model(images)["out"]
-            if noise is not None:
-                masks = noise(step, logits, masks, prunable=flags[0] if flags else None)
-            loss = criterion(logits, masks)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            step += 1
-            # Read before the optimizer step, which must not apply a non-finite loss's gradients; the
-            # mean over ranks is non-finite when any rank's loss is, so every rank decides alike.
-            # .item() waits for the device: the forward and backward are timed as training, not left to
-            # show up as the next step's data wait (the optimizer step's device work is timed with it).
-            loss_value = all_reduce_mean(loss.item(), device)
-            if math.isfinite(loss_value):
-                optimizer.step()
-                if ema is not None:
-                    ema.update_parameters(bare)
-                nonfinite_in_a_row = 0
-            else:
-                nonfinite_in_a_row += 1
-                skip_nonfinite_step(loss_value, step, nonfinite_in_a_row, args.max_nonfinite_steps, log, last_saved)
-            scheduler.step()  # on skipped steps too: the schedule follows the batches served
-            done = time.perf_counter()
-            if first_batch:  # worker start-up and pipeline loading, not steady-state feeding
-                startup, first_batch = done - started, False
-            else:
-                waited += fetched - started
-                trained += done - fetched
-            wait_share = waited / max(waited + trained, 1e-9)
-            bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{args.batch_size * world / (done - started):.1f}",
-                            data_wait=f"{wait_share:.0%}")
-            bar.update(1)
-            log.write({"event": "train", "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                       "data_wait_s": fetched - started, "train_s": done - fetched})
-            if step % args.checkpoint_every == 0 or step == args.steps:
-                check_finite_weights(bare, ema, step, device, last_saved)
-                states = gather_loader_states(loader)
-                if is_main_process():
-                    state = {"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "loader": states,
-                             "rng": torch.get_rng_state(), "args": saved_args(args)}
-                    if ema is not None:
-                        state["ema"] = ema.state_dict()
-                    try:
-                        for path in (args.output_dir / f"checkpoint_{step:06d}.pt", args.output_dir / "checkpoint.pt"):
-                            save_checkpoint(path, state)
-                            last_saved = path
-                    except CheckpointError as error:
-                        # A failed periodic save (disk full, quota) leaves the previous good checkpoint as it
-                        # was: training on loses nothing saved, while stopping would lose every step since it
-                        # for certain, and the next save retries, succeeding once space is freed. The last
-                        # save has nothing after it to retry, so its failure stops the run.
-                        latest = f"latest good checkpoint: {last_saved or 'none'}"
-                        if step == args.steps:
-                            raise SystemExit(f"error: {error} ({latest})") from None
-                        tqdm.write(f"warning: {error}; training continues and the next checkpoint retries ({latest})",
-                                   file=sys.stderr)
-                        log.write({"event": "checkpoint_failed", "step": step, "error": str(error)})
-            if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-                recalibrate_batchnorm(evaluated, recent)
-                confusion = evaluate(evaluated, args, len(label_space), device)
-                log.write({"event": "eval", "step": step, "miou": confusion.mean_iou()})
-    finally:
-        bar.close()
-    recalibrate_batchnorm(evaluated, recent)
-    confusion = evaluate(evaluated, args, len(label_space), device)
+def final_evaluation(run: Run) -> dict:
+    """Evaluate the finished run; its summary, logged as the ``final`` row and printed (rank 0)."""
+    args, label_space, times = run.args, run.label_space, run.times
+    confusion = score(run)
     per_class = {name: round(float(v), 4) for name, v in zip(label_space, confusion.iou())}
-    summary = {"event": "final", "step": step, "miou": confusion.mean_iou(), "per_class_iou": per_class,
-               "pixel_accuracy": confusion.pixel_accuracy(), "data_wait_fraction": waited / max(waited + trained, 1e-9),
-               "train_seconds": trained, "data_wait_seconds": waited, "startup_seconds": startup,
+    summary = {"event": "final", "step": run.step, "miou": confusion.mean_iou(), "per_class_iou": per_class,
+               "pixel_accuracy": confusion.pixel_accuracy(), "data_wait_fraction": times.wait_share,
+               "train_seconds": times.trained, "data_wait_seconds": times.waited, "startup_seconds": times.startup,
                "torch_threads": torch.get_num_threads(), "ema_decay": args.ema_decay}
-    if isinstance(train_data, DiffuMaskStream) and is_main_process():
-        summary["generator_stats"] = train_data.stats()
-    if noise is not None:
-        summary["noise_filter"] = {**noise.counts, "per_class": {label_space[c]: n for c, n in noise.counts["per_class"].items()}}
-    log.write(summary)
+    if isinstance(run.train_data, DiffuMaskStream) and is_main_process():
+        summary["generator_stats"] = run.train_data.stats()
+    if run.noise is not None:
+        counts = run.noise.counts
+        summary["noise_filter"] = {**counts, "per_class": {label_space[c]: n for c, n in counts["per_class"].items()}}
+    run.log.write(summary)
     if is_main_process():
         print(f"mIoU {summary['miou']:.3f} on {args.eval_root} val; per class {per_class}; "
               f"data wait {summary['data_wait_fraction']:.0%} of the loop")
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return summary
 
 

@@ -40,6 +40,15 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     return tensor.item() / dist.get_world_size()
 
 
+def all_gather_object(obj) -> list:
+    """``obj`` from every rank, in rank order, on all ranks (``[obj]`` when single-process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; the message names the file and the cause."""
 
