@@ -11,7 +11,8 @@ import train_step  # noqa: E402
 
 def test_times_full_and_cropped_model_per_crop_size(tmp_path):
     out = tmp_path / "step.json"
-    assert train_step.main(["--crop-sizes", "32", "64", "--batch-size", "2", "--rounds", "1", "--json", str(out)]) == 0
+    assert train_step.main(["--crop-sizes", "32", "64", "--batch-size", "2", "--rounds", "1",
+                           "--work-dir", str(tmp_path / "work"), "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["crop_size"] for r in rows] == [32, 64]
     for r in rows:

@@ -52,7 +52,7 @@ def test_two_sample_stream_passes_the_gate():
 
 def test_mask_quality_floor_well_above_baselines(tmp_path):
     out = tmp_path / "mask_quality.json"
-    done = subprocess.run([sys.executable, "benchmarks/mask_quality.py", "--n", "20", "--batch-size", "10",
+    done = subprocess.run([sys.executable, "benchmarks/mask_quality.py", "--n", "20", "--gen-batch-size", "10",
                            "--ignore-band", "0.05", "--json", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -84,7 +84,7 @@ def test_mask_quality_applies_the_background_floor_asked_for(tmp_path):
     def run(*flags):
         out = tmp_path / f"mask_quality{len(flags)}.json"
         done = subprocess.run([sys.executable, "benchmarks/mask_quality.py", "--model", "toy-unaided", "--n", "5",
-                               "--batch-size", "5", *flags, "--json", str(out)],
+                               "--gen-batch-size", "5", *flags, "--json", str(out)],
                               capture_output=True, text=True, timeout=900, cwd=ROOT)
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(out.read_text())
@@ -113,7 +113,7 @@ def test_background_floor_raises_the_unaided_model_s_two_class_masks(tmp_path):
 
 def test_steps_quality_writes_one_row_per_scheduler_and_step_count(tmp_path):
     out = tmp_path / "steps_quality.json"
-    done = subprocess.run([sys.executable, "benchmarks/steps_quality.py", "--n", "5", "--batch-size", "5",
+    done = subprocess.run([sys.executable, "benchmarks/steps_quality.py", "--n", "5", "--gen-batch-size", "5",
                            "--threads", "1", "--rows", "toy:default:10", "toy:DPMSolverMultistepScheduler:5",
                            "--json", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -184,7 +184,7 @@ def test_toy_unaided_has_self_attention_at_its_finest_grid_and_streams_with_its_
 def test_mask_recipes_measures_each_recipe_on_the_same_images_and_confirms_the_best(tmp_path):
     out = tmp_path / "recipes.json"
     done = subprocess.run([sys.executable, "benchmarks/mask_recipes.py", "--model", "toy", "--fusions", "f1-late",
-                           "--n", "5", "--confirm-n", "5", "--batch-size", "5", "--calibration-per-class", "1",
+                           "--n", "5", "--confirm-n", "5", "--gen-batch-size", "5", "--calibration-per-class", "1",
                            "--json", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
