@@ -267,7 +267,8 @@ def main(argv=None) -> None:
     print(fmt("centre box", box))
     print(fmt("fixed 0.5, this fusion", same_05))
     result = dict(model=args.model, seed=args.seed, per_class=args.per_class, steps=args.gen_steps,
-                  guidance=args.guidance, config=dataclasses.asdict(config), generated=gen, ours=ours, centre_box=box,
+                  guidance=args.guidance, config=dataclasses.asdict(config), generated=gen, recomputed_identical=agree,
+                  ours=ours, centre_box=box,
                   fixed05_same_fusion=same_05, ours_no_band=no_band, found=found)
     if not args.no_default_baseline:
         # The library's default fusion (no resolution weights: every factor the model has; every
