@@ -175,7 +175,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     start = time.time()
     pipe = StableDiffusion3Pipeline.from_pretrained(args.model, use_safetensors=True, text_encoder_3=None,
-                                                    tokenizer_3=None, torch_dtype=torch.float32)
+                                                    tokenizer_3=None, dtype=torch.float32)
     if args.shift is not None:
         pipe.scheduler.register_to_config(shift=args.shift)
     pipe.set_progress_bar_config(disable=True)

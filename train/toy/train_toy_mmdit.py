@@ -147,7 +147,7 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------------- models
 def load_vae(path: Path) -> AutoencoderKL:
-    vae = AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(path, dtype=torch.float32)
     vae.register_to_config(shift_factor=0.0)
     return vae.eval().requires_grad_(False)
 
