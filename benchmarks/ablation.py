@@ -35,8 +35,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mask_quality
-from common import train, write_json
+from common import calibrated_mask, measure_mask_quality, train, write_json
 
 from ondemand_seg.settings.resolve import resolve_config
 from ondemand_seg.toyworld import write_voc
@@ -73,24 +72,6 @@ def mask_flags(mask: dict) -> list[str]:
     if "self_attention_factor" in mask:
         flags += ["--self-attention-factor", str(mask["self_attention_factor"])]
     return flags
-
-
-def calibrated(model, mask: dict, n_per_class: int, cache: dict, sampler: dict | None = None) -> dict:
-    """``mask`` with Otsu replaced by per-class γ calibrated on ``n_per_class`` oracle-labelled samples
-    per class (seeds apart from the mask-IoU samples), through the same map refinements."""
-    from ondemand_seg.generation.calibration import calibrate_class_thresholds
-    from ondemand_seg.generation.generator import DiffuMaskGenerator
-    from ondemand_seg.toyworld import TOY_CLASSES, color_oracle
-
-    key = (mask.get("refine"), mask.get("self_attention_factor"))
-    if key not in cache:
-        source = DiffuMaskGenerator(model, list(TOY_CLASSES[1:]), label_space=TOY_CLASSES, generator=sampler or {},
-                              mask={k: v for k, v in mask.items() if k != "threshold_mode"})
-        gammas = calibrate_class_thresholds(source, lambda image, name: color_oracle(image) == TOY_CLASSES.index(name),
-                                            n_per_class)
-        cache[key] = {name: round(gamma, 3) for name, gamma in gammas.items()}
-        print(f"calibrated γ ({n_per_class} samples per class, refinements {key}): {cache[key]}", flush=True)
-    return {**mask, "threshold_mode": "fixed", "class_thresholds": cache[key]}
 
 
 def train_quietly(flags: list[str], output_dir: Path) -> dict:
@@ -132,6 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="training device (default: the trainer's choice)")
     parser.add_argument("--gen-steps", type=int, default=None,
                         help="denoising steps of the generator, for mask IoU and training (default: the preset's)")
+    parser.add_argument("--gen-batch-size", type=int, default=None,
+                        help="images per generation call, for mask IoU and training (default: the preset's)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="training runs at once, each its own process with one CPU thread (e.g. 12 on one GPU)")
     parser.add_argument("--work-dir", type=Path, default=Path("out/ablation"))
@@ -144,7 +127,8 @@ def main(argv=None) -> int:
     # Runs already in the JSON with the same flags and steps are kept, not repeated: the table can
     # be built (or resumed) a few runs at a time.
     earlier = {r["row"]: r for r in json.loads(args.json.read_text())} if args.json and args.json.exists() else {}
-    sampler = {} if args.gen_steps is None else {"num_inference_steps": args.gen_steps}
+    generator = {key: value for key, value in {"num_inference_steps": args.gen_steps,
+                                                "batch_size": args.gen_batch_size}.items() if value is not None}
     common = [*(["--crop-size", str(args.crop_size)] if args.crop_size else []),
               *(["--device", args.device] if args.device else [])]
     # (mask overrides, added train flags, mask IoU on labelled pixels, with band as miss) of the last carried row
@@ -157,9 +141,9 @@ def main(argv=None) -> int:
             if "self_attention_factor" in mask:
                 mask["self_attention_factor"] = args.self_attention_factor
             if args.adaptive == "calibrated" and mask["threshold_mode"] == "otsu":
-                mask = calibrated(args.model, mask, args.calibrate_n, calibration, sampler)
+                mask = calibrated_mask(args.model, mask, args.calibrate_n, calibration, generator)
                 name = name.replace("Otsu", f"per-class γ, {args.calibrate_n} labelled samples per class")
-            quality = mask_quality.measure(args.model, args.n, mask_overrides=mask, sampler_overrides=sampler,
+            quality = measure_mask_quality(args.model, args.n, mask_overrides=mask, generator_overrides=generator,
                                            progress=False)
             iou, strict = quality["diffumask"]["mean"], quality["diffumask_band_as_miss"]["mean"]
         if carry_on:
@@ -169,6 +153,8 @@ def main(argv=None) -> int:
             flags += ["--augment", "basic"]
         if args.gen_steps is not None:
             flags += ["--gen-steps", str(args.gen_steps)]
+        if args.gen_batch_size is not None:
+            flags += ["--gen-batch-size", str(args.gen_batch_size)]
         row = {"row": name, "mask_iou": iou, "mask_iou_band_as_miss": strict, "mask_overrides": mask,
                "train_flags": flags, "carried": carry_on, "steps": args.steps}
         before = earlier.get(name, {})

@@ -23,6 +23,9 @@ import torch
 
 ARCHITECTURES = ("sd15", "sdxl", "sd3", "flux")
 IMAGE_SIZES = {"sd15": 512, "sdxl": 1024, "sd3": 1024, "flux": 1024}
+# The tiny test pipeline of each architecture's family (ondemand_seg.pipelines.tiny), which
+# ``--tiny`` swaps in to try a GPU command on a CPU.
+TINY_FLAVORS = {"sd15": "sd1", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
 # Published parameter counts of the denoisers, in millions (what the meta-device test checks).
 DENOISER_PARAMS_M = {"sd15": 859.5, "sdxl": 2567.5, "sd3": 2028.3, "flux": 11901.4}
 _WORDS = ("dog", "bird", "cat")

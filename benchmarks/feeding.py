@@ -28,9 +28,8 @@ import time
 from pathlib import Path
 
 import torch
-from architectures import ARCHITECTURES, IMAGE_SIZES, build_pipeline
+from architectures import ARCHITECTURES, IMAGE_SIZES, TINY_FLAVORS, build_pipeline
 from common import train, write_json
-from throughput import TINY_FLAVORS
 
 EVAL_IMAGES = 16
 # The main job with its defaults, then the feeding levers set back one at a time at 600 steps

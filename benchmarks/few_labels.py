@@ -22,7 +22,6 @@ variants (other trainer flags after ``--``) are compared with one set of real-on
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time

@@ -23,9 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-import mask_quality
-from ablation import calibrated
-from common import write_json
+from common import calibrated_mask, measure_mask_quality, write_json
 
 from ondemand_seg.settings.resolve import resolve_config
 
@@ -60,7 +58,7 @@ def finest_self_attention(model) -> int | None:
     from ondemand_seg.generation.generator import DiffuMaskGenerator
     from ondemand_seg.toyworld import TOY_CLASSES
 
-    spec = DiffuMaskGenerator(model, list(TOY_CLASSES[1:2]), label_space=TOY_CLASSES).sampler.spec
+    spec = DiffuMaskGenerator(model, list(TOY_CLASSES[1:2]), label_space=TOY_CLASSES).spec
     return min(spec.self_factors) if spec.self_factors else None
 
 
@@ -74,7 +72,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fusions", nargs="+", choices=sorted(FUSIONS), default=list(FUSIONS))
     p.add_argument("--calibration-per-class", type=int, default=10,
                    help="oracle-labelled images per class for per-class γ (0: skip those recipes)")
-    p.add_argument("--batch-size", type=int, default=20)
+    p.add_argument("--gen-steps", type=int, default=None, help="denoising steps (default: the model preset's)")
+    p.add_argument("--gen-batch-size", type=int, default=None,
+                   help="images per pipeline call (default: the model preset's, 20 for the toy models)")
     p.add_argument("--search-only", action="store_true",
                    help="skip the confirmation (e.g. fusions searched by separate processes, one JSON each)")
     p.add_argument("--json", type=Path, default=None)
@@ -87,22 +87,25 @@ def main(argv=None) -> int:
     results = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
     search = results.setdefault("search", {})
     cache: dict = {}
+    generator = {} if args.gen_steps is None else {"num_inference_steps": args.gen_steps}
 
     def overrides(fusion: str, recipe: dict) -> dict:
         # An explicit None (the model's own grids), not a missing key, which would fall back to the preset's fusion.
         mask = {**recipe, **FUSIONS[fusion]}
         if mask["threshold_mode"] == "per-class":
             key_cache = cache.setdefault(fusion, {})
-            mask = calibrated(args.model, {**mask, "threshold_mode": "otsu"}, args.calibration_per_class, key_cache)
+            mask = calibrated_mask(args.model, {**mask, "threshold_mode": "otsu"}, args.calibration_per_class, key_cache,
+                                   generator)
         return mask
 
     def measure(fusion: str, name: str, recipe: dict, seed: int, n: int) -> dict:
         mask = overrides(fusion, recipe)
-        r = mask_quality.measure(args.model, n, seed, args.batch_size, mask_overrides=mask, other_readings=False,
-                                 progress=False)
+        r = measure_mask_quality(args.model, n, seed, args.gen_batch_size, mask_overrides=mask, other_readings=False,
+                                 progress=False, generator_overrides=generator)
         row = {"fusion": fusion, "recipe": name, "mask": r["mask_config"], "n": n, "seed": seed,
                "mean": r["diffumask"]["mean"], "per_class": r["diffumask"]["per_class"],
                "band_as_miss": r["diffumask_band_as_miss"]["mean"], "centre_box": r["centre_box"]["mean"],
+               "gen_steps": r["sampler_config"]["num_inference_steps"],
                "labelled_images": 5 * args.calibration_per_class if recipe["threshold_mode"] == "per-class" else 0}
         print(f"{fusion:8s} {name:40s} seed {seed}: {row['mean']:.3f} (band as miss {row['band_as_miss']:.3f})",
               flush=True)

@@ -49,6 +49,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="MaskConfig.background_floor values to compare (default: the preset's)")
     parser.add_argument("--ignore-bands", type=float, nargs="+", default=[None],
                         help="MaskConfig.ignore_band values to compare (default: the preset's)")
+    parser.add_argument("--gen-steps", type=int, default=None, help="denoising steps (default: the model preset's)")
+    parser.add_argument("--gen-batch-size", type=int, default=None,
+                        help="images per pipeline call (default: the model preset's, 20 for the toy models)")
     parser.add_argument("--drawn-pixels", type=int, default=10,
                         help="a named class is drawn when the oracle finds at least this many of its pixels")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -56,12 +59,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def measure(model, n: int, ratio: float, seed: int = 0, drawn_pixels: int = 10, background_floor: str | None = None,
-            ignore_band: float | None = None) -> dict:
+            ignore_band: float | None = None, gen_steps: int | None = None, gen_batch_size: int | None = None) -> dict:
     """Score the first ``n`` prompts of the model's stream with ``neglect_ratio=ratio`` (and the
-    given ``background_floor``/``ignore_band``, else the preset's)."""
+    given ``background_floor``/``ignore_band``, denoising steps and images per call, else the
+    preset's)."""
     overrides = {"background_floor": background_floor, "ignore_band": ignore_band}
     mask = {"neglect_ratio": ratio, **{k: v for k, v in overrides.items() if v is not None}}
-    source = DiffuMaskGenerator(model, TOY_CLASSES[1:], label_space=TOY_CLASSES, seed=seed, mask=mask)
+    generator = {k: v for k, v in {"num_inference_steps": gen_steps, "batch_size": gen_batch_size}.items() if v is not None}
+    source = DiffuMaskGenerator(model, TOY_CLASSES[1:], label_space=TOY_CLASSES, seed=seed, mask=mask,
+                                generator=generator)
     classes = TOY_CLASSES[1:]
     sums = {c: [0, 0] for c in classes}
     missed = {c: [0, 0] for c in classes}
@@ -73,7 +79,7 @@ def measure(model, n: int, ratio: float, seed: int = 0, drawn_pixels: int = 10, 
         indices = range(start, min(start + batch_size, n))
         prompts = [source.prompt(i) for i in indices]
         seeds = [sample_seed(seed, i, 0, SubStream.IMAGE) for i in indices]
-        batch = source.sampler.generate(prompts, seeds, source.image_size, keep_maps=True)
+        batch = source.generate(prompts, seeds, keep_maps=True)
         images = batch.uint8_images()
         for j, prompt in enumerate(prompts):
             truth = torch.from_numpy(color_oracle(images[j]))
@@ -99,7 +105,7 @@ def measure(model, n: int, ratio: float, seed: int = 0, drawn_pixels: int = 10, 
                 missed[name][1] += union
     per_class = {c: (i / u if u else float("nan")) for c, (i, u) in sums.items()}
     band_as_miss = [i / u if u else float("nan") for i, u in missed.values()]
-    config = source.sampler.mask_config_for(source.image_size)
+    config = source.resolved_mask_config()
     return {"neglect_ratio": ratio, "background_floor": config.background_floor, "ignore_band": config.ignore_band,
             **counts, "not_drawn_per_class": not_drawn, "per_class": per_class,
             "mean": float(np.nanmean(list(per_class.values()))), "mean_band_as_miss": float(np.nanmean(band_as_miss)),
@@ -128,10 +134,11 @@ def main(argv=None) -> int:
     bad = [w for w in args.ignore_bands if w is not None and not 0.0 <= w < 0.5]
     if bad:
         raise SystemExit(f"--ignore-bands must be in [0, 0.5), got {bad}")
-    rows = [measure(args.model, args.n, ratio, args.seed, args.drawn_pixels, floor, band)
+    rows = [measure(args.model, args.n, ratio, args.seed, args.drawn_pixels, floor, band, args.gen_steps,
+                    args.gen_batch_size)
             for ratio in args.ratios for floor in args.background_floors for band in args.ignore_bands]
     print(markdown(rows))
-    write_json(args.json, {"model": str(args.model), "n": args.n, "seed": args.seed,
+    write_json(args.json, {"model": str(args.model), "n": args.n, "seed": args.seed, "gen_steps": args.gen_steps,
                            "drawn_pixels": args.drawn_pixels, "rows": rows})
     return 0
 

@@ -4,7 +4,7 @@ Each row generates the same ``n`` prompts and seeds as ``benchmarks/mask_quality
 (scheduler, steps) choice and scores the DiffuMask masks (the model's preset otherwise: fusion,
 timestep window, γ, band) against the ToyWorld colour oracle. Per row: IoU per class and mean,
 ignore pixels as misses, the share of images the oracle finds the prompted object in, gate
-rejects, seconds per image in the DiffuMask sampler's calls (generation, capture, masks; model
+rejects, seconds per image in the generator's calls (generation, capture, masks; model
 loaded before), and IoU and time relative to the model's first row (the model's own scheduler at
 25 steps).
 
@@ -21,8 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import write_json
-from mask_quality import measure
+from common import measure_mask_quality, write_json
 
 from ondemand_seg.generation.capture import AttentionStore
 
@@ -41,7 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Mask IoU and seconds per image for each (scheduler, steps)")
     parser.add_argument("--n", type=int, default=200, help="samples per row, spread evenly over the classes")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=20, help="images per pipeline call")
+    parser.add_argument("--gen-batch-size", type=int, default=None,
+                        help="images per pipeline call (default: the model preset's, 20 for the toy models)")
     parser.add_argument("--rows", nargs="+", default=list(GRID), metavar="MODEL:SCHEDULER:STEPS",
                         help="rows to run ('default' = the model's own scheduler); default: the grid above")
     parser.add_argument("--models", nargs="+", default=None, help="keep only the rows of these models")
@@ -74,11 +74,13 @@ def recorded_steps(steps: int, window: tuple[float, float]) -> list[int]:
     return recorded
 
 
-def run_row(model: str, scheduler: str | None, steps: int, n: int, seed: int, batch_size: int,
+def run_row(model: str, scheduler: str | None, steps: int, n: int, seed: int, batch_size: int | None,
             mask_overrides: dict | None = None) -> dict:
-    sampler = {"num_inference_steps": steps, **({} if scheduler is None else {"scheduler": scheduler})}
-    result = measure(model, n, seed, batch_size, progress=False, mask_overrides=mask_overrides,
-                     sampler_overrides=sampler, other_readings=False)
+    """One row: ``n`` samples of ``model`` generated with ``scheduler`` (None: the model's own) at
+    ``steps`` steps, scored against the colour oracle."""
+    generator = {"num_inference_steps": steps, **({} if scheduler is None else {"scheduler": scheduler})}
+    result = measure_mask_quality(model, n, seed, batch_size, progress=False, mask_overrides=mask_overrides,
+                                  generator_overrides=generator, other_readings=False)
     return {
         "model": model, "scheduler": result["scheduler"], "steps": steps,
         "recorded": recorded_steps(steps, result["mask_config"]["timestep_window"]),
@@ -127,13 +129,13 @@ def main(argv=None) -> int:
     rows = []
     band = None if args.ignore_band is None else {"ignore_band": args.ignore_band}
     for model, scheduler, steps in grid:
-        rows.append(run_row(model, scheduler, steps, args.n, args.seed, args.batch_size, band))
+        rows.append(run_row(model, scheduler, steps, args.n, args.seed, args.gen_batch_size, band))
         row = rows[-1]
         print(f"{model} {row['scheduler']} {steps}: IoU {row['mean']:.3f}, {row['seconds_per_image']:.3f} s/image",
               flush=True)
     add_relative(rows)
     print(markdown(rows))
-    write_json(args.json, {"n": args.n, "seed": args.seed, "batch_size": args.batch_size,
+    write_json(args.json, {"n": args.n, "seed": args.seed, "batch_size": rows[0]["sampler_config"]["batch_size"],
                            "torch_threads": torch.get_num_threads(), "rows": rows})
     return 0
 

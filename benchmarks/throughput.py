@@ -4,7 +4,7 @@ Three modes on the same model, settings, batch size and seeds, each in its own s
 peak memory is its own (CUDA max allocated on GPU, peak RSS on CPU):
 
 - ``bare``: ``StableDiffusionPipeline`` with diffusers' fused attention, no capture;
-- ``diffumask``: the library's sampler (capture on the fused path, running sums, mask extraction);
+- ``diffumask``: the library's generator (capture on the fused path, running sums, mask extraction);
 - ``naive``: DAAM-style capture that materialises the softmax of every attention layer (self and
   cross) at every step and keeps it until the end.
 
@@ -27,6 +27,7 @@ pipeline instead, to try a GPU command on a CPU in seconds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import random
@@ -38,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from architectures import ARCHITECTURES, IMAGE_SIZES, build_pipeline
+from architectures import ARCHITECTURES, IMAGE_SIZES, TINY_FLAVORS, build_pipeline
 from common import write_json
 
 MODES = ("bare", "diffumask", "naive")
@@ -46,7 +47,6 @@ MODES = ("bare", "diffumask", "naive")
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "flow": "FlowMatchEulerDiscreteScheduler",
               "default": None}
 NAIVE_FAMILIES = ("sd", "sdxl")  # NaiveProcessor is UNet cross/self-attention
-TINY_FLAVORS = {"sd15": "sd1", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -65,7 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--capture-kernel", choices=("auto", "sdpa", "explicit"), default="auto",
-                        help="how capture computes the class-token mass (ondemand_seg.capture.class_mass): "
+                        help="how capture computes the class-token mass (GeneratorConfig.capture_kernel): "
                              "auto is sdpa on CUDA, explicit elsewhere")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--profile", type=Path, default=None,
@@ -106,19 +106,21 @@ class NaiveProcessor:
 
 
 def build(args, device: torch.device, scheduler: str):
-    """The pipeline, its image size, a prompt and the mask settings, on ``device`` in the library's dtype.
+    """The pipeline on ``device`` in the library's dtype, its image size, a prompt, and the settings
+    the generator is built with (a :class:`DiffuMaskConfig`: label space, mask and generator sections).
 
-    With ``--model``: the model's preset (image size, mask settings) and the first class of its
-    vocabulary, prompted in the vocabulary's words ("a photo of a circle" for the toy model); a
-    model without a vocabulary in its preset is prompted "a photograph of a dog".
+    With ``--model``: the model's preset (image size, mask and generator settings) and the first
+    class of its vocabulary, prompted in the vocabulary's words ("a photo of a circle" for the toy
+    model); a model without a vocabulary in its preset is prompted "a photograph of a dog", as
+    the ``--arch`` pipelines are (with the library's default settings).
     """
-    from ondemand_seg import MaskConfig
     from ondemand_seg.pipelines.builtin import read_preset
     from ondemand_seg.pipelines.families import family_of
     from ondemand_seg.pipelines.loading import load_pipeline
     from ondemand_seg.settings.resolve import resolve_config
     from ondemand_seg.settings.vocabulary import PromptSpec
 
+    dog = {"label_space": ("background", "dog")}
     if args.arch is not None:
         if not args.random_weights:
             raise SystemExit(f"--arch {args.arch} needs --random-weights (real weights are loaded with --model)")
@@ -135,14 +137,14 @@ def build(args, device: torch.device, scheduler: str):
             dtype = family.gpu_dtype if device.type == "cuda" else torch.float32
             build, size = functools.partial(build_pipeline, args.arch, device, dtype), IMAGE_SIZES[args.arch]
         pipeline = load_pipeline(build, device, SCHEDULERS[scheduler])
-        return pipeline, args.image_size or size, PromptSpec("a photograph of a dog", ("dog",), (0,), ("dog",)), MaskConfig()
+        config = resolve_config(build, **dog)
+        return pipeline, args.image_size or size, PromptSpec("a photograph of a dog", ("dog",), (1,), ("dog",)), config
     preset = read_preset(args.model)
-    settings = {} if "vocabulary" in preset or "label_space" in preset else {"label_space": ("background", "dog")}
-    config = resolve_config(args.model, **settings)
+    config = resolve_config(args.model, **({} if "vocabulary" in preset or "label_space" in preset else dog))
     name = config.label_space[1]
     prompt = config.vocabulary.sample_multi(random.Random(0), [name], [1])
     pipeline = load_pipeline(args.model, device, SCHEDULERS[scheduler])
-    return pipeline, args.image_size or config.image_size[0], prompt, config.mask
+    return pipeline, args.image_size or config.image_size[0], prompt, config
 
 
 def make_calls(args, device, scheduler: str, steps: int, batch: int):
@@ -151,40 +153,44 @@ def make_calls(args, device, scheduler: str, steps: int, batch: int):
     Returns ``(calls, store_bytes, size)``: ``calls[mode]()`` generates one batch, ``store_bytes[mode]``
     lists the capture memory each call held.
     """
-    from ondemand_seg import GeneratorConfig, capture
-    from ondemand_seg.generation.generator import CapturingPipeline
-    from ondemand_seg.pipelines.families import describe_pipeline, family_of
+    from ondemand_seg import DiffuMaskGenerator
+    from ondemand_seg.pipelines.families import family_of
 
-    capture.CLASS_MASS_KERNEL = args.capture_kernel
-    pipeline, size, prompt, mask_config = build(args, device, scheduler)
+    pipeline, size, prompt, config = build(args, device, scheduler)
     family = family_of(type(pipeline).__name__)
     if "naive" in args.modes and family.name not in NAIVE_FAMILIES:
         raise SystemExit(f"--modes naive needs a UNet model (SD 1.x/2.x, SDXL); this is {family.title}")
     denoiser = getattr(pipeline, family.denoiser)
     bare_processors = dict(denoiser.attn_processors)  # as built: diffusers' fused defaults
-    describe_pipeline(pipeline).check_image_size((size, size))
+    # The scheduler was set at load; one generation call per batch.
+    settings = dataclasses.replace(config.generator, num_inference_steps=steps, batch_size=batch, scheduler=None,
+                                   compile=args.compile, channels_last=args.channels_last,
+                                   capture_kernel=args.capture_kernel)
+    generator = DiffuMaskGenerator(lambda: pipeline, prompt.class_names, device=device, image_size=size,
+                                   label_space=config.label_space, mask=config.mask, generator=settings)
+    capturing = generator.capturing  # installs the capture processors (and compiles, with --compile)
+    capturing.spec.check_image_size((size, size))
     prompts = [prompt] * batch
     seeds = list(range(batch))
     store_bytes = {mode: [] for mode in MODES}
-    sampler = CapturingPipeline(pipeline, mask_config, GeneratorConfig(num_inference_steps=steps, compile=args.compile,
-                                                                    channels_last=args.channels_last))
     capture = dict(denoiser.attn_processors)
-    original_reset = sampler.store.reset
+    store, reset = capturing.store, capturing.store.reset
 
     def reset_and_measure():
-        store_bytes["diffumask"].append(sampler.store.memory_bytes())
-        original_reset()
+        # The generator drops the store's sums when its call ends: their size is read then.
+        store_bytes["diffumask"].append(store.memory_bytes())
+        reset()
 
-    sampler.store.reset = reset_and_measure
+    store.reset = reset_and_measure
     naive = NaiveStore()
 
     def run_pipeline():
-        # The sampler's own call: same guidance, text lengths and size options, so only capture differs.
+        # The generator's own call: same guidance, text lengths and size options, so only capture differs.
         with torch.inference_mode():
             pipeline([p.text for p in prompts], height=size, width=size, num_inference_steps=steps,
-                     guidance_scale=sampler.generator_config.guidance_scale,
+                     guidance_scale=capturing.generator_config.guidance_scale,
                      generator=[torch.Generator(device).manual_seed(s) for s in seeds], output_type="pt",
-                     **sampler.call_options)
+                     **capturing.call_options)
 
     def bare():
         denoiser.set_attn_processor(dict(bare_processors))  # diffusers consumes the dict it is given
@@ -192,7 +198,7 @@ def make_calls(args, device, scheduler: str, steps: int, batch: int):
 
     def diffumask():
         denoiser.set_attn_processor(dict(capture))
-        sampler.generate(prompts, seeds, (size, size))
+        generator.generate(prompts, seeds)
 
     def naive_capture():
         denoiser.set_attn_processor(NaiveProcessor(naive))

@@ -1,24 +1,63 @@
-"""benchmarks/few_labels.py, run as users run it at tiny sizes: every planned run is trained once,
-the table is built from the runs' mIoU, an interrupted table resumes, and the RESULTS section is
-rewritten between its markers."""
+"""benchmarks/few_labels.py, run as users run it (in this process) at tiny sizes: every planned run
+is trained once, the table is built from the runs' mIoU, an interrupted table resumes, and the
+RESULTS section is rewritten between its markers."""
 import json
-import os
-import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import common  # noqa: E402
+import few_labels as few_labels_script  # noqa: E402
+
 TINY = ["--", "--vocabulary", "toy", "--batch-size", "4", "--gen-steps", "2", "--eval-limit", "4", "--threads", "1",
         "--workers", "0", "--image-size", "16"]
 
 
-def few_labels(tmp_path, *args):
-    return subprocess.run([sys.executable, str(BENCHMARKS / "few_labels.py"), "--work-dir", str(tmp_path / "work"), *args],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+@dataclass
+class Finished:
+    """How a command line ended, as a subprocess reports it."""
+
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def test_table_of_real_only_and_mixed_runs_resumes_and_lands_in_results(tmp_path):
+@pytest.fixture
+def few_labels(capsys, monkeypatch):
+    """``few_labels(tmp_path, *args)``: ``few_labels.py --work-dir TMP/work *args`` in this process,
+    where training fails the test unless the test hands the script a trainer."""
+    monkeypatch.setattr(few_labels_script, "train", lambda flags: pytest.fail(f"trained: {flags}"))
+
+    def run(tmp_path, *args) -> Finished:
+        capsys.readouterr()
+        try:
+            code = few_labels_script.main(["--work-dir", str(tmp_path / "work"), *args])
+        except SystemExit as stop:
+            # As the interpreter ends a script: a message goes to stderr with exit status 1.
+            if isinstance(stop.code, str):
+                print(stop.code, file=sys.stderr)
+            code = 1 if isinstance(stop.code, str) else stop.code or 0
+        out = capsys.readouterr()
+        return Finished(code, out.out, out.err)
+
+    return run
+
+
+def stand_in_train(flags: list[str]) -> dict:
+    """train_deeplab.py's final summary, made up from the flags: more for seed 1 and for mixing."""
+    seed = int(flags[flags.index("--seed") + 1])
+    miou = 0.3 + 0.1 * seed + (0 if "--real-only" in flags else 0.05)
+    return {"miou": miou, "per_class_iou": {"background": miou}}
+
+
+@pytest.mark.parametrize("trainer", ["stand-in", pytest.param("train_deeplab.py", marks=pytest.mark.slow)])
+def test_table_of_real_only_and_mixed_runs_resumes_and_lands_in_results(tmp_path, few_labels, trainer, monkeypatch):
+    monkeypatch.setattr(few_labels_script, "train", stand_in_train if trainer == "stand-in" else common.train)
     results_md = tmp_path / "RESULTS.md"
     results_md.write_text("# Results\n\n<!-- few_labels:begin -->\nold table\n<!-- few_labels:end -->\n\nafter\n")
     out = tmp_path / "few.json"
@@ -53,7 +92,7 @@ def test_table_of_real_only_and_mixed_runs_resumes_and_lands_in_results(tmp_path
     assert table.returncode == 0 and "==" not in table.stdout and "| 9 | not run |" in table.stdout
 
 
-def test_results_file_without_markers_is_refused(tmp_path):
+def test_results_file_without_markers_is_refused(tmp_path, few_labels):
     (tmp_path / "few.json").write_text(json.dumps({"runs": {}}))
     (tmp_path / "R.md").write_text("no markers\n")
     done = few_labels(tmp_path, "--sizes", "3", "--seeds", "0", "--models", "random-weights", "--steps", "1",
@@ -64,7 +103,6 @@ def test_results_file_without_markers_is_refused(tmp_path):
 
 
 def test_one_mixed_condition_per_model_and_ratio_keyed_by_both():
-    sys.path.insert(0, str(BENCHMARKS))
     from few_labels import get_args_parser, planned_runs
 
     args = get_args_parser().parse_args(["--sizes", "25", "--seeds", "3", "--models", "toy", "--synthetic-ratio", "0.5", "0.9"])
@@ -75,7 +113,7 @@ def test_one_mixed_condition_per_model_and_ratio_keyed_by_both():
     assert flags[flags.index("--synthetic-length") + 1] == "512"
 
 
-def test_named_results_section_gets_the_table_and_the_default_section_is_left_alone(tmp_path):
+def test_named_results_section_gets_the_table_and_the_default_section_is_left_alone(tmp_path, few_labels):
     runs = {"real_only/4/seed0": {"miou": 0.25}, "mixed:toy@0.9x8/4/seed0": {"miou": 0.5}}
     (tmp_path / "few.json").write_text(json.dumps({"config": {"steps": 1, "extra": []}, "runs": runs}))
     results_md = tmp_path / "R.md"
@@ -96,7 +134,6 @@ def test_named_results_section_gets_the_table_and_the_default_section_is_left_al
 
 
 def test_real_only_plans_no_mixed_run_and_its_table_has_one_column():
-    sys.path.insert(0, str(BENCHMARKS))
     from few_labels import get_args_parser, planned_runs, summarize
 
     args = get_args_parser().parse_args(["--real-only", "--sizes", "25", "100", "--seeds", "0", "1"])
@@ -108,7 +145,6 @@ def test_real_only_plans_no_mixed_run_and_its_table_has_one_column():
 
 
 def test_real_only_runs_of_another_json_are_the_baseline_and_not_trained_again(tmp_path):
-    sys.path.insert(0, str(BENCHMARKS))
     from few_labels import get_args_parser, planned_runs, summarize
 
     args = get_args_parser().parse_args(["--sizes", "25", "--seeds", "0", "1", "--models", "toy",
@@ -124,7 +160,7 @@ def test_real_only_runs_of_another_json_are_the_baseline_and_not_trained_again(t
     assert summarize({**mixed, **own}, [25], ["toy@0.5x512"], baseline=real)[0]["25"]["real_only"]["mean"] == 0.30
 
 
-def test_baseline_that_is_missing_or_given_with_real_only_is_refused(tmp_path):
+def test_baseline_that_is_missing_or_given_with_real_only_is_refused(tmp_path, few_labels):
     missing = few_labels(tmp_path, "--sizes", "3", "--seeds", "0", "--models", "random-weights", "--steps", "1",
                          "--baseline", str(tmp_path / "nowhere.json"), "--json", str(tmp_path / "few.json"))
     assert missing.returncode != 0 and "--baseline" in missing.stderr and "nowhere.json does not exist" in missing.stderr
@@ -133,7 +169,7 @@ def test_baseline_that_is_missing_or_given_with_real_only_is_refused(tmp_path):
     assert not (tmp_path / "work").exists()
 
 
-def test_baseline_seeds_outside_the_table_are_left_out(tmp_path):
+def test_baseline_seeds_outside_the_table_are_left_out(tmp_path, few_labels):
     real = {f"real_only/4/seed{s}": {"miou": m} for s, m in [(0, 0.40), (1, 0.50), (2, 0.90)]}
     (tmp_path / "real.json").write_text(json.dumps({"config": {}, "runs": real}))
     mixed = {f"mixed:toy@0.5x8/4/seed{s}": {"miou": 0.6} for s in (0, 1)}
@@ -147,7 +183,6 @@ def test_baseline_seeds_outside_the_table_are_left_out(tmp_path):
 
 
 def test_paired_comparison_per_seed_in_summary_and_table():
-    sys.path.insert(0, str(BENCHMARKS))
     from few_labels import summarize
     from scipy.stats import ttest_rel
 
@@ -164,7 +199,7 @@ def test_paired_comparison_per_seed_in_summary_and_table():
     assert f"+5.3 (2 of 3 seeds ahead, p {expected_p:.2g})" in table
 
 
-def test_table_of_some_seeds_leaves_out_the_json_runs_of_other_seeds(tmp_path):
+def test_table_of_some_seeds_leaves_out_the_json_runs_of_other_seeds(tmp_path, few_labels):
     real = {f"real_only/4/seed{s}": {"miou": m} for s, m in [(0, 0.40), (1, 0.50), (2, 0.90)]}
     (tmp_path / "real.json").write_text(json.dumps({"config": {}, "runs": real}))
     mixed = {f"mixed:toy@0.5x8/4/seed{s}": {"miou": m} for s, m in [(0, 0.60), (1, 0.70), (2, 0.20)]}

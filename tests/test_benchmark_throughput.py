@@ -1,7 +1,6 @@
 """benchmarks/throughput.py's GPU commands, tried on the CPU: the full-size architectures it builds
 are the published ones, and its family-generic bare/capture modes run end to end."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import throughput  # noqa: E402
 from architectures import ARCHITECTURES, DENOISER_PARAMS_M, build_pipeline  # noqa: E402
 
 from ondemand_seg.pipelines.families import describe_pipeline, family_of  # noqa: E402
@@ -31,24 +31,32 @@ def test_unknown_architecture_is_named():
         build_pipeline("sd4")
 
 
-def test_tiny_transformer_row_times_bare_and_capture(tmp_path):
+@pytest.fixture(params=["in-process", pytest.param("subprocess", marks=pytest.mark.slow)])
+def workers(request, monkeypatch):
+    """How throughput.py runs its per-setting workers: in their own processes, as users run it, or
+    in this one (the same measuring code, without a process start per worker)."""
+    if request.param == "in-process":
+        def run_here(argv: list[str], job: str) -> dict:
+            row = throughput.run_worker(throughput.get_args_parser().parse_args([*argv, "--worker", job]))
+            return json.loads(json.dumps(row))  # as the worker's JSON line reads back
+
+        monkeypatch.setattr(throughput, "_worker", run_here)
+    return request.param
+
+
+def test_tiny_transformer_row_times_bare_and_capture(tmp_path, workers):
     out = tmp_path / "sd3.json"
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "throughput.py"), "--arch", "sd3", "--random-weights", "--tiny",
-         "--device", "cpu", "--batch-sizes", "1", "--schedules", "default:2", "--repeats", "1",
-         "--modes", "bare", "diffumask", "--json", str(out)],
-        capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert throughput.main(["--arch", "sd3", "--random-weights", "--tiny", "--device", "cpu", "--batch-sizes", "1",
+                            "--schedules", "default:2", "--repeats", "1", "--modes", "bare", "diffumask",
+                            "--capture-kernel", "sdpa", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())
-    assert row["steps"] == 2 and row["batch"] == 1
+    assert row["steps"] == 2 and row["batch"] == 1 and row["capture_kernel"] == "sdpa"
     assert set(row["seconds_per_call"]) == {"bare", "diffumask"}
     assert row["time_over_bare"]["bare"] == 1.0 and row["time_over_bare"]["diffumask"] > 0
     assert row["attention_store_kb"]["diffumask"] > 0 and row["attention_store_kb"]["bare"] == 0
 
 
-def test_naive_mode_needs_a_unet():
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "throughput.py"), "--arch", "flux", "--random-weights", "--tiny",
-         "--device", "cpu", "--batch-sizes", "1", "--schedules", "default:2", "--modes", "naive", "--repeats", "1"],
-        capture_output=True, text=True, timeout=600)
-    assert done.returncode != 0 and "naive needs a UNet model" in done.stderr
+def test_naive_mode_needs_a_unet(workers):
+    with pytest.raises(SystemExit, match="naive needs a UNet model"):
+        throughput.main(["--arch", "flux", "--random-weights", "--tiny", "--device", "cpu", "--batch-sizes", "1",
+                         "--schedules", "default:2", "--modes", "naive", "--repeats", "1"])

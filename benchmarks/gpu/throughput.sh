@@ -10,7 +10,7 @@
 #   sd15_dpm25       DPM-Solver++ (DPMSolverMultistepScheduler's default) 25 steps at batch 8
 #   feeding          DeepLabV3-ResNet50 trainer (batch 8, 512 px crops) fed by one DataLoader worker
 #                    generating on the GPU (DDIM 20, batch 8), 20 steps at reuse 1, 4 and 16
-#   sd15_channels_last, sd15_compiled   the sd15_ddim row at batch 8 with SamplerConfig
+#   sd15_channels_last, sd15_compiled   the sd15_ddim row at batch 8 with GeneratorConfig
 #                    channels_last, then compile + channels_last. Compiling takes minutes (three
 #                    processes each compile the UNet: timing, then peak memory per mode), so in one
 #                    call with the rest it gets what is left of BUDGET; if cut (rc 124), run

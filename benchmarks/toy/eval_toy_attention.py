@@ -50,9 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--per-class", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--gen-steps", type=int, default=25, help="denoising steps")
     p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--gen-batch-size", type=int, default=10, help="images per pipeline call")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--weights", nargs="+", default=["1:1", "2:1", "4:1"], help="factor:weight ...")
     p.add_argument("--window", type=float, nargs=2, default=[0.0, 1.0])
@@ -67,18 +67,19 @@ def parse_args(argv=None):
 
 
 class Recorder:
-    """Hooks one dataset's sampler: per generated image, the prompt, the uint8 image (as the
-    library converts it) and the cumulative per-step class-attention sums of its store."""
+    """Hooks one dataset's generator: per generated image, the prompt, the uint8 image (as the
+    library converts it) and, after every denoising step, the mean class attention its store holds
+    so far (:meth:`AttentionStore.maps`) with the layer calls behind each mean (``counts``)."""
 
     def __init__(self, dataset: DiffuMaskDataset) -> None:
         self.items: dict[str, dict] = {}
-        sampler = dataset.source.sampler
-        store = sampler.store
+        capturing = dataset.source.capturing
+        store = capturing.store
         steps: list = []
-        original_on_step, original_generate = store.on_step, sampler.generate
+        original_on_step, original_generate = store.on_step, capturing.generate
 
         def on_step(step):
-            steps.append(({f: s.clone() for f, s in store._sums.items()}, dict(store.counts)))
+            steps.append((store.maps(), dict(store.counts)))
             original_on_step(step)
 
         def generate(prompts, seeds, size, keep_maps=False):
@@ -86,12 +87,12 @@ class Recorder:
             batch = original_generate(prompts, seeds, size, keep_maps)
             images = batch.uint8_images()
             for j, prompt in enumerate(prompts):
-                cumulative = [({f: s[j] for f, s in sums.items()}, counts) for sums, counts in steps]
+                cumulative = [({f: m[j] for f, m in means.items()}, counts) for means, counts in steps]
                 self.items[image_key(images[j])] = dict(prompt=prompt, steps=cumulative, latent=store.latent_size)
             return batch
 
         store.on_step = on_step
-        sampler.generate = generate
+        capturing.generate = generate
 
 
 def image_key(image: np.ndarray) -> str:
@@ -100,19 +101,20 @@ def image_key(image: np.ndarray) -> str:
 
 def window_maps(item: dict, window: tuple[float, float]) -> dict[int, torch.Tensor]:
     """Per-factor mean maps ``[K, h, w]`` over the steps of ``window`` (the library's rounding),
-    from the cumulative sums of a run that recorded every step."""
+    from the running means of a run that recorded every step."""
     steps = item["steps"]
     n = len(steps)
     first = min(int(np.floor(window[0] * n)), n - 1)
     end = max(int(np.ceil(window[1] * n)), first + 1)
-    sums_end, counts_end = steps[end - 1]
-    sums_start, counts_start = steps[first - 1] if first > 0 else ({}, {})
-    h, w = item["latent"]
+    means_end, counts_end = steps[end - 1]
+    means_start, counts_start = steps[first - 1] if first > 0 else ({}, {})
     out = {}
-    for f, s in sums_end.items():
-        c = counts_end[f] - counts_start.get(f, 0)
-        s = s - sums_start[f] if f in sums_start else s
-        out[f] = (s / c).view(s.shape[0], -(-h // f), -(-w // f))
+    for f, mean in means_end.items():
+        if f not in means_start:
+            out[f] = mean  # nothing recorded before the window: the store's own mean, as the library reads it
+            continue
+        recorded = counts_end[f] - counts_start[f]
+        out[f] = (mean * counts_end[f] - means_start[f] * counts_start[f]) / recorded
     return out
 
 
@@ -169,8 +171,8 @@ def run_library(args, config: MaskConfig):
             model=args.model, classes=[cls], length=args.per_class, vocabulary="toy", label_space=TOY_CLASSES,
             image_size=args.image_size, seed=args.seed * 1000 + k, augment=False, mask=dataclasses.replace(config),
             cache_size=args.per_class,  # each sample is generated once, however raw() fetches it
-            generator=GeneratorConfig(num_inference_steps=args.steps, guidance_scale=args.guidance,
-                                  batch_size=args.batch_size),
+            generator=GeneratorConfig(num_inference_steps=args.gen_steps, guidance_scale=args.guidance,
+                                  batch_size=args.gen_batch_size),
             quality=QualityConfig(max_consecutive_rejects=500), device="cpu",
         )
         recorder = Recorder(ds)
@@ -256,7 +258,7 @@ def main(argv=None) -> None:
     agree = float(np.mean([np.array_equal(a, b) for a, b in zip(recomputed, masks)]))
 
     print(f"model {args.model}; {ours['mean']['n']} samples ({args.per_class}/class), seed {args.seed}, "
-          f"DDIM {args.steps} steps, guidance {args.guidance}; generated {gen['generated']} "
+          f"DDIM {args.gen_steps} steps, guidance {args.guidance}; generated {gen['generated']} "
           f"(accepted {gen['accepted']}); {time.time() - start:.0f}s")
     print(f"config: {json.dumps(dataclasses.asdict(config))}; recomputed masks identical: {agree:.3f}")
     print(f"{'':<34} mIoU              | " + " ".join(f"{c[:5]:>5}" for c in CLASSES))
@@ -264,15 +266,14 @@ def main(argv=None) -> None:
     print(fmt("ours without ignore band", no_band))
     print(fmt("centre box", box))
     print(fmt("fixed 0.5, this fusion", same_05))
-    result = dict(model=args.model, seed=args.seed, per_class=args.per_class, steps=args.steps,
-                  guidance=args.guidance, config=dataclasses.asdict(config), generated=gen, ours=ours, centre_box=box,
+    result = dict(model=args.model, seed=args.seed, per_class=args.per_class, steps=args.gen_steps,
+                  guidance=args.guidance, config=dataclasses.asdict(config), generated=gen, recomputed_identical=agree,
+                  ours=ours, centre_box=box,
                   fixed05_same_fusion=same_05, ours_no_band=no_band, found=found)
     if not args.no_default_baseline:
-        # The library's default fusion (every factor the model has, every step), not the preset's.
-        available = set(items[0]["steps"][-1][0])
-        defaults = MaskConfig()
-        default_cfg = dataclasses.replace(defaults, threshold=0.5, ignore_band=0.0, resolution_weights={
-            f: w for f, w in defaults.resolution_weights.items() if f in available})
+        # The library's default fusion (no resolution weights: every factor the model has; every
+        # step), not the preset's.
+        default_cfg = MaskConfig(threshold=0.5, ignore_band=0.0)
         d_samples, d_items, _ = run_library(args, default_cfg)
         d_oracles = [color_oracle(s.image) for s in d_samples]
         d_ids = [TOY_CLASSES.index(it["prompt"].class_names[0]) for it in d_items]

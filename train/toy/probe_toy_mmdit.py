@@ -18,7 +18,7 @@ over samples, ignore pixels excluded); mIoU = mean over the 5 classes. A grid ov
 step windows, normalisation, threshold γ and ignore band is searched offline on the recorded maps.
 Choose on one ``--seed``, confirm on another.
 
-    python benchmarks/toy/probe_toy_mmdit.py --model /work/toy_runs/mmdit/pipeline --per-class 10 --pairs 50
+    python train/toy/probe_toy_mmdit.py --model /work/toy_runs/mmdit/pipeline --per-class 10 --pairs 50
 """
 from __future__ import annotations
 
@@ -31,10 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline
-from train_toy_mmdit import (  # this folder: the script's own sys.path entry
-    joint_output,
-    joint_qkv,
-)
+from toy_training import joint_output, joint_qkv
 
 from ondemand_seg.masks.maps import fuse_resolutions, labels_from_maps
 from ondemand_seg.toyworld import TOY_CLASSES, color_oracle
@@ -49,10 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--per-class", type=int, default=10, help="single-class prompts per class")
     p.add_argument("--pairs", type=int, default=50, help="two-class prompts")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--gen-steps", type=int, default=25, help="denoising steps")
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--shift", type=float, help="override the scheduler's shift")
-    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--gen-batch-size", type=int, default=10, help="images per pipeline call")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--fixed", nargs=5, metavar=("KIND", "START", "END", "GAMMA", "BAND"),
@@ -107,8 +104,8 @@ def generate(args, pipe, prompts):
     tok = pipe.tokenizer
     images, maps = [], {kind: [] for kind in KINDS}
     n_layers = len(pipe.transformer.transformer_blocks)
-    for start in range(0, len(prompts), args.batch_size):
-        chunk = prompts[start:start + args.batch_size]
+    for start in range(0, len(prompts), args.gen_batch_size):
+        chunk = prompts[start:start + args.gen_batch_size]
         texts = [caption(names) for names in chunk]
         positions = torch.zeros(len(chunk), 2, dtype=torch.long)
         for i, (text, names) in enumerate(zip(texts, chunk)):
@@ -118,12 +115,12 @@ def generate(args, pipe, prompts):
                 positions[i, j] = ids.index(target)
         proc.positions, proc.calls = positions, []
         generator = [torch.Generator().manual_seed(args.seed * 100_000 + start + i) for i in range(len(chunk))]
-        out = pipe(texts, height=32, width=32, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        out = pipe(texts, height=32, width=32, num_inference_steps=args.gen_steps, guidance_scale=args.guidance,
                    generator=generator, output_type="np")
         images.append((out.images * 255).round().astype(np.uint8))
         for kind in KINDS:
             stacked = torch.stack([c[kind] for c in proc.calls])  # [steps * layers, B, 2, N]
-            stacked = stacked.view(args.steps, n_layers, len(chunk), 2, 16, 16).permute(2, 0, 1, 3, 4, 5)
+            stacked = stacked.view(args.gen_steps, n_layers, len(chunk), 2, 16, 16).permute(2, 0, 1, 3, 4, 5)
             maps[kind].append(stacked)
     return np.concatenate(images), {kind: torch.cat(m) for kind, m in maps.items()}
 
@@ -178,7 +175,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     start = time.time()
     pipe = StableDiffusion3Pipeline.from_pretrained(args.model, use_safetensors=True, text_encoder_3=None,
-                                                    tokenizer_3=None, torch_dtype=torch.float32)
+                                                    tokenizer_3=None, dtype=torch.float32)
     if args.shift is not None:
         pipe.scheduler.register_to_config(shift=args.shift)
     pipe.set_progress_bar_config(disable=True)
@@ -192,7 +189,7 @@ def main(argv=None) -> None:
     box[:, 8:24, 8:24] = class_ids[:, :1, None].numpy()  # first class only, as a floor
     n_layers = maps["text"].shape[2]
     print(f"model {args.model}; {len(prompts)} images ({args.per_class}/class single, {args.pairs} pairs), "
-          f"seed {args.seed}, {args.steps} steps, guidance {args.guidance}, shift {pipe.scheduler.config.shift}; "
+          f"seed {args.seed}, {args.gen_steps} steps, guidance {args.guidance}, shift {pipe.scheduler.config.shift}; "
           f"generated in {time.time() - start:.0f}s; oracle finds every prompted class: {found:.3f}")
     print(f"centre box (first class): mIoU {score(box, oracles, class_ids)['mean']:.3f}")
     results = search(maps, oracles, class_ids, n_layers)
@@ -238,7 +235,7 @@ def main(argv=None) -> None:
         Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(args.save_grid)
     if args.json:
         args.json.write_text(json.dumps(dict(model=str(args.model), seed=args.seed, per_class=args.per_class,
-                                             pairs=args.pairs, steps=args.steps, guidance=args.guidance,
+                                             pairs=args.pairs, steps=args.gen_steps, guidance=args.guidance,
                                              shift=pipe.scheduler.config.shift, found=found, summary=summary,
                                              single_vs_pairs=[s1, s2], top=results[:30]), indent=1, default=str))
 

@@ -13,7 +13,7 @@ requires_safety_checker=False, use_safetensors=True)``:
   trained first (L1 + MSE reconstruction, KL weight 1e-6); ``scaling_factor`` = 1 / latent std.
 * Text encoder: ``CLIPTextModel`` with 0 transformer layers (token + position embeddings and the
   final layer norm), so no token can carry another token's class; tokenizer from
-  ``ondemand_seg.testing.build_clip_tokenizer`` (each word one token, max_length 16).
+  ``ondemand_seg.pipelines.tiny.build_clip_tokenizer`` (each word one token, max_length 16).
 * UNet: ``UNet2DConditionModel`` on the 16x16 latent, ``block_out_channels=(32, 64, 128)``;
   cross-attention at 16x16 (latent factor 1), 8x8 (factor 2) and 4x4 (factor 4, mid block);
   self-attention only at 8x8 and 4x4 (at 16x16 the transformer's first attention is a second
@@ -36,8 +36,8 @@ attention-to-mask machinery of ``ondemand_seg``, not evidence that attention loc
 
 Usage::
 
-    python benchmarks/toy/train_toy_model.py --out runs/toy --minutes 35
-    python benchmarks/toy/train_toy_model.py --out runs/toy --minutes 35 --resume   # after a cut-off
+    python train/toy/train_toy_model.py --out runs/toy --minutes 35
+    python train/toy/train_toy_model.py --out runs/toy --minutes 35 --resume   # after a cut-off
 
 ``OUT/pipeline`` (EMA weights, exported at every checkpoint) is the model folder; ``OUT/ckpt.pt``
 holds the full training state; ``OUT/log.txt`` the losses. ``--minutes`` counts training time over
@@ -68,21 +68,25 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.models.attention_processor import AttnProcessor2_0
+from toy_training import (
+    WORDS,
+    localisation_loss,
+    make_data,
+    to_tensor_images,
+    write_preset,
+)
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ondemand_seg.pipelines.builtin import PRESET_FILE
 from ondemand_seg.pipelines.tiny import build_clip_tokenizer
-from ondemand_seg.settings.resolve import resolve_config
-from ondemand_seg.toyworld import TOY_CLASSES, ToyWorld, color_oracle
+from ondemand_seg.toyworld import color_oracle
 
-WORDS = ("a", "photo", "of", "and") + TOY_CLASSES[1:]
-MAX_SLOTS = 3
 # The preset an exported folder ships (``ondemand_seg.json``) when the export target has none:
 # the built-in "toy" vocabulary (ToyWorld's classes, "a photo of a {class}", the captions' form)
-# and the settings chosen for the shipped model (benchmarks/toy/PROBES.md); image_size is the run's.
+# and the settings chosen for the shipped model (train/toy/PROBES.md); image_size is the run's.
 DEFAULT_PRESET = {
     "vocabulary": "toy",
-    "sampler": {"classes_per_prompt": 2, "num_inference_steps": 25, "guidance_scale": 4.0, "batch_size": 20},
+    "generator": {"classes_per_prompt": 2, "num_inference_steps": 25, "guidance_scale": 4.0, "batch_size": 20},
     "mask": {"resolution_weights": {"1": 1.0}, "timestep_window": [0.9, 1.0], "threshold": 0.4, "ignore_band": 0.05},
 }
 
@@ -129,42 +133,6 @@ def parse_args(argv=None):
                         "a dtype gives an all-fp32 pipeline: diffusers upcasts, transformers would not)")
     p.add_argument("--export", type=Path, help="only write the checkpoint's EMA pipeline to this folder")
     return p.parse_args(argv)
-
-
-# ----------------------------------------------------------------------------------------- data
-def make_data(args, tokenizer) -> dict:
-    """Render (and cache) the ToyWorld training set: images, id masks, token ids, class slots."""
-    cache = args.out / "data.npz"
-    if cache.exists():
-        return dict(np.load(cache))
-    single = ToyWorld(args.image_size, seed=args.seed, min_objects=1, max_objects=1)
-    multi = ToyWorld(args.image_size, seed=args.seed + 1, min_objects=1, max_objects=args.max_objects)
-    n = args.num_samples
-    images = np.zeros((n, args.image_size, args.image_size, 3), np.uint8)
-    masks = np.zeros((n, args.image_size, args.image_size), np.uint8)
-    ids = np.zeros((n, tokenizer.model_max_length), np.int64)
-    slot_pos = np.zeros((n, MAX_SLOTS), np.int64)
-    slot_cls = np.zeros((n, MAX_SLOTS), np.int64)  # 0 = unused slot
-    class_tok = {c: tokenizer.convert_tokens_to_ids(c + "</w>") for c in TOY_CLASSES[1:]}
-    rng = np.random.default_rng(args.seed)
-    for i in range(n):
-        world = single if rng.random() < args.single_fraction else multi
-        s = world.sample(i)
-        images[i], masks[i] = s.image, s.mask
-        enc = tokenizer(s.caption, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True)["input_ids"]
-        ids[i] = enc
-        for k, name in enumerate(s.class_names):
-            positions = [j for j, t in enumerate(enc) if t == class_tok[name]]
-            assert len(positions) == 1, (s.caption, enc)
-            slot_pos[i, k], slot_cls[i, k] = positions[0], TOY_CLASSES.index(name)
-    data = dict(images=images, masks=masks, ids=ids, slot_pos=slot_pos, slot_cls=slot_cls)
-    np.savez(cache, **data)
-    return data
-
-
-def to_tensor_images(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 # ------------------------------------------------------------------------------------------ VAE
@@ -287,42 +255,10 @@ def install_training_processors(unet, records) -> int:
     return n
 
 
-def localisation_loss(records, slot_pos, slot_masks_full, gate, latent_hw, factors):
-    """Mean BCE between class-token attention and the class's visible-mask coverage per cell.
-
-    slot_pos: [B, K] token index per slot; slot_masks_full: [B, K, H, W] float (0 for unused
-    slots); gate: [B, K] 1 where the slot counts (a named class, caption kept, t in range)."""
-    total, count = 0.0, 0
-    cache = {}
-    for probs in records:
-        b, n, t = probs.shape
-        factor = int(round(math.sqrt(latent_hw[0] * latent_hw[1] / n)))
-        if factor not in factors:
-            continue
-        if factor not in cache:
-            h, w = latent_hw[0] // factor, latent_hw[1] // factor
-            cache[factor] = F.adaptive_avg_pool2d(slot_masks_full, (h, w)).flatten(2)  # [B, K, N]
-        target = cache[factor]
-        p = probs.gather(2, slot_pos[:, None, :].expand(b, n, slot_pos.shape[1])).transpose(1, 2)
-        bce = F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), target, reduction="none").mean(-1)
-        total = total + (bce * gate).sum() / gate.sum().clamp_min(1.0)
-        count += 1
-    return total / max(count, 1)
-
-
 # ------------------------------------------------------------------------------------- export
 def make_scheduler_config() -> dict:
     return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 prediction_type="epsilon")
-
-
-def write_preset(folder: Path, preset: dict) -> None:
-    """Write ``preset`` as ``folder/ondemand_seg.json`` and check that the library resolves it."""
-    (folder / PRESET_FILE).write_text(json.dumps(preset, indent=4) + "\n")
-    try:
-        resolve_config(folder)
-    except ValueError as error:
-        raise SystemExit(f"the preset written to {folder / PRESET_FILE} does not resolve: {error}") from None
 
 
 def export_pipeline(path: Path, vae, text_encoder, tokenizer, unet, fp16: bool, image_size: int) -> None:

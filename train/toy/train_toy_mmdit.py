@@ -47,9 +47,9 @@ queries ignore the image tokens. The saved model uses diffusers' stock processor
 
 Usage::
 
-    python benchmarks/toy/train_toy_mmdit.py --out /work/toy_runs/mmdit --minutes 40
-    python benchmarks/toy/train_toy_mmdit.py --out /work/toy_runs/mmdit --minutes 40 --resume  # after a cut-off
-    python benchmarks/toy/train_toy_mmdit.py --out /work/toy_runs/mmdit --export ondemand_seg/models/toy-mmdit --fp16-export
+    python train/toy/train_toy_mmdit.py --out /work/toy_runs/mmdit --minutes 40
+    python train/toy/train_toy_mmdit.py --out /work/toy_runs/mmdit --minutes 40 --resume  # after a cut-off
+    python train/toy/train_toy_mmdit.py --out /work/toy_runs/mmdit --export ondemand_seg/models/toy-mmdit --fp16-export
 
 ``OUT/pipeline`` (EMA weights, exported at every checkpoint) is the model folder; ``OUT/ckpt.pt``
 the training state; ``OUT/log.txt`` the losses. ``--minutes`` counts training time over all
@@ -77,8 +77,10 @@ from diffusers import (
     StableDiffusion3Pipeline,
 )
 from diffusers.models.attention_processor import JointAttnProcessor2_0
-from train_toy_model import (
+from toy_training import (
     WORDS,
+    joint_output,
+    joint_qkv,
     localisation_loss,
     make_data,
     to_tensor_images,
@@ -92,10 +94,10 @@ from ondemand_seg.pipelines.tiny import build_clip_tokenizer
 TOY_VAE = Path(__file__).resolve().parents[2] / "ondemand_seg" / "models" / "toy" / "vae"
 T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length: the zero rows without T5
 # The preset an exported folder ships when the target has none (chosen with probe_toy_mmdit.py,
-# see benchmarks/toy/MMDIT.md).
+# see train/toy/MMDIT.md).
 DEFAULT_PRESET = {
     "vocabulary": "toy",
-    "sampler": {"classes_per_prompt": 2, "num_inference_steps": 25, "guidance_scale": 4.0, "batch_size": 20},
+    "generator": {"classes_per_prompt": 2, "num_inference_steps": 25, "guidance_scale": 4.0, "batch_size": 20},
     "mask": {"resolution_weights": {"1": 1.0}, "timestep_window": [0.9, 1.0], "threshold": 0.4, "ignore_band": 0.05,
              "joint_softmax": "text"},
 }
@@ -145,7 +147,7 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------------- models
 def load_vae(path: Path) -> AutoencoderKL:
-    vae = AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(path, dtype=torch.float32)
     vae.register_to_config(shift_factor=0.0)
     return vae.eval().requires_grad_(False)
 
@@ -189,34 +191,6 @@ def encode_prompt(encoders, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     clip = torch.cat([o.hidden_states[-2] for o in outs], -1)
     pooled = torch.cat([o.text_embeds for o in outs], -1)
     return torch.cat([clip, clip.new_zeros(clip.shape[0], 1, clip.shape[2])], 1), pooled
-
-
-def joint_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor):
-    """q, k, v ``[B, heads, N_image + T, d]`` of SD3's joint attention, image tokens first, built as
-    diffusers' ``JointAttnProcessor2_0`` (0.42) builds them: re-check when that processor changes."""
-    b, h = hidden_states.shape[0], attn.heads
-    d = attn.to_q.out_features // h
-
-    def split(x):
-        return x.view(b, -1, h, d).transpose(1, 2)
-
-    q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
-    cq, ck, cv = (split(attn.add_q_proj(encoder_hidden_states)), split(attn.add_k_proj(encoder_hidden_states)),
-                  split(attn.add_v_proj(encoder_hidden_states)))
-    if attn.norm_q is not None:
-        q, k = attn.norm_q(q), attn.norm_k(k)
-    if attn.norm_added_q is not None:
-        cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
-    return torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-
-
-def joint_output(attn, out: torch.Tensor, images: int):
-    """The layer's (image, text) outputs from the ``[B, heads, N_image + T, d]`` attention output."""
-    out = out.transpose(1, 2).flatten(2)
-    image, context = out[:, :images], out[:, images:]
-    if not attn.context_pre_only:
-        context = attn.to_add_out(context)
-    return attn.to_out[1](attn.to_out[0](image)), context
 
 
 class TrainingJointProcessor:
