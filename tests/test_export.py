@@ -215,6 +215,10 @@ def test_another_plan_is_refused_naming_the_fields_and_overwrite_replaces(tmp_pa
     assert metadata["seed"] == 1 and metadata["samples"] == 3
     assert sorted(tree(out)) == ["metadata.json", "shard-stats/000000.json", "train-000000.tar"]
 
+    (out / "metadata.json").write_text("{not json")
+    with pytest.raises(ExportError, match=f"{out / 'metadata.json'} cannot be read as JSON"):
+        export(make_generator(), out, 2, progress=False)
+
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     for overwrite in (False, True):
@@ -287,6 +291,16 @@ def test_start_offsets_the_indices(exports, reference, tmp_path):
     for index, sample in samples.items():
         assert np.array_equal(sample["image.png"], reference[index].image)
         assert np.array_equal(sample["mask.png"][..., 0], reference[index].mask)
+
+
+def test_with_batches_of_one_sample_i_is_samples_of_i(tmp_path):
+    settings = {"generator": {"num_inference_steps": 2, "batch_size": 1}}
+    export(make_generator(**settings), tmp_path, 3, start=2, format="voc", shard_size=2, image_format="png",
+           progress=False)
+    generator = make_generator(**settings)
+    for index, (image, target) in read_voc(tmp_path).items():
+        sample = generator.samples([index])[0]
+        assert np.array_equal(image, sample.image) and np.array_equal(np.asarray(target), sample.mask)
 
 
 def test_two_workers_write_the_same_bytes_as_one_process(exports, tmp_path):
