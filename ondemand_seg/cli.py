@@ -1,4 +1,4 @@
-"""Command line: ``python -m ondemand_seg preview ...``, ``... stream ...`` and ``... config ...``.
+"""Command line: ``python -m ondemand_seg preview ...``, ``... stream ...``, ``... export ...`` and ``... config ...``.
 
 Every generator flag is an override: what is not given comes from the model's preset, then the
 library's defaults, merged by :func:`~ondemand_seg.settings.resolve.resolve_config` (``config`` prints the
@@ -147,6 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--reuse", type=int, default=1, help="times each generated sample is served")
     stream.add_argument("--seed", type=int, default=0)
     stream.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    export = commands.add_parser("export", help="write generated samples to a folder: a VOC tree, WebDataset shards "
+                                 "or a Hugging Face dataset (resumable: rerun the same command to finish)",
+                                 formatter_class=HelpFormatter)
+    add_generator_arguments(export)
+    export.add_argument("--steps", action=RenamedFlag, new="--gen-steps")
+    export.add_argument("--batch-size", action=RenamedFlag, new="--gen-batch-size")
+    export.add_argument("--out", required=True, help="folder: new, empty, or an earlier export of the same settings")
+    export.add_argument("--n", type=int, required=True, help="samples to write")
+    export.add_argument("--start", type=int, default=0, help="index of the first sample")
+    export.add_argument("--format", default="voc", help="voc, webdataset or hf")
+    export.add_argument("--shard-size", type=int, default=1000,
+                        help="samples per shard (per tar or parquet file; the unit a rerun skips when finished)")
+    export.add_argument("--image-format", choices=["jpg", "png"], default="jpg", help="png: lossless images")
+    export.add_argument("--workers", type=int, default=0, help="generating processes (GPUs taken round-robin)")
+    export.add_argument("--overwrite", action="store_true", help="remove an earlier export in --out and start afresh")
+    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     config = commands.add_parser("config", help="print the merged settings (preset, then flags) as JSON",
                                  formatter_class=HelpFormatter)
     add_generator_arguments(config)
@@ -220,6 +237,37 @@ def run_preview(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return 0
 
 
+def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .export.plan import ExportError
+    from .export.run import check_export_args, export, torchrun_process_group
+    from .generation.generator import DiffuMaskGenerator
+
+    for flag, value, minimum in (("--n", args.n, 1), ("--start", args.start, 0), ("--shard-size", args.shard_size, 1),
+                                 ("--workers", args.workers, 0)):
+        if value < minimum:
+            parser.error(f"{flag} must be >= {minimum}, got {value}")
+    try:
+        check_export_args(args.out, args.n, start=args.start, format=args.format, shard_size=args.shard_size,
+                          image_format=args.image_format, workers=args.workers)
+        config, classes = resolve_generator(args)
+        generator = DiffuMaskGenerator(args.model, classes, seed=args.seed, device=args.device, **config.to_dict())
+    except (ValueError, TypeError, ImportError, FileNotFoundError) as error:
+        parser.error(str(error))
+    with torchrun_process_group():
+        try:
+            metadata = export(generator, args.out, args.n, start=args.start, format=args.format,
+                              shard_size=args.shard_size, image_format=args.image_format, workers=args.workers,
+                              overwrite=args.overwrite)
+        except ExportError as error:
+            parser.error(str(error))
+    if metadata.get("complete"):
+        print(f"wrote {args.n} samples ({args.format}, {metadata['shards']} shards) to {args.out}; "
+              f"quality gate: {metadata['gate']}")
+    else:
+        print(f"wrote this rank's shards to {args.out}; the last rank to finish writes {args.out}/metadata.json")
+    return 0
+
+
 def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         if args.out:
@@ -240,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; a bad flag value is a usage error (exit 2) naming it, before any model loads."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    run = {"stream": run_stream, "preview": run_preview, "config": run_config}[args.command]
+    run = {"stream": run_stream, "preview": run_preview, "export": run_export, "config": run_config}[args.command]
     return run(args, parser)
 
 

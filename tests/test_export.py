@@ -1,0 +1,365 @@
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import ondemand_seg
+from ondemand_seg import DiffuMaskGenerator, DiffuMaskStream
+from ondemand_seg.cli import main
+from ondemand_seg.data.fingerprint import model_fingerprint
+from ondemand_seg.export import ExportError, export
+from ondemand_seg.settings.label_spaces import voc_palette
+
+CLASSES = ["circle", "square"]
+SETTINGS = {"generator": {"num_inference_steps": 2, "batch_size": 2}}
+# 8 samples in shards of 3 (two full shards and a short one), drawn in batches of 2: shard 1 shares
+# a generation batch with each of its neighbours.
+N, SHARD = 8, 3
+FORMATS = ["voc", "webdataset", "hf"]
+
+
+def make_generator(seed=0, **settings):
+    return DiffuMaskGenerator("toy", CLASSES, seed=seed, **{**SETTINGS, **settings})
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {path.relative_to(root).as_posix(): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The generator's samples 0..N-1, drawn in its batches."""
+    return {sample.index: sample for sample in make_generator().samples(range(N))}
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Each format exported once, uninterrupted, with lossless images: folder and metadata."""
+    generator = make_generator()
+    root = tmp_path_factory.mktemp("exports")
+    return {fmt: (root / fmt, export(generator, root / fmt, N, format=fmt, shard_size=SHARD, image_format="png",
+                                     progress=False)) for fmt in FORMATS}
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(PIL.Image.open(io.BytesIO(data)))
+
+
+def read_voc(root):
+    from torchvision.datasets import VOCSegmentation
+
+    dataset = VOCSegmentation(root, year="2012", image_set="train")
+    ids = [int(Path(path).stem) for path in dataset.images]
+    return {index: (np.asarray(image), target) for index, (image, target) in zip(ids, dataset)}
+
+
+def read_webdataset(root, metadata):
+    import webdataset
+
+    samples = webdataset.WebDataset(f"{root}/{metadata['files']['urls']}", shardshuffle=False).decode("rgb8")
+    return {sample["json"]["index"]: sample for sample in samples}
+
+
+def read_hf(root, tmp_path):
+    import datasets
+
+    return datasets.load_dataset("parquet", data_files=f"{root}/data/*.parquet", split="train",
+                                 cache_dir=str(tmp_path / "hf-cache"))
+
+
+def test_voc_is_read_by_torchvision_with_the_generators_bytes(exports, reference):
+    root, _ = exports["voc"]
+    samples = read_voc(root)
+    assert sorted(samples) == list(range(N))
+    for index, (image, target) in samples.items():
+        assert target.mode == "P" and target.getpalette()[:6] == voc_palette()[:6]
+        assert np.array_equal(image, reference[index].image)
+        assert np.array_equal(np.asarray(target), reference[index].mask)
+    records = [json.loads(line) for path in sorted((root / "VOCdevkit/VOC2012/SampleRecords").iterdir())
+               for line in path.read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(N))
+    assert records[0]["prompt"] == reference[0].prompt and records[0]["seed"] == 0
+
+
+def test_webdataset_is_read_by_webdataset_with_the_generators_bytes(exports, reference):
+    root, metadata = exports["webdataset"]
+    assert metadata["files"]["urls"] == "train-{000000..000002}.tar"
+    import tarfile
+
+    with tarfile.open(root / "train-000000.tar") as tar:  # shard size by count: 3 samples x 3 files
+        assert len(tar.getnames()) == 3 * SHARD
+    samples = read_webdataset(root, metadata)
+    assert sorted(samples) == list(range(N))
+    generator = make_generator()
+    for index, sample in samples.items():
+        assert np.array_equal(sample["image.png"], reference[index].image)
+        assert all(np.array_equal(sample["mask.png"][..., c], reference[index].mask) for c in range(3))
+        prompt = generator.prompt(index, reference[index].attempt)
+        assert sample["json"] == {"index": index, "attempt": reference[index].attempt, "prompt": reference[index].prompt,
+                                  "classes": list(prompt.class_names), "seed": 0}
+
+
+def test_hf_is_loaded_by_datasets_with_the_generators_bytes(exports, reference, tmp_path):
+    import datasets
+
+    root, metadata = exports["hf"]
+    for dataset in (read_hf(root, tmp_path), datasets.load_dataset(str(root), split="train",
+                                                                    cache_dir=str(tmp_path / "cache"))):
+        assert isinstance(dataset.features["image"], datasets.Image)
+        assert isinstance(dataset.features["mask"], datasets.Image)
+        assert dataset.features["classes"].feature.names == list(metadata["label_space"])
+        assert dataset["index"] == list(range(N))
+        for row in dataset:
+            sample = reference[row["index"]]
+            assert np.array_equal(np.asarray(row["image"]), sample.image)
+            assert row["mask"].mode == "P" and np.array_equal(np.asarray(row["mask"]), sample.mask)
+            assert row["prompt"] == sample.prompt and row["attempt"] == sample.attempt
+            names = [dataset.features["classes"].feature.int2str(c) for c in row["classes"]]
+            assert " and ".join(f"a {name}" for name in names) in sample.prompt
+
+
+def test_exported_samples_are_the_streams_raw_samples(exports):
+    root, metadata = exports["webdataset"]
+    stream = DiffuMaskStream("toy", CLASSES, num_samples=N, transforms=lambda image, target: (image, target),
+                             **SETTINGS)
+    served = sorted((np.asarray(image).tobytes(), np.asarray(target).tobytes()) for image, target in stream)
+    exported = sorted((s["image.png"].tobytes(), s["mask.png"][..., 0].tobytes())
+                      for s in read_webdataset(root, metadata).values())
+    assert served == exported
+
+
+def test_metadata_holds_config_model_labels_counts_and_pixel_shares(exports, reference):
+    root, metadata = exports["voc"]
+    assert json.loads((root / "metadata.json").read_text()) == metadata
+    generator = make_generator()
+    assert metadata["complete"] and metadata["samples"] == N and metadata["shards"] == 3
+    assert metadata["config"] == generator.config.to_dict()
+    assert metadata["model"] == "toy" and metadata["model_fingerprint"] == model_fingerprint("toy")
+    assert metadata["label_space"] == list(generator.label_space) and metadata["classes"] == CLASSES
+    assert metadata["palette"]["circle"] == voc_palette()[3:6] and metadata["palette"]["ignore"] == [224, 224, 192]
+    assert metadata["versions"]["ondemand_seg"] == ondemand_seg.__version__
+    # Shard 1's first and last sample are drawn in batches shared with shards 0 and 2: drawn twice.
+    assert metadata["gate"]["accepted"] == N + 2 and metadata["gate"]["generated"] >= N + 2
+    masks = np.stack([reference[i].mask for i in range(N)])
+    for name in ("background", "circle", "square"):
+        share = (masks == generator.label_space.index(name)).mean()
+        assert metadata["pixel_share"][name] == pytest.approx(share, abs=1e-6)
+    assert sum(metadata["pixel_share"].values()) == pytest.approx(1, abs=1e-4)
+    assert {name: metadata[name] for name in ("gate", "pixel_counts", "model_fingerprint")} == \
+        {name: exports["hf"][1][name] for name in ("gate", "pixel_counts", "model_fingerprint")}
+
+
+@pytest.fixture
+def draws(monkeypatch):
+    """Every index any generator is asked for, in order; ``draws.fail_at`` makes drawing it raise."""
+    drawn, original = [], DiffuMaskGenerator.samples
+
+    def samples(self, indices):
+        indices = list(indices)
+        if draws.fail_at in indices:
+            raise RuntimeError("killed")
+        drawn.extend(indices)
+        return original(self, indices)
+
+    draws = type("Draws", (), {"indices": drawn, "fail_at": None})
+    monkeypatch.setattr(DiffuMaskGenerator, "samples", samples)
+    return draws
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_killed_export_resumes_its_unfinished_shards_and_ends_identical(fmt, exports, draws, tmp_path):
+    out = tmp_path / fmt
+    draws.fail_at = 4  # in shard 1 (samples 3 to 5), after sample 3 was written
+    with pytest.raises(RuntimeError, match="killed"):
+        export(make_generator(), out, N, format=fmt, shard_size=SHARD, image_format="png", progress=False)
+    assert draws.indices == [0, 1, 2, 3, 2, 3]
+    names = set(tree(out))
+    assert "shard-stats/000000.json" in names and "shard-stats/000001.json" not in names
+    assert not [name for name in names if name.endswith(".tmp")]
+    assert not {"train-000001.tar", "data/train-00001-of-00003.parquet"} & names
+    assert not json.loads((out / "metadata.json").read_text())["complete"]
+    if fmt == "voc":  # each file is whole; the shard is unfinished without its stats and split list
+        assert "VOCdevkit/VOC2012/SegmentationClass/0000000003.png" in names
+        assert "VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt" not in names
+
+    draws.fail_at, draws.indices[:] = None, []
+    metadata = export(make_generator(), out, N, format=fmt, shard_size=SHARD, image_format="png", progress=False)
+    assert draws.indices == [2, 3, 4, 5, 6, 7]  # shard 0 is not drawn again
+    assert metadata["complete"] and tree(out) == tree(exports[fmt][0])
+
+    draws.indices[:] = []
+    export(make_generator(), out, N, format=fmt, shard_size=SHARD, image_format="png", progress=False)
+    assert draws.indices == [] and tree(out) == tree(exports[fmt][0])
+
+
+def test_another_plan_is_refused_naming_the_fields_and_overwrite_replaces(tmp_path):
+    out = tmp_path / "out"
+    export(make_generator(), out, 2, format="voc", shard_size=2, progress=False)
+    with pytest.raises(ExportError) as error:
+        export(make_generator(seed=1, generator={"num_inference_steps": 3}), out, 3, format="webdataset",
+               progress=False)
+    for change in ("seed: 0 -> 1", "generator.num_inference_steps: 2 -> 3", "n: 2 -> 3",
+                   "format: 'voc' -> 'webdataset'", "shard_size: 2 -> 1000"):
+        assert change in str(error.value)
+    assert "--overwrite" in str(error.value)
+    with pytest.raises(ExportError, match=r"generator.batch_size: 2 -> 1 \(there -> now\)"):
+        export(make_generator(generator={"num_inference_steps": 2, "batch_size": 1}), out, 2, format="voc",
+               shard_size=2, progress=False)
+
+    metadata = export(make_generator(seed=1), out, 3, format="webdataset", overwrite=True, progress=False)
+    assert metadata["seed"] == 1 and metadata["samples"] == 3
+    assert sorted(tree(out)) == ["metadata.json", "shard-stats/000000.json", "train-000000.tar"]
+
+    (out / "metadata.json").write_text("{not json")
+    with pytest.raises(ExportError, match=f"{out / 'metadata.json'} cannot be read as JSON"):
+        export(make_generator(), out, 2, progress=False)
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    for overwrite in (False, True):
+        with pytest.raises(ExportError, match="not empty and holds no export"):
+            export(make_generator(), tmp_path / "mine", 2, overwrite=overwrite, progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading any pipeline fails the test."""
+    import ondemand_seg.generation.generator as source
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pipeline was loaded")
+
+    monkeypatch.setattr(source, "load_pipeline", refuse)
+
+
+@pytest.mark.parametrize("argv, missing, message", [
+    (["--format", "parquet"], None, "format must be one of voc, webdataset, hf, got 'parquet'"),
+    (["--n", "0"], None, "--n must be >= 1, got 0"),
+    (["--n", "-5"], None, "--n must be >= 1, got -5"),
+    (["--shard-size", "0"], None, "--shard-size must be >= 1, got 0"),
+    (["--workers", "-1"], None, "--workers must be >= 0, got -1"),
+    (["--out", "FILE"], None, "is a file; give a folder"),
+    (["--out", "FILE/sub"], None, "lies under .* which is a file"),
+    (["--format", "webdataset"], "webdataset", r'pip install "ondemand_seg\[webdataset\]"'),
+    (["--format", "hf"], "datasets", r'pip install "ondemand_seg\[hf\]"'),
+    (["--classes", "dragon"], None, "unknown class 'dragon'"),
+])
+def test_bad_input_is_a_usage_error_before_any_model_loads(argv, missing, message, no_model, monkeypatch, tmp_path,
+                                                           capsys):
+    import re
+
+    (tmp_path / "FILE").write_text("")
+    if missing:
+        monkeypatch.setitem(sys.modules, missing, None)  # import fails as if not installed
+    argv = [arg.replace("FILE", str(tmp_path / "FILE")) for arg in argv]
+    defaults = {"--out": str(tmp_path / "out"), "--n": "2"}
+    argv += [item for flag, value in defaults.items() if flag not in argv for item in (flag, value)]
+    with pytest.raises(SystemExit) as exit:
+        main(["export", *argv])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_arguments_of_the_function_are_named(no_model, tmp_path):
+    generator = make_generator()
+    for kwargs, error, message in [
+        ({"n": 0}, ValueError, "n must be >= 1, got 0"), ({"n": 2.0}, TypeError, "n must be an int"),
+        ({"start": -1}, ValueError, "start must be >= 0, got -1"),
+        ({"image_format": "webp"}, ValueError, "image_format must be one of jpg, png, got 'webp'"),
+        ({"format": None}, ValueError, "format must be one of"), ({"overwrite": "yes"}, TypeError, "overwrite"),
+    ]:
+        with pytest.raises(error, match=message):
+            export(generator, tmp_path / "out", **{"n": 2, **kwargs})
+    with pytest.raises(TypeError, match="DiffuMaskGenerator"):
+        export("toy", tmp_path / "out", 2)
+
+
+def test_start_offsets_the_indices(exports, reference, tmp_path):
+    metadata = export(make_generator(), tmp_path / "out", 3, start=5, format="webdataset", shard_size=2,
+                      image_format="png", progress=False)
+    assert metadata["start"] == 5 and metadata["files"]["urls"] == "train-{000000..000001}.tar"
+    samples = read_webdataset(tmp_path / "out", metadata)
+    assert sorted(samples) == [5, 6, 7]
+    for index, sample in samples.items():
+        assert np.array_equal(sample["image.png"], reference[index].image)
+        assert np.array_equal(sample["mask.png"][..., 0], reference[index].mask)
+
+
+def test_with_batches_of_one_sample_i_is_samples_of_i(tmp_path):
+    settings = {"generator": {"num_inference_steps": 2, "batch_size": 1}}
+    export(make_generator(**settings), tmp_path, 3, start=2, format="voc", shard_size=2, image_format="png",
+           progress=False)
+    generator = make_generator(**settings)
+    for index, (image, target) in read_voc(tmp_path).items():
+        sample = generator.samples([index])[0]
+        assert np.array_equal(image, sample.image) and np.array_equal(np.asarray(target), sample.mask)
+
+
+def test_two_workers_write_the_same_bytes_as_one_process(exports, tmp_path):
+    out = tmp_path / "out"
+    metadata = export(make_generator(), out, N, format="webdataset", shard_size=SHARD, image_format="png", workers=2,
+                      progress=False)
+    assert metadata["gate"] == exports["webdataset"][1]["gate"]
+    assert tree(out) == tree(exports["webdataset"][0])
+
+
+def test_each_rank_writes_its_shards_and_the_last_one_writes_the_metadata(exports, monkeypatch, tmp_path):
+    out = tmp_path / "out"
+    rank = {"value": 0}
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank["value"])
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+    first = export(make_generator(), out, N, format="hf", shard_size=SHARD, image_format="png", progress=False)
+    assert not first["complete"]
+    assert sorted(p.name for p in (out / "shard-stats").iterdir()) == ["000000.json", "000002.json"]
+    rank["value"] = 1
+    assert export(make_generator(), out, N, format="hf", shard_size=SHARD, image_format="png", progress=False)["complete"]
+    assert tree(out) == tree(exports["hf"][0])
+    with pytest.raises(ExportError, match="differ from those in .*seed: 0 -> 1"):
+        export(make_generator(seed=1), out, N, format="hf", shard_size=SHARD, image_format="png", progress=False)
+
+
+def test_the_command_writes_a_voc_tree_with_jpeg_images(exports, reference, tmp_path, capsys):
+    out = tmp_path / "voc"
+    assert main(["export", "--out", str(out), "--n", "3", "--format", "voc", "--shard-size", "2", "--classes",
+                 *CLASSES, "--gen-steps", "2", "--gen-batch-size", "2"]) == 0
+    assert f"wrote 3 samples (voc, 2 shards) to {out}" in capsys.readouterr().out
+    for index, (image, target) in read_voc(out).items():
+        assert np.array_equal(np.asarray(target), reference[index].mask)
+        assert np.abs(image.astype(int) - reference[index].image).mean() < 8  # JPEG, quality 95
+    with PIL.Image.open(out / "VOCdevkit/VOC2012/JPEGImages/0000000000.jpg") as image:
+        assert image.format == "JPEG"
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["image_format"] == "jpg"
+    assert {k: v for k, v in metadata["plan"].items() if k not in ("n", "image_format", "shard_size")} == \
+        {k: v for k, v in exports["voc"][1]["plan"].items() if k not in ("n", "image_format", "shard_size")}
+
+
+def test_ondemand_seg_export_is_the_function():
+    assert callable(ondemand_seg.export)
+    import ondemand_seg.export as package
+
+    assert callable(package) and package.export is export
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_write_one_export(exports, tmp_path):
+    import subprocess
+
+    out = tmp_path / "out"
+    # "--": torchrun would take --n and --start for abbreviations of its own options.
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                           "-m", "--", "ondemand_seg", "export", "--start", "0", "--out", str(out), "--n", str(N), "--format", "webdataset",
+                           "--shard-size", str(SHARD), "--image-format", "png", "--classes", *CLASSES,
+                           "--gen-steps", "2", "--gen-batch-size", "2"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert tree(out) == tree(exports["webdataset"][0])
