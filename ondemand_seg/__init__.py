@@ -9,7 +9,7 @@ The package is grouped by the stages a sample passes through:
 - ``data``: the datasets (:class:`DiffuMaskStream`, :class:`DiffuMaskDataset`), transforms,
   augmentation, sharding and resume state;
 - ``toyworld``: the procedural world the embedded toy models were trained on;
-- ``export``: samples written to disk as a VOC tree, WebDataset shards or a Hugging Face dataset.
+- ``exports``: samples written to disk as a VOC tree, WebDataset shards or a Hugging Face dataset.
 """
 import importlib
 import os
@@ -27,7 +27,7 @@ _PUBLIC = {
     "DiffuMaskDataset": "data.dataset", "DiffuMaskStream": "data.stream",
     "PairAugmentation": "data.transforms", "SegmentationTransform": "data.transforms",
     "DiffuMaskGenerator": "generation.generator",
-    "export": "export",
+    "export": "exports.run",
     "TooManyRejects": "masks.quality",
     "DiffuMaskConfig": "settings.config", "GeneratorConfig": "settings.config", "MaskConfig": "settings.config",
     "QualityConfig": "settings.config",

@@ -238,8 +238,8 @@ def run_preview(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .export.plan import ExportError
-    from .export.run import check_export_args, export, torchrun_process_group
+    from .exports.plan import ExportError
+    from .exports.run import check_export_args, export, torchrun_process_group
     from .generation.generator import DiffuMaskGenerator
 
     for flag, value, minimum in (("--n", args.n, 1), ("--start", args.start, 0), ("--shard-size", args.shard_size, 1),

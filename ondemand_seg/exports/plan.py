@@ -40,7 +40,7 @@ class Shard:
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """The checked arguments of an export (see :func:`~ondemand_seg.export.run.export`)."""
+    """The checked arguments of an export (see :func:`~ondemand_seg.exports.run.export`)."""
 
     format: str
     n: int
