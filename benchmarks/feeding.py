@@ -20,7 +20,7 @@ it alone on the machine: the wait and the time are what the cores give one job.
 
     python benchmarks/feeding.py --json out.json
     python benchmarks/feeding.py --main-job --json main_job.json
-    python benchmarks/feeding.py --exports --steps 150 --rounds 2 --json exports.json
+    python benchmarks/feeding.py --exports --steps 60 --rounds 2 --json exports.json -- --batch-size 8 --cache-size 16
     python benchmarks/feeding.py --arch sd15 --random-weights --reuse 1 4 16 --workers 1 --steps 20 \
         --json gpu.json -- --backbone resnet50 --batch-size 8 --crop-size 512 --gen-steps 20 --gen-batch-size 8
 """
@@ -41,8 +41,7 @@ from common import run_rows, train, write_json
 EVAL_IMAGES = 16
 EXPORT_FORMATS = ("voc", "webdataset", "hf")
 # The trainer's defaults that decide how many samples a synthetic-only run draws (train_deeplab.py:
-# --batch-size, --cache-size, the prefetch of one generation call's batches) and the toy preset's
-# generation batch.
+# --batch-size, --cache-size) and the toy preset's generation batch.
 TRAIN_BATCH, CACHE_SIZE, GENERATION_BATCH = 16, 64, 20
 # The main job with its defaults, then the feeding levers set back one at a time at 600 steps
 # (where RESULTS.md compares them): the toy preset's DDIM 25 steps, torch's DataLoader prefetch of
@@ -90,28 +89,38 @@ def random_weight_model(arch: str, tiny: bool, work_dir: Path) -> tuple[Path, in
     return folder, size
 
 
-def samples_drawn(steps: int, reuse: int, workers: int) -> int:
-    """A bound on the samples a synthetic-only run of the trainer's defaults draws, so that an
-    export this large serves it whole: each worker shard draws its cache, then a sample per
-    ``reuse`` servings, in blocks of the generation batch, and prefetches a generation call's worth of
-    batches past the trainer's last step."""
-    prefetch = max(2, -(-GENERATION_BATCH * reuse // TRAIN_BATCH)) * TRAIN_BATCH
-    servings = steps * TRAIN_BATCH // max(workers, 1) + prefetch
-    per_shard = CACHE_SIZE + 2 * GENERATION_BATCH + -(-servings // reuse)
+def samples_drawn(steps: int, reuse: int, workers: int, extra: list[str]) -> int:
+    """A bound on the samples a synthetic-only run of the trainer draws (its defaults, or its
+    ``--batch-size``, ``--cache-size`` and ``--prefetch-batches`` in ``extra``), so that an export
+    this large serves it whole: each worker shard draws its cache, then a sample per ``reuse``
+    servings, in blocks of the generation batch, and prefetches a generation call's worth of
+    batches (or ``--prefetch-batches``) past the trainer's last step."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--batch-size", type=int, default=TRAIN_BATCH)
+    flags.add_argument("--cache-size", type=int, default=CACHE_SIZE)
+    flags.add_argument("--prefetch-batches", type=int, default=None)
+    known, _ = flags.parse_known_args(extra)
+    batch = known.batch_size
+    prefetch = known.prefetch_batches or max(2, -(-GENERATION_BATCH * reuse // batch))
+    servings = steps * batch // max(workers, 1) + prefetch * batch
+    per_shard = known.cache_size + 2 * GENERATION_BATCH + -(-servings // reuse)
     return -(-per_shard // GENERATION_BATCH) * GENERATION_BATCH * max(workers, 1)
 
 
 def toy_exports(formats, n: int, work_dir: Path) -> dict[str, Path]:
     """The toy model's first ``n`` samples in each format, as ``python -m ondemand_seg export --n N``
-    writes them (preset settings, seed 0, every class, JPEG images), written once: an export
-    already there under the same plan is kept."""
+    writes them (preset settings, seed 0, every class, JPEG images) but in two shards by two
+    worker processes (the files' contents do not depend on that), written once: an export already
+    there under the same plan is kept."""
     import ondemand_seg
 
     classes = list(ondemand_seg.resolve_config("toy").label_space[1:])
+    shard_size = -(-n // (2 * GENERATION_BATCH)) * GENERATION_BATCH
     folders = {}
     for fmt in formats:
         folders[fmt] = work_dir / "exports" / f"{fmt}_{n}"
-        ondemand_seg.export(ondemand_seg.DiffuMaskGenerator("toy", classes, seed=0), folders[fmt], n, format=fmt)
+        ondemand_seg.export(ondemand_seg.DiffuMaskGenerator("toy", classes, seed=0), folders[fmt], n, format=fmt,
+                            shard_size=shard_size, workers=2)
     return folders
 
 
@@ -122,7 +131,7 @@ def exports_table(args, extra: list[str]) -> int:
     (it must not: the export is sized for the run)."""
     steps = 200 if args.steps is None else args.steps
     reuses, workers_list = args.reuse or [8], args.workers or [1]
-    n = max(samples_drawn(steps, reuse, workers) for reuse in reuses for workers in workers_list)
+    n = max(samples_drawn(steps, reuse, workers, extra) for reuse in reuses for workers in workers_list)
     folders = toy_exports(args.exports or EXPORT_FORMATS, n, args.work_dir)
     sources = [("live", None), *folders.items()]
     rows = []

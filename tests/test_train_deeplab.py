@@ -385,11 +385,13 @@ def test_a_mixed_run_reads_its_synthetic_set_from_an_export_as_the_live_one_gene
     batches = recording_batches(trainer, monkeypatch)
     mix = ["--voc-root", str(small_voc), "--real-images", "2", "--synthetic-length", "8", "--steps", "2"]
     train_in_process(trainer, [*FAST, *reading_flags(exported_run, *mix, "--output-dir", str(tmp_path / "live"))])
-    train_in_process(trainer, reading_flags(exported_run, *mix, "--from-export", str(exported_run / "voc"),
-                                            "--output-dir", str(tmp_path / "read")))
-    assert len(batches["read"]) == 2
-    for (images, masks), (want_images, want_masks) in zip(batches["read"], batches["live"]):
-        assert torch.equal(images, want_images) and torch.equal(masks, want_masks)
+    # 8 of the 2 real and 8 synthetic items: at least 6 of the compared ones are synthetic.
+    for fmt in EXPORT_FORMATS:
+        train_in_process(trainer, reading_flags(exported_run, *mix, "--from-export", str(exported_run / fmt),
+                                                "--output-dir", str(tmp_path / fmt)))
+        assert len(batches[fmt]) == len(batches["live"]) == 2
+        for (images, masks), (want_images, want_masks) in zip(batches[fmt], batches["live"]):
+            assert torch.equal(images, want_images) and torch.equal(masks, want_masks), fmt
     capsys.readouterr()
     error = refusal(trainer, capsys, reading_flags(exported_run, *mix, "--synthetic-length", "16", "--from-export",
                                                    str(exported_run / "voc"), "--output-dir", str(tmp_path / "more")))
@@ -587,6 +589,7 @@ def regular_file(tmp_path):
         (["--synthetic-length", "8"], "--synthetic-length sizes the synthetic part of a mixed run"),
         (["--prefetch-batches", "0"], "--prefetch-batches must be >= 1, got 0"),
         (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--cache-size", "3"], "--cache-size 3 is less than the generation batch (4, --gen-batch-size)"),
         (["--ema-decay", "1"], "--ema-decay must be in [0, 1), got 1.0"),
         (["--ema-decay", "nan"], "--ema-decay must be in [0, 1), got nan"),
         (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),

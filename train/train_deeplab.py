@@ -268,7 +268,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.print_config:
         print(config.to_json())
         return {"config": config.to_dict()}
-    check_args(args, config.label_space)
+    check_args(args, config)
     checkpoint = read_resume_checkpoint(args)
     changes = check_resume_args(checkpoint, args, config.label_space) if checkpoint is not None else {}
     rank, world, local_rank = init_distributed()
@@ -329,9 +329,10 @@ def export_identity(folder: Path) -> str:
             f"(sha256:{digest[:16]})")
 
 
-def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
+def check_args(args: argparse.Namespace, config) -> None:
     """Refuse every bad flag with a :class:`FlagError` naming it, before data or models load
-    (generator values already failed in :func:`generator_config`)."""
+    (generator values already failed in :func:`generator_config`; ``config`` holds them)."""
+    label_space = config.label_space
     if args.backbone not in BACKBONES:
         raise FlagError(f"--backbone: unknown backbone {args.backbone!r}; choose one of {', '.join(BACKBONES)}")
     for flag in ("voc_root", "eval_root"):
@@ -366,6 +367,10 @@ def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
                  "synthetic_length", "prefetch_batches", "threads", "eval_limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise FlagError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.synthetic_only and args.cache_size < config.generator.batch_size:
+        # A stream's cache holds at least one generation call's samples.
+        raise FlagError(f"--cache-size {args.cache_size} is less than the generation batch "
+                        f"({config.generator.batch_size}, --gen-batch-size): the cache holds a whole generation call")
     for flag in ("workers", "eval_every", "noise_warmup", "max_nonfinite_steps"):
         if getattr(args, flag) < 0:
             raise FlagError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
