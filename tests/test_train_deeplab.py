@@ -474,6 +474,30 @@ def test_a_stream_run_resumed_with_another_worker_count_continues_from_its_resha
     assert after["plan"] == plan.to_dict() and plan.served == 8 and after["served"] == 8
 
 
+def test_a_run_from_an_export_resumed_with_a_worker_serves_the_rest_of_its_pass_once(exported_run, tmp_path,
+                                                                                     monkeypatch):
+    # Reuse 1 over the 12 exported samples: a pass is 3 batches of 4, each sample once. Without
+    # augmentation a served sample is its export's bytes resized, so the samples can be counted.
+    trainer = load_trainer(monkeypatch)
+    batches = recording_batches(trainer, monkeypatch)
+    flags = reading_flags(exported_run, "--synthetic-only", "--from-export", str(exported_run / "voc"), "--augment",
+                          "off", "--reuse", "1", "--cache-size", "4", "--steps", "3", "--checkpoint-every", "1")
+    train_in_process(trainer, [*flags, "--output-dir", str(tmp_path / "whole")])
+    flags[flags.index("--workers") + 1] = "1"
+    _, printed = train_in_process(trainer, [*flags, "--output-dir", str(tmp_path / "resumed"), "--resume",
+                                            str(tmp_path / "whole" / "checkpoint_000001.pt")])
+    assert "processes changed: 1 rank x 0 workers -> 1 rank x 1 worker; the stream's position resharded" in printed
+
+    def served(steps):
+        return collections.Counter(image.numpy().tobytes() + mask.numpy().tobytes()
+                                   for images, masks in steps for image, mask in zip(images, masks))
+
+    whole = served(batches["whole"])
+    assert len(whole) == EXPORTED and set(whole.values()) == {1}, "the uninterrupted pass serves each sample once"
+    assert len(batches["resumed"]) == 2 and served(batches["whole"][:1] + batches["resumed"]) == whole
+    assert not rows(tmp_path / "resumed", "epoch_end"), "the pass ended early"
+
+
 def test_a_mixed_run_resumed_on_another_number_of_ranks_continues_from_the_next_epoch(tmp_path, monkeypatch, small_voc):
     # 2 real images (x2) and 4 synthetic make 2 batches an epoch. The step-1 checkpoint is made to
     # look as if 2 ranks wrote it: resumed by one, the run serves epoch 1 (not the rest of epoch 0)
