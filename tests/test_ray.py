@@ -96,8 +96,9 @@ def assert_each_row_once_across(seen, reference):
 
 
 def test_generate_gives_every_index_once_with_the_streams_bytes_and_feeds_training(ray_instance, reference):
-    # Materialized: the actors start and generate once for the three reads below.
-    dataset = on_ray.generate("toy", CLASSES, N, start=START, actors=2, columns=("index", "image", "mask"),
+    # Materialized: the actor starts and generates once for the three reads below. One actor: each
+    # costs a process that imports torch and diffusers (the slow tests run two).
+    dataset = on_ray.generate("toy", CLASSES, N, start=START, actors=1, columns=("index", "image", "mask"),
                               **SETTINGS).materialize()
     assert dataset.columns() == ["index", "image", "mask"]
     rows = dataset.take_all()
@@ -116,6 +117,7 @@ def test_generate_gives_every_index_once_with_the_streams_bytes_and_feeds_traini
     assert_each_row_once_across(split_rows(dataset.streaming_split(2, equal=False)), reference)
 
 
+@pytest.mark.slow
 def test_an_export_from_ray_actors_is_the_local_exports_files(ray_instance, reference, tmp_path):
     options = dict(start=START, format="webdataset", shard_size=3, image_format="png", progress=False)
     local = export(DiffuMaskGenerator("toy", CLASSES, **SETTINGS), tmp_path / "local", N, **options)
