@@ -13,7 +13,11 @@ from ..pipelines.builtin import ModelSource
 from ..pipelines.devices import pick_device
 from ..settings.config import GeneratorConfig, MaskConfig, QualityConfig
 from ..settings.validation import check_bool, check_int
-from .fingerprint import fingerprint_differences, sequence_fingerprint
+from .fingerprint import (
+    fingerprint_differences,
+    sequence_fingerprint,
+    transform_identity,
+)
 from .schedule import ServingPlan, ServingSchedule, reshard
 from .sharding import shard
 from .transforms import (
@@ -101,11 +105,11 @@ class DiffuMaskStream(IterableDataset):
         self._iterator: StreamIterator | None = None
         self._resume: dict = {}
         # The device decides the dtype (half precision on CUDA) and so the bytes of every sample; the
-        # transform's class decides what is served from them.
+        # transform (its class and parameters) decides what is served from them.
         self.fingerprint = sequence_fingerprint(
             model, self.source.config, seed=self.source.seed, classes=list(self.source.classes), reuse=reuse,
             cache_size=cache_size, device=pick_device(self.source.device).type,
-            transforms=f"{type(self.transforms).__module__}.{type(self.transforms).__qualname__}", augment=augment)
+            transforms=transform_identity(self.transforms), augment=augment)
 
     @property
     def config(self):
@@ -183,7 +187,9 @@ class DiffuMaskStream(IterableDataset):
                     f"is shard {shard_id} of {shards}: resume with the same ranks and workers, or pass every "
                     "shard's state through resharded_state()"
                 )
-            quota = ServingPlan.from_dict(state["plan"]).quota(self.num_samples, shard_id, shards)
+            plan = ServingPlan.from_dict(state["plan"])
+            plan.check_reuse(self.reuse)
+            quota = plan.quota(self.num_samples, shard_id, shards)
             if quota is not None and state["served"] > quota:
                 raise ValueError(f"stream state's served {state['served']} is more than this shard serves in a pass "
                                  f"({quota} of num_samples={self.num_samples}): it was saved by another stream")

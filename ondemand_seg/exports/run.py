@@ -120,12 +120,20 @@ def write_shard(generator: DiffuMaskGenerator, writer: Any, folder: ExportFolder
     (quality-gate counts of its draws, pixels per class), which marks it finished. Yields the number
     of samples written after each batch. A shard that fails is abandoned by its writer: no partial
     file stands under a final name, and no stats file is written."""
-    before = generator.stats()
+    gate: dict[str, int] = {}
     pixels = np.zeros(len(generator.label_space) + 1, dtype=np.int64)
     files = writer.shard(shard)
     try:
         for batch in aligned_batches(shard, generator.generator_config.batch_size):
-            kept = [sample for sample in generator.samples(batch) if sample.index in shard.indices]
+            # Counted around this batch's draw under the generator's lock: another thread drawing
+            # from the same generator (a second export) adds to the same counters.
+            with generator.lock:
+                before = generator.stats()
+                drawn = generator.samples(batch)
+                after = generator.stats()
+            for key in after:
+                gate[key] = gate.get(key, 0) + after[key] - before.get(key, 0)
+            kept = [sample for sample in drawn if sample.index in shard.indices]
             for sample in kept:
                 files.add(sample, sample_record(generator, sample))
                 pixels += pixel_counts(sample.mask, generator.label_space)
@@ -134,9 +142,8 @@ def write_shard(generator: DiffuMaskGenerator, writer: Any, folder: ExportFolder
     except BaseException:
         files.abort()
         raise
-    after = generator.stats()
     names = [*generator.label_space, "ignore"]
-    folder.write_stats(shard, {"gate": {key: after[key] - before.get(key, 0) for key in after},
+    folder.write_stats(shard, {"gate": gate,
                                "pixels": {name: int(count) for name, count in zip(names, pixels)}})
 
 
