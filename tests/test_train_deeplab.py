@@ -399,6 +399,7 @@ def regular_file(tmp_path):
         (["--device", "cuda"], "--device: device 'cuda' is not available on this machine"),
         (["--device", "cpu", "--data-dir", "{file}/toyworld"], "--data-dir {file}/toyworld is under {file}, which is a file"),
         (["--data-dir", "{file}"], "--data-dir {file} is a file"),
+        (["--crop-size", "100000"], "--crop-size must be at most 8192, got 100000"),
     ],
 )
 def test_bad_flags_fail_early_and_clearly(tmp_path, monkeypatch, capsys, args, message):

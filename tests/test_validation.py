@@ -557,3 +557,7 @@ def test_a_vocabulary_file_a_preset_names_is_found_beside_it(sd_copy, tmp_path, 
     monkeypatch.chdir(elsewhere)
     stream = DiffuMaskStream(sd_copy, ["hamster"], image_size=64)
     assert stream.config.label_space == ("background", "dog", "hamster")
+    for outside in ("../elsewhere/pets.json", str(elsewhere / "pets.json")):
+        (sd_copy / PRESET_FILE).write_text(json.dumps({"vocabulary": outside}))
+        with pytest.raises(ValueError, match=f"vocabulary '{outside}' is not a file of the model folder"):
+            DiffuMaskStream(sd_copy, ["hamster"], image_size=64)
