@@ -321,7 +321,7 @@ def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
             raise FlagError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.crop_size > MAX_IMAGE_SIDE:  # crops are allocated whole: 100,000 px a side is 28 GiB per image
         raise FlagError(f"--crop-size must be at most {MAX_IMAGE_SIDE}, got {args.crop_size}")
-    for flag in ("workers", "eval_every", "noise_warmup", "max_nonfinite_steps"):
+    for flag in ("workers", "eval_every", "noise_warmup", "max_nonfinite_steps", "seed"):
         if getattr(args, flag) < 0:
             raise FlagError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if label_space != TOY_CLASSES and uses_toyworld(args):
