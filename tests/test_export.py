@@ -300,6 +300,19 @@ def test_a_fifo_metadata_or_a_broken_stats_file_is_refused_naming_it(exports, no
 
 
 @pytest.mark.slow
+def test_a_finished_shard_whose_files_were_deleted_is_written_again(exports, tmp_path):
+    import shutil
+
+    original = exports["voc"][0]
+    copy = shutil.copytree(original, tmp_path / "copy")
+    lost = copy / "VOCdevkit" / "VOC2012" / "JPEGImages" / "0000000004.jpg"  # in shard 1 (samples 3-5)
+    lost.unlink()
+    metadata = export(make_generator(), copy, N, format="voc", shard_size=SHARD, image_format="png", progress=False)
+    assert metadata["complete"] and tree(copy).keys() == tree(original).keys()
+    assert lost.read_bytes() == (original / lost.relative_to(copy)).read_bytes()
+
+
+@pytest.mark.slow
 def test_two_threads_exporting_from_one_generator_count_only_their_own_draws(reference, tmp_path):
     import threading
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.metadata
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ class Format:
     extra: str | None
     owned: tuple[str, ...]
 
+
+logger = logging.getLogger(__name__)
 
 FORMATS = {
     "voc": Format("voc", "VocWriter", None, None, ("VOCdevkit",)),
@@ -276,8 +279,9 @@ def export(generator: DiffuMaskGenerator, out: str | os.PathLike, n: int, *, sta
     if rank != 0:
         folder.check_plan(plan)
     processes = max(workers, 1)
-    pending = [shard for shard in options.shards()
-               if (shard.number % (world * processes)) // processes == rank and not folder.is_done(shard)]
+    own = [shard for shard in options.shards() if (shard.number % (world * processes)) // processes == rank]
+    reopen_lost_shards(folder, writer_class(format)(folder.root, options, generator.label_space), own)
+    pending = [shard for shard in own if not folder.is_done(shard)]
     if pending:
         jobs = ShardJobs(generator, options, folder.root, rank, world)
         context = "spawn" if workers and torch.cuda.is_available() else None
@@ -287,6 +291,16 @@ def export(generator: DiffuMaskGenerator, out: str | os.PathLike, n: int, *, sta
             for count in loader:
                 bar.update(int(count))
     return finish(folder, generator, options, plan)
+
+
+def reopen_lost_shards(folder: ExportFolder, writer: Any, shards: list[Shard]) -> None:
+    """Mark unfinished (remove the stats file of) each finished shard whose files are gone (deleted or
+    moved by hand since), so that a rerun writes it again instead of reporting it written."""
+    for shard in shards:
+        if folder.is_done(shard) and not all(path.is_file() for path in writer.files(shard)):
+            logger.warning("export shard %d has a stats file but lost some of its files: writing it again",
+                           shard.number)
+            folder.stats_path(shard).unlink()
 
 
 @contextlib.contextmanager
