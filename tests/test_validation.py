@@ -438,6 +438,8 @@ BROKEN_FOLDERS = [
     ("prompts longer than the text encoder's positions",
      edit_config("tokenizer", "tokenizer_config.json", model_max_length=100_000),
      r"tokenizer: model_max_length 100000 is more than the \d+ positions .*text_encoder/config.json has"),
+    ("a tokenizer length of -5", edit_config("tokenizer", "tokenizer_config.json", model_max_length=-5),
+     r"tokenizer: model_max_length must be a positive int, got -5"),
     ("a NaN in the scheduler config", edit_config("scheduler", "scheduler_config.json", beta_end=float("nan")),
      r"scheduler_config.json: beta_end is NaN"),
     ("an infinite config value", edit_config("scheduler", "scheduler_config.json", beta_end=float("inf")),

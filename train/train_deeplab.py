@@ -40,7 +40,6 @@ from ondemand_seg.cli import HelpFormatter, add_generator_arguments, resolve_gen
 from ondemand_seg.data.label_noise import LabelNoiseFilter
 from ondemand_seg.pipelines.devices import check_device
 from ondemand_seg.settings.label_spaces import class_ids
-from ondemand_seg.settings.validation import MAX_IMAGE_SIDE
 from ondemand_seg.metrics import ConfusionMatrix
 from ondemand_seg.toyworld import TOY_CLASSES, write_voc
 from dilated_convs import crop_dilated_convs
@@ -53,6 +52,9 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 PROG = Path(__file__).name
 
+
+# The largest image side the library generates (ondemand_seg.settings.validation.MAX_IMAGE_SIDE).
+MAX_CROP_SIZE = 8192
 
 class FlagError(SystemExit):
     """A bad flag: :func:`cli` prints it as argparse prints its own errors (``train_deeplab.py:
@@ -319,8 +321,8 @@ def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
                  "synthetic_length", "prefetch_batches", "threads", "eval_limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise FlagError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.crop_size > MAX_IMAGE_SIDE:  # crops are allocated whole: 100,000 px a side is 28 GiB per image
-        raise FlagError(f"--crop-size must be at most {MAX_IMAGE_SIDE}, got {args.crop_size}")
+    if args.crop_size > MAX_CROP_SIZE:  # crops are allocated whole: 100,000 px a side is 28 GiB per image
+        raise FlagError(f"--crop-size must be at most {MAX_CROP_SIZE}, got {args.crop_size}")
     for flag in ("workers", "eval_every", "noise_warmup", "max_nonfinite_steps", "seed"):
         if getattr(args, flag) < 0:
             raise FlagError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")

@@ -229,8 +229,8 @@ def check_tokenizers_fit(tokenizers: dict[str, Any], encoders: dict[str, Any], r
     """Each tokenizer fits the text encoder it feeds (``tokenizer_2`` feeds ``text_encoder_2``):
     its vocabulary no larger (its ids would index past the embedding) and not under half of it (a
     tokenizer missing its vocabulary file loads with a handful of tokens and encodes every prompt
-    as unknowns), and its ``model_max_length`` (the length prompts are padded to) within the
-    encoder's position embeddings, where it has learned ones (CLIP)."""
+    as unknowns), and a CLIP tokenizer's ``model_max_length`` (the length prompts are padded to)
+    within its encoder's position embeddings."""
     for name, tokenizer in tokenizers.items():
         encoder = name.replace("tokenizer", "text_encoder", 1)
         config = encoders.get(encoder)
@@ -240,8 +240,13 @@ def check_tokenizers_fit(tokenizers: dict[str, Any], encoders: dict[str, Any], r
         if expected is not None and (size > expected or size < expected / 2):
             raise ValueError(f"{root / name} has {size} tokens, but {root / encoder} embeds {expected}: the tokenizer's "
                              "vocabulary files are missing or belong to another model")
+        # CLIP prompts are padded to model_max_length (SD, SDXL, SD3's and Flux's CLIP parts); other
+        # encoders are given the pipeline's own max_sequence_length.
         length, positions = tokenizer.model_max_length, getattr(config, "max_position_embeddings", None)
-        if isinstance(positions, int) and length > positions:
+        if not isinstance(length, int) or length < 1:
+            raise ValueError(f"{root / name}: model_max_length must be a positive int, got {length!r}")
+        clip = getattr(config, "model_type", None) == "clip_text_model"
+        if clip and isinstance(positions, int) and length > positions:
             raise ValueError(f"{root / name}: model_max_length {length} is more than the {positions} positions "
                              f"{root / encoder / 'config.json'} has (max_position_embeddings): prompts padded to it "
                              "cannot be encoded")
