@@ -209,6 +209,10 @@ def run_stream(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
+# Samples in one preview image: 64 rows of 4, about 20,000 px tall.
+MAX_PREVIEW = 256
+
+
 def run_preview(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from tqdm.auto import tqdm
 
@@ -217,6 +221,9 @@ def run_preview(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
     if args.n < 1:
         parser.error(f"--n must be >= 1, got {args.n}")
+    if args.n > MAX_PREVIEW:  # one image: 100,000 samples would be hours of generation, then a 3-gigapixel grid
+        parser.error(f"--n must be at most {MAX_PREVIEW} for a preview grid, got {args.n}; write more samples with "
+                     "'export'")
     try:
         check_output_file(args.out)
     except ValueError as error:

@@ -120,6 +120,7 @@ def test_config_prints_the_preset_merged_with_the_flags_and_saves_it(tmp_path, c
         (["preview", "--seed", "-3"], "seed must be >= 0, got -3"),
         (["preview", "--gen-batch-size", "0"], "batch_size must be >= 1, got 0"),
         (["preview", "--out", "."], r"--out \. is a folder"),
+        (["preview", "--n", "100000"], "--n must be at most 256 for a preview grid, got 100000"),
         (["config", "--out", "/etc/passwd/x.json"], "--out /etc/passwd/x.json cannot be written: /etc/passwd is a file"),
         (["config", "--out", "/proc/version"], "--out /proc/version cannot be written"),
     ],

@@ -218,7 +218,7 @@ def test_another_plan_is_refused_naming_the_fields_and_overwrite_replaces(tmp_pa
     assert sorted(tree(out)) == ["metadata.json", "shard-stats/000000.json", "train-000000.tar"]
 
     (out / "metadata.json").write_text("{not json")
-    with pytest.raises(ExportError, match=f"{out / 'metadata.json'} cannot be read as JSON"):
+    with pytest.raises(ExportError, match=f"{out / 'metadata.json'} is not valid JSON"):
         export(make_generator(), out, 2, progress=False)
 
     (tmp_path / "mine").mkdir()
@@ -251,6 +251,7 @@ def no_model(monkeypatch):
     (["--format", "webdataset"], "webdataset", r'pip install "ondemand_seg\[webdataset\]"'),
     (["--format", "hf"], "datasets", r'pip install "ondemand_seg\[hf\]"'),
     (["--classes", "dragon"], None, "unknown class 'dragon'"),
+    (["--n", str(10**15), "--shard-size", "1"], None, "makes 1,000,000,000,000,000 shards, more than an export keeps"),
 ])
 def test_bad_input_is_a_usage_error_before_any_model_loads(argv, missing, message, no_model, monkeypatch, tmp_path,
                                                            capsys):
@@ -282,6 +283,59 @@ def test_bad_arguments_of_the_function_are_named(no_model, tmp_path):
             export(generator, tmp_path / "out", **{"n": 2, **kwargs})
     with pytest.raises(TypeError, match="DiffuMaskGenerator"):
         export("toy", tmp_path / "out", 2)
+
+
+def test_a_fifo_metadata_or_a_broken_stats_file_is_refused_naming_it(exports, no_model, tmp_path):
+    """Neither blocks nor fails deep: a FIFO would block the read forever."""
+    import os
+    import shutil
+
+    fifo = shutil.copytree(exports["webdataset"][0], tmp_path / "fifo")
+    (fifo / "metadata.json").unlink()
+    os.mkfifo(fifo / "metadata.json")
+    with pytest.raises(ExportError, match=f"{fifo / 'metadata.json'} is a FIFO"):
+        export(make_generator(), fifo, N, format="webdataset", shard_size=SHARD, image_format="png", progress=False)
+    broken = shutil.copytree(exports["webdataset"][0], tmp_path / "broken")
+    (broken / "shard-stats" / "000001.json").write_text('{"gate": 3}')
+    with pytest.raises(ExportError, match=r"000001.json is not a shard's stats file .*write shard 1 anew"):
+        export(make_generator(), broken, N, format="webdataset", shard_size=SHARD, image_format="png", progress=False)
+
+
+@pytest.mark.slow
+def test_a_finished_shard_whose_files_were_deleted_is_written_again(exports, tmp_path):
+    import shutil
+
+    original = exports["voc"][0]
+    copy = shutil.copytree(original, tmp_path / "copy")
+    lost = copy / "VOCdevkit" / "VOC2012" / "JPEGImages" / "0000000004.jpg"  # in shard 1 (samples 3-5)
+    lost.unlink()
+    metadata = export(make_generator(), copy, N, format="voc", shard_size=SHARD, image_format="png", progress=False)
+    assert metadata["complete"] and tree(copy).keys() == tree(original).keys()
+    assert lost.read_bytes() == (original / lost.relative_to(copy)).read_bytes()
+
+
+@pytest.mark.slow
+def test_two_threads_exporting_from_one_generator_count_only_their_own_draws(reference, tmp_path):
+    import threading
+
+    generator = make_generator()
+    results = {}
+
+    def run(name):
+        results[name] = export(generator, tmp_path / name, 4, format="voc", shard_size=2, image_format="png",
+                               progress=False)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    alone = export(make_generator(), tmp_path / "alone", 4, format="voc", shard_size=2, image_format="png",
+                   progress=False)
+    assert [results[name]["gate"] for name in ("a", "b")] == [alone["gate"]] * 2
+    for name in ("a", "b"):
+        masks = read_voc(tmp_path / name)
+        assert all(np.array_equal(np.asarray(masks[i][1]), reference[i].mask) for i in range(4))
 
 
 def test_start_offsets_the_indices(exports, reference, tmp_path):

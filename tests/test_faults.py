@@ -119,7 +119,7 @@ def test_failed_next_serves_the_same_sample_next_and_resumes_exactly(where):
     assert position == {"served": failed_at, "shard_id": 0, "shards": 1}, "the failed serving is not counted"
     assert served == whole, "the next call yields the sample that failed, and nothing is lost or repeated"
 
-    resumed = DiffuMaskStream("toy", CLASSES, **toy(reuse=2, cache_size=8))
+    resumed = DiffuMaskStream("toy", CLASSES, **options)  # the same transform: a function is known by its name
     resumed.load_state_dict(state_after_failure)
     rest = [as_bytes(p) for p in itertools.islice(iter(resumed), 12 - failed_at)]
     assert rest == whole[failed_at:]

@@ -30,6 +30,15 @@ def test_missing_word_is_a_clear_error(tokenizer):
         token_positions(tokenizer, "a photograph of a dog", ["cat"])
 
 
+def test_a_class_word_cut_off_by_the_token_limit_is_a_clear_error(tokenizer):
+    """Not labelled by the tokens that were kept: "big ... dog" cut before "dog" would label "big"."""
+    assert token_positions(tokenizer, "a dog and a potted plant", ["potted plant"], max_length=8) == [[5, 6]]
+    with pytest.raises(ValueError, match="'potted plant' of prompt .* does not fit in the 7 tokens"):
+        token_positions(tokenizer, "a dog and a potted plant", ["potted plant"], max_length=7)
+    with pytest.raises(ValueError, match="does not fit in the 5 tokens"):
+        token_positions(tokenizer, "a photograph of a dog", ["dog"], max_length=5)
+
+
 def test_class_token_weights_batch(tokenizer):
     one = PromptSpec("a photograph of a dog", ("dog",), (12,), ("dog",))
     two = PromptSpec("a bird and a potted plant", ("bird", "pottedplant"), (3, 16), ("bird", "potted plant"))

@@ -166,3 +166,6 @@ def test_images_are_judged_as_served_and_masks_only_hold_label_ids():
     assert gate(image[None], unknown[None], QualityConfig()) == [None], "without a class count ids are not checked"
     assert gate(image[None], unknown[None], QualityConfig(), num_classes=14) == [None], "13 is an id of 14 classes"
     assert gate(hot_pixel[None], big_mask[None], QualityConfig()) == ["all-black image"]
+    white_with_specks = torch.ones(3, 64, 64)
+    white_with_specks[:, 0, :30] = 0.0  # under 1% of the pixels: a decoder scaled to [0, 255], clamped
+    assert gate(white_with_specks[None], big_mask[None], QualityConfig()) == ["constant image"]

@@ -100,6 +100,10 @@ def test_reshard_refuses_a_missing_or_repeated_shard_and_mixed_plans():
     ({"base": 0, "carried": [], "served": "2"}, "plan served must be an int"),
     ({"base": 0, "carried": []}, "plan must be a dict with base, carried and served"),
     ([0, [], 0], "plan must be a dict"),
+    # plans reshard() never writes: an index carried twice, or carried at or above the fresh base
+    ({"base": 100, "carried": [[0, 0], [0, 0]], "served": 0}, r"carries index\(es\) \[0\] more than once"),
+    ({"base": 0, "carried": [[1, 0]], "served": 0}, r"carries index\(es\) \[1\] at or above its base 0"),
+    ({"base": 2**70, "carried": [], "served": 0}, "plan base 1180591620717411303424 is beyond any index a run draws"),
 ])
 def test_malformed_plans_are_refused(plan, message):
     with pytest.raises(ValueError, match=message):
@@ -133,3 +137,22 @@ def test_a_finite_schedule_draws_as_the_endless_one_below_its_stop_then_exhausts
         states.append({"served": count, "shard_id": shard_id, "shards": 2, "plan": ServingPlan().to_dict()})
     plan = reshard(states, reuse=1, stop=5, **SETTINGS)
     assert len(plan.carried) == 1 and plan.carried[0][0] in (2, 3)
+
+
+def test_a_plan_carrying_an_entry_served_reuse_times_is_refused():
+    plan = ServingPlan.from_dict({"base": 10, "carried": [[1, 7]], "served": 0})
+    plan.check_reuse(8)
+    with pytest.raises(ValueError, match=r"carries \[\[1, 7\]\] \(\[index, uses\]\) already served reuse=1 times"):
+        plan.check_reuse(1)
+    _, states = run(ServingPlan(), 2, [3, 3], reuse=2)
+    with pytest.raises(ValueError, match="already served reuse=2 times"):
+        reshard([dict(s, plan={"base": 10, "carried": [[1, 2]], "served": 0}) for s in states], reuse=2, **SETTINGS)
+
+
+def test_reshard_refuses_shards_too_far_apart_to_be_one_run():
+    """Carrying a million unserved indices over would hold them all in memory; one run's shards
+    are never that far apart."""
+    states = [{"served": served, "shard_id": j, "shards": 2, "plan": ServingPlan().to_dict()}
+              for j, served in enumerate((10**6, 0))]
+    with pytest.raises(ValueError, match="served 0 to 1,000,000: the shards of one run serve within a few batches"):
+        reshard(states, reuse=1, **SETTINGS)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ondemand_seg import DiffuMaskDataset, DiffuMaskStream, GeneratorConfig
+from ondemand_seg import DiffuMaskDataset, DiffuMaskStream, GeneratorConfig, SegmentationTransform
 from ondemand_seg.data import sharding
 from ondemand_seg.data.stream import StreamIterator, splice_partners
 from ondemand_seg.generation.generator import RawSample
@@ -181,7 +181,9 @@ OTHER_SETTINGS = [
     (dict(vocabulary={"templates": ["a drawing of a {class}"]}), "vocabulary: '"),
     (dict(model="random-weights"), "model: 'folder:"),
     (dict(augment=False), "augment: True -> False"),
-    (dict(transforms=lambda image, mask: (image, mask)), "transforms: 'ondemand_seg.data.transforms.Segmentation"),
+    (dict(transforms=lambda image, mask: (image, mask)), "transforms: .ondemand_seg.data.transforms.Segmentation"),
+    # The same transform class with other parameters serves other crops.
+    (dict(transforms=SegmentationTransform(64, train=False)), r"transforms: .*RandomResizedC.* -> .*Compose\(\[ Resize\(p"),
 ]
 
 
@@ -214,6 +216,25 @@ def test_settings_that_change_only_speed_or_the_model_folders_place_resume(tiny_
         DiffuMaskStream(moved, **settings).load_state_dict(state)
 
 
+def test_an_edit_behind_a_symlinked_component_folder_changes_the_model_fingerprint(tiny_sd1, tmp_path):
+    """A component linked from a shared cache is read through its link: its weights count."""
+    import shutil
+
+    from ondemand_seg.data.fingerprint import model_fingerprint
+
+    linked = shutil.copytree(tiny_sd1, tmp_path / "linked")
+    shutil.move(linked / "unet", tmp_path / "shared-unet")
+    (linked / "unet").symlink_to(tmp_path / "shared-unet", target_is_directory=True)
+    (tmp_path / "shared-unet" / "loop").symlink_to(linked, target_is_directory=True)  # walked once, not forever
+    before = model_fingerprint(linked)
+    assert before == model_fingerprint(tiny_sd1), "the same files through a link: the same model"
+    weights = tmp_path / "shared-unet" / "diffusion_pytorch_model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    assert model_fingerprint(linked) != before
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(served=-1), "served must be >= 0, got -1"),
     (dict(served=2.0), r"served must be an int, got 2.0 \(float\)"),
@@ -225,6 +246,8 @@ def test_settings_that_change_only_speed_or_the_model_folders_place_resume(tiny_
     (dict(fingerprint="abc"), "fingerprint must be a dict, got str"),
     (dict(served=10**9), "served 1000000000 is more than a resume replays"),
     (dict(plan={"base": 0, "carried": [[1, -1]], "served": 0}), "plan carried must be a list"),
+    (dict(plan={"base": 100, "carried": [[0, 0], [0, 0]], "served": 0}), r"carries index\(es\) \[0\] more than once"),
+    (dict(plan={"base": 100, "carried": [[5, 2]], "served": 0}), r"carries \[\[5, 2\]\] .* already served reuse=1 times"),
 ])
 def test_malformed_stream_states_are_refused(tiny_sd1, fast, change, message):
     stream = DiffuMaskStream(tiny_sd1, ["dog"], **fast)

@@ -590,8 +590,11 @@ def refusal(trainer, capsys, flags):
 
 
 def regular_file(tmp_path):
+    """A file where a folder is expected, and beside it a FIFO named after it (``.fifo.json``)."""
     path = tmp_path / "notes.txt"
     path.write_text("not a folder")
+    if not (tmp_path / "notes.txt.fifo.json").exists():
+        os.mkfifo(tmp_path / "notes.txt.fifo.json")
     return path
 
 
@@ -632,6 +635,9 @@ def regular_file(tmp_path):
         (["--device", "cuda"], "--device: device 'cuda' is not available on this machine"),
         (["--device", "cpu", "--data-dir", "{file}/toyworld"], "--data-dir {file}/toyworld is under {file}, which is a file"),
         (["--data-dir", "{file}"], "--data-dir {file} is a file"),
+        (["--crop-size", "100000"], "--crop-size must be at most 8192, got 100000"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--vocabulary", "{file}.fifo.json"], "{file}.fifo.json is a FIFO"),
     ],
 )
 def test_bad_flags_fail_early_and_clearly(tmp_path, monkeypatch, capsys, args, message):

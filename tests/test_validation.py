@@ -109,7 +109,7 @@ BAD_VALUES = [
     # classes as users type them: repeated, or a vocabulary class in another case or spacing
     (dict(classes=["circle", "circle"]), ValueError, "classes repeats 'circle': name each class once"),
     (dict(classes=["Circle"]), ValueError, "class 'Circle' is another spelling of the label space's 'circle' "
-                                           r"\(case, spacing, Unicode form or invisible characters\); write 'circle'"),
+                                           r"\(case, spacing, Unicode form, invisible characters or look-alike letters\); write 'circle'"),
     (dict(classes=["circle "], vocabulary="toy"), ValueError, "class 'circle ' is another spelling of .*'circle'"),
     (dict(classes=["RING"], vocabulary={"templates": ["a {class}"]}), ValueError, "class 'RING' is another spelling"),
     (dict(classes=["red panda", "Red  Panda"], vocabulary="toy"), ValueError,
@@ -121,6 +121,16 @@ BAD_VALUES = [
     (dict(classes=["\u0441ircle"], vocabulary="toy"), ValueError, "mixes writing systems \\(CYRILLIC, LATIN\\)"),
     (dict(classes=["\u200b"], vocabulary="toy"), ValueError, "has no visible characters"),
     (dict(classes=["background\u200b"], vocabulary="toy"), ValueError, "another spelling of the label space's 'backgr"),
+    # invisible characters that are not format characters, controls, marks on nothing, whole look-alike words
+    *[(dict(classes=[f"circle{mark}"], vocabulary="toy"), ValueError, "another spelling of the label space's 'circle'")
+      for mark in ("\u034f", "\ufe0f", "\u2800", "\U000e0100", "\x00")],
+    (dict(classes=["ring", "ring\u034f"], vocabulary="toy"), ValueError, "another spelling of the label space's 'ring'"),
+    (dict(classes=["\u0323"], vocabulary="toy"), ValueError, "has no visible characters"),
+    (dict(classes=["\u0441\u0456\u0433\u0441\u04cf\u0435"], vocabulary="toy"), ValueError,
+     "another spelling of the label space's 'circle' .*look-alike letters"),
+    (dict(image_size=100_000), ValueError, r"image_size 100000 is larger than any model generates \(8192 px a side\)"),
+    (dict(generator={"scheduler": "FlowMatchEulerDiscreteScheduler"}), ValueError,
+     "scheduler: FlowMatchEulerDiscreteScheduler cannot drive a Stable Diffusion 1.x/2.x model"),
     (dict(classes=["tv monitor"], vocabulary="voc"), ValueError, "another spelling of the label space's 'tvmonitor'"),
     (dict(classes=["potted plant"], vocabulary="voc"), ValueError, "another spelling of the label space's 'pottedplant'"),
 ]
@@ -333,7 +343,8 @@ BROKEN_FOLDERS = [
      rf"{UNET_WEIGHTS} is corrupt: tensor 'w' has no valid data_offsets"),
     ("missing shard", lambda f: (f / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"w": "diffusion_pytorch_model-00002-of-00002.safetensors"}})),
-     r"names shard\(s\) that are missing: \['diffusion_pytorch_model-00002-of-00002.safetensors'\]"),
+     (r"names shard\(s\) that are missing or not .safetensors files: "
+      r"\['diffusion_pytorch_model-00002-of-00002.safetensors'\]")),
     # safetensors headers whose description disagrees with the bytes
     ("dtype disagrees with bytes", lambda f: write_header(f / UNET_WEIGHTS, {"w": {"dtype": "F32", "shape": [4],
                                                                                    "data_offsets": [0, 8]}}, b"\0" * 8),
@@ -413,7 +424,44 @@ BROKEN_FOLDERS = [
      r"text_encoder: the weights hold \d+ tensor\(s\) its config.json has no place for"),
     ("sample_size 0", edit_config("unet", sample_size=0), r"unet/config.json: sample_size must hold positive ints, got 0"),
     ("empty block_out_channels", edit_config("vae", block_out_channels=[]), r"vae/config.json"),
+    # the fourth round: linked folders, the file each loader reads, prompt length, numbers a draw cannot use
+    ("a FIFO in a symlinked component folder", lambda f: link_out(f, "tokenizer", fifo_name="merges.txt"),
+     r"tokenizer/merges.txt is a FIFO"),
+    ("a link to / in a component folder", lambda f: (f / "vae" / "root").symlink_to("/"),
+     r"holds more than 10,000 files .*a symlinked folder leads outside it"),
+    ("text encoder weights under diffusers' name", lambda f: (f / "text_encoder" / "model.safetensors").rename(
+        f / "text_encoder" / "diffusion_pytorch_model.safetensors"),
+     r"text_encoder has no model.safetensors .*the file a CLIPTextModel loads; it holds diffusion_pytorch_model"),
+    ("only a variant of the unet weights", lambda f: (f / UNET_WEIGHTS).rename(
+        f / "unet" / "diffusion_pytorch_model.fp16.safetensors"),
+     r"unet has no diffusion_pytorch_model.safetensors .*variants such as .* are not loaded"),
+    ("prompts longer than the text encoder's positions",
+     edit_config("tokenizer", "tokenizer_config.json", model_max_length=100_000),
+     r"tokenizer: model_max_length 100000 is more than the \d+ positions .*text_encoder/config.json has"),
+    ("a tokenizer length of -5", edit_config("tokenizer", "tokenizer_config.json", model_max_length=-5),
+     r"tokenizer: model_max_length must be a positive int, got -5"),
+    ("a NaN in the scheduler config", edit_config("scheduler", "scheduler_config.json", beta_end=float("nan")),
+     r"scheduler_config.json: beta_end is NaN"),
+    ("an infinite config value", edit_config("scheduler", "scheduler_config.json", beta_end=float("inf")),
+     r"scheduler_config.json: beta_end is inf; it must be finite here"),
+    ("vae scaling_factor 0", edit_config("vae", scaling_factor=0), r"vae/config.json: scaling_factor must be > 0, got 0"),
+    ("a flow-matching scheduler on SD", edit_index(lambda i: i.update(scheduler=["diffusers",
+                                                                                 "FlowMatchEulerDiscreteScheduler"])),
+     r"FlowMatchEulerDiscreteScheduler cannot drive a Stable Diffusion 1.x/2.x model"),
+    ("fewer training timesteps than steps", edit_config("scheduler", "scheduler_config.json", num_train_timesteps=1),
+     r"num_inference_steps=\d+ is more than this model's scheduler has timesteps \(num_train_timesteps=1"),
+    ("sample_size beyond any image", edit_config("unet", sample_size=100_000),
+     r"unet/config.json: sample_size 100000 makes \d+ px images, larger than any model generates"),
 ]
+
+
+def link_out(folder, component, fifo_name):
+    """Move ``component`` beside the model folder, link it back (a shared cache), and put a FIFO
+    named ``fifo_name`` in it."""
+    outside = folder.parent / f"shared-{component}"
+    shutil.move(folder / component, outside)
+    (folder / component).symlink_to(outside, target_is_directory=True)
+    fifo(outside / fifo_name)
 
 
 @pytest.fixture
@@ -511,3 +559,7 @@ def test_a_vocabulary_file_a_preset_names_is_found_beside_it(sd_copy, tmp_path, 
     monkeypatch.chdir(elsewhere)
     stream = DiffuMaskStream(sd_copy, ["hamster"], image_size=64)
     assert stream.config.label_space == ("background", "dog", "hamster")
+    for outside in ("../elsewhere/pets.json", str(elsewhere / "pets.json")):
+        (sd_copy / PRESET_FILE).write_text(json.dumps({"vocabulary": outside}))
+        with pytest.raises(ValueError, match=f"vocabulary '{outside}' is not a file of the model folder"):
+            DiffuMaskStream(sd_copy, ["hamster"], image_size=64)

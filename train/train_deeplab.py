@@ -60,6 +60,9 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 PROG = Path(__file__).name
 
 
+# The largest image side the library generates (ondemand_seg.settings.validation.MAX_IMAGE_SIDE).
+MAX_CROP_SIZE = 8192
+
 class FlagError(SystemExit):
     """A bad flag: :func:`cli` prints it as argparse prints its own errors (``train_deeplab.py:
     error: MESSAGE``, one line on stderr) and exits with argparse's status, 2."""
@@ -371,7 +374,9 @@ def check_args(args: argparse.Namespace, config) -> None:
         # A stream's cache holds at least one generation call's samples.
         raise FlagError(f"--cache-size {args.cache_size} is less than the generation batch "
                         f"({config.generator.batch_size}, --gen-batch-size): the cache holds a whole generation call")
-    for flag in ("workers", "eval_every", "noise_warmup", "max_nonfinite_steps"):
+    if args.crop_size > MAX_CROP_SIZE:  # crops are allocated whole: 100,000 px a side is 28 GiB per image
+        raise FlagError(f"--crop-size must be at most {MAX_CROP_SIZE}, got {args.crop_size}")
+    for flag in ("workers", "eval_every", "noise_warmup", "max_nonfinite_steps", "seed"):
         if getattr(args, flag) < 0:
             raise FlagError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if label_space != TOY_CLASSES and uses_toyworld(args):

@@ -7,10 +7,12 @@ import functools
 import hashlib
 import json
 import os
+import re
+import types
 from pathlib import Path
 from typing import Any
 
-from ..settings.files import check_regular_file
+from ..settings.files import check_regular_file, folder_files
 
 # Settings that change speed but never a sample (GeneratorConfig documents compile, channels_last
 # and the capture kernel as "same masks"; the reject limit only decides when to give up).
@@ -50,14 +52,13 @@ def file_digest(path: str | os.PathLike) -> str:
 
 def folder_digest(folder: str | os.PathLike) -> str:
     """A sha256 over every file of a folder (relative names and :func:`file_digest`), so the same
-    model copied elsewhere keeps its digest and a changed file changes it."""
+    model copied elsewhere keeps its digest and a changed file changes it, in a symlinked sub-folder
+    too (a component linked from a shared cache)."""
     folder = Path(folder)
     digest = hashlib.sha256()
-    for directory, _, files in sorted(os.walk(folder)):
-        for name in sorted(files):
-            path = Path(directory) / name
-            digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-            digest.update(file_digest(path).encode())
+    for path in folder_files(folder):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(file_digest(path).encode())
     return digest.hexdigest()
 
 
@@ -92,6 +93,23 @@ def _callable_name(model: Any) -> str:
         arguments = ", ".join([*map(repr, model.args), *(f"{k}={v!r}" for k, v in model.keywords.items())])
         return f"{_callable_name(model.func)}({arguments})"
     return f"{getattr(model, '__module__', '?')}.{getattr(model, '__qualname__', type(model).__qualname__)}"
+
+
+def transform_identity(transform: Any) -> str:
+    """What a stream's joint transform does, as a string: a function by its name (as a callable
+    model), torchvision's ``StandardTransform`` by its two transforms, the library's augmentations
+    by their albumentations pipeline and config, anything else by its ``repr`` (torchvision's list
+    their parameters), memory addresses left out. Two functions of one name look alike."""
+    if transform is None:
+        return "None"
+    if isinstance(transform, (functools.partial, types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+        return _callable_name(transform)
+    name = f"{type(transform).__module__}.{type(transform).__qualname__}"
+    if type(transform).__name__ == "StandardTransform":
+        return (f"{name}({transform_identity(getattr(transform, 'transform', None))}, "
+                f"{transform_identity(getattr(transform, 'target_transform', None))})")
+    parts = [repr(getattr(transform, a)) for a in ("compose", "config") if hasattr(transform, a)] or [repr(transform)]
+    return " ".join(re.sub(r" at 0x[0-9a-fA-F]+", "", f"{name}: {'; '.join(parts)}").split())
 
 
 def sequence_fingerprint(model: Any, config: Any, **settings: Any) -> dict:

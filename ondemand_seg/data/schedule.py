@@ -58,11 +58,32 @@ class ServingPlan:
         for key in ("base", "served"):
             if not _is_count(data[key]):
                 raise ValueError(f"stream state's plan {key} must be an int >= 0, got {data[key]!r}")
+        if data["base"] > MAX_PLAN_BASE:
+            raise ValueError(f"stream state's plan base {data['base']} is beyond any index a run draws "
+                             f"({MAX_PLAN_BASE:,})")
         carried = data["carried"]
         if not isinstance(carried, (list, tuple)) or not all(
                 isinstance(c, (list, tuple)) and len(c) == 2 and all(_is_count(v) for v in c) for c in carried):
             raise ValueError("stream state's plan carried must be a list of [index, uses] pairs of ints >= 0")
+        # reshard() carries only indices drawn below the new base, each once: anything else would
+        # serve an index twice (again as a fresh draw, or as two carried entries).
+        indices = [index for index, _ in carried]
+        if len(set(indices)) != len(indices):
+            repeated = sorted({i for i in indices if indices.count(i) > 1})[:5]
+            raise ValueError(f"stream state's plan carries index(es) {repeated} more than once")
+        beyond = [index for index in indices if index >= data["base"]]
+        if beyond:
+            raise ValueError(f"stream state's plan carries index(es) {beyond[:5]} at or above its base "
+                             f"{data['base']}, which it draws fresh")
         return cls(data["base"], tuple((int(i), int(u)) for i, u in carried), data["served"])
+
+    def check_reuse(self, reuse: int) -> None:
+        """An error when a carried entry was already served ``reuse`` times (it is dropped once it
+        has been, so no plan of a stream with this ``reuse`` carries it)."""
+        spent = [list(pair) for pair in self.carried if pair[1] >= reuse]
+        if spent:
+            raise ValueError(f"stream state's plan carries {spent[:5]} ([index, uses]) already served reuse={reuse} "
+                             "times")
 
     def quota(self, num_samples: int | None, shard_id: int, shards: int) -> int | None:
         """Servings shard ``shard_id`` of ``shards`` makes under this plan, of ``num_samples`` in all."""
@@ -70,6 +91,16 @@ class ServingPlan:
             return None
         remaining = max(0, num_samples - self.served)
         return remaining // shards + (shard_id < remaining % shards)
+
+
+# Far beyond the fresh indices any run draws (10**8 servings per shard): a larger base is not a
+# state this library wrote.
+MAX_PLAN_BASE = 2**53
+
+
+# Ranks step together and DataLoader workers serve in turn, so one run's shards differ by a few
+# batches; a gap this large is not one run's states.
+MAX_SHARD_SPREAD = 100_000
 
 
 def _is_count(value: Any) -> bool:
@@ -179,6 +210,12 @@ def reshard(states: Sequence[dict], *, seed: int, batch: int, cache_size: int, r
                          f"{[(s['shard_id'], s['shards']) for s in states]}")
     count = next(iter(shards))
     plan = ServingPlan.from_dict(states[0]["plan"])
+    plan.check_reuse(reuse)
+    served = [state["served"] for state in states]
+    if max(served) - min(served) > MAX_SHARD_SPREAD:
+        raise ValueError(f"stream states to reshard served {min(served):,} to {max(served):,}: the shards of one run "
+                         f"serve within a few batches of each other (here at most {MAX_SHARD_SPREAD:,} apart), and "
+                         "carrying the difference over would hold every index in memory")
     schedules = []
     for state in sorted(states, key=lambda s: s["shard_id"]):
         schedule = ServingSchedule(plan, state["shard_id"], count, seed=seed, batch=batch, cache_size=cache_size,

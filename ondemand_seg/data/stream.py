@@ -14,7 +14,11 @@ from ..pipelines.builtin import ModelSource
 from ..pipelines.devices import pick_device
 from ..settings.config import GeneratorConfig, MaskConfig, QualityConfig
 from ..settings.validation import check_bool, check_int
-from .fingerprint import fingerprint_differences, sequence_fingerprint
+from .fingerprint import (
+    fingerprint_differences,
+    sequence_fingerprint,
+    transform_identity,
+)
 from .schedule import ServingPlan, ServingSchedule, reshard
 from .sharding import shard
 from .transforms import (
@@ -152,9 +156,9 @@ class DiffuMaskStream(IterableDataset):
                                            SegmentationTransform(source.image_size, train=augment))
         self._iterator: StreamIterator | None = None
         self._resume: dict = {}
-        # The transform's class decides what is served from the samples.
+        # The transform (its class and parameters) decides what is served from the samples.
         self.fingerprint = {**samples, "reuse": reuse, "cache_size": cache_size, "augment": augment,
-                            "transforms": f"{type(self.transforms).__module__}.{type(self.transforms).__qualname__}"}
+                            "transforms": transform_identity(self.transforms)}
 
     def _first_plan(self) -> ServingPlan:
         """The plan a run starts from: fresh indices from the source's first."""
@@ -241,7 +245,9 @@ class DiffuMaskStream(IterableDataset):
                     f"is shard {shard_id} of {shards}: resume with the same ranks and workers, or pass every "
                     "shard's state through resharded_state()"
                 )
-            quota = ServingPlan.from_dict(state["plan"]).quota(self.num_samples, shard_id, shards)
+            plan = ServingPlan.from_dict(state["plan"])
+            plan.check_reuse(self.reuse)
+            quota = plan.quota(self.num_samples, shard_id, shards)
             if quota is not None and state["served"] > quota:
                 raise ValueError(f"stream state's served {state['served']} is more than this shard serves in a pass "
                                  f"({quota} of num_samples={self.num_samples}): it was saved by another stream")

@@ -52,7 +52,14 @@ class HfWriter:
         self.data.mkdir(parents=True, exist_ok=True)
 
     def shard(self, shard: Shard) -> "HfShard":
-        return HfShard(self, self.data / parquet_name(shard.number, self.count))
+        return HfShard(self, self.path(shard))
+
+    def path(self, shard: Shard) -> Path:
+        return self.data / parquet_name(shard.number, self.count)
+
+    def files(self, shard: Shard) -> list[Path]:
+        """The file a finished ``shard`` left: its parquet file."""
+        return [self.path(shard)]
 
     def finish(self, shards: Sequence[Shard]) -> dict:
         return {"data_files": "data/train-*.parquet", "features": self.features.to_dict(),

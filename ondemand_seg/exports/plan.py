@@ -3,7 +3,6 @@ before anything else, one stats file per finished shard (which also marks it fin
 final metadata summed from them."""
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +11,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..data.fingerprint import fingerprint_differences, sequence_fingerprint
+from ..settings.files import read_json, read_json_object
 from ..settings.label_spaces import IGNORE_INDEX
 from .files import is_temporary, write_json
 
 METADATA = "metadata.json"
+# Each shard is a stats file (and a tar or parquet file): a million of them is already more than
+# a file system lists comfortably, and listing the shards must not take the memory of the run.
+MAX_SHARDS = 1_000_000
 STATS = "shard-stats"
 
 
@@ -48,6 +51,12 @@ class ExportOptions:
     shard_size: int
     image_format: str
     workers: int
+
+    def __post_init__(self) -> None:
+        count = -(-self.n // self.shard_size)
+        if count > MAX_SHARDS:
+            raise ValueError(f"n={self.n} in shards of shard_size={self.shard_size} makes {count:,} shards, more than "
+                             f"an export keeps track of ({MAX_SHARDS:,}); raise shard_size")
 
     def shards(self) -> list[Shard]:
         """The export's shards: ``shard_size`` contiguous indices each, the last one shorter."""
@@ -92,13 +101,12 @@ class ExportFolder:
         Raises:
             ExportError: it is not JSON or has no plan.
         """
-        if not self.metadata_path.exists():
+        if not self.metadata_path.exists() and not self.metadata_path.is_symlink():
             return None
-        try:
-            metadata = json.loads(self.metadata_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ExportError(f"{self.metadata_path} cannot be read as JSON ({error}); remove the folder or export "
-                              "elsewhere") from None
+        try:  # a regular file only: opening a FIFO would block
+            metadata = read_json(self.metadata_path)
+        except (OSError, ValueError) as error:
+            raise ExportError(f"{error}; remove the folder or export elsewhere") from None
         if not isinstance(metadata, dict) or not isinstance(metadata.get("plan"), dict):
             raise ExportError(f"{self.metadata_path} holds no export plan: it was not written by an export")
         return metadata
@@ -163,11 +171,16 @@ class ExportFolder:
         gate: dict[str, int] = {}
         pixels = dict.fromkeys([*label_space, "ignore"], 0)
         for shard in shards:
-            stats = json.loads(self.stats_path(shard).read_text())
-            for key, value in stats["gate"].items():
-                gate[key] = gate.get(key, 0) + value
-            for key, value in stats["pixels"].items():
-                pixels[key] += value
+            path = self.stats_path(shard)
+            try:
+                stats = read_json_object(path)
+                for key, value in stats["gate"].items():
+                    gate[key] = gate.get(key, 0) + int(value)
+                for key, value in stats["pixels"].items():
+                    pixels[key] += int(value)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+                raise ExportError(f"{path} is not a shard's stats file ({type(error).__name__}: {error}); remove it "
+                                  f"and run the export again to write shard {shard.number} anew") from None
         total = max(1, sum(pixels.values()))
         return {"gate": gate, "pixel_counts": pixels,
                 "pixel_share": {name: round(count / total, 6) for name, count in pixels.items()}}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.metadata
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ class Format:
     extra: str | None
     owned: tuple[str, ...]
 
+
+logger = logging.getLogger(__name__)
 
 FORMATS = {
     "voc": Format("voc", "VocWriter", None, None, ("VOCdevkit",)),
@@ -120,12 +123,20 @@ def write_shard(generator: DiffuMaskGenerator, writer: Any, folder: ExportFolder
     (quality-gate counts of its draws, pixels per class), which marks it finished. Yields the number
     of samples written after each batch. A shard that fails is abandoned by its writer: no partial
     file stands under a final name, and no stats file is written."""
-    before = generator.stats()
+    gate: dict[str, int] = {}
     pixels = np.zeros(len(generator.label_space) + 1, dtype=np.int64)
     files = writer.shard(shard)
     try:
         for batch in aligned_batches(shard, generator.generator_config.batch_size):
-            kept = [sample for sample in generator.samples(batch) if sample.index in shard.indices]
+            # Counted around this batch's draw under the generator's lock: another thread drawing
+            # from the same generator (a second export) adds to the same counters.
+            with generator.lock:
+                before = generator.stats()
+                drawn = generator.samples(batch)
+                after = generator.stats()
+            for key in after:
+                gate[key] = gate.get(key, 0) + after[key] - before.get(key, 0)
+            kept = [sample for sample in drawn if sample.index in shard.indices]
             for sample in kept:
                 files.add(sample, sample_record(generator, sample))
                 pixels += pixel_counts(sample.mask, generator.label_space)
@@ -134,9 +145,8 @@ def write_shard(generator: DiffuMaskGenerator, writer: Any, folder: ExportFolder
     except BaseException:
         files.abort()
         raise
-    after = generator.stats()
     names = [*generator.label_space, "ignore"]
-    folder.write_stats(shard, {"gate": {key: after[key] - before.get(key, 0) for key in after},
+    folder.write_stats(shard, {"gate": gate,
                                "pixels": {name: int(count) for name, count in zip(names, pixels)}})
 
 
@@ -269,8 +279,9 @@ def export(generator: DiffuMaskGenerator, out: str | os.PathLike, n: int, *, sta
     if rank != 0:
         folder.check_plan(plan)
     processes = max(workers, 1)
-    pending = [shard for shard in options.shards()
-               if (shard.number % (world * processes)) // processes == rank and not folder.is_done(shard)]
+    own = [shard for shard in options.shards() if (shard.number % (world * processes)) // processes == rank]
+    reopen_lost_shards(folder, writer_class(format)(folder.root, options, generator.label_space), own)
+    pending = [shard for shard in own if not folder.is_done(shard)]
     if pending:
         jobs = ShardJobs(generator, options, folder.root, rank, world)
         context = "spawn" if workers and torch.cuda.is_available() else None
@@ -280,6 +291,16 @@ def export(generator: DiffuMaskGenerator, out: str | os.PathLike, n: int, *, sta
             for count in loader:
                 bar.update(int(count))
     return finish(folder, generator, options, plan)
+
+
+def reopen_lost_shards(folder: ExportFolder, writer: Any, shards: list[Shard]) -> None:
+    """Mark unfinished (remove the stats file of) each finished shard whose files are gone (deleted or
+    moved by hand since), so that a rerun writes it again instead of reporting it written."""
+    for shard in shards:
+        if folder.is_done(shard) and not all(path.is_file() for path in writer.files(shard)):
+            logger.warning("export shard %d has a stats file but lost some of its files: writing it again",
+                           shard.number)
+            folder.stats_path(shard).unlink()
 
 
 @contextlib.contextmanager

@@ -38,6 +38,12 @@ class VocWriter:
     def shard(self, shard: Shard) -> "VocShard":
         return VocShard(self, shard)
 
+    def files(self, shard: Shard) -> list[Path]:
+        """The files a finished ``shard`` left: each sample's image and mask, and its records."""
+        names = [sample_id(index) for index in shard.indices]
+        return [*(self.images / f"{name}.jpg" for name in names), *(self.masks / f"{name}.png" for name in names),
+                self.records / f"{shard.number:06d}.jsonl"]
+
     def finish(self, shards: Sequence[Shard]) -> dict:
         """Write the split list (streamed: an export may hold millions of ids); how to read the tree."""
         split = self.splits / "train.txt"

@@ -30,6 +30,10 @@ class WdsWriter:
     def shard(self, shard: Shard) -> "WdsShard":
         return WdsShard(self, shard)
 
+    def files(self, shard: Shard) -> list[Path]:
+        """The file a finished ``shard`` left: its tar."""
+        return [self.root / tar_name(shard.number)]
+
     def finish(self, shards: Sequence[Shard]) -> dict:
         last = shards[-1].number
         urls = tar_name(0) if last == 0 else f"train-{{{0:06d}..{last:06d}}}.tar"

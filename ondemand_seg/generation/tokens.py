@@ -33,7 +33,7 @@ def token_positions(tokenizer, text: str, words: Sequence[str], max_length: int 
     ``tokenizer.model_max_length``), of the tokens of each of ``words``.
 
     A token belongs to a word when its character span overlaps the word's span in the text.
-    Raises a ValueError naming the word and the prompt when a word has no token (it was cut off).
+    Raises a ValueError naming the word and the prompt when a word is cut off (wholly or in part).
     """
     max_length = max_length or tokenizer.model_max_length
     encoded = tokenizer(text, truncation=True, max_length=max_length, return_offsets_mapping=True)
@@ -41,10 +41,12 @@ def token_positions(tokenizer, text: str, words: Sequence[str], max_length: int 
     positions = []
     for word, (begin, end) in zip(words, word_spans(text, words)):
         found = [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > begin]
-        if not found:
+        # A word cut in the middle would be labelled by its first tokens alone ("big big ... circle"
+        # by "big"): every token up to its end must be kept.
+        if not found or offsets[found[-1]][1] < end:
             raise ValueError(
-                f"class word {word!r} was not found among the tokens of prompt {text!r} "
-                f"(truncated at {max_length} tokens?)"
+                f"class word {word!r} of prompt {text!r} does not fit in the {max_length} tokens the text "
+                "encoder reads: shorten the class name or the template"
             )
         positions.append(found)
     return positions

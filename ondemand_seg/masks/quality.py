@@ -30,8 +30,9 @@ def gate(images: torch.Tensor, masks: torch.Tensor, config: QualityConfig,
     """Why each sample fails the gate, or ``None`` when it passes.
 
     The image is judged as it will be served: clamped to [0, 1] (as it is stored in uint8). "All
-    black" looks at the 99th percentile of its values, so a stray bright pixel does not make a
-    black image pass.
+    black" looks at the 99th percentile of its values and "constant" at the values between each
+    channel's 1st and 99th percentile, so a few stray pixels do not make a black or one-colour
+    image pass.
 
     Args:
         images: ``[B, 3, H, W]`` float, [0, 1] when valid.
@@ -51,8 +52,11 @@ def gate(images: torch.Tensor, masks: torch.Tensor, config: QualityConfig,
     finite_attention = torch.ones(batch, dtype=torch.bool) if finite_maps is None else finite_maps.cpu()
     served = torch.nan_to_num(images.float(), nan=0.0).clamp(0, 1)
     black = served.flatten(1).quantile(0.99, dim=1) <= config.black_level
-    # One colour: every channel flat, whatever its level.
-    constant = served.flatten(2).std(2, correction=0).amax(1) <= config.constant_level
+    # One colour: every channel flat, whatever its level; judged on the values between each
+    # channel's 1st and 99th percentile, so a few stray pixels do not make a flat image pass.
+    values = served.flatten(2)
+    low, high = values.quantile(0.01, dim=2, keepdim=True), values.quantile(0.99, dim=2, keepdim=True)
+    constant = torch.minimum(torch.maximum(values, low), high).std(2, correction=0).amax(1) <= config.constant_level
     valid_ids = (masks >= 0) & ((masks < (num_classes if num_classes is not None else IGNORE_INDEX))
                                 | (masks == IGNORE_INDEX))
     valid = valid_ids.flatten(1).all(1)

@@ -54,8 +54,13 @@ def read_preset(model: ModelSource) -> dict:
         return {}
     preset = read_json_object(path, "a JSON object of settings")
     vocabulary = preset.get("vocabulary")
-    if isinstance(vocabulary, str) and Path(vocabulary).suffix and not Path(vocabulary).is_absolute():
+    if isinstance(vocabulary, str) and Path(vocabulary).suffix:
         # A vocabulary file a preset names ships with the model: relative to its folder, not to
-        # wherever the program runs.
+        # wherever the program runs, and inside it (a downloaded folder must not read, or echo
+        # in errors, files elsewhere on the machine).
+        inside = (folder / vocabulary).resolve().is_relative_to(folder.resolve())
+        if Path(vocabulary).is_absolute() or ".." in Path(vocabulary).parts or not inside:
+            raise ValueError(f"{path}: vocabulary {vocabulary!r} is not a file of the model folder; a preset names its "
+                             "vocabulary file relative to the folder, inside it (give another file as vocabulary=)")
         preset = {**preset, "vocabulary": str(folder / vocabulary)}
     return preset

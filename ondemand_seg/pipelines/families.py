@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..settings.files import read_json_object
+from ..settings.validation import MAX_IMAGE_SIDE
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,8 @@ class Family:
     pixel_multiple: what the pipeline's own ``check_inputs`` requires image sides to be multiples
     of, whatever the VAE (1: only the latent patch, which :attr:`ModelSpec.size_multiple` adds);
     classifier_free: ``guidance_scale`` runs classifier-free guidance (off at <= 1), rather than
-    being an embedded guidance input (Flux).
+    being an embedded guidance input (Flux); flow_matching: whether its schedulers are
+    flow-matching ones (``None``: either).
     """
 
     name: str
@@ -47,6 +49,17 @@ class Family:
     self_attention: bool = True
     pixel_multiple: int = 1
     classifier_free: bool = True
+    flow_matching: bool | None = False
+
+    def check_scheduler(self, name: str, where: str) -> None:
+        """An error naming ``where`` when the scheduler class ``name`` solves the other kind of
+        model: a flow-matching scheduler (``FlowMatch*``) on a noise-predicting one, or the reverse
+        (``flow_matching`` ``None``: either, as Sana runs DPM-Solver on flow sigmas)."""
+        flow = name.startswith("FlowMatch")
+        if self.flow_matching is None or flow == self.flow_matching:
+            return
+        kind = "a flow-matching" if self.flow_matching else "a noise-predicting (not flow-matching)"
+        raise ValueError(f"{where}: {name} cannot drive a {self.title} model, which needs {kind} scheduler")
 
     @property
     def output_maps(self) -> bool:
@@ -59,16 +72,16 @@ class Family:
 FAMILIES: tuple[Family, ...] = (
     Family("sd", "Stable Diffusion 1.x/2.x", ("StableDiffusionPipeline",), "unet", "cross", pixel_multiple=8),
     Family("sdxl", "Stable Diffusion XL", ("StableDiffusionXLPipeline",), "unet", "cross", pixel_multiple=8),
-    Family("sd3", "Stable Diffusion 3/3.5", ("StableDiffusion3Pipeline",), "transformer", "joint"),
+    Family("sd3", "Stable Diffusion 3/3.5", ("StableDiffusion3Pipeline",), "transformer", "joint", flow_matching=True),
     # Flux is trained in bf16; in fp16 its activations overflow. Its guidance_scale is an input of
     # the guidance-distilled transformer (dev) or unused (schnell), not classifier-free guidance.
     Family("flux", "Flux.1 (dev, schnell)", ("FluxPipeline",), "transformer", "joint", text_first=True,
-           gpu_dtype=torch.bfloat16, classifier_free=False),
+           gpu_dtype=torch.bfloat16, classifier_free=False, flow_matching=True),
     Family("pixart", "PixArt-α/Σ", ("PixArtAlphaPipeline", "PixArtSigmaPipeline"), "transformer", "cross",
            pixel_multiple=8),
     # Sana's self-attention is linear (no softmax matrix to read), so no self-attention refinement.
     Family("sana", "Sana", ("SanaPipeline",), "transformer", "cross", gpu_dtype=torch.bfloat16, self_attention=False,
-           pixel_multiple=32),
+           pixel_multiple=32, flow_matching=None),
 )
 
 
@@ -112,7 +125,8 @@ class ModelSpec:
     self_factors: factors of readable (softmax) self-attention; default_size: the pipeline's
     default image side; num_inference_steps, guidance_scale: the pipeline's recommendations;
     classifier_free: ``guidance_scale`` runs classifier-free guidance (not for Flux, nor for a UNet
-    that takes guidance as an embedding, ``time_cond_proj_dim``: LCM-distilled models).
+    that takes guidance as an embedding, ``time_cond_proj_dim``: LCM-distilled models);
+    train_timesteps: the scheduler's ``num_train_timesteps`` (the most denoising steps it can take).
     """
 
     family: Family
@@ -125,6 +139,7 @@ class ModelSpec:
     num_inference_steps: int
     guidance_scale: float
     classifier_free: bool = True
+    train_timesteps: int | None = None
 
     @property
     def size_multiple(self) -> int:
@@ -179,7 +194,14 @@ class ModelSpec:
             )
 
     def check_generator(self, generator: Any) -> None:
-        """An error for a guidance scale that would silently turn this model's guidance off."""
+        """An error for a guidance scale that would silently turn this model's guidance off, for
+        more steps than the scheduler has timesteps, and for a scheduler of the other kind."""
+        steps = generator.num_inference_steps
+        if self.train_timesteps is not None and steps is not None and steps > self.train_timesteps:
+            raise ValueError(f"num_inference_steps={steps} is more than this model's scheduler has timesteps "
+                             f"(num_train_timesteps={self.train_timesteps} in scheduler/scheduler_config.json)")
+        if generator.scheduler is not None:
+            self.family.check_scheduler(generator.scheduler, "scheduler")
         guidance = generator.guidance_scale
         if guidance is not None and self.classifier_free and guidance <= 1:
             raise ValueError(
@@ -292,8 +314,15 @@ def describe(read: ConfigReader) -> ModelSpec:
         steps, guidance = 4, 0.0
     # A UNet with a guidance embedding (LCM distillation) takes guidance_scale as an input instead.
     classifier_free = family.classifier_free and denoiser.get("time_cond_proj_dim") is None
+    if int(sample_size) * vae_factor > MAX_IMAGE_SIDE:
+        raise ValueError(f"{where}: sample_size {sample_size} makes {int(sample_size) * vae_factor} px images, larger "
+                         f"than any model generates ({MAX_IMAGE_SIDE} px a side)")
+    scheduler = read("scheduler/scheduler_config.json") or {}
+    train_timesteps = scheduler.get("num_train_timesteps")
+    if train_timesteps is not None:
+        _positive_ints(train_timesteps, "scheduler/scheduler_config.json", "num_train_timesteps")
     return ModelSpec(family, pipeline_class, vae_factor, patch, text, self_factors,
-                     int(sample_size) * vae_factor, int(steps), float(guidance), classifier_free)
+                     int(sample_size) * vae_factor, int(steps), float(guidance), classifier_free, train_timesteps)
 
 
 def folder_reader(path: str | os.PathLike) -> ConfigReader:

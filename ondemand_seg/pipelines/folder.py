@@ -10,6 +10,7 @@ import difflib
 import importlib
 import inspect
 import json
+import math
 import os
 import re
 import types
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..settings.files import check_regular_file, read_text
+from ..settings.files import check_regular_file, folder_files, read_text
 from .families import Family, family_of, folder_reader
 
 # The libraries a folder may name components from. Each is imported by its own name and its
@@ -154,7 +155,7 @@ def check_model_folder(path: str | os.PathLike) -> None:
     meta device: shapes only, no memory) and ``.safetensors`` weights whose headers agree with
     their bytes and give every parameter it has, with its shape and kind of dtype (and every shard
     its index names); a scheduler builds from its ``scheduler_config.json``; a tokenizer loads, and
-    its vocabulary fits its text encoder's.
+    its vocabulary and prompt length fit its text encoder's.
     Raises:
         ValueError: naming the file (and the field or entry) at fault.
     """
@@ -165,8 +166,9 @@ def check_model_folder(path: str | os.PathLike) -> None:
     index = read("model_index.json")
     if index is None:
         raise ValueError(f"{index_file} is missing")
-    _, classes = component_classes(index, str(index_file))
-    vocabularies, text_vocabularies = {}, {}
+    pipeline, classes = component_classes(index, str(index_file))
+    family = family_of(pipeline)
+    tokenizers, encoders = {}, {}
     for name, cls in classes.items():
         folder = root / name
         if not folder.is_dir():
@@ -181,22 +183,26 @@ def check_model_folder(path: str | os.PathLike) -> None:
             if "scheduler_config.json" not in configs:
                 raise ValueError(f"{folder / 'scheduler_config.json'} is missing (a {cls.__name__} needs it)")
             file = folder / "scheduler_config.json"
+            family.check_scheduler(cls.__name__, f"{index_file}: component {name!r}")
             check_config_types(cls, configs["scheduler_config.json"], file)
             _built(lambda: cls.from_config(configs["scheduler_config.json"]), file, cls)
         elif kind == "network":
             if "config.json" not in configs:
                 raise ValueError(f"{folder / 'config.json'} is missing (a {cls.__name__} needs it)")
             check_config_types(cls, configs["config.json"], folder / "config.json")
+            scaling = configs["config.json"].get("scaling_factor")
+            if isinstance(scaling, (int, float)) and not scaling > 0:
+                # The pipeline divides latents by it before decoding: 0 gives inf, then NaN images.
+                raise ValueError(f"{folder / 'config.json'}: scaling_factor must be > 0, got {scaling!r}")
             model = _built(lambda: meta_model(cls, configs["config.json"]), folder / "config.json", cls)
             check_weights(folder, cls, read, model)
-            text_vocabularies[name] = getattr(model.config, "vocab_size", None)
+            encoders[name] = model.config
         elif kind == "tokenizer":
             for file in sorted(folder.iterdir()):
                 if file.suffix in (".json", ".txt"):
                     read_text(file)
-            tokenizer = _built(lambda: cls.from_pretrained(str(folder)), folder, cls)
-            vocabularies[name] = len(tokenizer)
-    check_vocabularies(vocabularies, text_vocabularies, root)
+            tokenizers[name] = _built(lambda: cls.from_pretrained(str(folder)), folder, cls)
+    check_tokenizers_fit(tokenizers, encoders, root)
 
 
 def _built(build, where: Path, cls: type):
@@ -219,27 +225,39 @@ def meta_model(cls: type, config: dict) -> torch.nn.Module:
         return cls.from_config(config)
 
 
-def check_vocabularies(tokenizers: dict[str, int], encoders: dict[str, int | None], root: Path) -> None:
-    """Each tokenizer's vocabulary fits the text encoder it feeds (``tokenizer_2`` feeds
-    ``text_encoder_2``): no larger (its ids would index past the embedding) and not under half of
-    it (a tokenizer missing its vocabulary file loads with a handful of tokens and encodes every
-    prompt as unknowns)."""
-    for name, size in tokenizers.items():
+def check_tokenizers_fit(tokenizers: dict[str, Any], encoders: dict[str, Any], root: Path) -> None:
+    """Each tokenizer fits the text encoder it feeds (``tokenizer_2`` feeds ``text_encoder_2``):
+    its vocabulary no larger (its ids would index past the embedding) and not under half of it (a
+    tokenizer missing its vocabulary file loads with a handful of tokens and encodes every prompt
+    as unknowns), and a CLIP tokenizer's ``model_max_length`` (the length prompts are padded to)
+    within its encoder's position embeddings."""
+    for name, tokenizer in tokenizers.items():
         encoder = name.replace("tokenizer", "text_encoder", 1)
-        expected = encoders.get(encoder)
-        if expected is None:
+        config = encoders.get(encoder)
+        if config is None:
             continue
-        if size > expected or size < expected / 2:
+        size, expected = len(tokenizer), getattr(config, "vocab_size", None)
+        if expected is not None and (size > expected or size < expected / 2):
             raise ValueError(f"{root / name} has {size} tokens, but {root / encoder} embeds {expected}: the tokenizer's "
                              "vocabulary files are missing or belong to another model")
+        # CLIP prompts are padded to model_max_length (SD, SDXL, SD3's and Flux's CLIP parts); other
+        # encoders are given the pipeline's own max_sequence_length.
+        length, positions = tokenizer.model_max_length, getattr(config, "max_position_embeddings", None)
+        if not isinstance(length, int) or length < 1:
+            raise ValueError(f"{root / name}: model_max_length must be a positive int, got {length!r}")
+        clip = getattr(config, "model_type", None) == "clip_text_model"
+        if clip and isinstance(positions, int) and length > positions:
+            raise ValueError(f"{root / name}: model_max_length {length} is more than the {positions} positions "
+                             f"{root / encoder / 'config.json'} has (max_position_embeddings): prompts padded to it "
+                             "cannot be encoded")
 
 
 def check_regular_files(folder: Path) -> None:
     """Every file under ``folder`` is a regular file (or a symlink to one), so no loader or
-    fingerprint blocks opening a FIFO or reads a device; an error naming the first that is not."""
-    for directory, _, files in os.walk(folder):
-        for name in sorted(files):
-            check_regular_file(Path(directory) / name)
+    fingerprint blocks opening a FIFO or reads a device, symlinked sub-folders included; an error
+    naming the first that is not."""
+    for file in folder_files(folder):
+        check_regular_file(file)
 
 
 def check_weights(folder: Path, cls: type, read, model: torch.nn.Module) -> None:
@@ -251,17 +269,26 @@ def check_weights(folder: Path, cls: type, read, model: torch.nn.Module) -> None
         raise ValueError(f"{folder} holds no .safetensors weights (a {cls.__name__} needs them; only safetensors "
                          "are loaded)")
     headers = {file.name: check_safetensors(file) for file in weights}
-    loaded = [file.name for file in weights if "." not in file.stem]  # variants (name.fp16.safetensors) aside
-    for file in sorted(folder.glob("*.safetensors.index.json")):
+    # The one name each library's loader reads (no variant is asked for): diffusers' models and
+    # transformers' models name their weights differently.
+    from diffusers import ModelMixin
+
+    stem = "diffusion_pytorch_model" if issubclass(cls, ModelMixin) else "model"
+    if not (folder / f"{stem}.safetensors").exists() and not (folder / f"{stem}.safetensors.index.json").exists():
+        raise ValueError(f"{folder} has no {stem}.safetensors (nor {stem}.safetensors.index.json), the file a "
+                         f"{cls.__name__} loads; it holds {', '.join(sorted(headers))} (variants such as "
+                         f"{stem}.fp16.safetensors are not loaded)")
+    loaded = [f"{stem}.safetensors"] if f"{stem}.safetensors" in headers else []
+    for file in sorted(folder.glob(f"{stem}.safetensors.index.json")):
         shard_map = read(f"{folder.name}/{file.name}").get("weight_map") or {}
         if not isinstance(shard_map, dict):
             raise ValueError(f"{file}: weight_map must map tensor names to shard files, got {shard_map!r}")
         outside = sorted({str(s) for s in shard_map.values() if not isinstance(s, str) or Path(s).name != s or s == ".."})
         if outside:
             raise ValueError(f"{file} names shard(s) that are not files of {folder}: {outside}")
-        absent = sorted({shard for shard in shard_map.values() if not (folder / shard).is_file()})
+        absent = sorted({shard for shard in shard_map.values() if shard not in headers})
         if absent:
-            raise ValueError(f"{file} names shard(s) that are missing: {absent}")
+            raise ValueError(f"{file} names shard(s) that are missing or not .safetensors files: {absent}")
         if file.name.endswith(".safetensors.index.json"):
             loaded = sorted(set(shard_map.values()))
     tensors = {name: entry for file in (loaded or headers) for name, entry in headers[file].items()}
@@ -311,9 +338,12 @@ def check_config_types(cls: type, config: dict, file: Path) -> None:
     the field otherwise.
 
     diffusers classes declare their config as annotated ``__init__`` parameters, checked here
-    (a value equal to the parameter's default always passes, as do types JSON cannot hold);
-    transformers configs validate themselves (strict dataclass fields) when built from the dict.
+    (a value equal to the parameter's default always passes, as do types JSON cannot hold; NaN
+    never, nor an infinity other than the default); transformers configs validate themselves (strict dataclass fields) when built from the dict.
     """
+    for field, value in config.items():
+        if isinstance(value, float) and math.isnan(value):
+            raise ValueError(f"{file}: {field} is NaN; a config value must be a number")
     config_class = getattr(cls, "config_class", None)
     if config_class is not None and cls.__module__.startswith("transformers"):
         try:
@@ -333,6 +363,9 @@ def check_config_types(cls: type, config: dict, file: Path) -> None:
             continue
         if value is None and parameter.default is None:
             continue
+        if isinstance(value, float) and math.isinf(value):
+            # Some defaults are infinite (DPM-Solver's lambda_min_clipped: -inf); other values are not.
+            raise ValueError(f"{file}: {field} is {value}; it must be finite here")
         if _fits(value, hint) is False:
             raise ValueError(f"{file}: {field} must be {_describe(hint)}, got {value!r}")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..settings.files import folder_files
 from .builtin import RANDOM_WEIGHTS_MODEL, ModelSource, resolve_model
 from .families import ModelSpec, cached_hub_reader, describe, family_of, folder_reader
 from .folder import check_model_folder, component_classes, passed_as_none
@@ -73,12 +74,10 @@ def _folder_state(folder: Path) -> tuple | None:
     modification time (``None`` when a file cannot be stat'ed: the check itself will say why)."""
     entries = []
     try:
-        for directory, _, files in os.walk(folder):
-            for name in files:
-                stat = os.stat(Path(directory) / name)
-                entries.append((os.path.relpath(Path(directory) / name, folder), stat.st_size, stat.st_mtime_ns,
-                                stat.st_mode))
-    except OSError:
+        for file in folder_files(folder):
+            stat = os.stat(file)
+            entries.append((os.path.relpath(file, folder), stat.st_size, stat.st_mtime_ns, stat.st_mode))
+    except (OSError, ValueError):
         return None
     return (str(folder.resolve()), tuple(sorted(entries)))
 

@@ -31,6 +31,34 @@ def check_regular_file(path: str | os.PathLike) -> Path:
     return path
 
 
+# More files than any model folder holds (sharded weights, tokenizers, configs): walking further
+# means a link leads somewhere else (a symlinked "/"), which would take as long as the disk.
+MAX_FOLDER_FILES = 10_000
+
+
+def folder_files(folder: str | os.PathLike) -> list[Path]:
+    """Every file under ``folder``, sorted, following symlinked sub-folders as the loaders do (a
+    component folder linked from a shared cache is read through its link), each real folder once.
+
+    Raises:
+        ValueError: more than :data:`MAX_FOLDER_FILES` files (a link leading out of the model).
+    """
+    folder = Path(folder)
+    files, seen = [], set()
+    for directory, subfolders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:  # a link back to a folder already walked (a loop, or a second path to it)
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders.sort()
+        files += [Path(directory) / name for name in names]
+        if len(files) > MAX_FOLDER_FILES:
+            raise ValueError(f"{folder} holds more than {MAX_FOLDER_FILES:,} files (through {directory}): a model "
+                             "folder holds far fewer; a symlinked folder leads outside it")
+    return sorted(files)
+
+
 # Larger than any config, preset, vocabulary or tokenizer file (the largest tokenizers are tens of
 # MB); reading a bigger one whole would take the memory of a model.
 MAX_TEXT_BYTES = 512 * 2**20

@@ -5,6 +5,7 @@ segmentation references, so it never names a class.
 """
 from __future__ import annotations
 
+import re
 import unicodedata
 from typing import Mapping, Sequence
 
@@ -66,13 +67,35 @@ def class_ids(classes: Sequence[str], label_space: Sequence[str]) -> list[int]:
     return ids
 
 
+# Characters that draw nothing and are not spaces: Unicode's default-ignorable code points that are
+# not format characters (Cf), which are all dropped too: the combining grapheme joiner, Hangul
+# fillers, variation selectors; and the blank braille pattern.
+_INVISIBLE = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u2800\u3164\ufe00-\ufe0f\uffa0"
+                        "\U000e0100-\U000e01ef]")
+# Cyrillic and Greek letters drawn like Latin ones: a class written wholly in them reads as the
+# Latin class ("сігсӏе" is "circle") yet would be a class of its own.
+_LOOK_ALIKES = str.maketrans({
+    "\u0430": "a", "\u0433": "r", "\u0441": "c", "\u0435": "e", "\u04bb": "h", "\u0456": "i", "\u0458": "j", "\u04cf": "l",
+    "\u043a": "k", "\u043e": "o", "\u0440": "p", "\u0455": "s", "\u0445": "x", "\u0443": "y", "\u0501": "d",
+    "\u051b": "q", "\u051d": "w", "\u03b1": "a", "\u03b9": "i", "\u03ba": "k", "\u03bd": "v", "\u03bf": "o",
+    "\u03c1": "p", "\u03c5": "u", "\u03c7": "x",
+})
+
+
 def _folded(name: str) -> str:
     """The form two spellings of one class share: Unicode-compatibility normalised (full-width and
-    composed letters), without invisible format characters (zero-width space, soft hyphen),
-    case-folded, and without spaces ("tv monitor" is VOC's "tvmonitor")."""
-    text = unicodedata.normalize("NFKC", name)
-    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+    composed letters), without control, format or other invisible characters (zero-width space,
+    soft hyphen, variation selectors), case-folded, and without spaces ("tv monitor" is VOC's
+    "tvmonitor")."""
+    text = _INVISIBLE.sub("", unicodedata.normalize("NFKC", name))
+    text = "".join(ch for ch in text if unicodedata.category(ch) not in ("Cc", "Cf"))
     return "".join(text.casefold().split())
+
+
+def _visible(folded: str) -> bool:
+    """Whether a folded name draws anything: a letter, digit, mark on one, symbol or punctuation
+    (combining marks alone attach to nothing)."""
+    return any(not unicodedata.category(ch).startswith("M") for ch in folded)
 
 
 def _scripts(name: str) -> set[str]:
@@ -100,15 +123,15 @@ def check_class_spelling(classes: Sequence[str], label_space: Sequence[str],
     for alias, label in (aliases or {}).items():
         known.setdefault(_folded(alias), label)
     for name in classes:
-        if not _folded(name):
+        if not _visible(_folded(name)):
             raise ValueError(f"class {name!r} has no visible characters")
         if len(_scripts(name)) > 1:
             raise ValueError(f"class {name!r} mixes writing systems ({', '.join(sorted(_scripts(name)))}); a "
                              "look-alike letter from another alphabet would make it a class of its own")
-        match = known.get(_folded(name))
+        match = known.get(_folded(name)) or known.get(_folded(name).translate(_LOOK_ALIKES))
         if match is not None and match != name:
             raise ValueError(f"class {name!r} is another spelling of the label space's {match!r} (case, spacing, "
-                             f"Unicode form or invisible characters); write {match!r} (a new free-text class must "
+                             f"Unicode form, invisible characters or look-alike letters); write {match!r} (a new free-text class must "
                              "differ by more than that)")
     seen: dict[str, str] = {}
     for name in classes:

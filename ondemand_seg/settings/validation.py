@@ -118,11 +118,18 @@ def check_increasing_pair(name: str, value: Any) -> tuple[float, float]:
     return low, high
 
 
+# Larger than any supported model generates (Sana's 4K models: 4096 px).
+MAX_IMAGE_SIDE = 8192
+
+
 def check_image_size(image_size: int | Sequence[int], spec: Any = None) -> tuple[int, int]:
     """``(height, width)`` from an int or a pair of positive ints, each a multiple of
     :attr:`~ondemand_seg.pipelines.families.ModelSpec.size_multiple` when the model is known
     (what its pipeline and its attention tokens need), of 8 otherwise (every supported VAE's factor)."""
     size = check_size("image_size", image_size)
+    if max(size) > MAX_IMAGE_SIDE:
+        raise ValueError(f"image_size {image_size!r} is larger than any model generates ({MAX_IMAGE_SIDE} px a side); "
+                         "a draw would try to allocate memory for it")
     if spec is not None:
         spec.check_image_size(size)
     elif any(s % 8 for s in size):

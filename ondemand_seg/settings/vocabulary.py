@@ -33,7 +33,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .files import read_json, read_text
+from .files import check_regular_file, read_json, read_text
 from .label_spaces import validate_label_space
 
 BUILTIN_VOCABULARIES: tuple[str, ...] = ("voc", "cityscapes", "ade20k", "toy")
@@ -264,8 +264,9 @@ def load_vocabulary(name_or_path: str | os.PathLike) -> Vocabulary:
                     f"{', '.join(BUILTIN_VOCABULARIES)}, or give a .json, .yaml or .yml file"
                 )
             raise ValueError(f"vocabulary file {path} must end in .json, .yaml or .yml")
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"vocabulary file {path} does not exist")
+        check_regular_file(path)  # a FIFO would block the read
     data = _read(path)
     if isinstance(data, dict):
         data = {"name": path.stem, **data}
