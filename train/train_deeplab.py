@@ -124,8 +124,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--pseudo-label-rest", action="store_true",
                       help="with --real-images: add the real train images left out, pseudo-labelled by the model from "
                            "their tags (the classes their own masks hold; image-level labels only)")
-    data.add_argument("--pseudo-strength", type=float, default=0.04,
-                      help="noise strength the pseudo-labelled images are read at (LabelConfig.strength, 50-step schedule)")
+    data.add_argument("--pseudo-strength", type=float, default=0.1,
+                      help="noise strength the pseudo-labelled images are read at (LabelConfig.strength)")
     data.add_argument("--crop-size", type=int, default=64, help="training and evaluation image size")
     add_generator_arguments(p)
     gen = p.add_argument_group("synthetic data")
@@ -645,7 +645,7 @@ def pseudo_labelled_rest(args: argparse.Namespace, config) -> Dataset:
             rest.append(i)
             tags.append(names)
     labeler = DiffuMaskLabeler(args.model, args.classes, seed=args.seed, device=args.device,
-                               labelling={"strength": args.pseudo_strength, "num_inference_steps": 50},
+                               labelling={"strength": args.pseudo_strength},
                                **config.to_dict())
     dataset = PseudoLabelledDataset(Subset(real, rest), tags, labeler, transforms=as_is)
     counts = dataset.label_all()

@@ -48,10 +48,11 @@ class LabelConfig:
     """How a real image is read.
 
     strength: the points of the noise schedule the image is noised to, as fractions of it (the
-    image-to-image ``strength``: 0.3 on a 10-step schedule starts at its 7th step); several make
+    image-to-image ``strength``: 0.1 on a 50-step schedule starts at its 46th step); several make
     one pass each, their attention summed into one map. recorded_steps: denoising steps recorded
-    in each pass, from its start (the rest of the schedule is skipped). num_inference_steps: the
-    schedule's length, which sets how finely ``strength`` is resolved (``None``: the generator's).
+    in each pass, from its start (the rest of the schedule is skipped, so a long schedule costs
+    nothing). num_inference_steps: the schedule's length, which sets how finely ``strength`` is
+    resolved (``strength × num_inference_steps`` must be at least 1).
     guidance_scale: ``None`` for the generator's. absent_ratio: with no tags, every candidate class
     is read from a prompt of its own, and a class whose attention peak is below this fraction of
     the image's strongest is taken as absent (:func:`~ondemand_seg.masks.maps.neglected_classes`).
@@ -59,9 +60,9 @@ class LabelConfig:
     are resized to for the model (``None``: the generator's); the mask is made at the image's own size.
     """
 
-    strength: tuple[float, ...] = (0.3,)
+    strength: tuple[float, ...] = (0.1,)
     recorded_steps: int = 1
-    num_inference_steps: int | None = None
+    num_inference_steps: int = 50
     guidance_scale: float | None = None
     absent_ratio: float = 0.5
     batch_size: int | None = None
@@ -74,8 +75,7 @@ class LabelConfig:
             raise ValueError(f"strength must be one or more numbers in (0, 1], got {self.strength!r}")
         object.__setattr__(self, "strength", tuple(float(s) for s in strength))
         check_int("recorded_steps", self.recorded_steps, minimum=1)
-        if self.num_inference_steps is not None:
-            check_int("num_inference_steps", self.num_inference_steps, minimum=1)
+        check_int("num_inference_steps", self.num_inference_steps, minimum=1)
         if self.batch_size is not None:
             check_int("batch_size", self.batch_size, minimum=1)
         if not isinstance(self.absent_ratio, (int, float)) or not 0 <= self.absent_ratio < 1:
@@ -297,7 +297,7 @@ class DiffuMaskLabeler:
         capturing = self.generator.capturing
         store = capturing.store
         config = self.config
-        steps = config.num_inference_steps or capturing.generator_config.num_inference_steps
+        steps = config.num_inference_steps
         guidance = capturing.generator_config.guidance_scale if config.guidance_scale is None else config.guidance_scale
         too_weak = [s for s in config.strength if int(steps * s) < 1]
         if too_weak:
