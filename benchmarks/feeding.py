@@ -8,6 +8,11 @@ the training progress bar also shows live. The generator is the embedded toy mod
 vocabulary: on a GPU its DataLoader workers generate on the device the trainer trains on.
 ``--tiny`` saves the family's tiny test pipeline instead, to try a GPU command on a CPU.
 
+With ``--exports`` it trains from an export of the toy model in each format (written once under
+``--work-dir``, large enough for every run's draws) and from the live stream, at the same steps,
+seed and flags, and reports each run's data wait and steps/s: what reading costs the trainer next
+to generating.
+
 With ``--main-job`` it runs the main job itself (``train_deeplab.py --synthetic-only`` at its own
 steps and evaluation) once per generator/feeding setting in ``MAIN_JOB``, and reports its wall time
 and mIoU beside the data wait, since a setting that feeds faster must also keep the accuracy. Run
@@ -15,6 +20,7 @@ it alone on the machine: the wait and the time are what the cores give one job.
 
     python benchmarks/feeding.py --json out.json
     python benchmarks/feeding.py --main-job --json main_job.json
+    python benchmarks/feeding.py --exports --steps 60 --rounds 2 --json exports.json -- --batch-size 8 --cache-size 16
     python benchmarks/feeding.py --arch sd15 --random-weights --reuse 1 4 16 --workers 1 --steps 20 \
         --json gpu.json -- --backbone resnet50 --batch-size 8 --crop-size 512 --gen-steps 20 --gen-batch-size 8
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -29,9 +36,13 @@ from pathlib import Path
 
 import torch
 from architectures import ARCHITECTURES, IMAGE_SIZES, TINY_FLAVORS, build_pipeline
-from common import train, write_json
+from common import run_rows, train, write_json
 
 EVAL_IMAGES = 16
+EXPORT_FORMATS = ("voc", "webdataset", "hf")
+# The trainer's defaults that decide how many samples a synthetic-only run draws (train_deeplab.py:
+# --batch-size, --cache-size) and the toy preset's generation batch.
+TRAIN_BATCH, CACHE_SIZE, GENERATION_BATCH = 16, 64, 20
 # The main job with its defaults, then the feeding levers set back one at a time at 600 steps
 # (where RESULTS.md compares them): the toy preset's DDIM 25 steps, torch's DataLoader prefetch of
 # 2 batches, and torch's thread count for the trainer (every core: 2 on the 2-core machine
@@ -78,6 +89,86 @@ def random_weight_model(arch: str, tiny: bool, work_dir: Path) -> tuple[Path, in
     return folder, size
 
 
+def samples_drawn(steps: int, reuse: int, workers: int, extra: list[str]) -> int:
+    """A bound on the samples a synthetic-only run of the trainer draws (its defaults, or its
+    ``--batch-size``, ``--cache-size`` and ``--prefetch-batches`` in ``extra``), so that an export
+    this large serves it whole: each worker shard draws its cache, then a sample per ``reuse``
+    servings, in blocks of the generation batch, and prefetches a generation call's worth of
+    batches (or ``--prefetch-batches``) past the trainer's last step."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--batch-size", type=int, default=TRAIN_BATCH)
+    flags.add_argument("--cache-size", type=int, default=CACHE_SIZE)
+    flags.add_argument("--prefetch-batches", type=int, default=None)
+    known, _ = flags.parse_known_args(extra)
+    batch = known.batch_size
+    prefetch = known.prefetch_batches or max(2, -(-GENERATION_BATCH * reuse // batch))
+    servings = steps * batch // max(workers, 1) + prefetch * batch
+    per_shard = known.cache_size + 2 * GENERATION_BATCH + -(-servings // reuse)
+    return -(-per_shard // GENERATION_BATCH) * GENERATION_BATCH * max(workers, 1)
+
+
+def toy_exports(formats, n: int, work_dir: Path) -> dict[str, Path]:
+    """The toy model's first ``n`` samples in each format, as ``python -m ondemand_seg export --n N``
+    writes them (preset settings, seed 0, every class, JPEG images) but in two shards by two
+    worker processes (the files' contents do not depend on that), written once: an export already
+    there under the same plan is kept."""
+    import ondemand_seg
+
+    classes = list(ondemand_seg.resolve_config("toy").label_space[1:])
+    shard_size = -(-n // (2 * GENERATION_BATCH)) * GENERATION_BATCH
+    folders = {}
+    for fmt in formats:
+        folders[fmt] = work_dir / "exports" / f"{fmt}_{n}"
+        ondemand_seg.export(ondemand_seg.DiffuMaskGenerator("toy", classes, seed=0), folders[fmt], n, format=fmt,
+                            shard_size=shard_size, workers=2)
+    return folders
+
+
+def exports_table(args, extra: list[str]) -> int:
+    """The live stream and an export per format, each read by ``train_deeplab.py --synthetic-only``
+    at the same steps and flags: data wait (share of the loop and per step), steps/s (first step
+    excluded), the 1-minute load average around the run and whether a pass over the export ended
+    (it must not: the export is sized for the run)."""
+    steps = 200 if args.steps is None else args.steps
+    reuses, workers_list = args.reuse or [8], args.workers or [1]
+    n = max(samples_drawn(steps, reuse, workers, extra) for reuse in reuses for workers in workers_list)
+    folders = toy_exports(args.exports or EXPORT_FORMATS, n, args.work_dir)
+    sources = [("live", None), *folders.items()]
+    rows = []
+    for workers in workers_list:
+        for reuse in reuses:
+            # Rounds alternate the sources' order, so that a change of the shared machine's load
+            # falls on each source alike.
+            for round_ in range(args.rounds):
+                for source, folder in sources if round_ % 2 == 0 else sources[::-1]:
+                    out = args.work_dir / "exports_runs" / f"{source}_w{workers}_r{reuse}_{round_}"
+                    flags = ["--synthetic-only", "--reuse", str(reuse), "--workers", str(workers), "--steps",
+                             str(steps), "--output-dir", str(out), "--eval-limit", str(EVAL_IMAGES), "--data-dir",
+                             str(args.work_dir / "toyworld"), *(["--from-export", str(folder)] if folder else []),
+                             *extra]
+                    load_before = os.getloadavg()[0]
+                    run = run_rows(flags)
+                    summary = [row for row in run if row["event"] == "final"][-1]
+                    loop = summary["train_seconds"] + summary["data_wait_seconds"]
+                    rows.append({"source": source, "workers": workers, "reuse": reuse, "round": round_,
+                                 "steps": summary["step"], "export_samples": n if folder else None,
+                                 "data_wait_fraction": summary["data_wait_fraction"],
+                                 "data_wait_ms_per_step": 1000 * summary["data_wait_seconds"] / (summary["step"] - 1),
+                                 "steps_per_second": (summary["step"] - 1) / loop,
+                                 "train_seconds": summary["train_seconds"],
+                                 "data_wait_seconds": summary["data_wait_seconds"],
+                                 "startup_seconds": summary["startup_seconds"], "torch_threads": summary["torch_threads"],
+                                 "passes_ended": sum(row["event"] == "epoch_end" for row in run),
+                                 "load_1min": [load_before, os.getloadavg()[0]], "trainer_flags": flags})
+                    print(json.dumps(rows[-1]), flush=True)
+                    write_json(args.json, rows)
+    print("| source | workers | reuse | round | data wait | ms/step | steps/s | load |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['source']} | {r['workers']} | {r['reuse']} | {r['round']} | {r['data_wait_fraction']:.0%} | "
+              f"{r['data_wait_ms_per_step']:.0f} | {r['steps_per_second']:.2f} | {r['load_1min'][0]:.1f} |")
+    return 0
+
+
 def generator_flags(args, work_dir: Path) -> list[str]:
     """train_deeplab.py flags choosing the generator and the data it is scored on."""
     if args.arch is None:
@@ -97,10 +188,11 @@ def generator_flags(args, work_dir: Path) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="data-wait share of the training loop vs reuse and workers")
-    parser.add_argument("--reuse", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--reuse", type=int, nargs="+", default=None, help="default: 1 4 16; with --exports, 8")
+    parser.add_argument("--workers", type=int, nargs="+", default=None, help="default: 1 2; with --exports, 1")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps per run (default: 60; with --main-job, the trainer's own)")
+                        help="optimizer steps per run (default: 60; with --exports, 200; with --main-job, the "
+                             "trainer's own)")
     parser.add_argument("--arch", choices=ARCHITECTURES, default=None,
                         help="generate with this architecture instead of the toy model")
     parser.add_argument("--random-weights", action="store_true", help="with --arch: random weights (no download)")
@@ -110,6 +202,11 @@ def main(argv=None) -> int:
                         help="run the whole main job per --variants and report wall time and mIoU too")
     parser.add_argument("--variants", nargs="+", choices=list(MAIN_JOB), default=list(MAIN_JOB),
                         help="with --main-job: the settings to run")
+    parser.add_argument("--exports", nargs="*", choices=EXPORT_FORMATS, default=None, metavar="FORMAT",
+                        help="train from the toy model's export in these formats (none named: all three) and from "
+                             "the live stream; report data wait and steps/s")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --exports: run every source this many times, in alternating order")
     parser.add_argument("--work-dir", type=Path, default=Path("out/feeding"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="more train_deeplab.py flags, after --")
@@ -117,11 +214,15 @@ def main(argv=None) -> int:
     extra = [a for a in args.extra if a != "--"]
     if args.main_job:
         return main_job(args, extra)
+    if args.exports is not None:
+        if args.arch is not None:
+            raise SystemExit("error: --exports reads exports of the toy model; drop --arch")
+        return exports_table(args, extra)
     generator = generator_flags(args, args.work_dir)
     steps = 60 if args.steps is None else args.steps
     rows = []
-    for workers in args.workers:
-        for reuse in args.reuse:
+    for workers in args.workers or [1, 2]:
+        for reuse in args.reuse or [1, 4, 16]:
             out = args.work_dir / f"w{workers}_r{reuse}"
             flags = ["--synthetic-only", "--reuse", str(reuse), "--workers", str(workers), "--steps", str(steps),
                      "--output-dir", str(out), "--eval-limit", str(EVAL_IMAGES), *generator, *extra]

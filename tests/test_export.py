@@ -1,4 +1,6 @@
+import collections
 import io
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 import ondemand_seg
-from ondemand_seg import DiffuMaskGenerator, DiffuMaskStream
+from ondemand_seg import DiffuMaskDataset, DiffuMaskGenerator, DiffuMaskStream
 from ondemand_seg.cli import main
 from ondemand_seg.data.fingerprint import model_fingerprint
 from ondemand_seg.exports import ExportError, export
@@ -362,3 +364,141 @@ def test_torchrun_ranks_write_one_export(exports, tmp_path):
                            "--gen-steps", "2", "--gen-batch-size", "2"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert tree(out) == tree(exports["webdataset"][0])
+
+
+# Reading an export back: ExportSource, and the datasets served from it.
+
+
+def identity(image, target):
+    return image, target
+
+
+def served_indices(pairs, index_of):
+    """The sample index of each served (PIL image, PIL mask) pair, by its bytes."""
+    return [index_of[np.asarray(image).tobytes() + np.asarray(target).tobytes()] for image, target in pairs]
+
+
+@pytest.fixture(scope="module")
+def index_of(reference):
+    return {sample.image.tobytes() + sample.mask.tobytes(): index for index, sample in reference.items()}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_export_is_read_back_as_the_generators_samples_without_a_model(fmt, exports, reference, no_model):
+    from ondemand_seg.exports import ExportSource
+
+    source = ExportSource(exports[fmt][0])
+    assert source.indices == range(N) and len(source) == N and source.seed == 0 and source.classes == tuple(CLASSES)
+    assert source.config.to_dict() == make_generator().config.to_dict()
+    assert source.stats() == exports[fmt][1]["gate"]
+    for sample in source.samples([7, 0, 3, 4]):  # across shards, out of order
+        want = reference[sample.index]
+        assert np.array_equal(sample.image, want.image) and np.array_equal(sample.mask, want.mask)
+        assert (sample.prompt, sample.attempt) == (want.prompt, want.attempt)
+    with pytest.raises(IndexError, match=rf"sample 8 is not in export .*{fmt}, which holds samples 0 to 7 \(seed 0\)"):
+        source.samples([2, 8])
+
+
+def schedule_within(stream_settings, n):
+    """Servings of the live stream (one shard) made before it first draws an index >= ``n``: the
+    stream from an export of ``n`` samples serves the same ones, then draws less."""
+    from ondemand_seg.data.schedule import ServingPlan, ServingSchedule
+
+    schedule = ServingSchedule(ServingPlan(), 0, 1, seed=0, batch=SETTINGS["generator"]["batch_size"], **stream_settings)
+    while schedule.fresh_index(max(schedule.fresh_drawn - 1, 0)) < n:
+        schedule.advance()
+    return schedule.served - 1
+
+
+def test_a_stream_from_an_export_serves_the_live_streams_batches_then_each_sample_reuse_times(exports, index_of):
+    settings = dict(reuse=2, cache_size=4)
+    live = DiffuMaskStream("toy", CLASSES, **settings, **SETTINGS)
+    read = DiffuMaskStream.from_export(exports["hf"][0], **settings)
+    same = schedule_within(settings, N)
+    assert same >= 6
+    for (image, mask), (want_image, want_mask) in zip(itertools.islice(read, same), itertools.islice(live, same)):
+        assert torch.equal(image, want_image) and torch.equal(mask, want_mask), "augmented alike"
+    assert read.fingerprint != live.fingerprint and read.fingerprint["export"]["seed"] == 0
+    # A pass serves every sample reuse times, under any sharding, then stops; a new one starts again.
+    plain = DiffuMaskStream.from_export(exports["voc"][0], transforms=identity, **settings)
+    assert collections.Counter(served_indices(plain, index_of)) == dict.fromkeys(range(N), 2)
+    assert len(list(plain)) == 2 * N
+    with pytest.raises(ValueError, match=r"num_samples=17 is more than export .*voc serves in a pass: its 8 samples x "
+                                         r"reuse 2 = 16"):
+        DiffuMaskStream.from_export(exports["voc"][0], num_samples=17, **settings)
+    other = DiffuMaskStream.from_export(exports["voc"][0], transforms=identity, seed=3, **settings)
+    assert sorted(served_indices(other, index_of)) == sorted(served_indices(plain, index_of))
+    assert served_indices(other, index_of) != served_indices(plain, index_of), "another seed, another order"
+
+
+def test_the_dataset_from_an_export_gives_the_live_datasets_items(exports):
+    live = DiffuMaskDataset("toy", CLASSES, length=N, cache_size=N, **SETTINGS)
+    read = DiffuMaskDataset.from_export(exports["webdataset"][0], length=5)
+    assert len(read) == 5 and len(DiffuMaskDataset.from_export(exports["webdataset"][0])) == N
+    for i in range(5):
+        assert all(torch.equal(a, b) for a, b in zip(read[i], live[i]))
+    with pytest.raises(ValueError, match=r"length=9 is more than export .*webdataset holds: 8 samples \(0 to 7\)"):
+        DiffuMaskDataset.from_export(exports["webdataset"][0], length=9)
+
+
+def test_an_export_from_a_later_start_serves_its_own_indices(tmp_path, reference, index_of):
+    export(make_generator(), tmp_path, 3, start=5, format="voc", shard_size=2, image_format="png", progress=False)
+    stream = DiffuMaskStream.from_export(tmp_path, transforms=identity)
+    assert sorted(served_indices(stream, index_of)) == [5, 6, 7]
+    item = DiffuMaskDataset.from_export(tmp_path, transforms=identity).raw([0, 2])
+    assert [sample.index for sample in item] == [5, 7]
+    assert stream.state_dict()["plan"]["base"] == 5
+
+
+def test_what_is_not_a_complete_export_is_refused_naming_it(exports, tmp_path):
+    import shutil
+
+    from ondemand_seg.exports import ExportSource
+
+    with pytest.raises(ExportError, match=f"{tmp_path} holds no export \\(metadata.json is missing\\)"):
+        ExportSource(tmp_path)
+    with pytest.raises(ExportError, match="is not a folder"):
+        DiffuMaskStream.from_export(tmp_path / "nowhere")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(exports["webdataset"][0], unfinished)
+    metadata = json.loads((unfinished / "metadata.json").read_text())
+    (unfinished / "metadata.json").write_text(json.dumps({"complete": False, "plan": metadata["plan"]}))
+    with pytest.raises(ExportError, match=f"export {unfinished} is unfinished \\(3 shard\\(s\\) written\\): rerun its "
+                                          "export command"):
+        DiffuMaskDataset.from_export(unfinished)
+    (unfinished / "metadata.json").write_text(json.dumps({**metadata, "samples": "8"}))
+    with pytest.raises(ExportError, match="'samples' must be a int, got '8'"):
+        ExportSource(unfinished)
+    (unfinished / "metadata.json").write_text(json.dumps(metadata))
+    (unfinished / "train-000001.tar").write_bytes(b"not a tar")
+    with pytest.raises(ExportError, match="cannot read the tar shard .*train-000001.tar"):
+        ExportSource(unfinished).samples([4])
+
+
+def test_a_run_moves_from_2_ranks_x_2_workers_to_1_x_3_to_3_x_1_serving_each_sample_reuse_times(
+        exports, index_of, monkeypatch):
+    # Each phase's shards are served one after another in this process (as ranks and workers would
+    # in theirs), some more than others; the stream from an export is finite, so that at the end of
+    # the pass "none served twice, none skipped" is every sample served exactly reuse times.
+    from ondemand_seg.data import sharding
+
+    def make():
+        return DiffuMaskStream.from_export(exports["voc"][0], reuse=2, cache_size=4, transforms=identity)
+
+    def phase(ranks, workers, counts, resume):
+        states, served = [], []
+        for shard, count in enumerate(counts):
+            monkeypatch.setattr(sharding, "split_by_node", lambda: (shard // workers, ranks))
+            monkeypatch.setattr(sharding, "split_by_worker", lambda: (shard % workers, workers))
+            stream = make()
+            if resume is not None:
+                stream.load_state_dict(resume)
+            served += served_indices(itertools.islice(stream, count), index_of)
+            states.append(stream.state_dict())
+        return served, make().resharded_state(states)
+
+    seen, state = phase(2, 2, [1, 3, 0, 2], None)
+    more, state = phase(1, 3, [2, 1, 1], state)
+    rest, _ = phase(3, 1, [99, 99, 99], state)
+    assert len(seen) == 6 and len(more) == 4
+    assert collections.Counter(seen + more + rest) == dict.fromkeys(range(N), 2)

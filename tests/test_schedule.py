@@ -110,3 +110,26 @@ def test_a_quota_counts_what_earlier_plans_served():
     assert ServingPlan(served=10).quota(25, 0, 4) == 4 and ServingPlan(served=10).quota(25, 3, 4) == 3
     assert ServingPlan(served=30).quota(25, 0, 2) == 0
     assert ServingPlan().quota(None, 0, 2) is None
+
+
+def test_a_finite_schedule_draws_as_the_endless_one_below_its_stop_then_exhausts():
+    endless = ServingSchedule(ServingPlan(), 0, 2, reuse=2, **SETTINGS)
+    finite = ServingSchedule(ServingPlan(), 0, 2, reuse=2, stop=11, **SETTINGS)
+    served = []
+    while not finite.exhausted:
+        served.append(finite.advance().index)
+    # Shard 0 of 2 holds blocks 0, 2, 4 of 2 indices: 0, 1, 4, 5, 8, 9 (10 is shard 1's).
+    assert collections.Counter(served) == dict.fromkeys([0, 1, 4, 5, 8, 9], 2)
+    assert [endless.advance().index for _ in range(4)] == served[:4], "the same picks before the stop"
+    with pytest.raises(ValueError, match="shard 0 of 2 has served every index below 11 2 time"):
+        finite.advance()
+    # Resharded part-way, nothing at or past the stop is carried: shard 0 served all of 0, 1, 4,
+    # shard 1 one of 2, 3; the endless blocks' 5, 6, 7 do not exist.
+    states = []
+    for shard_id, count in ((0, 3), (1, 1)):
+        schedule = ServingSchedule(ServingPlan(), shard_id, 2, reuse=1, stop=5, **SETTINGS)
+        for _ in range(count):
+            schedule.advance()
+        states.append({"served": count, "shard_id": shard_id, "shards": 2, "plan": ServingPlan().to_dict()})
+    plan = reshard(states, reuse=1, stop=5, **SETTINGS)
+    assert len(plan.carried) == 1 and plan.carried[0][0] in (2, 3)

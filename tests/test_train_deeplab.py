@@ -5,6 +5,7 @@ Most runs call ``cli``/``main`` in this process on a few steps, a 2-image val fo
 random model; a subprocess is kept where the process is what is tested (the command line's exit
 status, a file-size limit, DDP, a resume in a new process), and those that take long are marked slow.
 """
+import collections
 import contextlib
 import importlib.util
 import io
@@ -12,6 +13,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +39,9 @@ FAST = ["--model", "random-weights", "--vocabulary", "toy", "--batch-size", "4",
 def run(args, tmp_path, launcher=(sys.executable,), timeout=600, base=FAST, max_file_bytes=None):
     """The script in a subprocess; ``max_file_bytes`` makes larger writes fail (EFBIG) as a full disk would."""
     command = [*launcher, str(SCRIPT), *base, "--data-dir", str(tmp_path / "data"), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # The script imports the ondemand_seg of the tree it belongs to, whichever one is installed.
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(SCRIPT.parents[1]), os.environ.get("PYTHONPATH")])))
 
     def limit_file_size():
         import resource
@@ -206,9 +210,11 @@ def test_synthetic_only_run_writes_metrics_and_resumes(synthetic_run):
 def test_real_only_run_is_fixed_by_its_seed_and_resumes_exactly(tmp_path, monkeypatch, small_voc):
     # The real images' random crops and flips come from --seed too: a rerun trains on the same
     # batches, and a resumed run continues their augmentation where it stopped (worker included).
-    # 12 images make 3 batches an epoch: the runs cross an epoch's end, the resumed one after resuming.
+    # 12 images make 3 batches an epoch: the runs cross an epoch's end, one resumed run after
+    # resuming, the other resumed in the second epoch (whose order the sampler's generator drew
+    # after the first's).
     trainer = load_trainer(monkeypatch)
-    flags = [*FAST, "--real-only", "--voc-root", str(small_voc), "--steps", "4", "--checkpoint-every", "2",
+    flags = [*FAST, "--real-only", "--voc-root", str(small_voc), "--steps", "5", "--checkpoint-every", "2",
              "--workers", "1", "--data-dir", str(tmp_path / "data")]
 
     def run_losses(name, *extra):
@@ -216,10 +222,12 @@ def test_real_only_run_is_fixed_by_its_seed_and_resumes_exactly(tmp_path, monkey
         return losses(tmp_path / name)
 
     want = run_losses("whole")
-    assert run_losses("again", "--checkpoint-every", "4") == want, "a rerun (checkpointed only at its end) differs"
+    assert run_losses("again", "--checkpoint-every", "5") == want, "a rerun (checkpointed only at its end) differs"
     assert run_losses("other", "--seed", "1") != want
     resumed = run_losses("two", "--resume", str(tmp_path / "whole" / "checkpoint_000002.pt"))
     assert resumed == pytest.approx(want[2:], rel=1e-4)
+    assert run_losses("four", "--resume", str(tmp_path / "whole" / "checkpoint_000004.pt")) == pytest.approx(want[4:],
+                                                                                                             rel=1e-4)
 
 
 def test_weight_average_is_evaluated_checkpointed_and_resumed_exactly(synthetic_run, tmp_path, monkeypatch, capsys):
@@ -334,9 +342,223 @@ def test_toyworld_is_written_at_the_generator_size_whatever_the_run(tmp_path, mo
     assert images and Image.open(images[0]).size[::-1] == generated != (32, 32)
 
 
+EXPORT_FORMATS = ["voc", "webdataset", "hf"]
+# 3 steps of 4 from a stream of generation batch 4 (the random model's preset) draw samples 0 to 11.
+EXPORTED, EXPORT_STEPS = 12, 3
+
+
+def recording_batches(trainer, monkeypatch):
+    """Every batch the trainer's steps take, by output folder name, as (images, masks)."""
+    batches = collections.defaultdict(list)
+    step = trainer.train_step
+
+    def recording(run, images, masks, prunable):
+        batches[run.args.output_dir.name].append((images.clone(), masks.clone()))
+        return step(run, images, masks, prunable)
+
+    monkeypatch.setattr(trainer, "train_step", recording)
+    return batches
+
+
+def reading_flags(root, *flags):
+    """A tiny run's flags without the generator's (an export brings its own), scored on ``root/val``."""
+    return ["--batch-size", "4", "--eval-limit", "8", "--threads", "1", "--workers", "0", "--eval-root",
+            str(root / "val"), "--data-dir", str(root / "data"), *flags]
+
+
+@pytest.fixture(scope="session")
+def exported_run(tmp_path_factory):
+    """The first samples of the random model's stream (FAST's settings) exported once per format with
+    lossless images (``root/<format>``), and the batches of a synthetic-only run on the live stream
+    (``root/live.pt``)."""
+    def export_and_train(root):
+        from ondemand_seg import DiffuMaskGenerator, export
+
+        write_voc(root / "val", n_train=1, n_val=2, image_size=resolve_config("random-weights").image_size)
+        with pytest.MonkeyPatch.context() as patch:
+            trainer = load_trainer(patch)
+            args = trainer.get_args_parser().parse_args([*FAST, "--synthetic-only"])
+            config, classes = trainer.generator_config(args)
+            for fmt in EXPORT_FORMATS:
+                export(DiffuMaskGenerator("random-weights", classes, **config.to_dict()), root / fmt, EXPORTED,
+                       format=fmt, shard_size=5, image_format="png", progress=False)
+            batches = recording_batches(trainer, patch)
+            train_in_process(trainer, [*FAST, *reading_flags(root, "--synthetic-only", "--steps", str(EXPORT_STEPS),
+                                                            "--output-dir", str(root / "live"))])
+            torch.save(batches["live"], root / "live.pt")
+
+    return once_per_session(tmp_path_factory, "exported-run", export_and_train)
+
+
+@pytest.mark.parametrize("fmt", EXPORT_FORMATS)
+def test_training_from_an_export_of_the_first_samples_sees_the_live_streams_batches(exported_run, fmt, tmp_path,
+                                                                                     monkeypatch):
+    trainer = load_trainer(monkeypatch)
+    batches = recording_batches(trainer, monkeypatch)
+    _, printed = train_in_process(trainer, reading_flags(exported_run, "--synthetic-only", "--from-export",
+                                                         str(exported_run / fmt), "--steps", str(EXPORT_STEPS),
+                                                         "--output-dir", str(tmp_path / "read")))
+    assert f"reading synthetic samples from ExportSource('{exported_run / fmt}': {fmt}, samples 0 to 11" in printed
+    live = torch.load(exported_run / "live.pt")
+    assert len(batches["read"]) == len(live) == EXPORT_STEPS
+    for (images, masks), (want_images, want_masks) in zip(batches["read"], live):
+        assert torch.equal(images, want_images) and torch.equal(masks, want_masks)
+
+
+def test_a_mixed_run_reads_its_synthetic_set_from_an_export_as_the_live_one_generates_it(exported_run, tmp_path,
+                                                                                         monkeypatch, small_voc, capsys):
+    trainer = load_trainer(monkeypatch)
+    batches = recording_batches(trainer, monkeypatch)
+    mix = ["--voc-root", str(small_voc), "--real-images", "2", "--synthetic-length", "8", "--steps", "2"]
+    train_in_process(trainer, [*FAST, *reading_flags(exported_run, *mix, "--output-dir", str(tmp_path / "live"))])
+    # 8 of the 2 real and 8 synthetic items: at least 6 of the compared ones are synthetic.
+    for fmt in EXPORT_FORMATS:
+        train_in_process(trainer, reading_flags(exported_run, *mix, "--from-export", str(exported_run / fmt),
+                                                "--output-dir", str(tmp_path / fmt)))
+        assert len(batches[fmt]) == len(batches["live"]) == 2
+        for (images, masks), (want_images, want_masks) in zip(batches[fmt], batches["live"]):
+            assert torch.equal(images, want_images) and torch.equal(masks, want_masks), fmt
+    capsys.readouterr()
+    error = refusal(trainer, capsys, reading_flags(exported_run, *mix, "--synthetic-length", "16", "--from-export",
+                                                   str(exported_run / "voc"), "--output-dir", str(tmp_path / "more")))
+    assert error.endswith("--from-export: the mix wants 16 synthetic samples (--synthetic-length, or --synthetic-ratio "
+                          f"of the real images): length=16 is more than export {exported_run / 'voc'} holds: 12 "
+                          "samples (0 to 11)"), error
+
+
+def test_an_export_replaces_the_generator_flags_which_are_refused(exported_run, tmp_path, monkeypatch, capsys):
+    trainer = load_trainer(monkeypatch)
+    forbid_building(trainer, monkeypatch)
+    flags = reading_flags(exported_run, "--synthetic-only", "--output-dir", str(tmp_path / "out"), "--from-export")
+    wds = str(exported_run / "webdataset")
+    assert refusal(trainer, capsys, [*flags, wds, "--gen-steps", "3", "--model", "random-weights"]).endswith(
+        f"--model, --gen-steps set how samples are generated, and --from-export {wds} reads samples generated with "
+        "the export's settings: drop them (--print-config shows the export's)")
+    assert refusal(trainer, capsys, [*flags, str(tmp_path / "nowhere")]).endswith(
+        f"--from-export: export {str(tmp_path / 'nowhere')!r} is not a folder")
+    # A VOC tree that no export wrote, an export whose command was stopped, one of an unknown format.
+    assert refusal(trainer, capsys, [*flags, str(exported_run / "val")]).endswith(
+        f"--from-export: {exported_run / 'val'} holds no export (metadata.json is missing)")
+    for name, change in [("unfinished", {"complete": False}), ("foreign", {"format": "tfrecord"})]:
+        shutil.copytree(exported_run / "voc", tmp_path / name)
+        metadata = json.loads((tmp_path / name / "metadata.json").read_text())
+        (tmp_path / name / "metadata.json").write_text(json.dumps({**metadata, **change}))
+    assert refusal(trainer, capsys, [*flags, str(tmp_path / "unfinished")]).endswith(
+        f"--from-export: export {tmp_path / 'unfinished'} is unfinished (3 shard(s) written): rerun its export "
+        "command to finish it")
+    assert refusal(trainer, capsys, [*flags, str(tmp_path / "foreign")]).endswith(
+        f"--from-export: {tmp_path / 'foreign' / 'metadata.json'} names format 'tfrecord', which this version does "
+        "not read (voc, webdataset, hf)")
+    flags.remove("--synthetic-only")
+    assert refusal(trainer, capsys, [*flags, wds, "--real-only"]).endswith(
+        "--from-export reads synthetic samples and a --real-only run has none")
+    printed = printed_config(trainer, capsys, "--from-export", wds)
+    assert printed["generator"]["num_inference_steps"] == 2 and printed["label_space"] == list(TOY_CLASSES)
+
+
+def test_resume_compares_the_export_read_by_its_identity_not_its_folder(exported_run, tmp_path, monkeypatch, capsys):
+    trainer = load_trainer(monkeypatch)
+    forbid_building(trainer, monkeypatch)
+    flags = reading_flags(exported_run, "--synthetic-only", "--output-dir", str(tmp_path / "out"), "--from-export")
+    checkpoint = recorded_checkpoint(trainer, tmp_path, [*flags, str(exported_run / "hf")])
+    # The same samples elsewhere, in another format, are the same data...
+    shutil.copytree(exported_run / "voc", tmp_path / "copy")
+    args = trainer.get_args_parser().parse_args([*flags, str(tmp_path / "copy"), "--resume", str(checkpoint)])
+    config, args.classes = trainer.generator_config(args)
+    assert trainer.check_resume_args(torch.load(checkpoint, weights_only=True), args, config.label_space) == {}
+    # ...other samples are not, nor the live generator.
+    from ondemand_seg import DiffuMaskGenerator, export
+
+    export(DiffuMaskGenerator("random-weights", args.classes, **config.to_dict()), tmp_path / "fewer", 8,
+           image_format="png", progress=False)
+    error = refusal(trainer, capsys, [*flags, str(tmp_path / "fewer"), "--resume", str(checkpoint)])
+    assert re.search(r"other flags: --from-export export of samples 0 to 11, seed 0 \(sha256:\w{16}\) -> export of "
+                     r"samples 0 to 7, seed 0 \(sha256:\w{16}\);", error), error
+    live = [flag for flag in flags if flag != "--from-export"]
+    assert "--from-export export of samples 0 to 11, seed 0" in refusal(trainer, capsys, [*FAST, *live, "--resume",
+                                                                                        str(checkpoint)])
+
+
+def test_a_stream_run_resumed_with_another_worker_count_continues_from_its_resharded_position(synthetic_run, tmp_path,
+                                                                                             monkeypatch):
+    from ondemand_seg.data.schedule import reshard
+    from ondemand_seg.data.stream import find_stream_states
+
+    trainer = load_trainer(monkeypatch)
+    checkpoint = synthetic_run.root / "whole" / "checkpoint_000002.pt"
+    _, printed = train_in_process(trainer, [*synthetic_run.flags, "--workers", "1", "--output-dir", str(tmp_path / "one"),
+                                            "--resume", str(checkpoint)])
+    moved = "1 rank x 0 workers -> 1 rank x 1 worker; the stream's position resharded"
+    assert f"resumed from {checkpoint} at step 2; processes changed: {moved}" in printed
+    assert rows(tmp_path / "one", "resume")[0]["processes"] == moved
+    assert [row["step"] for row in rows(tmp_path / "one", "train")] == [3, 4]
+    # The worker served from the plan that carries what the main process had drawn and not served
+    # --reuse times, then fresh samples past it: none twice, none skipped (tests/test_schedule.py).
+    before = find_stream_states(torch.load(checkpoint, weights_only=True)["loader"])
+    (after,) = find_stream_states(torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["loader"])
+    plan = reshard(before, seed=0, batch=4, cache_size=64, reuse=8)
+    assert after["plan"] == plan.to_dict() and plan.served == 8 and after["served"] == 8
+
+
+def test_a_run_from_an_export_resumed_with_a_worker_serves_the_rest_of_its_pass_once(exported_run, tmp_path,
+                                                                                     monkeypatch):
+    # Reuse 1 over the 12 exported samples: a pass is 3 batches of 4, each sample once. Without
+    # augmentation a served sample is its export's bytes resized, so the samples can be counted.
+    trainer = load_trainer(monkeypatch)
+    batches = recording_batches(trainer, monkeypatch)
+    flags = reading_flags(exported_run, "--synthetic-only", "--from-export", str(exported_run / "voc"), "--augment",
+                          "off", "--reuse", "1", "--cache-size", "4", "--steps", "3", "--checkpoint-every", "1")
+    train_in_process(trainer, [*flags, "--output-dir", str(tmp_path / "whole")])
+    flags[flags.index("--workers") + 1] = "1"
+    _, printed = train_in_process(trainer, [*flags, "--output-dir", str(tmp_path / "resumed"), "--resume",
+                                            str(tmp_path / "whole" / "checkpoint_000001.pt")])
+    assert "processes changed: 1 rank x 0 workers -> 1 rank x 1 worker; the stream's position resharded" in printed
+
+    def served(steps):
+        return collections.Counter(image.numpy().tobytes() + mask.numpy().tobytes()
+                                   for images, masks in steps for image, mask in zip(images, masks))
+
+    whole = served(batches["whole"])
+    assert len(whole) == EXPORTED and set(whole.values()) == {1}, "the uninterrupted pass serves each sample once"
+    assert len(batches["resumed"]) == 2 and served(batches["whole"][:1] + batches["resumed"]) == whole
+    assert not rows(tmp_path / "resumed", "epoch_end"), "the pass ended early"
+
+
+def test_a_mixed_run_resumed_on_another_number_of_ranks_continues_from_the_next_epoch(tmp_path, monkeypatch, small_voc):
+    # 2 real images (x2) and 4 synthetic make 2 batches an epoch. The step-1 checkpoint is made to
+    # look as if 2 ranks wrote it: resumed by one, the run serves epoch 1 (not the rest of epoch 0)
+    # in the order an uninterrupted single-process run does.
+    trainer = load_trainer(monkeypatch)
+    fetched = collections.defaultdict(list)
+    getitem = trainer.StatefulConcatDataset.__getitem__
+    folder = {"name": None}
+
+    def recording(self, index):
+        fetched[folder["name"]].append(index)
+        return getitem(self, index)
+
+    monkeypatch.setattr(trainer.StatefulConcatDataset, "__getitem__", recording)
+    flags = [*FAST, "--voc-root", str(small_voc), "--real-images", "2", "--synthetic-length", "4", "--steps", "3",
+             "--checkpoint-every", "1", "--augment", "basic", "--workers", "0", "--data-dir", str(tmp_path / "data")]
+    folder["name"] = "whole"
+    train_in_process(trainer, [*flags, "--output-dir", str(tmp_path / "whole")])
+    checkpoint = torch.load(tmp_path / "whole" / "checkpoint_000001.pt", weights_only=True)
+    checkpoint["loader"] *= 2
+    torch.save(checkpoint, tmp_path / "two_ranks.pt")
+    folder["name"] = "resumed"
+    _, printed = train_in_process(trainer, [*flags, "--output-dir", str(tmp_path / "resumed"), "--resume",
+                                            str(tmp_path / "two_ranks.pt")])
+    moved = "2 ranks x 0 workers -> 1 rank x 0 workers; the map-style set continues from the start of epoch 1"
+    assert f"processes changed: {moved}" in printed and rows(tmp_path / "resumed", "resume")[0]["processes"] == moved
+    assert len(fetched["whole"]) == 12 and fetched["resumed"] == fetched["whole"][8:] + fetched["resumed"][4:]
+    assert fetched["resumed"][:4] == fetched["whole"][8:12], "epoch 1's first batch"
+
+
 @pytest.mark.slow
-def test_ddp_two_ranks_with_gloo(tmp_path):
+def test_ddp_two_ranks_with_gloo_resumed_in_one_process_with_two_workers(tmp_path):
     # Scored on ToyWorld, which rank 0 writes while rank 1 waits at a barrier.
+    from ondemand_seg.data.stream import find_stream_states
+
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517")
     done = run(["--synthetic-only", "--steps", "3", "--output-dir", "ddp", "--workers", "1"], tmp_path, launcher)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -345,6 +567,16 @@ def test_ddp_two_ranks_with_gloo(tmp_path):
     checkpoint = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
     states = checkpoint["loader"]
     assert len(states) == 2 and states[0] != states[1], "each rank's stream position is saved"
+    # The 2 ranks' shards are resharded over one process's 2 workers.
+    resumed = run(["--synthetic-only", "--steps", "5", "--output-dir", "one", "--workers", "2", "--resume",
+                   str(tmp_path / "ddp" / "checkpoint.pt"), "--allow-changed", "steps"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert ("processes changed: 2 ranks x 1 worker -> 1 rank x 2 workers; the stream's position resharded"
+            in resumed.stdout), resumed.stdout
+    assert [r["step"] for r in rows(tmp_path / "one", "train")] == [4, 5]
+    after = find_stream_states(torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["loader"])
+    assert sorted((s["shard_id"], s["shards"]) for s in after) == [(0, 2), (1, 2)]
+    assert after[0]["plan"]["served"] == 3 * 2 * 4 and sum(s["served"] for s in after) == 2 * 4
 
 
 @pytest.mark.slow
@@ -407,6 +639,7 @@ def regular_file(tmp_path):
         (["--synthetic-length", "8"], "--synthetic-length sizes the synthetic part of a mixed run"),
         (["--prefetch-batches", "0"], "--prefetch-batches must be >= 1, got 0"),
         (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--cache-size", "3"], "--cache-size 3 is less than the generation batch (4, --gen-batch-size)"),
         (["--ema-decay", "1"], "--ema-decay must be in [0, 1), got 1.0"),
         (["--ema-decay", "nan"], "--ema-decay must be in [0, 1), got nan"),
         (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
@@ -514,7 +747,6 @@ def fake_voc(tmp_path):
         (["--batch-size", "8"], "--batch-size 4 -> 8"),
         (["--gen-batch-size", "2"], "--gen-batch-size unset -> 2"),
         (["--backbone", "resnet50"], "--backbone mobilenet_v3_large -> resnet50"),
-        (["--workers", "0"], "--workers 1 -> 0"),
         (["--reuse", "2"], "--reuse 8 -> 2"),
         (["--cache-size", "8"], "--cache-size 64 -> 8"),
         (["--augment", "basic"], "--augment full -> basic"),
@@ -555,8 +787,8 @@ def test_resume_refuses_the_real_only_source_and_a_flag_allow_changed_never_acce
     flags = resume_flags(tmp_path, "--resume", str(checkpoint))
     flags.remove("--synthetic-only")
     assert "--synthetic-only True -> False, --real-only False -> True;" in refusal(trainer, capsys, [*flags, "--real-only"])
-    assert "argument --allow-changed: invalid choice: 'workers'" in refusal(
-        trainer, capsys, [*flags, "--workers", "0", "--allow-changed", "workers"])
+    assert "argument --allow-changed: invalid choice: 'seed'" in refusal(
+        trainer, capsys, [*flags, "--seed", "1", "--allow-changed", "seed"])
 
 
 def test_resume_lets_flags_that_keep_the_run_change(tmp_path, monkeypatch):
@@ -566,7 +798,7 @@ def test_resume_lets_flags_that_keep_the_run_change(tmp_path, monkeypatch):
     args = trainer.get_args_parser().parse_args(resume_flags(
         tmp_path, "--resume", str(checkpoint), "--steps", "9", "--checkpoint-every", "3", "--eval-every", "3",
         "--eval-limit", "2", "--eval-root", fake_voc(tmp_path), "--threads", "2", "--device", "cpu",
-        "--prefetch-batches", "5", "--lr", "1e-3", "--ema-decay", "0.9", "--noise-cutoff", "0.5",
+        "--prefetch-batches", "5", "--workers", "0", "--lr", "1e-3", "--ema-decay", "0.9", "--noise-cutoff", "0.5",
         "--allow-changed", "lr", "steps", "ema-decay", "noise-cutoff"))
     args.data_dir = args.output_dir = tmp_path / "elsewhere"
     config, args.classes = trainer.generator_config(args)
@@ -585,8 +817,8 @@ def test_a_checkpoint_without_a_record_of_some_flags_is_compared_on_the_others(t
     config, args.classes = trainer.generator_config(args)
     assert trainer.check_resume_args(checkpoint, args, config.label_space) == {}
     assert trainer.unrecorded_flags(checkpoint, args) == ["--reuse", "--seed"]
-    args.workers = 0
-    with pytest.raises(SystemExit, match="other flags: --workers 1 -> 0;"):
+    args.batch_size = 8
+    with pytest.raises(SystemExit, match="other flags: --batch-size 4 -> 8;"):
         trainer.check_resume_args(checkpoint, args, config.label_space)
 
 
@@ -595,7 +827,7 @@ def test_resume_flag_lists_name_real_flags_and_keep_what_picks_the_samples_compa
     parser_keys = set(vars(trainer.get_args_parser().parse_args([])))
     compared = parser_keys - set(trainer.RESUME_FREE)
     assert set(trainer.RESUME_FREE) <= parser_keys and set(trainer.RESUME_ALLOWABLE) <= compared
-    never = {"seed", "batch_size", "gen_batch_size", "backbone", "workers", "synthetic_only", "real_only", "voc_root",
+    never = {"seed", "batch_size", "gen_batch_size", "backbone", "from_export", "synthetic_only", "real_only", "voc_root",
              "synthetic_ratio", "real_images", "synthetic_length", "model", "vocabulary", "classes", "image_size",
              "gen_steps", "guidance", "threshold", "reuse", "cache_size", "augment", "crop_size"}
     assert never <= compared - set(trainer.RESUME_ALLOWABLE)

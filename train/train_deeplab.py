@@ -4,6 +4,7 @@
     python train/train_deeplab.py --voc-root data/VOC --synthetic-ratio 0.5
     torchrun --nproc_per_node=2 train/train_deeplab.py --synthetic-only   # DDP (nccl on GPUs, gloo on CPU)
     python train/train_deeplab.py --synthetic-only --resume out/train/checkpoint.pt
+    python train/train_deeplab.py --synthetic-only --from-export data/toy_wds   # samples read, not generated
 
 A bad flag is refused before anything is built, as argparse refuses its own: one line
 ``train_deeplab.py: error: ...`` on stderr and exit status 2. Only rank 0 logs and writes checkpoints
@@ -12,12 +13,16 @@ warning and training continues, the previous one kept; the last one failing stop
 A resumed run is given its checkpoint's flags, but for those that leave the run the same and those
 ``--allow-changed`` names (see ``--resume``). A loss that is not finite stops the run
 (``--max-nonfinite-steps``), and weights that are not finite stop it before they are saved: the last
-good checkpoint is kept.
+good checkpoint is kept. A checkpoint resumes under another number of ranks or DataLoader workers:
+the stream's position is resharded (no sample served twice or skipped), a map-style mix continues
+from the start of the next epoch.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
+import json
 import math
 import sys
 import time
@@ -40,6 +45,8 @@ from tqdm.auto import tqdm
 from ondemand_seg import AugmentConfig, DiffuMaskAugment, DiffuMaskDataset, DiffuMaskStream, SegmentationTransform
 from ondemand_seg.cli import HelpFormatter, add_generator_arguments, resolve_generator
 from ondemand_seg.data.label_noise import LabelNoiseFilter
+from ondemand_seg.data.stream import find_stream_states
+from ondemand_seg.exports import ExportError, ExportSource
 from ondemand_seg.pipelines.devices import check_device
 from ondemand_seg.settings.label_spaces import class_ids
 from ondemand_seg.metrics import ConfusionMatrix
@@ -70,16 +77,18 @@ class FlagError(SystemExit):
 # On --resume every flag is compared with the checkpoint's run (check_resume_args) except these,
 # which change neither the samples, their order, the weights' shapes nor the learning rate: where
 # and how often the run writes, what and how often it evaluates, how fast it runs. The backbone
-# weights only initialise a run, and a resumed one takes the checkpoint's weights instead.
+# weights only initialise a run, and a resumed one takes the checkpoint's weights instead. --workers
+# (like the number of ranks) changes how the data position is split, which restore_data_position
+# moves to the new split. --from-export is compared by the export's identity, not its path.
 RESUME_FREE = ("output_dir", "resume", "checkpoint_every", "eval_every", "eval_limit", "eval_root", "data_dir",
                "threads", "device", "prefetch_batches", "print_config", "backbone_weights", "allow_changed",
-               "max_nonfinite_steps")
+               "max_nonfinite_steps", "workers")
 # Compared flags whose change is applied from the resumed step on when --allow-changed names them:
 # the optimiser's settings, the run's length (which the learning-rate decay ends with: see
 # retarget_schedule), the weight average's decay and online noise learning (whose history a
 # checkpoint does not keep anyway). Every other compared flag picks the samples and their order that
 # the checkpoint's loader position belongs to (seed, batch sizes, data, generator, augmentation,
-# --workers, whose worker states torchdata restores one by one) or the weights' shapes (backbone).
+# the export read) or the weights' shapes (backbone).
 RESUME_ALLOWABLE = ("lr", "weight_decay", "steps", "ema_decay", "noise_cutoff", "noise_warmup", "noise_drop_fraction",
                     "noise_mode")
 
@@ -127,6 +136,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--pseudo-strength", type=float, default=0.1,
                       help="noise strength the pseudo-labelled images are read at (LabelConfig.strength)")
     data.add_argument("--crop-size", type=int, default=64, help="training and evaluation image size")
+    data.add_argument("--from-export", type=Path, default=None, metavar="DIR",
+                      help="read the synthetic samples from an export (python -m ondemand_seg export) instead of "
+                           "generating them: with --synthetic-only a stream over it, else the mix's synthetic set; "
+                           "it serves what the live generator of the export's settings and seed would, so the "
+                           "generator flags are the export's and may not be given")
     add_generator_arguments(p)
     gen = p.add_argument_group("synthetic data")
     gen.add_argument("--reuse", type=int, default=8, help="times each generated sample is served")
@@ -261,12 +275,10 @@ def main(args: argparse.Namespace) -> dict:
     if args.print_config:
         print(config.to_json())
         return {"config": config.to_dict()}
-    check_args(args, config.label_space)
+    check_args(args, config)
     checkpoint = read_resume_checkpoint(args)
     changes = check_resume_args(checkpoint, args, config.label_space) if checkpoint is not None else {}
     rank, world, local_rank = init_distributed()
-    if checkpoint is not None:
-        check_resume_world(checkpoint, args, world)
     device = set_up_process(args, rank, world, local_rank)
     prepare_folders(args, config)
     run = build_run(args, config, device, rank, world, local_rank)
@@ -280,17 +292,54 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def generator_config(args: argparse.Namespace):
-    """The generator's settings: the model's preset merged with the flags (the library's
-    :func:`~ondemand_seg.settings.resolve.resolve_config`); a bad value is a :class:`FlagError` naming it."""
+    """The generator's settings and classes: the model's preset merged with the flags (the library's
+    :func:`~ondemand_seg.settings.resolve.resolve_config`), or with ``--from-export`` the export's;
+    a bad value is a :class:`FlagError` naming it."""
+    if args.from_export is not None:
+        source = read_export(args)
+        return source.config, list(source.classes)
     try:
         return resolve_generator(args)
     except (ValueError, FileNotFoundError) as error:
         raise FlagError(str(error)) from None
 
 
-def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
+def read_export(args: argparse.Namespace) -> ExportSource:
+    """The ``--from-export`` export, or a :class:`FlagError` naming what is wrong with it or the
+    generator flags given with it (its samples were generated with the export's settings)."""
+    given = [flag_name(key) for key, default in generator_flag_defaults().items() if getattr(args, key) != default]
+    if given:
+        raise FlagError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} how samples are generated, and "
+                        f"--from-export {args.from_export} reads samples generated with the export's settings: drop "
+                        f"{'it' if len(given) == 1 else 'them'} (--print-config shows the export's)")
+    if args.real_only:
+        raise FlagError("--from-export reads synthetic samples and a --real-only run has none")
+    try:
+        return ExportSource(args.from_export)
+    except ExportError as error:
+        raise FlagError(f"--from-export: {error}") from None
+
+
+def generator_flag_defaults() -> dict:
+    """The generator flags (``args`` keys) and their defaults."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_generator_arguments(parser)
+    return vars(parser.parse_args([]))
+
+
+def export_identity(folder: Path) -> str:
+    """What a checkpoint records of ``--from-export``: the export's identity (its plan, which
+    names its generator, settings, seed and range, but not the folder or its format), readable."""
+    source = ExportSource(folder)
+    digest = hashlib.sha256(json.dumps(source.fingerprint, sort_keys=True).encode()).hexdigest()
+    return (f"export of samples {source.indices.start} to {source.indices.stop - 1}, seed {source.export_seed} "
+            f"(sha256:{digest[:16]})")
+
+
+def check_args(args: argparse.Namespace, config) -> None:
     """Refuse every bad flag with a :class:`FlagError` naming it, before data or models load
-    (generator values already failed in :func:`generator_config`)."""
+    (generator values already failed in :func:`generator_config`; ``config`` holds them)."""
+    label_space = config.label_space
     if args.backbone not in BACKBONES:
         raise FlagError(f"--backbone: unknown backbone {args.backbone!r}; choose one of {', '.join(BACKBONES)}")
     for flag in ("voc_root", "eval_root"):
@@ -329,6 +378,10 @@ def check_args(args: argparse.Namespace, label_space: tuple[str, ...]) -> None:
                  "synthetic_length", "prefetch_batches", "threads", "eval_limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise FlagError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.synthetic_only and args.cache_size < config.generator.batch_size:
+        # A stream's cache holds at least one generation call's samples.
+        raise FlagError(f"--cache-size {args.cache_size} is less than the generation batch "
+                        f"({config.generator.batch_size}, --gen-batch-size): the cache holds a whole generation call")
     for flag in ("workers", "eval_every", "noise_warmup", "max_nonfinite_steps"):
         if getattr(args, flag) < 0:
             raise FlagError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
@@ -407,9 +460,12 @@ def check_resume_args(checkpoint: dict, args: argparse.Namespace, label_space: t
 
 
 def saved_args(args: argparse.Namespace) -> dict[str, str]:
-    """The flags as a checkpoint records them (``str`` of each value) and :func:`check_resume_args`
-    compares them."""
-    return {key: str(value) for key, value in vars(args).items()}
+    """The flags as a checkpoint records them (``str`` of each value; ``--from-export`` as the
+    export's :func:`export_identity`) and :func:`check_resume_args` compares them."""
+    saved = {key: str(value) for key, value in vars(args).items()}
+    if args.from_export is not None:
+        saved["from_export"] = export_identity(args.from_export)
+    return saved
 
 
 def comparable(recorded: dict[str, str]) -> dict[str, str]:
@@ -425,12 +481,6 @@ def unrecorded_flags(checkpoint: dict, args: argparse.Namespace) -> list[str]:
     """Compared flags the checkpoint has no record of (it predates them), so not compared."""
     recorded = checkpoint.get("args", {})
     return [flag_name(key) for key in vars(args) if key not in RESUME_FREE and key not in recorded]
-
-
-def check_resume_world(checkpoint: dict, args: argparse.Namespace, world: int) -> None:
-    """Refuse a checkpoint written by another number of ranks: it holds one loader position a rank."""
-    if len(checkpoint["loader"]) != world:
-        raise FlagError(f"--resume {args.resume} was written by {len(checkpoint['loader'])} ranks, this run has {world}")
 
 
 def set_up_process(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> torch.device:
@@ -556,8 +606,13 @@ def build_train_loader(args, config, rank: int, world: int, device: torch.device
     if args.workers > 0 and prefetch is not None:
         common["prefetch_factor"] = prefetch
     if args.synthetic_only:
-        stream = DiffuMaskStream(args.model, args.classes, reuse=args.reuse, cache_size=args.cache_size, seed=args.seed,
-                                 transforms=synthetic_transform(args), **config.to_dict())
+        if args.from_export is not None:
+            stream = DiffuMaskStream.from_export(args.from_export, reuse=args.reuse, cache_size=args.cache_size,
+                                                 seed=args.seed, transforms=synthetic_transform(args))
+            say_export(stream.source, args.seed)
+        else:
+            stream = DiffuMaskStream(args.model, args.classes, reuse=args.reuse, cache_size=args.cache_size,
+                                     seed=args.seed, transforms=synthetic_transform(args), **config.to_dict())
         return StatefulDataLoader(stream, **common), stream
     real = SeededServings(real_training_set(args), SegmentationTransform(args.crop_size, train=True), args.seed)
     pseudo = []
@@ -570,8 +625,12 @@ def build_train_loader(args, config, rank: int, world: int, device: torch.device
         parts = [real] * repeats + pseudo
         # The whole synthetic set stays cached: later epochs reuse it, and splicing draws each item's
         # partners from its generation block, generated once.
-        parts.append(DiffuMaskDataset(args.model, args.classes, length=length, transforms=synthetic_transform(args),
-                                      cache_size=length, seed=args.seed, **config.to_dict()))
+        if args.from_export is not None:
+            synthetic = synthetic_set_from_export(args, length)
+        else:
+            synthetic = DiffuMaskDataset(args.model, args.classes, length=length, transforms=synthetic_transform(args),
+                                         cache_size=length, seed=args.seed, **config.to_dict())
+        parts.append(synthetic)
         if is_main_process():
             print(f"mixing {len(real)} real images (x{repeats}) with {length} synthetic: "
                   f"{length / (length + repeats * len(real)):.0%} of samples synthetic")
@@ -584,6 +643,26 @@ def build_train_loader(args, config, rank: int, world: int, device: torch.device
     sampler = (DistributedSampler(dataset, world, rank, seed=args.seed) if world > 1
                else RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed)))
     return StatefulDataLoader(dataset, sampler=sampler, **common), dataset
+
+
+def synthetic_set_from_export(args: argparse.Namespace, length: int) -> DiffuMaskDataset:
+    """The mix's synthetic set, its first ``length`` items read from ``--from-export``; a
+    :class:`FlagError` when the export holds fewer."""
+    try:
+        dataset = DiffuMaskDataset.from_export(args.from_export, length=length, transforms=synthetic_transform(args),
+                                               cache_size=length, seed=args.seed)
+    except ValueError as error:
+        raise FlagError(f"--from-export: the mix wants {length} synthetic samples (--synthetic-length, or "
+                        f"--synthetic-ratio of the real images): {error}") from None
+    say_export(dataset.source, args.seed)
+    return dataset
+
+
+def say_export(source: ExportSource, seed: int) -> None:
+    """Print (rank 0) which export the synthetic samples are read from."""
+    if is_main_process():
+        order = "" if seed == source.export_seed else f", served in --seed {seed}'s order and augmentation"
+        print(f"reading synthetic samples from {source}{order}")
 
 
 def synthetic_transform(args: argparse.Namespace):
@@ -666,7 +745,8 @@ def mix_sizes(n_real: int, ratio: float, synthetic_length: int | None) -> tuple[
 
 def restore_checkpoint(run: Run, checkpoint: dict, changes: dict[str, tuple[str, str]]) -> None:
     """Continue ``run`` from ``checkpoint``: weights, average, optimizer, schedule, step, epoch and
-    this rank's loader position, with the changes ``--allow-changed`` accepted applied."""
+    the data position (:func:`restore_data_position`), with the changes ``--allow-changed``
+    accepted applied."""
     run.bare.load_state_dict(checkpoint["model"])
     if run.ema is not None:
         run.ema.load_state_dict(checkpoint["ema"])
@@ -674,8 +754,57 @@ def restore_checkpoint(run: Run, checkpoint: dict, changes: dict[str, tuple[str,
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     apply_allowed_changes(changes, run.optimizer, run.scheduler, run.args)
     run.step, run.epoch = checkpoint["step"], checkpoint["epoch"]
-    run.loader.load_state_dict(checkpoint["loader"][run.rank])
-    report_resume(checkpoint, run.args, changes, run.log, run.step)
+    moved = restore_data_position(run, checkpoint)
+    report_resume(checkpoint, run.args, changes, run.log, run.step, moved)
+
+
+def restore_data_position(run: Run, checkpoint: dict) -> str | None:
+    """Put the data where the checkpoint's run left it; what changed when the number of processes did.
+
+    The checkpoint holds each rank's loader state (its sampler position, each worker's dataset
+    state). Under the same ranks and workers this rank loads its own: the batches of an uninterrupted
+    run. Under other numbers, a stream's every shard position is gathered from all ranks' states
+    and resharded (:meth:`~ondemand_seg.DiffuMaskStream.resharded_state`): the samples drawn and
+    not served ``reuse`` times come first, then fresh ones; none is served twice, none skipped. A
+    map-style set's position is a per-rank sampler position and per-worker augmentation counts,
+    which do not split anew, so it continues from the start of the next epoch (the rest of the
+    interrupted one is not served; the real images' augmentation counts restart).
+    """
+    args = run.args
+    old = (len(checkpoint["loader"]), int(checkpoint.get("args", {}).get("workers", args.workers)))
+    new = (run.world, args.workers)
+    if old == new:
+        replay_sampler_epochs(run.loader.sampler, args.seed, run.epoch)
+        run.loader.load_state_dict(checkpoint["loader"][run.rank])
+        return None
+    moved = f"{process_layout(*old)} -> {process_layout(*new)}"
+    if isinstance(run.train_data, DiffuMaskStream):
+        stream = run.train_data
+        try:
+            # Into the stream before the DataLoader starts: its workers take it with their copy.
+            stream.load_state_dict(stream.resharded_state(find_stream_states(checkpoint["loader"])))
+        except ValueError as error:
+            raise FlagError(f"--resume {args.resume}: its stream positions cannot be moved to {process_layout(*new)}: "
+                            f"{error}") from None
+        return f"{moved}; the stream's position resharded"
+    run.epoch += 1
+    replay_sampler_epochs(run.loader.sampler, args.seed, run.epoch)
+    return f"{moved}; the map-style set continues from the start of epoch {run.epoch}"
+
+
+def process_layout(ranks: int, workers: int) -> str:
+    return f"{ranks} rank{'s' if ranks != 1 else ''} x {workers} worker{'s' if workers != 1 else ''}"
+
+
+def replay_sampler_epochs(sampler, seed: int, epochs: int) -> None:
+    """Bring a single process's :class:`RandomSampler` to the start of epoch ``epochs`` of a run from
+    ``seed``: its generator draws every epoch's order in turn, so a fresh one would give epoch 0's.
+    Each epoch of the run was iterated to its end, which this repeats. (A
+    :class:`DistributedSampler` takes its epoch from ``set_epoch``.)"""
+    if isinstance(sampler, RandomSampler):
+        sampler.generator.manual_seed(seed)
+        for _ in range(epochs):
+            collections.deque(iter(sampler), maxlen=0)
 
 
 def apply_allowed_changes(changes: dict, optimizer: torch.optim.Optimizer, scheduler, args: argparse.Namespace) -> None:
@@ -709,19 +838,24 @@ def retarget_schedule(optimizer: torch.optim.Optimizer, scheduler, steps: int) -
         group["lr"] = base_lr * (1.0 - min(scheduler.last_epoch, steps) / steps) ** scheduler.power
 
 
-def report_resume(checkpoint: dict, args: argparse.Namespace, changes: dict, log: MetricLog, step: int) -> None:
-    """Say (rank 0) and log where the run resumed, which accepted flags changed (old -> new) and which
-    flags the checkpoint could not be compared on."""
+def report_resume(checkpoint: dict, args: argparse.Namespace, changes: dict, log: MetricLog, step: int,
+                  moved: str | None = None) -> None:
+    """Say (rank 0) and log where the run resumed, which accepted flags changed (old -> new), how the
+    data position moved to another number of processes (``moved``) and which flags the checkpoint
+    could not be compared on."""
     changed = "; ".join(f"{flag_name(key)} {old} -> {new}" for key, (old, new) in changes.items())
     unrecorded = unrecorded_flags(checkpoint, args)
     row = {"event": "resume", "step": step, "checkpoint": str(args.resume)}
     if changed:
         row["changed"] = changed
+    if moved:
+        row["processes"] = moved
     if unrecorded:
         row["not_compared"] = " ".join(unrecorded)
     log.write(row)
     if is_main_process():
-        print(f"resumed from {args.resume} at step {step}" + (f"; changed (--allow-changed): {changed}" if changed else ""))
+        print(f"resumed from {args.resume} at step {step}" + (f"; changed (--allow-changed): {changed}" if changed else "")
+              + (f"; processes changed: {moved}" if moved else ""))
         if unrecorded:
             print(f"note: {args.resume} has no record of {', '.join(unrecorded)}: not compared with this run's")
 
@@ -744,8 +878,12 @@ def train(run: Run, resumed_rng: torch.Tensor | None) -> None:
             started = time.perf_counter()
             try:
                 images, masks, *flags = next(batches)
-            except StopIteration:  # end of an epoch of the map-style mix
+            except StopIteration:  # end of an epoch of the map-style mix, or of a pass over an export
+                run.log.write({"event": "epoch_end", "step": run.step, "epoch": run.epoch})
                 run.epoch += 1
+                if isinstance(run.train_data, DiffuMaskStream) and is_main_process():
+                    tqdm.write(f"the pass over {run.train_data.source} ended at step {run.step} (each sample served "
+                               f"--reuse {args.reuse} times); it is served again, in the same order and augmentation")
                 if isinstance(loader.sampler, DistributedSampler):
                     loader.sampler.set_epoch(run.epoch)
                 batches = iter(loader)

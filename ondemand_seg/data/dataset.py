@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import operator
+import os
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Mapping, Sequence
@@ -43,6 +44,8 @@ class DiffuMaskDataset(VisionDataset):
     :class:`~ondemand_seg.DiffuMaskAugment`) tiles item ``i`` with other items of its generation
     block, picked from ``(seed, i)``: the block is generated with it, and kept when
     ``cache_size >= length``.
+
+    :meth:`from_export` reads an export's samples instead of generating them.
     """
 
     def __init__(self, model: ModelSource, classes: Sequence[str], length: int, augment: bool = True,
@@ -57,8 +60,51 @@ class DiffuMaskDataset(VisionDataset):
         cache_size = check_int("cache_size", cache_size, minimum=0)
         check_bool("augment", augment)
         super().__init__(root=None)
-        self.source = DiffuMaskGenerator(model, classes, seed, device, vocabulary=vocabulary, label_space=label_space,
-                                         image_size=image_size, mask=mask, generator=generator, quality=quality)
+        source = DiffuMaskGenerator(model, classes, seed, device, vocabulary=vocabulary, label_space=label_space,
+                                    image_size=image_size, mask=mask, generator=generator, quality=quality)
+        self._serve(source, 0, length, augment, transforms, transform, target_transform, cache_size)
+
+    @classmethod
+    def from_export(cls, export: str | os.PathLike, length: int | None = None, augment: bool = True,
+                    transforms: JointTransform | None = None, transform: Callable | None = None,
+                    target_transform: Callable | None = None, cache_size: int = 0,
+                    seed: int | None = None) -> "DiffuMaskDataset":
+        """The items of an export folder (``ondemand_seg.export``, any format) instead of generated
+        ones: no model is loaded, and ``dataset.source`` is an :class:`~ondemand_seg.exports.ExportSource`.
+
+        Item ``i`` is the export's sample ``start + i`` (``start``: the export's first index), with
+        the augmentation the live dataset gives it: with ``seed=None`` (the export's seed) and the
+        same transforms, an export from index 0 gives what the live dataset of the export's settings
+        gives, exactly with PNG images, up to JPEG's loss otherwise.
+
+        Args:
+            length: items, at most the export's size (default: all of it).
+            seed: base seed of the augmentation (``None``: the export's).
+
+        Raises:
+            ExportError: ``export`` holds no complete export. ValueError: ``length`` is more than
+                the export holds, naming its size; a bad argument, named.
+        """
+        from ..exports.reader import ExportSource
+
+        source = ExportSource(export, seed)
+        length = len(source) if length is None else check_int("length", length, minimum=1)
+        if length > len(source):
+            raise ValueError(f"length={length} is more than export {source.root} holds: {len(source)} samples "
+                             f"({source.indices.start} to {source.indices.stop - 1})")
+        cache_size = check_int("cache_size", cache_size, minimum=0)
+        check_bool("augment", augment)
+        dataset = cls.__new__(cls)
+        VisionDataset.__init__(dataset, root=None)
+        dataset._serve(source, source.indices.start, length, augment, transforms, transform, target_transform,
+                       cache_size)
+        return dataset
+
+    def _serve(self, source: Any, first: int, length: int, augment: bool, transforms: JointTransform | None,
+               transform: Callable | None, target_transform: Callable | None, cache_size: int) -> None:
+        """Serve ``length`` items of ``source``, item ``i`` its sample ``first + i``."""
+        self.source = source
+        self._first = first
         self.length = length
         self.transforms = joint_transforms(transforms, transform, target_transform,
                                            SegmentationTransform(self.source.image_size, train=augment))
@@ -67,7 +113,7 @@ class DiffuMaskDataset(VisionDataset):
             warnings.warn(
                 f"splicing tiles each item with items of its generation block; with cache_size={cache_size} < "
                 f"length={length} a block may be generated again for each of its items (cache_size={length} keeps all)",
-                stacklevel=2,
+                stacklevel=3,  # the caller of __init__ or from_export
             )
         # Items are a pure function of their index, so keeping generated ones changes nothing but
         # speed: later epochs (in persistent workers) reuse them instead of regenerating.
@@ -117,7 +163,7 @@ class DiffuMaskDataset(VisionDataset):
         missing = [i for i in wanted if i not in self._cache]
         if missing and self.cache_size >= self.length:
             missing = [i for i in self._blocks(missing) if i not in self._cache]
-        drawn = dict(zip(missing, self.source.samples(missing))) if missing else {}
+        drawn = dict(zip(missing, self.source.samples([self._first + i for i in missing]))) if missing else {}
         found = {i: self._cache[i] for i in wanted if i in self._cache}
         if self.cache_size:
             self._cache.update(drawn)

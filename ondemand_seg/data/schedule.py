@@ -10,6 +10,10 @@ run, export or dataset that generates aligned blocks. :func:`reshard` turns the 
 a new plan for any other number of shards (ranks × DataLoader workers): samples drawn but not yet
 served ``reuse`` times, and fresh indices a slower shard had not reached, are carried over; fresh
 indices restart past the furthest shard. No serving is repeated and no index is skipped.
+
+A finite source (an export) gives the schedule a ``stop``: fresh indices from ``stop`` on are never
+drawn, and a shard whose cache empties with nothing left to draw is exhausted. Up to that point it
+draws and picks exactly as the endless schedule does.
 """
 from __future__ import annotations
 
@@ -77,12 +81,13 @@ class ServingSchedule:
     at most ``cache_size``, serves a random cached entry (from the shard's own schedule seed) and
     drops an entry once served ``reuse`` times. A pure function of its arguments and the count
     served, so replaying ``n`` servings rebuilds the state after them without generating anything.
+    ``stop``: the first index a finite source does not hold (``None``: endless).
     """
 
     def __init__(self, plan: ServingPlan, shard_id: int, shards: int, *, seed: int, batch: int, cache_size: int,
-                 reuse: int) -> None:
+                 reuse: int, stop: int | None = None) -> None:
         self.plan, self.shard_id, self.shards = plan, shard_id, shards
-        self.batch, self.cache_size, self.reuse = batch, cache_size, reuse
+        self.batch, self.cache_size, self.reuse, self.stop = batch, cache_size, reuse, stop
         self.carried = plan.carried[shard_id::shards]
         self.cache: list[CacheEntry] = []
         self.drawn = 0
@@ -90,12 +95,20 @@ class ServingSchedule:
         self.served_since_draw = 0
         self.pick = random.Random(schedule_seed(seed, shard_id, shards, plan.base))
 
-    def _entry(self, position: int) -> CacheEntry:
-        """The ``position``-th entry of this shard's draw order."""
+    def _entry(self, position: int) -> CacheEntry | None:
+        """The ``position``-th entry of this shard's draw order; ``None`` past a finite source's end
+        (fresh indices grow with the position, so every later one is past it too)."""
         if position < len(self.carried):
             index, uses = self.carried[position]
             return CacheEntry(index, uses)
-        return CacheEntry(self.fresh_index(position - len(self.carried)))
+        index = self.fresh_index(position - len(self.carried))
+        return CacheEntry(index) if self.stop is None or index < self.stop else None
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether a finite source has nothing left for this shard: its cache is empty and
+        nothing is left to draw."""
+        return not self.cache and self._entry(self.drawn) is None
 
     def fresh_index(self, k: int) -> int:
         """The index of this shard's ``k``-th fresh draw: blocks ``shard_id + shards·b`` of ``batch``."""
@@ -107,9 +120,13 @@ class ServingSchedule:
         so the first samples come out after one batch, not after filling the cache) and return
         the entry served, its ``uses`` counting this serving."""
         if not self.cache or (len(self.cache) + self.batch <= self.cache_size and self.served_since_draw >= self.batch):
-            self.cache.extend(self._entry(self.drawn + j) for j in range(self.batch))
-            self.drawn += self.batch
+            drawn = [e for e in (self._entry(self.drawn + j) for j in range(self.batch)) if e is not None]
+            self.cache.extend(drawn)
+            self.drawn += len(drawn)
             self.served_since_draw = 0
+        if not self.cache:
+            raise ValueError(f"shard {self.shard_id} of {self.shards} has served every index below {self.stop} "
+                             f"{self.reuse} time(s): nothing is left to serve")
         entry = self.cache[self.pick.randrange(len(self.cache))]
         entry.uses += 1
         self.served += 1
@@ -143,11 +160,13 @@ class ServingSchedule:
         return max(0, self.drawn - len(self.carried))
 
 
-def reshard(states: Sequence[dict], *, seed: int, batch: int, cache_size: int, reuse: int) -> ServingPlan:
+def reshard(states: Sequence[dict], *, seed: int, batch: int, cache_size: int, reuse: int,
+            stop: int | None = None) -> ServingPlan:
     """A plan that continues every shard's position in ``states`` (one per shard of a run, any
     order, each as :meth:`~ondemand_seg.DiffuMaskStream.state_dict` wrote it) under any number
     of shards: what they drew and did not finish is carried over, fresh indices a shard had not
     reached below the furthest one are carried as unserved, and fresh indices restart past it.
+    ``stop``: a finite source's end, past which nothing is carried.
 
     Raises:
         ValueError: the states are not exactly the shards ``0 .. shards - 1`` of one run (one plan).
@@ -163,13 +182,14 @@ def reshard(states: Sequence[dict], *, seed: int, batch: int, cache_size: int, r
     schedules = []
     for state in sorted(states, key=lambda s: s["shard_id"]):
         schedule = ServingSchedule(plan, state["shard_id"], count, seed=seed, batch=batch, cache_size=cache_size,
-                                   reuse=reuse)
+                                   reuse=reuse, stop=stop)
         for _ in range(state["served"]):
             schedule.advance()
         schedules.append(schedule)
     # Every block any shard reached, to its end: what lies below the new base.
     blocks = -(-max(s.fresh_drawn for s in schedules) // batch)
     carried = [pair for s in schedules for pair in s.unfinished()]
-    carried += [(s.fresh_index(k), 0) for s in schedules for k in range(s.fresh_drawn, blocks * batch)]
+    carried += [(s.fresh_index(k), 0) for s in schedules for k in range(s.fresh_drawn, blocks * batch)
+                if stop is None or s.fresh_index(k) < stop]
     return ServingPlan(base=plan.base + count * blocks * batch, carried=tuple(sorted(carried)),
                        served=plan.served + sum(s.served for s in schedules))

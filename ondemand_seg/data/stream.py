@@ -1,6 +1,7 @@
 """DiffuMaskStream: an endless ``IterableDataset`` of generated images and their masks."""
 from __future__ import annotations
 
+import os
 import random
 import threading
 from typing import Any, Callable, Mapping, Sequence
@@ -58,6 +59,9 @@ class DiffuMaskStream(IterableDataset):
             by field over the model's preset (:func:`~ondemand_seg.settings.resolve.resolve_config`);
             ``stream.config`` holds the result and ``stream.source`` the
             :class:`~ondemand_seg.generation.generator.DiffuMaskGenerator` drawing the samples.
+
+    :meth:`from_export` serves an export's samples instead, on the same schedule.
+
     Yields:
         ``(image, target)``: a PIL RGB image and a PIL mode-"P" mask (ids, 255 ignore) passed
         through the transforms; with the default, ``image`` float ``[3, H, W]`` normalized like
@@ -85,27 +89,81 @@ class DiffuMaskStream(IterableDataset):
         quality: QualityConfig | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        reuse = check_int("reuse", reuse, minimum=1)
-        cache_size = check_int("cache_size", cache_size, minimum=1)
-        if num_samples is not None:
-            num_samples = check_int("num_samples", num_samples, minimum=1)
-        check_bool("augment", augment)
-        self.source = DiffuMaskGenerator(model, classes, seed, device, vocabulary=vocabulary, label_space=label_space,
-                                         image_size=image_size, mask=mask, generator=generator, quality=quality)
-        batch = self.source.generator_config.batch_size
+        reuse, cache_size, num_samples = check_serving(reuse, cache_size, num_samples, augment)
+        source = DiffuMaskGenerator(model, classes, seed, device, vocabulary=vocabulary, label_space=label_space,
+                                    image_size=image_size, mask=mask, generator=generator, quality=quality)
+        # The device decides the dtype (half precision on CUDA) and so the bytes of every sample.
+        samples = sequence_fingerprint(model, source.config, seed=source.seed, classes=list(source.classes),
+                                       device=pick_device(source.device).type)
+        self._serve(source, samples, None, reuse, cache_size, num_samples, augment, transforms, transform,
+                    target_transform)
+
+    @classmethod
+    def from_export(cls, export: str | os.PathLike, reuse: int = 1, cache_size: int = 64,
+                    num_samples: int | None = None, augment: bool = True, transforms: JointTransform | None = None,
+                    transform: Callable | None = None, target_transform: Callable | None = None,
+                    seed: int | None = None) -> "DiffuMaskStream":
+        """A stream serving the samples of an export folder (``ondemand_seg.export``, any format)
+        instead of generating: no model is loaded, and ``stream.source`` is an
+        :class:`~ondemand_seg.exports.ExportSource`.
+
+        It serves on the live stream's schedule with its augmentation seeds: with ``seed=None``
+        (the export's seed) and the live stream's ``reuse``, ``cache_size``, transforms and
+        sharding, it yields what the live stream of the export's settings yields for as long as
+        the live one draws only samples the export holds; exactly with PNG images
+        (``image_format="png"``), up to JPEG's loss otherwise. Another ``seed`` serves the same
+        samples in another order and augmentation.
+
+        A pass is finite: every sample of the export is served ``reuse`` times, then iteration
+        stops (a new iteration serves the pass again); ``num_samples`` ends it earlier. Shards
+        split it as they split the live stream. Resume states name the export by its plan, so a
+        copy of the folder elsewhere resumes, another export does not.
+
+        Raises:
+            ExportError: ``export`` holds no complete export. ValueError: ``num_samples`` is more
+                than a pass serves, naming the export's size; a bad argument, named.
+        """
+        from ..exports.reader import ExportSource
+
+        stream = cls.__new__(cls)
+        IterableDataset.__init__(stream)
+        reuse, cache_size, num_samples = check_serving(reuse, cache_size, num_samples, augment)
+        source = ExportSource(export, seed)
+        if num_samples is not None and num_samples > len(source) * reuse:
+            raise ValueError(f"num_samples={num_samples} is more than export {source.root} serves in a pass: its "
+                             f"{len(source)} samples x reuse {reuse} = {len(source) * reuse}")
+        samples = {"export": source.fingerprint, "seed": source.seed}
+        stream._serve(source, samples, source.indices, reuse, cache_size, num_samples, augment, transforms, transform,
+                      target_transform)
+        return stream
+
+    def _serve(self, source: Any, samples: dict, indices: range | None, reuse: int, cache_size: int,
+               num_samples: int | None, augment: bool, transforms: JointTransform | None, transform: Callable | None,
+               target_transform: Callable | None) -> None:
+        """Serve ``source``'s samples (``indices``: all it holds, ``None``: endless); ``samples``
+        is what decides them, for the :attr:`fingerprint`."""
+        self.source = source
+        batch = source.generator_config.batch_size
         if cache_size < batch:
             raise ValueError(f"cache_size ({cache_size}) must be at least the generation batch_size ({batch})")
         self.reuse, self.cache_size, self.num_samples = reuse, cache_size, num_samples
+        self._indices = indices
         self.transforms = joint_transforms(transforms, transform, target_transform,
-                                           SegmentationTransform(self.source.image_size, train=augment))
+                                           SegmentationTransform(source.image_size, train=augment))
         self._iterator: StreamIterator | None = None
         self._resume: dict = {}
-        # The device decides the dtype (half precision on CUDA) and so the bytes of every sample; the
-        # transform's class decides what is served from them.
-        self.fingerprint = sequence_fingerprint(
-            model, self.source.config, seed=self.source.seed, classes=list(self.source.classes), reuse=reuse,
-            cache_size=cache_size, device=pick_device(self.source.device).type,
-            transforms=f"{type(self.transforms).__module__}.{type(self.transforms).__qualname__}", augment=augment)
+        # The transform's class decides what is served from the samples.
+        self.fingerprint = {**samples, "reuse": reuse, "cache_size": cache_size, "augment": augment,
+                            "transforms": f"{type(self.transforms).__module__}.{type(self.transforms).__qualname__}"}
+
+    def _first_plan(self) -> ServingPlan:
+        """The plan a run starts from: fresh indices from the source's first."""
+        return ServingPlan(base=0 if self._indices is None else self._indices.start)
+
+    @property
+    def _stop(self) -> int | None:
+        """The first index past a finite source (``None``: endless)."""
+        return None if self._indices is None else self._indices.stop
 
     @property
     def config(self):
@@ -115,12 +173,12 @@ class DiffuMaskStream(IterableDataset):
     def stats(self) -> dict[str, int]:
         """Generated, accepted and rejected-by-reason counts, ``oom_retries`` (generation calls
         retried with a smaller batch after running out of memory) and ``neglected_classes`` (named
-        classes labelled as not drawn), over all workers so far."""
+        classes labelled as not drawn), over all workers so far; from an export, its generation's."""
         return self.source.counts()
 
     def __iter__(self) -> "StreamIterator":
         resume = self._resume
-        plan = ServingPlan.from_dict(resume["plan"]) if resume else ServingPlan()
+        plan = ServingPlan.from_dict(resume["plan"]) if resume else self._first_plan()
         self._iterator = StreamIterator(self, *shard(), plan=plan, served=resume.get("served", 0))
         self._resume = {}
         return self._iterator
@@ -136,7 +194,7 @@ class DiffuMaskStream(IterableDataset):
             if self._resume:
                 return {**self._resume, "shard_id": self._resume.get("shard_id", shard_id),
                         "shards": self._resume.get("shards", shards)}
-            return {"served": 0, "shard_id": shard_id, "shards": shards, "plan": ServingPlan().to_dict(),
+            return {"served": 0, "shard_id": shard_id, "shards": shards, "plan": self._first_plan().to_dict(),
                     "fingerprint": self.fingerprint}
         schedule = iterator.schedule
         return {"served": iterator.served, "shard_id": schedule.shard_id, "shards": schedule.shards,
@@ -160,7 +218,7 @@ class DiffuMaskStream(IterableDataset):
             self._check(state)
         config = self.source.generator_config
         plan = reshard(states, seed=self.source.seed, batch=config.batch_size, cache_size=self.cache_size,
-                       reuse=self.reuse)
+                       reuse=self.reuse, stop=self._stop)
         return {"served": 0, "plan": plan.to_dict(), "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
@@ -201,6 +259,16 @@ class DiffuMaskStream(IterableDataset):
 # Resuming replays the serving schedule up to the count served: this many takes minutes, and no
 # run serves more from one DataLoader worker.
 MAX_REPLAYED_SERVINGS = 10**8
+
+
+def check_serving(reuse: Any, cache_size: Any, num_samples: Any, augment: Any) -> tuple[int, int, int | None]:
+    """The stream's serving arguments checked: an error naming a bad one."""
+    reuse = check_int("reuse", reuse, minimum=1)
+    cache_size = check_int("cache_size", cache_size, minimum=1)
+    if num_samples is not None:
+        num_samples = check_int("num_samples", num_samples, minimum=1)
+    check_bool("augment", augment)
+    return reuse, cache_size, num_samples
 
 
 def find_stream_states(state: Any) -> list[dict]:
@@ -262,11 +330,11 @@ class StreamIterator:
         plan = plan or ServingPlan()
         self.schedule = ServingSchedule(plan, shard_id, shards, seed=stream.source.seed,
                                         batch=stream.source.generator_config.batch_size,
-                                        cache_size=stream.cache_size, reuse=stream.reuse)
+                                        cache_size=stream.cache_size, reuse=stream.reuse, stop=stream._stop)
         self.quota = plan.quota(stream.num_samples, shard_id, shards)
         self._lock = threading.Lock()
         for _ in range(served):
-            self.schedule.advance()
+            self.schedule.advance()  # a state serving more than a finite source holds fails here, naming it
         # Servings returned to the caller; a next() in flight in another thread is not one yet.
         self.served = served
 
@@ -275,7 +343,7 @@ class StreamIterator:
 
     def __next__(self) -> tuple[Any, Any]:
         with self._lock:  # one serving at a time when threads share this iterator
-            if self.quota is not None and self.schedule.served >= self.quota:
+            if (self.quota is not None and self.schedule.served >= self.quota) or self.schedule.exhausted:
                 raise StopIteration
             checkpoint = self.schedule.checkpoint()
             try:

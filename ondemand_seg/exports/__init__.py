@@ -4,12 +4,14 @@
 - ``files``: whole-or-nothing writes, and the image and mask encodings every format shares;
 - ``plan``: the export folder's plan, per-shard stats and metadata;
 - ``voc``, ``wds``, ``hf``: one writer per format (the last two import their optional package);
-- ``run``: the loop they share, :func:`export`.
+- ``run``: the loop they share, :func:`export`;
+- ``reader``: an export read back, :class:`ExportSource`, which the datasets' ``from_export`` serve.
 
 ``ondemand_seg.export(generator, out, n, ...)`` is :func:`~ondemand_seg.exports.run.export`: see
 ``docs/export.md``.
 """
 from .plan import ExportError
+from .reader import ExportSource
 from .run import FORMATS, export
 
-__all__ = ["FORMATS", "ExportError", "export"]
+__all__ = ["FORMATS", "ExportError", "ExportSource", "export"]

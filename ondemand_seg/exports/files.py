@@ -1,4 +1,5 @@
-"""Files that appear whole or not at all, and the image and mask encodings every format shares."""
+"""Files that appear whole or not at all, the image and mask encodings every format shares, and the
+shard file names the writers and the reader share."""
 from __future__ import annotations
 
 import io
@@ -15,6 +16,16 @@ IMAGE_FORMATS = ("jpg", "png")
 # 4:4:4 because class is colour: chroma subsampling would smear hues across edges (as ToyWorld's VOC).
 JPEG_OPTIONS = {"quality": 95, "subsampling": 0}
 _PALETTE = voc_palette()
+
+
+def tar_name(number: int) -> str:
+    """The WebDataset shard ``number``'s file name."""
+    return f"train-{number:06d}.tar"
+
+
+def parquet_name(number: int, count: int) -> str:
+    """The parquet shard ``number`` of ``count``'s file name (``datasets``' split-file naming)."""
+    return f"train-{number:05d}-of-{count:05d}.parquet"
 
 
 def temporary_path(path: Path, unique: bool = False) -> Path:

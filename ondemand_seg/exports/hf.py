@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..generation.generator import RawSample
-from .files import encode_image, encode_mask, publish, temporary_path
+from .files import encode_image, encode_mask, parquet_name, publish, temporary_path
 from .plan import ExportOptions, Shard
 
 # Rows per parquet row group, as datasets writes image datasets: larger groups read faster, smaller
@@ -52,7 +52,7 @@ class HfWriter:
         self.data.mkdir(parents=True, exist_ok=True)
 
     def shard(self, shard: Shard) -> "HfShard":
-        return HfShard(self, self.data / f"train-{shard.number:05d}-of-{self.count:05d}.parquet")
+        return HfShard(self, self.data / parquet_name(shard.number, self.count))
 
     def finish(self, shards: Sequence[Shard]) -> dict:
         return {"data_files": "data/train-*.parquet", "features": self.features.to_dict(),

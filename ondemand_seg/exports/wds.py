@@ -17,11 +17,8 @@ from typing import Sequence
 import webdataset
 
 from ..generation.generator import RawSample
-from .files import encode_image, encode_mask, publish, temporary_path
+from .files import encode_image, encode_mask, publish, tar_name, temporary_path
 from .plan import ExportOptions, Shard
-
-def shard_name(number: int) -> str:
-    return f"train-{number:06d}.tar"
 
 
 class WdsWriter:
@@ -35,7 +32,7 @@ class WdsWriter:
 
     def finish(self, shards: Sequence[Shard]) -> dict:
         last = shards[-1].number
-        urls = shard_name(0) if last == 0 else f"train-{{{0:06d}..{last:06d}}}.tar"
+        urls = tar_name(0) if last == 0 else f"train-{{{0:06d}..{last:06d}}}.tar"
         return {"urls": urls, "read": f"webdataset.WebDataset('OUT/{urls}').decode('rgb8')"}
 
 
@@ -47,7 +44,7 @@ class WdsShard:
 
     def __init__(self, writer: WdsWriter, shard: Shard) -> None:
         self.writer, self.shard = writer, shard
-        self.path = writer.root / shard_name(shard.number)
+        self.path = writer.root / tar_name(shard.number)
         self.complete = False
         pattern = os.path.join(str(writer.root).replace("%", "%%"), temporary_path(Path("train-%06d.tar")).name)
         # mtime=0 and bytes in, bytes out (encoder=False): a shard written again is the same file.
