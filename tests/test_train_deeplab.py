@@ -286,8 +286,10 @@ def test_pseudo_labelled_rest_joins_the_labelled_images(tmp_path, monkeypatch):
     assert set(np.unique(np.asarray(mask)).tolist()) <= set(np.unique(truth).tolist()) | {255}
     images, masks = next(iter(loader))
     assert images.shape == (4, 3, 64, 64) and masks.shape == (4, 64, 64)
+    bare = trainer.get_args_parser().parse_args(["--pseudo-label-rest"])
+    config, bare.classes = trainer.generator_config(bare)
     with pytest.raises(SystemExit, match="--pseudo-label-rest pseudo-labels the train images --real-images leaves out"):
-        trainer.check_args(trainer.get_args_parser().parse_args(["--pseudo-label-rest"]), TOY_CLASSES)
+        trainer.check_args(bare, config)
 
 
 def test_real_images_are_a_seeded_subset_the_same_for_real_only_and_mixed(tmp_path, monkeypatch):
