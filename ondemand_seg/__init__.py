@@ -9,6 +9,8 @@ The package is grouped by the stages a sample passes through:
 - ``data``: the datasets (:class:`DiffuMaskStream`, :class:`DiffuMaskDataset`), transforms,
   augmentation, sharding and resume state;
 - ``toyworld``: the procedural world the embedded toy models were trained on;
+- ``real``: pseudo-masks for a user's own tagged images (:class:`DiffuMaskLabeler`) and them as a
+  dataset (:class:`PseudoLabelledDataset`);
 - ``exports``: samples written to disk as a VOC tree, WebDataset shards or a Hugging Face dataset.
 """
 import importlib
@@ -29,6 +31,7 @@ _PUBLIC = {
     "DiffuMaskGenerator": "generation.generator",
     "export": "exports.run",
     "TooManyRejects": "masks.quality",
+    "DiffuMaskLabeler": "real.labeler", "LabelConfig": "real.labeler", "PseudoLabelledDataset": "real.dataset",
     "DiffuMaskConfig": "settings.config", "GeneratorConfig": "settings.config", "MaskConfig": "settings.config",
     "QualityConfig": "settings.config",
     "IGNORE_INDEX": "settings.label_spaces", "VOC_CLASSES": "settings.label_spaces",

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from filelock import FileLock
@@ -262,6 +264,32 @@ def test_mixed_with_real_voc_and_full_augmentation(tmp_path, monkeypatch, small_
     assert "mixing 2 real images (x4) with 8 synthetic: 50% of samples synthetic" in printed
     assert rows(tmp_path / "mixed", "final")[0]["step"] == 3
     assert not (tmp_path / "data").exists(), "scored on --voc-root's val split: no ToyWorld is written"
+
+
+@pytest.mark.slow
+def test_pseudo_labelled_rest_joins_the_labelled_images(tmp_path, monkeypatch):
+    # 4 labelled ToyWorld images; the other 8 are labelled by the toy model from their tags.
+    trainer = load_trainer(monkeypatch)
+    write_voc(tmp_path / "real", n_train=12, n_val=2, image_size=32)
+    flags = ["--model", "toy", "--batch-size", "4", "--eval-limit", "2", "--threads", "1", "--voc-root",
+             str(tmp_path / "real"), "--real-only", "--real-images", "4", "--workers", "0"]
+    args = trainer.get_args_parser().parse_args([*flags, "--pseudo-label-rest"])
+    config, args.classes = trainer.generator_config(args)
+    loader, dataset = trainer.build_train_loader(args, config, 0, 1, torch.device("cpu"))
+    assert len(dataset) == 12
+    pseudo = dataset.datasets[1].dataset
+    labelled = {Path(pseudo.images.dataset.images[i]).stem for i in pseudo.images.indices}
+    chosen = trainer.real_training_set(args)
+    assert len(labelled) == 8 and not labelled & {Path(chosen.dataset.images[i]).stem for i in chosen.indices}
+    image, mask = pseudo[0]
+    truth = np.asarray(PIL.Image.open(pseudo.images.dataset.masks[pseudo.images.indices[0]]))
+    assert set(np.unique(np.asarray(mask)).tolist()) <= set(np.unique(truth).tolist()) | {255}
+    images, masks = next(iter(loader))
+    assert images.shape == (4, 3, 64, 64) and masks.shape == (4, 64, 64)
+    bare = trainer.get_args_parser().parse_args(["--pseudo-label-rest"])
+    config, bare.classes = trainer.generator_config(bare)
+    with pytest.raises(SystemExit, match="--pseudo-label-rest pseudo-labels the train images --real-images leaves out"):
+        trainer.check_args(bare, config)
 
 
 def test_real_images_are_a_seeded_subset_the_same_for_real_only_and_mixed(tmp_path, monkeypatch):

@@ -30,6 +30,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -131,6 +133,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--real-images", type=int, default=None,
                       help="train on this many images of the real train split, drawn with --seed (default: all); "
                            "the few-labels regime")
+    data.add_argument("--pseudo-label-rest", action="store_true",
+                      help="with --real-images: add the real train images left out, pseudo-labelled by the model from "
+                           "their tags (the classes their own masks hold; image-level labels only)")
+    data.add_argument("--pseudo-strength", type=float, default=0.1,
+                      help="noise strength the pseudo-labelled images are read at (LabelConfig.strength)")
     data.add_argument("--crop-size", type=int, default=64, help="training and evaluation image size")
     data.add_argument("--from-export", type=Path, default=None, metavar="DIR",
                       help="read the synthetic samples from an export (python -m ondemand_seg export) instead of "
@@ -364,6 +371,10 @@ def check_args(args: argparse.Namespace, config) -> None:
         raise FlagError(f"--device: {error}") from None
     if args.real_images is not None and args.synthetic_only:
         raise FlagError("--real-images picks real training images and cannot go with --synthetic-only")
+    if args.pseudo_label_rest and args.real_images is None:
+        raise FlagError("--pseudo-label-rest pseudo-labels the train images --real-images leaves out; give --real-images")
+    if not 0 < args.pseudo_strength <= 1:
+        raise FlagError(f"--pseudo-strength must be in (0, 1], got {args.pseudo_strength}")
     if args.synthetic_length is not None and (args.synthetic_only or args.real_only):
         raise FlagError("--synthetic-length sizes the synthetic part of a mixed run; drop --synthetic-only/--real-only")
     for flag in ("steps", "batch_size", "reuse", "cache_size", "crop_size", "checkpoint_every", "real_images",
@@ -609,10 +620,14 @@ def build_train_loader(args, config, rank: int, world: int, device: torch.device
                                      seed=args.seed, transforms=synthetic_transform(args), **config.to_dict())
         return StatefulDataLoader(stream, **common), stream
     real = SeededServings(real_training_set(args), SegmentationTransform(args.crop_size, train=True), args.seed)
-    parts = [real]
+    pseudo = []
+    if args.pseudo_label_rest:
+        pseudo = [SeededServings(pseudo_labelled_rest(args, config), SegmentationTransform(args.crop_size, train=True),
+                                 args.seed)]
+    parts = [real] + pseudo
     if not args.real_only:
         length, repeats = mix_sizes(len(real), args.synthetic_ratio, args.synthetic_length)
-        parts = [real] * repeats
+        parts = [real] * repeats + pseudo
         # The whole synthetic set stays cached: later epochs reuse it, and splicing draws each item's
         # partners from its generation block, generated once.
         if args.from_export is not None:
@@ -679,10 +694,49 @@ def real_training_set(args: argparse.Namespace) -> Dataset:
     real = VOCSegmentation(str(args.voc_root), year="2012", image_set="train")
     if args.real_images is None:
         return real
-    if args.real_images > len(real):
-        raise FlagError(f"--real-images {args.real_images} but {args.voc_root} has {len(real)} train images")
-    chosen = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))[: args.real_images]
-    return Subset(real, sorted(chosen.tolist()))
+    return Subset(real, chosen_real_images(args, len(real)))
+
+
+def chosen_real_images(args: argparse.Namespace, total: int) -> list[int]:
+    """Indices of the ``--real-images`` train images drawn with ``--seed``, sorted."""
+    if args.real_images > total:
+        raise FlagError(f"--real-images {args.real_images} but {args.voc_root} has {total} train images")
+    return sorted(torch.randperm(total, generator=torch.Generator().manual_seed(args.seed))[: args.real_images].tolist())
+
+
+def as_is(image, target):
+    """No transform: the pairs are transformed where they are served (:class:`SeededServings`)."""
+    return image, target
+
+
+def pseudo_labelled_rest(args: argparse.Namespace, config) -> Dataset:
+    """The train images ``--real-images`` leaves out, untransformed, with pseudo-masks the model makes
+    from their tags: the classes each image's own mask holds, as image-level labels would give (the
+    masks themselves are not used). Images whose mask holds no class are left out. Labelled here in
+    batches, once, so DataLoader workers receive them made."""
+    from ondemand_seg.real import DiffuMaskLabeler
+    from ondemand_seg.real.dataset import PseudoLabelledDataset
+
+    real = VOCSegmentation(str(args.voc_root), year="2012", image_set="train")
+    chosen = set(chosen_real_images(args, len(real)))
+    rest, tags = [], []
+    for i in range(len(real)):
+        if i in chosen:
+            continue
+        ids = np.unique(np.asarray(PIL.Image.open(real.masks[i])))
+        names = [config.label_space[c] for c in ids.tolist() if 0 < c < len(config.label_space)]
+        if names:
+            rest.append(i)
+            tags.append(names)
+    labeler = DiffuMaskLabeler(args.model, args.classes, seed=args.seed, device=args.device,
+                               labelling={"strength": args.pseudo_strength},
+                               **config.to_dict())
+    dataset = PseudoLabelledDataset(Subset(real, rest), tags, labeler, transforms=as_is)
+    counts = dataset.label_all()
+    if is_main_process():
+        print(f"pseudo-labelled {counts['accepted']} of {len(rest)} left-out train images from their tags "
+              f"({counts['generated'] - counts['accepted']} left out by the quality gate and served as ignore)")
+    return dataset
 
 
 def mix_sizes(n_real: int, ratio: float, synthetic_length: int | None) -> tuple[int, int]:

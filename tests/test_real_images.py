@@ -1,0 +1,51 @@
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from ondemand_seg.real.images import to_rgb_tensor
+
+
+def test_rgb_pil_and_uint8_arrays_agree_in_either_layout():
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    expected = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
+    for image in (PIL.Image.fromarray(pixels), pixels, torch.from_numpy(pixels).permute(2, 0, 1)):
+        out = to_rgb_tensor(image)
+        assert out.shape == (3, 5, 7) and out.dtype == torch.float32
+        assert torch.allclose(out, expected)
+
+
+def test_grayscale_is_repeated_and_alpha_dropped():
+    gray = PIL.Image.fromarray(np.full((4, 4), 51, np.uint8), "L")
+    out = to_rgb_tensor(gray)
+    assert torch.allclose(out, torch.full((3, 4, 4), 0.2))
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 255, 0  # red, fully transparent: alpha dropped, not composited
+    for image in (PIL.Image.fromarray(rgba, "RGBA"), rgba):
+        out = to_rgb_tensor(image)
+        assert out[0].eq(1).all() and out[1:].eq(0).all()
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped():
+    values = np.array([[0, 256], [32768, 65535]], np.uint16)
+    expected = torch.from_numpy(values.astype(np.float64) / 65535).float()
+    pil = PIL.Image.fromarray(values)
+    assert pil.mode == "I;16"
+    for image in (pil, values, torch.from_numpy(values.astype(np.int32)).to(torch.uint16)):
+        out = to_rgb_tensor(image)
+        assert torch.allclose(out[0], expected, atol=1e-6) and torch.equal(out[0], out[2])
+    # PIL's own RGB conversion would clip 256 and above to white; the mid-gray stays mid-gray here.
+    assert 0.49 < to_rgb_tensor(pil)[0, 1, 0] < 0.51
+
+
+def test_bad_images_name_the_image_and_the_problem():
+    with pytest.raises(ValueError, match=r"images\[2\].*\[0, 1\]"):
+        to_rgb_tensor(np.full((4, 4, 3), 2.0, np.float32), "images[2]")
+    with pytest.raises(ValueError, match="non-finite"):
+        to_rgb_tensor(torch.full((3, 4, 4), float("nan")))
+    with pytest.raises(ValueError, match="shape"):
+        to_rgb_tensor(np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(TypeError, match="int64"):
+        to_rgb_tensor(torch.zeros(3, 4, 4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="str"):
+        to_rgb_tensor("photo.png")
