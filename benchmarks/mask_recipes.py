@@ -14,6 +14,15 @@ paper's fixed-γ baseline, are confirmed on ``--confirm-seed`` (other images).
 
 ``diffumask`` figures exclude ignore-band pixels (as the library's training does); ``band as miss``
 counts them as unlabelled object pixels.
+
+``--repairs`` measures instead the label-free repairs of ``MaskConfig`` on top of the model's preset,
+each with and without affinity refinement: layer-head aggregation (``aggregation``), per-pixel
+token rescaling (``token_rescaling``) and self-attention refinement (sharpened, replacing the map,
+iterated with a stopping rule), each variant alone on ``--seed``; the best variant of each kind
+(by its mean without affinity) and their combination are confirmed on ``--confirm-seed`` with the
+preset beside them:
+
+    python benchmarks/mask_recipes.py --model toy-unaided --repairs --json benchmarks/results/mask_repairs_toy_unaided.json
 """
 from __future__ import annotations
 
@@ -39,6 +48,34 @@ FUSIONS = {
 # MaskConfig's defaults, which the paper's recipe is: fixed γ 0.4 with a 0.05 ignore band, no refinement.
 PAPER = {"threshold_mode": "fixed", "threshold": 0.4, "ignore_band": 0.05, "normalization": "minmax",
          "refine": "none", "self_attention_factor": None, "class_thresholds": {}}
+
+
+# Label-free repairs (MaskConfig fields), by kind; the self-attention ones propagate at the preset's
+# self-attention factor, else at the model's finest.
+REPAIRS = {
+    "aggregation": {"agreement": {"aggregation": "agreement"}, "entropy": {"aggregation": "entropy"}},
+    "rescaling": {"rescale tokens": {"token_rescaling": "tokens"}, "rescale classes": {"token_rescaling": "classes"}},
+    "self-attention": {
+        "self-attention": {},
+        "self-attention x2": {"self_attention_sharpness": 2.0},
+        "self-attention x4": {"self_attention_sharpness": 4.0},
+        "self-attention x2, replace": {"self_attention_sharpness": 2.0, "self_attention_mode": "replace"},
+        "self-attention x4, replace": {"self_attention_sharpness": 4.0, "self_attention_mode": "replace"},
+        "iterated self-attention x4, replace": {"self_attention_sharpness": 4.0, "self_attention_mode": "replace",
+                                                "self_attention_power": 8, "self_attention_stop": "separation"},
+    },
+}
+REFINEMENTS = {"": {"refine": "none"}, " + affinity": {"refine": "affinity"}}
+
+
+def repair_overrides(kinds: dict[str, str], self_attention_factor: int | None) -> dict:
+    """MaskConfig overrides of one repair variant per kind (``{kind: variant name}``)."""
+    mask = {}
+    for kind, name in kinds.items():
+        mask.update(REPAIRS[kind][name])
+        if kind == "self-attention":
+            mask["self_attention_factor"] = self_attention_factor
+    return mask
 
 
 def recipes(self_attention_factor: int | None, per_class: bool) -> dict[str, dict]:
@@ -77,8 +114,59 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="images per pipeline call (default: the model preset's, 20 for the toy models)")
     p.add_argument("--search-only", action="store_true",
                    help="skip the confirmation (e.g. fusions searched by separate processes, one JSON each)")
+    p.add_argument("--repairs", action="store_true",
+                   help="measure the label-free repairs on top of the model's preset instead of the recipe search")
     p.add_argument("--json", type=Path, default=None)
     return p
+
+
+def run_repairs(args, results: dict, generator: dict) -> None:
+    """The repairs study (``--repairs``): every variant alone, then the best of each kind and their
+    combination confirmed, each with and without affinity, next to the preset."""
+    from ondemand_seg.settings.config import to_dict
+
+    preset = to_dict(resolve_config(args.model).mask)
+    self_factor = preset["self_attention_factor"] or finest_self_attention(args.model)
+    study = results.setdefault("repairs", {})
+    search, confirm = study.setdefault("search", {}), study.setdefault("confirm", {})
+
+    def measure(kinds: dict[str, str], refinement: str, seed: int, n: int) -> dict:
+        name = " + ".join(kinds.values()) or "preset"
+        mask = {**preset, **repair_overrides(kinds, self_factor), **REFINEMENTS[refinement]}
+        r = measure_mask_quality(args.model, n, seed, args.gen_batch_size, mask_overrides=mask, other_readings=False,
+                                 progress=False, generator_overrides=generator)
+        row = {"repairs": kinds, "refinement": refinement.strip(" +") or "none", "mask": r["mask_config"], "n": n,
+               "seed": seed, "mean": r["diffumask"]["mean"], "per_class": r["diffumask"]["per_class"],
+               "band_as_miss": r["diffumask_band_as_miss"]["mean"], "centre_box": r["centre_box"]["mean"],
+               "gen_steps": r["sampler_config"]["num_inference_steps"], "labelled_images": 0}
+        print(f"{name + refinement:55s} seed {seed}: {row['mean']:.3f} (band as miss {row['band_as_miss']:.3f})",
+              flush=True)
+        return row
+
+    def key(kinds: dict[str, str], refinement: str) -> str:
+        return (" + ".join(kinds.values()) or "preset") + refinement
+
+    variants = [{}] + [{kind: name} for kind, names in REPAIRS.items() for name in names]
+    for kinds in variants:
+        for refinement in REFINEMENTS:
+            if key(kinds, refinement) not in search:
+                search[key(kinds, refinement)] = measure(kinds, refinement, args.seed, args.n)
+                write_json(args.json, results)
+    # The best variant of each kind without affinity; the combination takes those that beat the preset.
+    best = {kind: max(names, key=lambda name: search[key({kind: name}, "")]["mean"]) for kind, names in REPAIRS.items()}
+    winners = {kind: name for kind, name in best.items() if search[key({kind: name}, "")]["mean"] > search["preset"]["mean"]}
+    study["best"], study["combined"] = best, winners
+    confirmed = [{}] + [{kind: name} for kind, name in best.items()] + ([winners] if len(winners) > 1 else [])
+    for kinds in confirmed:
+        for refinement in REFINEMENTS:
+            if len(kinds) > 1 and key(kinds, refinement) not in search:
+                search[key(kinds, refinement)] = measure(kinds, refinement, args.seed, args.n)
+            if key(kinds, refinement) not in confirm:
+                confirm[key(kinds, refinement)] = measure(kinds, refinement, args.confirm_seed, args.confirm_n)
+            write_json(args.json, results)
+    results["model"], results["self_attention_factor"] = str(args.model), self_factor
+    results["preset"] = preset
+    write_json(args.json, results)
 
 
 def main(argv=None) -> int:
@@ -88,6 +176,10 @@ def main(argv=None) -> int:
     search = results.setdefault("search", {})
     cache: dict = {}
     generator = {} if args.gen_steps is None else {"num_inference_steps": args.gen_steps}
+    if args.repairs:
+        run_repairs(args, results, generator)
+        print(repairs_markdown(results["repairs"]))
+        return 0
 
     def overrides(fusion: str, recipe: dict) -> dict:
         # An explicit None (the model's own grids), not a missing key, which would fall back to the preset's fusion.
@@ -155,6 +247,27 @@ def markdown(results: dict) -> str:
             lines.append(f"| {r['fusion']} | {r['recipe']} | {r['labelled_images']} | "
                          + " | ".join(f"{r['per_class'][c]:.3f}" for c in classes)
                          + f" | **{r['mean']:.3f}** | {r['band_as_miss']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def repairs_markdown(study: dict) -> str:
+    """The repairs study as Markdown: search and confirmation, each row with and without affinity."""
+    lines = []
+    for part, title in (("search", "search"), ("confirm", "confirmation (other images)")):
+        rows = study.get(part, {})
+        if not rows:
+            continue
+        names = list(dict.fromkeys(k[: -len(" + affinity")] if k.endswith(" + affinity") else k for k in rows))
+        seed, n = next(iter(rows.values()))["seed"], next(iter(rows.values()))["n"]
+        lines += [f"{title}, seed {seed}, {n} images:", "", "| repairs | without affinity (band as miss) | with affinity (band as miss) |",
+                  "|---|---|---|"]
+        for name in names:
+            cells = []
+            for suffix in ("", " + affinity"):
+                r = rows.get(name + suffix)
+                cells.append(f"{r['mean']:.3f} ({r['band_as_miss']:.3f})" if r else "not run")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
