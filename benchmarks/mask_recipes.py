@@ -17,18 +17,23 @@ counts them as unlabelled object pixels.
 
 ``--repairs`` measures instead the label-free repairs of ``MaskConfig`` on top of the model's preset,
 each with and without affinity refinement: layer-head aggregation (``aggregation``), per-pixel
-token rescaling (``token_rescaling``) and self-attention refinement (sharpened, replacing the map,
-iterated with a stopping rule), each variant alone on ``--seed``; the best variant of each kind
-(by its mean without affinity) and their combination are confirmed on ``--confirm-seed`` with the
-preset beside them:
+token rescaling (``token_rescaling``), self-attention refinement (sharpened, replacing the map,
+iterated with a stopping rule) and their combinations, on ``--seed`` (where a default is chosen)
+and ``--confirm-seed`` (held out), ``--n`` samples each. The attention is recorded once per capture
+setting and every recipe scored on it (``replay.py``; same figures as generating per recipe);
+``--recordings`` keeps the recordings for a later run:
 
-    python benchmarks/mask_recipes.py --model toy-unaided --repairs --json benchmarks/results/mask_repairs_toy_unaided.json
+    python benchmarks/mask_recipes.py --model toy-unaided --repairs --n 60 --recordings /tmp/recordings \
+        --json benchmarks/results/mask_repairs_toy_unaided.json
+    python benchmarks/mask_recipes.py --model toy-unaided --repairs --prompt-classes 2 --n 60 \
+        --recordings /tmp/recordings --json benchmarks/results/mask_repairs_toy_unaided_two_classes.json
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -50,32 +55,26 @@ PAPER = {"threshold_mode": "fixed", "threshold": 0.4, "ignore_band": 0.05, "norm
          "refine": "none", "self_attention_factor": None, "class_thresholds": {}}
 
 
-# Label-free repairs (MaskConfig fields), by kind; the self-attention ones propagate at the preset's
-# self-attention factor, else at the model's finest.
+# Label-free repairs (MaskConfig fields); the self-attention ones propagate at the preset's
+# self-attention factor, else at the model's finest. "classes" rescaling equals the plain map with
+# one class per prompt, so it is measured on two-class prompts only.
+SELF_ATTENTION = {"self-attention x4, replace": {"self_attention_sharpness": 4.0, "self_attention_mode": "replace"}}
 REPAIRS = {
-    "aggregation": {"agreement": {"aggregation": "agreement"}, "entropy": {"aggregation": "entropy"}},
-    "rescaling": {"rescale tokens": {"token_rescaling": "tokens"}, "rescale classes": {"token_rescaling": "classes"}},
-    "self-attention": {
-        "self-attention": {},
-        "self-attention x2": {"self_attention_sharpness": 2.0},
-        "self-attention x4": {"self_attention_sharpness": 4.0},
-        "self-attention x2, replace": {"self_attention_sharpness": 2.0, "self_attention_mode": "replace"},
-        "self-attention x4, replace": {"self_attention_sharpness": 4.0, "self_attention_mode": "replace"},
-        "iterated self-attention x4, replace": {"self_attention_sharpness": 4.0, "self_attention_mode": "replace",
-                                                "self_attention_power": 8, "self_attention_stop": "separation"},
-    },
+    "agreement": {"aggregation": "agreement"},
+    "entropy": {"aggregation": "entropy"},
+    "rescale tokens": {"token_rescaling": "tokens"},
+    "rescale classes": {"token_rescaling": "classes"},
+    "self-attention": {},
+    "self-attention x2, replace": {"self_attention_sharpness": 2.0, "self_attention_mode": "replace"},
+    **SELF_ATTENTION,
+    "self-attention x8, replace": {"self_attention_sharpness": 8.0, "self_attention_mode": "replace"},
+    "self-attention x4, replace, stop": {"self_attention_sharpness": 4.0, "self_attention_mode": "replace",
+                                         "self_attention_power": 8, "self_attention_stop": "separation"},
+    "entropy + self-attention x4, replace": {"aggregation": "entropy", **SELF_ATTENTION["self-attention x4, replace"]},
+    "entropy + rescale tokens + self-attention x4, replace": {"aggregation": "entropy", "token_rescaling": "tokens",
+                                                             **SELF_ATTENTION["self-attention x4, replace"]},
 }
 REFINEMENTS = {"": {"refine": "none"}, " + affinity": {"refine": "affinity"}}
-
-
-def repair_overrides(kinds: dict[str, str], self_attention_factor: int | None) -> dict:
-    """MaskConfig overrides of one repair variant per kind (``{kind: variant name}``)."""
-    mask = {}
-    for kind, name in kinds.items():
-        mask.update(REPAIRS[kind][name])
-        if kind == "self-attention":
-            mask["self_attention_factor"] = self_attention_factor
-    return mask
 
 
 def recipes(self_attention_factor: int | None, per_class: bool) -> dict[str, dict]:
@@ -116,56 +115,67 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="skip the confirmation (e.g. fusions searched by separate processes, one JSON each)")
     p.add_argument("--repairs", action="store_true",
                    help="measure the label-free repairs on top of the model's preset instead of the recipe search")
+    p.add_argument("--prompt-classes", type=int, choices=(1, 2), default=1,
+                   help="with --repairs: classes per prompt (2: the class i mod C and another one)")
+    p.add_argument("--only", nargs="+", choices=list(REPAIRS), default=None, metavar="REPAIR",
+                   help="with --repairs: measure these repairs only (default: all of REPAIRS)")
+    p.add_argument("--recordings", type=Path, default=None,
+                   help="with --repairs: folder keeping the recorded attention, reused by a later run")
     p.add_argument("--json", type=Path, default=None)
     return p
 
 
-def run_repairs(args, results: dict, generator: dict) -> None:
-    """The repairs study (``--repairs``): every variant alone, then the best of each kind and their
-    combination confirmed, each with and without affinity, next to the preset."""
+def run_repairs(args, results: dict) -> None:
+    """The repairs study (``--repairs``): the preset and every repair, each with and without affinity,
+    on ``--seed`` and ``--confirm-seed`` (``--n`` samples each), scored on attention recorded once per
+    capture setting (``replay.py``)."""
+    import dataclasses
+
+    import torch
+    from replay import record, score
+
     from ondemand_seg.settings.config import to_dict
 
-    preset = to_dict(resolve_config(args.model).mask)
-    self_factor = preset["self_attention_factor"] or finest_self_attention(args.model)
+    preset = resolve_config(args.model).mask
+    self_factor = preset.self_attention_factor or finest_self_attention(args.model)
     study = results.setdefault("repairs", {})
-    search, confirm = study.setdefault("search", {}), study.setdefault("confirm", {})
-
-    def measure(kinds: dict[str, str], refinement: str, seed: int, n: int) -> dict:
-        name = " + ".join(kinds.values()) or "preset"
-        mask = {**preset, **repair_overrides(kinds, self_factor), **REFINEMENTS[refinement]}
-        r = measure_mask_quality(args.model, n, seed, args.gen_batch_size, mask_overrides=mask, other_readings=False,
-                                 progress=False, generator_overrides=generator)
-        row = {"repairs": kinds, "refinement": refinement.strip(" +") or "none", "mask": r["mask_config"], "n": n,
-               "seed": seed, "mean": r["diffumask"]["mean"], "per_class": r["diffumask"]["per_class"],
-               "band_as_miss": r["diffumask_band_as_miss"]["mean"], "centre_box": r["centre_box"]["mean"],
-               "gen_steps": r["sampler_config"]["num_inference_steps"], "labelled_images": 0}
-        print(f"{name + refinement:55s} seed {seed}: {row['mean']:.3f} (band as miss {row['band_as_miss']:.3f})",
-              flush=True)
-        return row
-
-    def key(kinds: dict[str, str], refinement: str) -> str:
-        return (" + ".join(kinds.values()) or "preset") + refinement
-
-    variants = [{}] + [{kind: name} for kind, names in REPAIRS.items() for name in names]
-    for kinds in variants:
-        for refinement in REFINEMENTS:
-            if key(kinds, refinement) not in search:
-                search[key(kinds, refinement)] = measure(kinds, refinement, args.seed, args.n)
+    names = [name for name in args.only or REPAIRS if args.prompt_classes > 1 or "classes" not in name]
+    for seed in (args.seed, args.confirm_seed):
+        rows = study.setdefault(str(seed), {})
+        recordings = {}
+        for name in ["preset"] + names:
+            repair = REPAIRS.get(name, {})
+            rescaling = repair.get("token_rescaling", preset.token_rescaling)
+            if rescaling not in recordings:
+                cache = None if args.recordings is None else (
+                    args.recordings / f"{args.model}_{args.n}_{seed}_{rescaling}_{args.prompt_classes}.pt")
+                if cache is not None and cache.exists():
+                    recordings[rescaling] = torch.load(cache, weights_only=False)
+                else:
+                    recordings[rescaling] = record(args.model, args.n, seed, {"token_rescaling": rescaling},
+                                                   args.prompt_classes)
+                    if cache is not None:
+                        cache.parent.mkdir(parents=True, exist_ok=True)
+                        torch.save(recordings[rescaling], cache)
+                # Recordings made before the recipe settings were restored keep the preset's here.
+                recordings[rescaling].config = dataclasses.replace(
+                    recordings[rescaling].config, aggregation=preset.aggregation,
+                    self_attention_factor=preset.self_attention_factor)
+            overrides = dict(repair)
+            overrides.pop("token_rescaling", None)
+            if "self-attention" in name:
+                overrides["self_attention_factor"] = self_factor
+            for suffix, refinement in REFINEMENTS.items():
+                if name + suffix in rows:
+                    continue
+                r = score(recordings[rescaling], {**overrides, **refinement})
+                rows[name + suffix] = {"repair": repair, "refinement": refinement["refine"], "n": args.n, "seed": seed,
+                                       "prompt_classes": args.prompt_classes, **r, "labelled_images": 0}
+                print(f"{name + suffix:60s} seed {seed}: {r['mean']:.3f} (band as miss {r['band_as_miss']:.3f})",
+                      flush=True)
                 write_json(args.json, results)
-    # The best variant of each kind without affinity; the combination takes those that beat the preset.
-    best = {kind: max(names, key=lambda name: search[key({kind: name}, "")]["mean"]) for kind, names in REPAIRS.items()}
-    winners = {kind: name for kind, name in best.items() if search[key({kind: name}, "")]["mean"] > search["preset"]["mean"]}
-    study["best"], study["combined"] = best, winners
-    confirmed = [{}] + [{kind: name} for kind, name in best.items()] + ([winners] if len(winners) > 1 else [])
-    for kinds in confirmed:
-        for refinement in REFINEMENTS:
-            if len(kinds) > 1 and key(kinds, refinement) not in search:
-                search[key(kinds, refinement)] = measure(kinds, refinement, args.seed, args.n)
-            if key(kinds, refinement) not in confirm:
-                confirm[key(kinds, refinement)] = measure(kinds, refinement, args.confirm_seed, args.confirm_n)
-            write_json(args.json, results)
-    results["model"], results["self_attention_factor"] = str(args.model), self_factor
-    results["preset"] = preset
+    results.update(model=str(args.model), self_attention_factor=self_factor, preset=to_dict(preset),
+                   prompt_classes=args.prompt_classes, load_average_1min=os.getloadavg()[0])
     write_json(args.json, results)
 
 
@@ -177,7 +187,7 @@ def main(argv=None) -> int:
     cache: dict = {}
     generator = {} if args.gen_steps is None else {"num_inference_steps": args.gen_steps}
     if args.repairs:
-        run_repairs(args, results, generator)
+        run_repairs(args, results)
         print(repairs_markdown(results["repairs"]))
         return 0
 
@@ -252,23 +262,14 @@ def markdown(results: dict) -> str:
 
 
 def repairs_markdown(study: dict) -> str:
-    """The repairs study as Markdown: search and confirmation, each row with and without affinity."""
-    lines = []
-    for part, title in (("search", "search"), ("confirm", "confirmation (other images)")):
-        rows = study.get(part, {})
-        if not rows:
-            continue
-        names = list(dict.fromkeys(k[: -len(" + affinity")] if k.endswith(" + affinity") else k for k in rows))
-        seed, n = next(iter(rows.values()))["seed"], next(iter(rows.values()))["n"]
-        lines += [f"{title}, seed {seed}, {n} images:", "", "| repairs | without affinity (band as miss) | with affinity (band as miss) |",
-                  "|---|---|---|"]
-        for name in names:
-            cells = []
-            for suffix in ("", " + affinity"):
-                r = rows.get(name + suffix)
-                cells.append(f"{r['mean']:.3f} ({r['band_as_miss']:.3f})" if r else "not run")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append("")
+    """The repairs study as Markdown: one row per repair, with and without affinity, per seed."""
+    seeds = list(study)
+    lines = ["| repair | " + " | ".join(f"seed {s} | seed {s} + affinity" for s in seeds) + " |",
+             "|---|" + "---|---|" * len(seeds)]
+    for name in dict.fromkeys(k.removesuffix(" + affinity") for k in study[seeds[0]]):
+        cells = [f"{study[s][name + suffix]['mean']:.3f}" if name + suffix in study[s] else "not run"
+                 for s in seeds for suffix in REFINEMENTS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

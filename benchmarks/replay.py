@@ -60,6 +60,7 @@ def record(model, n: int, seed: int, capture: dict, prompt_classes: int = 1, gen
     self-attention recorded; ``capture`` are MaskConfig fields set at capture."""
     from ondemand_seg.generation.generator import DiffuMaskGenerator
     from ondemand_seg.generation.seeding import evaluation_seed
+    from ondemand_seg.settings.resolve import resolve_config
     from ondemand_seg.toyworld import TOY_CLASSES, color_oracle
 
     classes = TOY_CLASSES[1:]
@@ -87,7 +88,11 @@ def record(model, n: int, seed: int, capture: dict, prompt_classes: int = 1, gen
             truths.append(oracle[:, None] == ids[:, :, None, None])
             calls.append(kept[-1])
             kept.clear()
-    config = source.capturing.mask_config_for(source.image_size)
+    # The aggregation and self-attention were set only to keep what the recipes need: recipes start
+    # from the settings asked for (the model preset's unless ``capture`` names them).
+    asked = resolve_config(model, mask=capture).mask
+    config = dataclasses.replace(source.capturing.mask_config_for(source.image_size), aggregation=asked.aggregation,
+                                 self_attention_factor=asked.self_attention_factor)
     return Recording(calls, truths, config, tuple(classes))
 
 
