@@ -65,6 +65,7 @@ REPAIRS = {
     "rescale tokens": {"token_rescaling": "tokens"},
     "rescale classes": {"token_rescaling": "classes"},
     "self-attention": {},
+    "self-attention x2": {"self_attention_sharpness": 2.0},
     "self-attention x2, replace": {"self_attention_sharpness": 2.0, "self_attention_mode": "replace"},
     **SELF_ATTENTION,
     "self-attention x8, replace": {"self_attention_sharpness": 8.0, "self_attention_mode": "replace"},
@@ -132,7 +133,7 @@ def run_repairs(args, results: dict) -> None:
     import dataclasses
 
     import torch
-    from replay import record, score
+    from replay import grid_ceiling, record, score, self_attention_locality
 
     from ondemand_seg.settings.config import to_dict
 
@@ -161,6 +162,13 @@ def run_repairs(args, results: dict) -> None:
                 recordings[rescaling].config = dataclasses.replace(
                     recordings[rescaling].config, aggregation=preset.aggregation,
                     self_attention_factor=preset.self_attention_factor)
+            if str(seed) not in results.setdefault("ceiling", {}):
+                plain = recordings[rescaling]
+                results["ceiling"][str(seed)] = {str(f): grid_ceiling(plain, f) for f in plain.calls[0][0].maps}
+                locality = results.setdefault("self_attention_locality", {})
+                locality[str(seed)] = self_attention_locality(plain)
+                print(f"seed {seed}: perfect maps at each latent factor score {results['ceiling'][str(seed)]}; "
+                      f"self-attention {locality[str(seed)]}", flush=True)
             overrides = dict(repair)
             overrides.pop("token_rescaling", None)
             if "self-attention" in name:

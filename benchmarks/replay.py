@@ -116,3 +116,50 @@ def score(recording: Recording, overrides: dict) -> dict:
     band = {c: (s[2] / s[3] if s[3] else float("nan")) for c, s in sums.items()}
     return {"mean": float(np.nanmean(list(per_class.values()))), "band_as_miss": float(np.nanmean(list(band.values()))),
             "per_class": per_class}
+
+
+def grid_ceiling(recording: Recording, factor: int) -> float:
+    """Mean IoU over classes of the oracle's own masks brought to the latent grid of ``factor`` (area
+    average) and back (bilinear, cut at 0.5): what a perfect map at that grid can score."""
+    import torch.nn.functional as F
+
+    sums = {c: np.zeros(2) for c in recording.classes}
+    for (captured, images, ids, names), truth in zip(recording.calls, recording.truths):
+        h, w = (-(-s // factor) for s in captured.latent_size)
+        small = F.interpolate(truth.float(), size=(h, w), mode="area")
+        back = F.interpolate(small, size=truth.shape[-2:], mode="bilinear", align_corners=False) > 0.5
+        for j in range(ids.shape[0]):
+            for k, name in enumerate(names[j]):
+                sums[name] += [int((back[j, k] & truth[j, k]).sum()), int((back[j, k] | truth[j, k]).sum())]
+    return float(np.nanmean([s[0] / s[1] if s[1] else float("nan") for s in sums.values()]))
+
+
+def self_attention_locality(recording: Recording) -> dict:
+    """How much the recorded self-attention knows where the object is: the mean share of a row's
+    mass on the first class's object (oracle mask at the self-attention's grid, area > 0.5), for
+    rows inside the object and rows outside it, and the object's share of the grid."""
+    import torch.nn.functional as F
+
+    inside, outside, area = [], [], []
+    for (captured, images, ids, names), truth in zip(recording.calls, recording.truths):
+        if captured.self_attention is None:
+            return {}
+        h, w = _grid(captured.latent_size, captured.self_attention.shape[-1])
+        on = F.interpolate(truth[:, :1].float(), size=(h, w), mode="area").flatten(1) > 0.5  # [B, N]
+        mass = torch.einsum("bij,bj->bi", captured.self_attention.float(), on.float())
+        for j in range(on.shape[0]):
+            if on[j].any() and not on[j].all():
+                inside.append(mass[j][on[j]].mean().item())
+                outside.append(mass[j][~on[j]].mean().item())
+                area.append(on[j].float().mean().item())
+    return {"object_rows_mass_on_object": float(np.mean(inside)), "background_rows_mass_on_object": float(np.mean(outside)),
+            "object_area": float(np.mean(area))}
+
+
+def _grid(latent_size: tuple[int, int], positions: int) -> tuple[int, int]:
+    """``(h, w)`` of the downsampled latent grid with ``positions`` cells."""
+    for factor in (1, 2, 4, 8, 16):
+        h, w = (-(-s // factor) for s in latent_size)
+        if h * w == positions:
+            return h, w
+    raise ValueError(f"{positions} positions match no downsampling of the {latent_size} latent")
