@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import random
 import resource
 import statistics
@@ -307,7 +308,7 @@ def main(argv=None) -> int:
         for batch in args.batch_sizes:
             timing = _worker(forwarded, f"timing,{scheduler},{steps},{batch}")
             memory = {m: _worker(forwarded, f"{m},{scheduler},{steps},{batch}") for m in args.modes}
-            row = {**timing, "peak_memory_mb": {m: r["peak_memory_mb"] for m, r in memory.items()},
+            row = {**timing, "load_average_1min": os.getloadavg()[0], "peak_memory_mb": {m: r["peak_memory_mb"] for m, r in memory.items()},
                    "attention_store_kb": {m: r["attention_store_kb"] for m, r in memory.items()}}
             if "bare" in args.modes:
                 bare = timing["seconds_per_call"]["bare"]

@@ -206,6 +206,8 @@ def test_toy_unaided_has_self_attention_at_its_finest_grid_and_streams_with_its_
     assert config.mask.class_thresholds == {} and config.mask.self_attention_factor == 1
     assert config.mask.refine == "affinity" and config.mask.resolution_weights == {2: 1.0}
     assert config.mask.threshold_mode == "otsu"
+    # Head weighting by agreement measured better on it (benchmarks/mask_recipes.py --repairs).
+    assert config.mask.aggregation == "agreement"
     assert_streams_two_toyworld_samples("toy-unaided")
 
 

@@ -238,12 +238,17 @@ class AttentionStore:
         """
         kernel = self.kernel if kernel is None else kernel
         if self.rescaling == "none":
-            self.add(class_mass(query, key, weights, scale, mask, kernel, per_head=self.per_head), layer)
-            return
-        text = slice(0, key.shape[2]) if text is None else text
-        mass = token_mass(query, key, scale, mask, kernel, text)  # [B, heads, N, T]
-        maps = rescale_token_mass(mass, weights[:, :, text], self.rescaling).transpose(1, 2)  # [B, K, heads, N]
-        self.add(maps if self.per_head else maps.mean(2), layer)
+            maps = class_mass(query, key, weights, scale, mask, kernel, per_head=self.per_head)
+        else:
+            text = slice(0, key.shape[2]) if text is None else text
+            mass = token_mass(query, key, scale, mask, kernel, text)  # [B, heads, N, T]
+            maps = rescale_token_mass(mass, weights[:, :, text], self.rescaling).transpose(1, 2)  # [B, K, heads, N]
+            maps = maps if self.per_head else maps.mean(2)
+        # The layer index only where the store keeps layers apart: add(maps) is the head-averaged call.
+        if self.per_head:
+            self.add(maps, layer)
+        else:
+            self.add(maps)
 
 
 def _scores(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
