@@ -14,12 +14,26 @@ paper's fixed-γ baseline, are confirmed on ``--confirm-seed`` (other images).
 
 ``diffumask`` figures exclude ignore-band pixels (as the library's training does); ``band as miss``
 counts them as unlabelled object pixels.
+
+``--repairs`` measures instead the label-free repairs of ``MaskConfig`` on top of the model's preset,
+each with and without affinity refinement: layer-head aggregation (``aggregation``), per-pixel
+token rescaling (``token_rescaling``), self-attention refinement (sharpened, replacing the map,
+iterated with a stopping rule) and their combinations, on ``--seed`` (where a default is chosen)
+and ``--confirm-seed`` (held out), ``--n`` samples each. The attention is recorded once per capture
+setting and every recipe scored on it (``replay.py``; same figures as generating per recipe);
+``--recordings`` keeps the recordings for a later run:
+
+    python benchmarks/mask_recipes.py --model toy-unaided --repairs --n 60 --recordings /tmp/recordings \
+        --json benchmarks/results/mask_repairs_toy_unaided.json
+    python benchmarks/mask_recipes.py --model toy-unaided --repairs --prompt-classes 2 --n 60 \
+        --recordings /tmp/recordings --json benchmarks/results/mask_repairs_toy_unaided_two_classes.json
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +53,29 @@ FUSIONS = {
 # MaskConfig's defaults, which the paper's recipe is: fixed γ 0.4 with a 0.05 ignore band, no refinement.
 PAPER = {"threshold_mode": "fixed", "threshold": 0.4, "ignore_band": 0.05, "normalization": "minmax",
          "refine": "none", "self_attention_factor": None, "class_thresholds": {}}
+
+
+# Label-free repairs (MaskConfig fields); the self-attention ones propagate at the preset's
+# self-attention factor, else at the model's finest. "classes" rescaling equals the plain map with
+# one class per prompt, so it is measured on two-class prompts only.
+SELF_ATTENTION = {"self-attention x4, replace": {"self_attention_sharpness": 4.0, "self_attention_mode": "replace"}}
+REPAIRS = {
+    "agreement": {"aggregation": "agreement"},
+    "entropy": {"aggregation": "entropy"},
+    "rescale tokens": {"token_rescaling": "tokens"},
+    "rescale classes": {"token_rescaling": "classes"},
+    "self-attention": {},
+    "self-attention x2": {"self_attention_sharpness": 2.0},
+    "self-attention x2, replace": {"self_attention_sharpness": 2.0, "self_attention_mode": "replace"},
+    **SELF_ATTENTION,
+    "self-attention x8, replace": {"self_attention_sharpness": 8.0, "self_attention_mode": "replace"},
+    "self-attention x4, replace, stop": {"self_attention_sharpness": 4.0, "self_attention_mode": "replace",
+                                         "self_attention_power": 8, "self_attention_stop": "separation"},
+    "entropy + self-attention x4, replace": {"aggregation": "entropy", **SELF_ATTENTION["self-attention x4, replace"]},
+    "entropy + rescale tokens + self-attention x4, replace": {"aggregation": "entropy", "token_rescaling": "tokens",
+                                                             **SELF_ATTENTION["self-attention x4, replace"]},
+}
+REFINEMENTS = {"": {"refine": "none"}, " + affinity": {"refine": "affinity"}}
 
 
 def recipes(self_attention_factor: int | None, per_class: bool) -> dict[str, dict]:
@@ -77,8 +114,77 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="images per pipeline call (default: the model preset's, 20 for the toy models)")
     p.add_argument("--search-only", action="store_true",
                    help="skip the confirmation (e.g. fusions searched by separate processes, one JSON each)")
+    p.add_argument("--repairs", action="store_true",
+                   help="measure the label-free repairs on top of the model's preset instead of the recipe search")
+    p.add_argument("--prompt-classes", type=int, choices=(1, 2), default=1,
+                   help="with --repairs: classes per prompt (2: the class i mod C and another one)")
+    p.add_argument("--only", nargs="+", choices=list(REPAIRS), default=None, metavar="REPAIR",
+                   help="with --repairs: measure these repairs only (default: all of REPAIRS)")
+    p.add_argument("--recordings", type=Path, default=None,
+                   help="with --repairs: folder keeping the recorded attention, reused by a later run")
     p.add_argument("--json", type=Path, default=None)
     return p
+
+
+def run_repairs(args, results: dict) -> None:
+    """The repairs study (``--repairs``): the preset and every repair, each with and without affinity,
+    on ``--seed`` and ``--confirm-seed`` (``--n`` samples each), scored on attention recorded once per
+    capture setting (``replay.py``)."""
+    import dataclasses
+
+    import torch
+    from replay import grid_ceiling, record, score, self_attention_locality
+
+    from ondemand_seg.settings.config import to_dict
+
+    preset = resolve_config(args.model).mask
+    self_factor = preset.self_attention_factor or finest_self_attention(args.model)
+    study = results.setdefault("repairs", {})
+    names = [name for name in args.only or REPAIRS if args.prompt_classes > 1 or "classes" not in name]
+    for seed in (args.seed, args.confirm_seed):
+        rows = study.setdefault(str(seed), {})
+        recordings = {}
+        for name in ["preset"] + names:
+            repair = REPAIRS.get(name, {})
+            rescaling = repair.get("token_rescaling", preset.token_rescaling)
+            if rescaling not in recordings:
+                cache = None if args.recordings is None else (
+                    args.recordings / f"{args.model}_{args.n}_{seed}_{rescaling}_{args.prompt_classes}.pt")
+                if cache is not None and cache.exists():
+                    recordings[rescaling] = torch.load(cache, weights_only=False)
+                else:
+                    recordings[rescaling] = record(args.model, args.n, seed, {"token_rescaling": rescaling},
+                                                   args.prompt_classes)
+                    if cache is not None:
+                        cache.parent.mkdir(parents=True, exist_ok=True)
+                        torch.save(recordings[rescaling], cache)
+                # Recordings made before the recipe settings were restored keep the preset's here.
+                recordings[rescaling].config = dataclasses.replace(
+                    recordings[rescaling].config, aggregation=preset.aggregation,
+                    self_attention_factor=preset.self_attention_factor)
+            if str(seed) not in results.setdefault("ceiling", {}):
+                plain = recordings[rescaling]
+                results["ceiling"][str(seed)] = {str(f): grid_ceiling(plain, f) for f in plain.calls[0][0].maps}
+                locality = results.setdefault("self_attention_locality", {})
+                locality[str(seed)] = self_attention_locality(plain)
+                print(f"seed {seed}: perfect maps at each latent factor score {results['ceiling'][str(seed)]}; "
+                      f"self-attention {locality[str(seed)]}", flush=True)
+            overrides = dict(repair)
+            overrides.pop("token_rescaling", None)
+            if "self-attention" in name:
+                overrides["self_attention_factor"] = self_factor
+            for suffix, refinement in REFINEMENTS.items():
+                if name + suffix in rows:
+                    continue
+                r = score(recordings[rescaling], {**overrides, **refinement})
+                rows[name + suffix] = {"repair": repair, "refinement": refinement["refine"], "n": args.n, "seed": seed,
+                                       "prompt_classes": args.prompt_classes, **r, "labelled_images": 0}
+                print(f"{name + suffix:60s} seed {seed}: {r['mean']:.3f} (band as miss {r['band_as_miss']:.3f})",
+                      flush=True)
+                write_json(args.json, results)
+    results.update(model=str(args.model), self_attention_factor=self_factor, preset=to_dict(preset),
+                   prompt_classes=args.prompt_classes, load_average_1min=os.getloadavg()[0])
+    write_json(args.json, results)
 
 
 def main(argv=None) -> int:
@@ -88,6 +194,10 @@ def main(argv=None) -> int:
     search = results.setdefault("search", {})
     cache: dict = {}
     generator = {} if args.gen_steps is None else {"num_inference_steps": args.gen_steps}
+    if args.repairs:
+        run_repairs(args, results)
+        print(repairs_markdown(results["repairs"]))
+        return 0
 
     def overrides(fusion: str, recipe: dict) -> dict:
         # An explicit None (the model's own grids), not a missing key, which would fall back to the preset's fusion.
@@ -156,6 +266,18 @@ def markdown(results: dict) -> str:
                          + " | ".join(f"{r['per_class'][c]:.3f}" for c in classes)
                          + f" | **{r['mean']:.3f}** | {r['band_as_miss']:.3f} |")
         lines.append("")
+    return "\n".join(lines)
+
+
+def repairs_markdown(study: dict) -> str:
+    """The repairs study as Markdown: one row per repair, with and without affinity, per seed."""
+    seeds = list(study)
+    lines = ["| repair | " + " | ".join(f"seed {s} | seed {s} + affinity" for s in seeds) + " |",
+             "|---|" + "---|---|" * len(seeds)]
+    for name in dict.fromkeys(k.removesuffix(" + affinity") for k in study[seeds[0]]):
+        cells = [f"{study[s][name + suffix]['mean']:.3f}" if name + suffix in study[s] else "not run"
+                 for s in seeds for suffix in REFINEMENTS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

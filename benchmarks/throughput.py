@@ -1,10 +1,13 @@
 """Throughput: what attention capture and mask extraction cost over the bare diffusers pipeline.
 
-Three modes on the same model, settings, batch size and seeds, each in its own subprocess so that
+Four modes on the same model, settings, batch size and seeds, each in its own subprocess so that
 peak memory is its own (CUDA max allocated on GPU, peak RSS on CPU):
 
 - ``bare``: ``StableDiffusionPipeline`` with diffusers' fused attention, no capture;
 - ``diffumask``: the library's generator (capture on the fused path, running sums, mask extraction);
+- ``repairs``: the library's generator keeping one running sum per layer-head and rescaling the text
+  tokens per pixel as recorded (``MaskConfig(aggregation="entropy", token_rescaling="tokens")``),
+  what the label-free repairs cost over ``diffumask``;
 - ``naive``: DAAM-style capture that materialises the softmax of every attention layer (self and
   cross) at every step and keeps it until the end.
 
@@ -30,6 +33,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import random
 import resource
 import statistics
@@ -42,7 +46,9 @@ import torch
 from architectures import ARCHITECTURES, IMAGE_SIZES, TINY_FLAVORS, build_pipeline
 from common import write_json
 
-MODES = ("bare", "diffumask", "naive")
+MODES = ("bare", "diffumask", "repairs", "naive")
+# The MaskConfig fields of the "repairs" mode: the ones that change what capture keeps or computes.
+REPAIRS = {"aggregation": "entropy", "token_rescaling": "tokens"}
 # "default" keeps the pipeline's own scheduler (flow matching for SD3 and Flux).
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "flow": "FlowMatchEulerDiscreteScheduler",
               "default": None}
@@ -174,14 +180,24 @@ def make_calls(args, device, scheduler: str, steps: int, batch: int):
     seeds = list(range(batch))
     store_bytes = {mode: [] for mode in MODES}
     capture = dict(denoiser.attn_processors)
-    store, reset = capturing.store, capturing.store.reset
+    repairing = DiffuMaskGenerator(lambda: pipeline, prompt.class_names, device=device, image_size=size,
+                                   label_space=config.label_space, mask=dataclasses.replace(config.mask, **REPAIRS),
+                                   generator=settings)
+    repairing.capturing  # installs its own capture processors, kept apart as the "repairs" mode's
+    repair_capture = dict(denoiser.attn_processors)
 
-    def reset_and_measure():
-        # The generator drops the store's sums when its call ends: their size is read then.
-        store_bytes["diffumask"].append(store.memory_bytes())
-        reset()
+    def measure_on_reset(mode: str, store) -> None:
+        reset = store.reset
 
-    store.reset = reset_and_measure
+        def reset_and_measure():
+            # The generator drops the store's sums when its call ends: their size is read then.
+            store_bytes[mode].append(store.memory_bytes())
+            reset()
+
+        store.reset = reset_and_measure
+
+    measure_on_reset("diffumask", capturing.store)
+    measure_on_reset("repairs", repairing.capturing.store)
     naive = NaiveStore()
 
     def run_pipeline():
@@ -200,13 +216,17 @@ def make_calls(args, device, scheduler: str, steps: int, batch: int):
         denoiser.set_attn_processor(dict(capture))
         generator.generate(prompts, seeds)
 
+    def repairs():
+        denoiser.set_attn_processor(dict(repair_capture))
+        repairing.generate(prompts, seeds)
+
     def naive_capture():
         denoiser.set_attn_processor(NaiveProcessor(naive))
         naive.maps.clear()
         run_pipeline()
         store_bytes["naive"].append(naive.bytes())
 
-    return {"bare": bare, "diffumask": diffumask, "naive": naive_capture}, store_bytes, size
+    return {"bare": bare, "diffumask": diffumask, "repairs": repairs, "naive": naive_capture}, store_bytes, size
 
 
 def profile_modes(args, calls, device: torch.device, tag: str) -> None:
@@ -288,7 +308,7 @@ def main(argv=None) -> int:
         for batch in args.batch_sizes:
             timing = _worker(forwarded, f"timing,{scheduler},{steps},{batch}")
             memory = {m: _worker(forwarded, f"{m},{scheduler},{steps},{batch}") for m in args.modes}
-            row = {**timing, "peak_memory_mb": {m: r["peak_memory_mb"] for m, r in memory.items()},
+            row = {**timing, "load_average_1min": os.getloadavg()[0], "peak_memory_mb": {m: r["peak_memory_mb"] for m, r in memory.items()},
                    "attention_store_kb": {m: r["attention_store_kb"] for m, r in memory.items()}}
             if "bare" in args.modes:
                 bare = timing["seconds_per_call"]["bare"]

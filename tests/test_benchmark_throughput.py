@@ -48,12 +48,14 @@ def test_tiny_transformer_row_times_bare_and_capture(tmp_path, workers):
     out = tmp_path / "sd3.json"
     assert throughput.main(["--arch", "sd3", "--random-weights", "--tiny", "--device", "cpu", "--batch-sizes", "1",
                             "--schedules", "default:2", "--repeats", "1", "--modes", "bare", "diffumask",
-                            "--capture-kernel", "sdpa", "--json", str(out)]) == 0
+                            "repairs", "--capture-kernel", "sdpa", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())
     assert row["steps"] == 2 and row["batch"] == 1 and row["capture_kernel"] == "sdpa"
-    assert set(row["seconds_per_call"]) == {"bare", "diffumask"}
+    assert set(row["seconds_per_call"]) == {"bare", "diffumask", "repairs"}
     assert row["time_over_bare"]["bare"] == 1.0 and row["time_over_bare"]["diffumask"] > 0
     assert row["attention_store_kb"]["diffumask"] > 0 and row["attention_store_kb"]["bare"] == 0
+    # One running sum per layer-head instead of one per resolution.
+    assert row["attention_store_kb"]["repairs"] > row["attention_store_kb"]["diffumask"]
 
 
 def test_naive_mode_needs_a_unet(workers):

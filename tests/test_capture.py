@@ -449,3 +449,43 @@ def test_sdpa_class_mass_on_cuda_is_fused_and_finite_in_half_precision(masked):
     # Float32 scores near 90,000 (about 0.01 apart) and the float16 result (5e-4 relative) on both
     # sides, against a mass of at most 0.08.
     assert torch.allclose(got.cpu(), want, atol=1e-3)
+
+
+def test_per_head_store_keeps_each_layer_head_and_its_mean_is_the_plain_map():
+    torch.manual_seed(0)
+    unet = build_tiny_pipeline().unet.eval()
+    latents, text = unet_inputs(images=2)
+    weights = torch.zeros(2, 2, 77)
+    weights[:, 0, 4] = 1
+    weights[1, 1, 7] = 1
+    stores = {"plain": AttentionStore(), "per head": AttentionStore(per_head=True)}
+    for store in stores.values():
+        install_capture(unet, store, SD)
+        store.begin(weights, (8, 8), num_steps=1)
+        with torch.no_grad():
+            unet(latents, 10, encoder_hidden_states=text)
+    plain, per_head = stores["plain"].captured(), stores["per head"].captured()
+    assert plain.head_maps is None and sorted(per_head.head_maps) == [1, 2, 4]
+    for factor, maps in per_head.head_maps.items():
+        side = 8 // factor
+        assert maps.shape[:2] == (2, 2) and maps.shape[3:] == (side, side)
+        # Every layer of a factor has the same number of heads, so the mean over layer-heads is the
+        # mean over layers of each layer's head mean: the plain store's map.
+        assert torch.allclose(maps.mean(2), plain.maps[factor], atol=1e-6), factor
+    assert stores["per head"].memory_bytes() > stores["plain"].memory_bytes()
+
+
+def test_token_rescaling_at_capture_sums_rescaled_maps_over_heads():
+    g = torch.Generator().manual_seed(0)
+    query, key = torch.randn(2, 3, 16, 8, generator=g), torch.randn(2, 3, 6, 8, generator=g)
+    weights = torch.zeros(2, 1, 6)
+    weights[:, 0, 2] = 1
+    mass = capture.token_mass(query, key, 8**-0.5)
+    assert mass.shape == (2, 3, 16, 6) and torch.allclose(mass.sum(-1), torch.ones(2, 3, 16), atol=1e-5)
+    assert torch.allclose(mass[..., 2].mean(1), class_mass(query, key, weights, 8**-0.5)[:, 0], atol=1e-5)
+    store = AttentionStore(rescaling="tokens")
+    store.begin(weights, (4, 4), num_steps=1)
+    store.record(query, key, weights, 8**-0.5)
+    scaled = mass / mass.mean(2, keepdim=True)
+    want = (scaled[..., 2] / scaled.sum(-1)).mean(1).view(2, 1, 4, 4)
+    assert torch.allclose(store.maps()[1], want, atol=1e-5)

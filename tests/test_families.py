@@ -325,3 +325,27 @@ def test_a_unet_with_a_guidance_embedding_takes_guidance_as_an_input():
     assert not spec.classifier_free
     spec.check_generator(GeneratorConfig(guidance_scale=1.0))
     assert describe(toy).classifier_free
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_label_free_repairs_run_on_every_family_in_constant_memory(pipes, flavor):
+    pipe = pipes(flavor)
+    h, w = size_of(flavor)
+    spec = describe_pipeline(pipe)
+    repairs = dict(aggregation="agreement", token_rescaling="tokens", threshold_mode="otsu")
+    if spec.self_factors:
+        repairs.update(self_attention_factor=min(spec.self_factors), self_attention_sharpness=4.0,
+                       self_attention_mode="replace", self_attention_power=4, self_attention_stop="separation")
+    held = {}
+    for steps in (2, 3):
+        sampler = CapturingPipeline(pipe, MaskConfig(**repairs), GeneratorConfig(num_inference_steps=steps))
+        captured = sampler.store.captured
+        # The running sums' size when the masks are read from them: the same after 2 and 3 steps.
+        sampler.store.captured = lambda captured=captured, store=sampler.store: (
+            held.setdefault(steps, store.memory_bytes()), captured())[1]
+        batch = sampler.generate(PROMPTS, [0, 1], (h, w), keep_maps=True)
+        assert batch.fused.shape == (2, 2, h, w) and torch.isfinite(batch.fused).all()
+        assert set(batch.masks[1].unique().tolist()) <= {0, 14, 255}
+    layer_heads = sum(sampler.denoiser.get_submodule(name[: -len(".processor")]).heads
+                      for name in sampler.capturing_layers)
+    assert held[2] == held[3] >= layer_heads * 2 * 2 * 4  # B x K x (one map of >= 4 pixels per layer-head) floats

@@ -3,14 +3,19 @@ import torch
 import torch.nn.functional as F
 
 from ondemand_seg.masks.maps import (
+    aggregate_heads,
     calibrate_threshold,
     fuse_resolutions,
+    head_weights,
     labels_from_maps,
     neglected_classes,
     normalize_maps,
     otsu_thresholds,
     propagate_self_attention,
     refine_with_affinity,
+    rescale_token_mass,
+    separation,
+    sharpen_attention,
 )
 
 
@@ -238,3 +243,109 @@ def test_a_slot_with_no_finite_value_is_not_called_neglected():
     assert neglected_classes({1: maps}, {1: 1.0}, torch.tensor([[2, 6]]), 0.5).tolist() == [[False, False]]
     maps[0, 0] = float("nan")
     assert not neglected_classes({1: maps}, {1: 1.0}, torch.tensor([[2, 6]]), 0.5).any()
+
+
+def heads_of(*maps):
+    """``[1, 1, M, h, w]`` layer-head maps from ``[h, w]`` ones."""
+    return torch.stack(maps)[None, None]
+
+
+def test_mean_aggregation_is_the_plain_mean():
+    maps = heads_of(blob(8, 0, 0, 4, 4), blob(8, 2, 2, 4, 4))
+    assert torch.equal(head_weights(maps, "mean"), torch.ones(1, 1, 2))
+    assert torch.allclose(aggregate_heads(maps, "mean"), maps.mean(2))
+
+
+def test_agreement_drops_the_head_that_looks_elsewhere():
+    noise = torch.rand(8, 8, generator=torch.Generator().manual_seed(0)) * 0.1
+    on_object = [blob(8, 2, 2, 4, 4) + noise, blob(8, 2, 3, 4, 4), blob(8, 3, 2, 4, 4)]
+    elsewhere = 1 - blob(8, 2, 2, 4, 4)  # the complement: mass everywhere but the object
+    weights = head_weights(heads_of(*on_object, elsewhere), "agreement")
+    assert weights.shape == (1, 1, 4) and weights[0, 0, 3] == 0 and (weights[0, 0, :3] > 0.5).all()
+    fused = aggregate_heads(heads_of(*on_object, elsewhere), "agreement")[0, 0]
+    assert fused.shape == (8, 8) and fused[4, 4] > fused[0, 0] + 0.5
+
+
+def test_entropy_weighs_peaked_maps_over_diffuse_ones():
+    peaked, diffuse = blob(8, 2, 2, 2, 2), torch.ones(8, 8)
+    weights = head_weights(heads_of(peaked, diffuse), "entropy")[0, 0]
+    assert torch.allclose(weights.sum(), torch.tensor(1.0)) and weights[0] > 0.99
+
+
+def test_aggregation_of_constant_maps_falls_back_to_the_mean_and_keeps_unknown_pixels_unknown():
+    constant = heads_of(torch.ones(4, 4), torch.ones(4, 4))
+    assert torch.equal(head_weights(constant, "agreement"), torch.ones(1, 1, 2))
+    with_nan = heads_of(blob(4, 0, 0, 2, 2), blob(4, 0, 0, 2, 2))
+    with_nan[0, 0, 1, 3, 3] = float("nan")
+    for mode in ("mean", "agreement", "entropy"):
+        fused = aggregate_heads(with_nan, mode)[0, 0]
+        assert fused[3, 3].isnan() and torch.isfinite(fused.flatten()[:-1]).all(), mode
+
+
+def test_aggregation_rejects_an_unknown_mode():
+    with pytest.raises(ValueError, match="aggregation must be one of .* got 'max'"):
+        head_weights(heads_of(torch.ones(2, 2)), "max")
+
+
+def test_token_rescaling_puts_a_weak_token_on_the_footing_of_a_strong_one():
+    # Two positions, three text tokens: a start token that takes most mass everywhere, a class word
+    # that takes little but mostly at position 0, and a second class word.
+    mass = torch.tensor([[0.80, 0.15, 0.05], [0.80, 0.05, 0.15]])[None, None]  # [B, H, N, T]
+    weights = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # [B, K, T]
+    plain = rescale_token_mass(mass, weights, "none")
+    assert torch.allclose(plain[0, 0], torch.tensor([[0.15, 0.05], [0.05, 0.15]]))
+    tokens = rescale_token_mass(mass, weights, "tokens")[0, 0]
+    # Each token divided by its own mean (start token 0.8, words 0.1): 1, 1.5 and 0.5, shares of 3.
+    assert torch.allclose(tokens[0], torch.tensor([1.5 / 3, 0.5 / 3]), atol=1e-6)
+    assert tokens[0, 0] > 3 * plain[0, 0, 0, 0]
+    classes = rescale_token_mass(mass, weights, "classes")[0, 0]
+    # Objectness (mean class mass 0.1) times the class's share among the classes (0.75 / 0.25).
+    assert torch.allclose(classes, torch.tensor([[0.075, 0.025], [0.025, 0.075]]), atol=1e-6)
+
+
+def test_class_rescaling_with_one_class_is_the_plain_map_and_unused_slots_stay_empty():
+    mass = torch.rand(2, 3, 5, 4, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    weights = torch.zeros(2, 2, 4)
+    weights[:, 0, 1] = 1
+    plain, classes = rescale_token_mass(mass, weights, "none"), rescale_token_mass(mass, weights, "classes")
+    assert classes.shape == (2, 3, 2, 5)
+    assert torch.allclose(classes[:, :, 0], plain[:, :, 0]) and classes[:, :, 1].abs().max() == 0
+    tokens = rescale_token_mass(mass, weights, "tokens")
+    assert torch.isfinite(tokens).all() and tokens[:, :, 1].abs().max() == 0
+    with pytest.raises(ValueError, match="token_rescaling must be one of .* got 'softmax'"):
+        rescale_token_mass(mass, weights, "softmax")
+
+
+def test_sharpened_attention_keeps_rows_stochastic_and_lowers_their_entropy():
+    attention = torch.rand(1, 6, 6, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    assert torch.equal(sharpen_attention(attention, 1.0), attention)
+    sharp = sharpen_attention(attention, 4.0)
+    assert torch.allclose(sharp.sum(-1), torch.ones(1, 6))
+    entropy = lambda a: -(a * a.log()).sum(-1)  # noqa: E731
+    assert (entropy(sharp) < entropy(attention)).all()
+    assert torch.equal(sharp.argmax(-1), attention.argmax(-1))
+
+
+def test_separation_is_one_for_two_levels_and_lower_for_a_ramp():
+    two_levels = torch.tensor([[[0.0, 0.0, 1.0, 1.0]]])
+    ramp = torch.linspace(0, 1, 16)[None, None]
+    assert torch.allclose(separation(two_levels), torch.ones(1, 1))
+    assert 0.5 < separation(ramp) < 0.9
+    assert separation(torch.ones(1, 1, 4)) == 0
+
+
+def test_separation_stop_stops_once_steps_no_longer_sharpen():
+    # Self-attention of two segments of 4 positions each, with a little leak between them: one step
+    # fills the segment a seed sits in; further steps only leak mass into the other segment.
+    inside = torch.block_diag(torch.full((4, 4), 0.25), torch.full((4, 4), 0.25))
+    attention = (0.9 * inside + 0.1 / 8)[None]
+    cross = torch.zeros(1, 1, 8)
+    cross[0, 0, 1] = 1.0
+    one = propagate_self_attention(cross, attention, power=1)
+    stopped = propagate_self_attention(cross, attention, power=8, stop="separation")
+    fixed = propagate_self_attention(cross, attention, power=8, stop="fixed")
+    assert torch.allclose(stopped, one)
+    contrast = lambda m: m.amin(-1) / m.amax(-1)  # noqa: E731
+    assert contrast(fixed) > 4 * contrast(stopped), "eight steps leak the map into the other segment"
+    with pytest.raises(ValueError, match="self_attention_stop must be one of .* got 'never'"):
+        propagate_self_attention(cross, attention, stop="never")

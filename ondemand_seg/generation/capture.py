@@ -13,6 +13,12 @@ tokens, and, for joint attention, ``"output"``, ConceptAttention's output-space 
 al., ICML 2025): image tokens' attention outputs compared with the class tokens' own attention
 outputs. For joint attention, ``joint_softmax`` says whether the mass is taken under the model's
 softmax over all keys (image and text) or renormalised over the text keys.
+
+Two options cost more than the head-averaged sums (``MaskConfig.aggregation`` and
+``token_rescaling``): ``per_head`` keeps one running sum per layer and head instead of one per
+resolution (``heads × layers`` times the maps, still constant in steps), and a ``rescaling`` other
+than ``"none"`` computes every text token's mass at each recorded call (a ``[B, heads, N, T]``
+tensor that lives for that call only) to rescale the class maps before they are summed.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from ..masks.attention import CapturedAttention
+from ..masks.maps import rescale_token_mass
 from ..pipelines.families import Family
 
 # How :func:`class_mass` computes the class tokens' share (``GeneratorConfig.capture_kernel``).
@@ -36,17 +43,25 @@ class AttentionStore:
 
     Call :meth:`begin` before a pipeline call; pass :meth:`on_step_end` as the pipeline's
     ``callback_on_step_end`` so the store knows the denoising step; read :meth:`captured` after.
-    ``kernel`` is how the class-token mass is computed (:func:`class_mass`).
+    ``kernel`` is how the class-token mass is computed (:func:`class_mass`). ``per_head`` also keeps
+    one running sum per layer and head (``MaskConfig.aggregation``); ``rescaling`` is the per-pixel
+    token rescaling applied to each recorded call's maps (``MaskConfig.token_rescaling``).
     """
 
-    def __init__(self, map_source: str = "attention", joint_softmax: str = "all", kernel: str = "auto") -> None:
+    def __init__(self, map_source: str = "attention", joint_softmax: str = "all", kernel: str = "auto",
+                 per_head: bool = False, rescaling: str = "none") -> None:
         if kernel not in CLASS_MASS_KERNELS:
             raise ValueError(f"class-mass kernel must be one of {CLASS_MASS_KERNELS}, got {kernel!r}")
         self.map_source = map_source
         self.joint_softmax = joint_softmax
         self.kernel = kernel
+        self.per_head = per_head
+        self.rescaling = rescaling
         self._sums: dict[int, torch.Tensor] = {}
         self.counts: dict[int, int] = {}
+        # Per layer (the capture processor's index): its factor and its [B, K, heads, N] running sum.
+        self._head_sums: dict[int, tuple[int, torch.Tensor]] = {}
+        self.head_counts: dict[int, int] = {}
         self.self_attention_factor: int | None = None
         self._self_sum: torch.Tensor | None = None
         self.self_count = 0
@@ -84,6 +99,8 @@ class AttentionStore:
         """Drop the batch's sums and stop recording until the next :meth:`begin`."""
         self._sums.clear()
         self.counts.clear()
+        self._head_sums.clear()
+        self.head_counts.clear()
         self.token_weights = None
         self._self_sum = None
         self.self_count = 0
@@ -137,10 +154,22 @@ class AttentionStore:
             factor *= 2
         raise ValueError(f"{num_queries} attention queries match no downsampling of the {h}x{w} latent")
 
-    def add(self, class_maps: torch.Tensor) -> None:
-        """Accumulate ``[B, K, N]`` head-averaged class attention of one layer at one step."""
+    def add(self, class_maps: torch.Tensor, layer: int | None = None) -> None:
+        """Accumulate one layer's class attention at one step: ``[B, K, N]`` head-averaged, or with
+        ``per_head`` ``[B, K, heads, N]`` and the layer's index (kept per layer and head, and
+        averaged over heads into the resolution's sum)."""
         factor = self.factor_of(class_maps.shape[-1])
         class_maps = class_maps.float()
+        if self.per_head:
+            if class_maps.dim() != 4 or layer is None:
+                raise ValueError("a per-head store takes [B, K, heads, N] maps with their layer's index")
+            if layer in self._head_sums:
+                self._head_sums[layer][1].add_(class_maps)
+                self.head_counts[layer] += 1
+            else:
+                self._head_sums[layer] = (factor, class_maps.clone())
+                self.head_counts[layer] = 1
+            class_maps = class_maps.mean(2)
         if factor in self._sums:
             self._sums[factor] += class_maps
             self.counts[factor] += 1
@@ -174,15 +203,52 @@ class AttentionStore:
             for f, s in self._sums.items()
         }
 
+    def head_maps(self) -> dict[int, torch.Tensor] | None:
+        """With ``per_head``, the mean map of every layer-head per factor: ``{factor: [B, K, M, h, w]}``
+        (``M`` heads of that factor's layers, layers in their processors' order); else ``None``."""
+        if not self.per_head:
+            return None
+        h, w = self.latent_size
+        by_factor: dict[int, list[torch.Tensor]] = {}
+        for layer in sorted(self._head_sums):
+            factor, total = self._head_sums[layer]
+            by_factor.setdefault(factor, []).append(total / self.head_counts[layer])
+        return {f: torch.cat(parts, 2).view(*parts[0].shape[:2], -1, math.ceil(h / f), math.ceil(w / f))
+                for f, parts in by_factor.items()}
+
     def captured(self) -> CapturedAttention:
         """The batch's recorded attention, detached from the store (read before :meth:`reset`)."""
         return CapturedAttention(self.maps(), self.self_attention(), self.self_attention_factor,
-                                 set(self.self_attention_factors_seen), self.latent_size)
+                                 set(self.self_attention_factors_seen), self.latent_size, self.head_maps())
 
     def memory_bytes(self) -> int:
         """Bytes held by the running sums (constant in the number of steps)."""
-        tensors = list(self._sums.values()) + ([self._self_sum] if self._self_sum is not None else [])
+        tensors = list(self._sums.values()) + [total for _, total in self._head_sums.values()]
+        tensors += [self._self_sum] if self._self_sum is not None else []
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def record(self, query: torch.Tensor, key: torch.Tensor, weights: torch.Tensor, scale: float,
+               mask: torch.Tensor | None = None, layer: int | None = None, kernel: str | None = None,
+               text: slice | None = None) -> None:
+        """Add one layer's class maps from its conditional queries and keys (:func:`class_mass`, or
+        with a rescaling :func:`token_mass` and :func:`~ondemand_seg.masks.maps.rescale_token_mass`).
+
+        ``weights`` are ``[B, K, M]`` over the keys; ``text`` (rescaling only): where the text keys
+        sit among the keys, default all of them.
+        """
+        kernel = self.kernel if kernel is None else kernel
+        if self.rescaling == "none":
+            maps = class_mass(query, key, weights, scale, mask, kernel, per_head=self.per_head)
+        else:
+            text = slice(0, key.shape[2]) if text is None else text
+            mass = token_mass(query, key, scale, mask, kernel, text)  # [B, heads, N, T]
+            maps = rescale_token_mass(mass, weights[:, :, text], self.rescaling).transpose(1, 2)  # [B, K, heads, N]
+            maps = maps if self.per_head else maps.mean(2)
+        # The layer index only where the store keeps layers apart: add(maps) is the head-averaged call.
+        if self.per_head:
+            self.add(maps, layer)
+        else:
+            self.add(maps)
 
 
 def _scores(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
@@ -196,9 +262,9 @@ def _scores(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tenso
 
 
 def class_mass(query: torch.Tensor, key: torch.Tensor, weights: torch.Tensor, scale: float,
-               mask: torch.Tensor | None = None, kernel: str = "auto") -> torch.Tensor:
+               mask: torch.Tensor | None = None, kernel: str = "auto", per_head: bool = False) -> torch.Tensor:
     """``[B, K, N]`` float32 head-averaged softmax mass on each class's keys: mean over heads of
-    ``softmax(q·kᵀ·scale + mask)·Wᵀ``.
+    ``softmax(q·kᵀ·scale + mask)·Wᵀ`` (``per_head``: ``[B, K, heads, N]``, each head's).
 
     Args:
         query: ``[B, heads, N, D]``; key: ``[B, heads, M, D]``; weights: ``[B, K, M]``, 1 where key
@@ -221,7 +287,7 @@ def class_mass(query: torch.Tensor, key: torch.Tensor, weights: torch.Tensor, sc
         if mask is not None:
             scores = scores + mask.float()
         mass = torch.matmul(scores.softmax(dim=-1), weights.float().transpose(1, 2)[:, None])  # [B, heads, N, K]
-        return mass.mean(1).transpose(1, 2)
+        return mass.permute(0, 3, 1, 2) if per_head else mass.mean(1).transpose(1, 2)
     # On CUDA, no float32 upcast: the fused kernels (memory-efficient, cuDNN) keep q·kᵀ and the
     # softmax in float32 accumulators, so a float16 model's scores cannot overflow, and only the
     # returned mass is rounded to the model's dtype. Elsewhere SDPA's math path would upcast
@@ -235,7 +301,22 @@ def class_mass(query: torch.Tensor, key: torch.Tensor, weights: torch.Tensor, sc
     if mask is not None:
         mask = mask.to(query.dtype)
     mass = F.scaled_dot_product_attention(query, key, values, attn_mask=mask, scale=scale)[..., :classes]
-    return mass.float().mean(1).transpose(1, 2)
+    return mass.float().permute(0, 3, 1, 2) if per_head else mass.float().mean(1).transpose(1, 2)
+
+
+def token_mass(query: torch.Tensor, key: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
+               kernel: str = "auto", text: slice | None = None) -> torch.Tensor:
+    """``[B, heads, N, T]`` float32 softmax mass of each query on each of the ``T`` text keys
+    ``text`` (default: every key), the softmax over all keys, for per-pixel token rescaling.
+
+    Shapes and ``kernel`` as in :func:`class_mass`, whose SDPA path this is with one value column
+    per text key (``T`` columns instead of ``K``).
+    """
+    text = slice(0, key.shape[2]) if text is None else text
+    tokens = len(range(*text.indices(key.shape[2])))
+    identity = torch.zeros(query.shape[0], tokens, key.shape[2], device=query.device)
+    identity[:, :, text] = torch.eye(tokens, device=query.device)
+    return class_mass(query, key, identity, scale, mask, kernel, per_head=True).permute(0, 2, 3, 1)
 
 
 class CaptureProcessor:
@@ -249,9 +330,11 @@ class CaptureProcessor:
     arguments its ``__call__`` names.
     """
 
-    def __init__(self, store: AttentionStore, replaced=None) -> None:
+    def __init__(self, store: AttentionStore, replaced=None, layer: int | None = None) -> None:
         self.store = store
         self.replaced = replaced
+        # Which text-attention layer this is (installation order), for per-head sums.
+        self.layer = layer
 
 
 class CrossAttentionCaptureProcessor(CaptureProcessor):
@@ -330,7 +413,7 @@ class CrossAttentionCaptureProcessor(CaptureProcessor):
         self.store.check_text_length(key.shape[2])
         query, key = self.store.conditional(query, key)
         mask = None if attention_mask is None else self.store.conditional(attention_mask)[0]
-        self.store.add(class_mass(query, key, self.store.token_weights, attn.scale, mask, self.store.kernel))
+        self.store.record(query, key, self.store.token_weights, attn.scale, mask, self.layer)
 
     def _record_self(self, attn: Attention, query, key) -> None:
         query, key = self.store.conditional(query, key)
@@ -339,13 +422,14 @@ class CrossAttentionCaptureProcessor(CaptureProcessor):
 
 
 def record_joint(store: AttentionStore, scale: float, query: torch.Tensor, key: torch.Tensor,
-                 output: torch.Tensor, text: slice, image: slice) -> None:
+                 output: torch.Tensor, text: slice, image: slice, layer: int | None = None) -> None:
     """Record one joint-attention layer's class maps (and self-attention, when wanted).
 
     Args:
         query, key: ``[batch, heads, S, D]`` after normalisation and rotary embedding, ``S`` the
             joint image + text sequence; output: the layer's ``[batch, heads, S, D]`` attention
-            output before its projection; text, image: where each part sits in the sequence.
+            output before its projection; text, image: where each part sits in the sequence;
+            layer: the layer's index (per-head sums).
     """
     store.check_text_length(text.stop - text.start)
     query, key, output = store.conditional(query, key, output)
@@ -355,15 +439,15 @@ def record_joint(store: AttentionStore, scale: float, query: torch.Tensor, key: 
         # ConceptAttention, with the prompt's own tokens as the concepts: each image token's
         # attention output is compared with every text token's, and the class tokens' share of
         # the softmax over text tokens is the map (no extra concept tokens are run).
-        store.add(class_mass(output[:, :, image], output[:, :, text], weights, scale, kernel=store.kernel))
+        store.record(output[:, :, image], output[:, :, text], weights, scale, layer=layer)
     elif store.joint_softmax == "text":
-        store.add(class_mass(q_image, key[:, :, text], weights, scale, kernel=store.kernel))
+        store.record(q_image, key[:, :, text], weights, scale, layer=layer)
     else:
         # The model's own softmax runs over every key, image keys included: always the SDPA kernel,
         # which on CUDA needs no [N, N + T] score tensor (the explicit kernel always writes one).
         indicator = weights.new_zeros(*weights.shape[:2], key.shape[2])
         indicator[:, :, text] = weights
-        store.add(class_mass(q_image, key, indicator, scale, kernel="sdpa"))
+        store.record(q_image, key, indicator, scale, layer=layer, kernel="sdpa", text=text)
     if store.wants_self_attention(q_image.shape[2]):
         probs = _scores(q_image, key[:, :, image], scale).softmax(dim=-1)
         store.add_self(probs.mean(1))
@@ -403,7 +487,8 @@ class JointAttentionCaptureProcessor(CaptureProcessor):
         output = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         if encoder_hidden_states is not None and self.store.recording:
             images = residual.shape[1]
-            record_joint(self.store, attn.scale, query, key, output, slice(images, key.shape[2]), slice(0, images))
+            record_joint(self.store, attn.scale, query, key, output, slice(images, key.shape[2]), slice(0, images),
+                         self.layer)
         hidden_states = output.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         if encoder_hidden_states is not None:
             hidden_states, encoder_hidden_states = hidden_states[:, : residual.shape[1]], hidden_states[:, residual.shape[1]:]
@@ -449,7 +534,7 @@ class FluxAttentionCaptureProcessor(CaptureProcessor):
         if self.store.recording:
             texts = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.store.text_length
             record_joint(self.store, attn.head_dim**-0.5, query.transpose(1, 2), key.transpose(1, 2),
-                         output.transpose(1, 2), slice(0, texts), slice(texts, query.shape[1]))
+                         output.transpose(1, 2), slice(0, texts), slice(texts, query.shape[1]), self.layer)
         hidden_states = output.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
@@ -487,7 +572,7 @@ def install_capture(denoiser: torch.nn.Module, store: AttentionStore, family: Fa
             current = current.replaced
         module = denoiser.get_submodule(name[: -len(".processor")])
         if _reads_text(module, family):
-            processors[name] = capture(store, current)
+            processors[name] = capture(store, current, len(captured))
             captured.append(name)
         elif self_attention and family.attention == "cross" and family.self_attention and isinstance(module, Attention):
             processors[name] = CrossAttentionCaptureProcessor(store, current)

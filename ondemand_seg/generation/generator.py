@@ -118,7 +118,8 @@ class CapturingPipeline:
         self.generator_config = dataclasses.replace(
             generator_config, num_inference_steps=steps,
             guidance_scale=self.spec.guidance_scale if guidance is None else guidance)
-        self.store = AttentionStore(mask_config.map_source, mask_config.joint_softmax, generator_config.capture_kernel)
+        self.store = AttentionStore(mask_config.map_source, mask_config.joint_softmax, generator_config.capture_kernel,
+                                    per_head=mask_config.aggregation != "mean", rescaling=mask_config.token_rescaling)
         self.store.self_attention_factor = mask_config.self_attention_factor
         self.call_options = call_options(pipeline, self.family)
         self.text = text_segments(pipeline, self.family, self.call_options)

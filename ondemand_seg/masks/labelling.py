@@ -1,8 +1,8 @@
 """From captured attention to label masks: the order in which the mask math runs.
 
-Fuse resolutions, optionally remove the attention's background floor, propagate through
-self-attention and refine along image colour, pick γ per map (fixed, per class, or Otsu), then
-label. Pure tensor code, testable without a model; the functions it chains live in
+Weigh each resolution's layer-heads (optionally from the maps themselves), fuse resolutions,
+optionally remove the attention's background floor, propagate through self-attention and refine
+along image colour, pick γ per map (fixed, per class, or Otsu), then label. Pure tensor code, testable without a model; the functions it chains live in
 :mod:`ondemand_seg.masks`. :func:`finite_samples` says which samples' recordings were corrupt (the
 math keeps their non-finite pixels out of the labels; the quality gate drops the samples).
 """
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..settings.config import MaskConfig
 from .attention import CapturedAttention
 from .maps import (
+    aggregate_heads,
     fuse_resolutions,
     labels_from_maps,
     normalize_maps,
@@ -64,7 +65,7 @@ def masks_from_attention(
     # Unset weights are normally the model's own (the generator fills them in); without a model
     # to ask, every captured grid counts equally.
     weights = config.resolution_weights or {factor: 1.0 for factor in captured.maps}
-    fused = fuse_resolutions(captured.maps, weights, size, config.normalization)
+    fused = fuse_resolutions(resolution_maps(captured, config), weights, size, config.normalization)
     if config.background_floor == "median":
         fused = normalize_maps(fused, "median")
     if config.self_attention_factor is not None:
@@ -83,6 +84,17 @@ def masks_from_attention(
     return fused, masks
 
 
+def resolution_maps(captured: CapturedAttention, config: MaskConfig) -> dict[int, torch.Tensor]:
+    """``{factor: [B, K, h_f, w_f]}``: each resolution's map, its layer-heads weighed as
+    ``config.aggregation`` says (``"mean"``: the capture's running mean)."""
+    if config.aggregation == "mean":
+        return captured.maps
+    if captured.head_maps is None:
+        raise ValueError(f"aggregation={config.aggregation!r} weighs layer-heads, but this capture kept only their "
+                         "mean; record with an AttentionStore(per_head=True) (the generator does so for this setting)")
+    return {factor: aggregate_heads(maps, config.aggregation) for factor, maps in captured.head_maps.items()}
+
+
 def _propagate(fused: torch.Tensor, captured: CapturedAttention, config: MaskConfig) -> torch.Tensor:
     """Self-attention refinement of ``[B, K, H, W]`` fused maps at the recorded resolution."""
     factor = config.self_attention_factor
@@ -91,10 +103,14 @@ def _propagate(fused: torch.Tensor, captured: CapturedAttention, config: MaskCon
                          f"this model's self-attention layers run at factors {sorted(captured.self_attention_factors_seen)}")
     h, w = (math.ceil(s / factor) for s in captured.latent_size)
     small = F.interpolate(fused, size=(h, w), mode="area").flatten(2)
-    spread = propagate_self_attention(small, captured.self_attention, config.self_attention_power)
-    # Only the change the propagation makes is upsampled and added: self-attention is usually
-    # coarser than the fused map, and replacing the map by its propagated self would throw away
-    # the map's finer detail.
+    spread = propagate_self_attention(small, captured.self_attention, config.self_attention_power,
+                                      config.self_attention_sharpness, config.self_attention_stop)
+    if config.self_attention_mode == "replace":
+        spread = F.interpolate(spread.view(*fused.shape[:2], h, w), size=fused.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        return normalize_maps(spread, config.normalization)
+    # "add": only the change the propagation makes is upsampled and added, which keeps the fused
+    # map's detail finer than the self-attention's grid.
     change = F.interpolate((spread - small).view(*fused.shape[:2], h, w), size=fused.shape[-2:], mode="bilinear",
                            align_corners=False)
     return normalize_maps(fused + change, config.normalization)

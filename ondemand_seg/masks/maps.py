@@ -11,6 +11,9 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from ..settings.config import MASK_AGGREGATIONS as AGGREGATIONS
+from ..settings.config import MASK_RESCALINGS as RESCALINGS
+from ..settings.config import SELF_ATTENTION_STOPS
 from ..settings.label_spaces import IGNORE_INDEX
 
 
@@ -251,17 +254,191 @@ def refine_with_affinity(
     return normalize_maps(refined, "minmax")
 
 
-def propagate_self_attention(cross: torch.Tensor, self_attention: torch.Tensor, power: int = 1) -> torch.Tensor:
-    """Spread cross-attention along the UNet's self-attention: ``A_self^power · A_cross``.
+# Spread of the entropy weights: a map 0.05 (in normalised entropy) more diffuse than another
+# counts e times less. A property of the weighting, not tuned per model.
+ENTROPY_TEMPERATURE = 0.05
+# Fixed-point rounds of the agreement weights (consensus, correlations, consensus, ...).
+AGREEMENT_ROUNDS = 3
+
+
+def _finite_flat(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``maps`` flattened over its last two dims with non-finite values set to 0, and where they were finite."""
+    flat = maps.float().flatten(-2)
+    finite = torch.isfinite(flat)
+    return torch.where(finite, flat, torch.zeros_like(flat)), finite
+
+
+def _correlation(maps: torch.Tensor, target: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation over the last dim of ``maps`` ``[..., M, N]`` with ``target`` ``[..., N]``,
+    over the ``known`` positions ``[..., M, N]`` only; 0 for a constant map."""
+    count = known.sum(-1, keepdim=True).clamp_min(1)
+    target = target.unsqueeze(-2).expand_as(maps)
+    centred = torch.where(known, maps - (maps * known).sum(-1, keepdim=True) / count, torch.zeros_like(maps))
+    target = torch.where(known, target - (target * known).sum(-1, keepdim=True) / count, torch.zeros_like(maps))
+    norm = centred.norm(dim=-1) * target.norm(dim=-1)
+    return (centred * target).sum(-1) / norm.clamp_min(1e-12)
+
+
+def head_weights(maps: torch.Tensor, mode: str) -> torch.Tensor:
+    """Weights of one resolution's layer-head maps, computed from the maps alone (no labels).
+
+    ``"mean"``: every map 1 (the plain mean). ``"agreement"``: a map's Pearson correlation with the
+    weighted mean of all maps (the consensus), starting from the plain mean and recomputed
+    :data:`AGREEMENT_ROUNDS` times; a map that disagrees (negative correlation: a head that puts
+    the class token's attention away from where the others put it) gets 0. ``"entropy"``:
+    ``softmax(-H / T)`` over the maps, ``H`` a map's spatial entropy (as a distribution over
+    positions) divided by its maximum, ``T`` :data:`ENTROPY_TEMPERATURE`: peaked maps count more.
+    Non-finite pixels take no part in the statistics.
+
+    Args:
+        maps: ``[B, K, M, h, w]`` non-negative attention of ``M`` layer-heads.
+    Returns:
+        ``[B, K, M]`` non-negative weights; a slot whose weights are all 0 gets the plain mean's.
+    """
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
+    flat, known = _finite_flat(maps)
+    uniform = torch.ones(flat.shape[:-1], device=flat.device)
+    if mode == "mean":
+        return uniform
+    if mode == "entropy":
+        share = flat.clamp_min(0) / flat.clamp_min(0).sum(-1, keepdim=True).clamp_min(1e-12)
+        entropy = -(share * share.clamp_min(1e-12).log()).sum(-1) / math.log(max(flat.shape[-1], 2))
+        return torch.softmax(-entropy / ENTROPY_TEMPERATURE, dim=-1)
+    weights = uniform
+    for _ in range(AGREEMENT_ROUNDS):
+        consensus = (weights.unsqueeze(-1) * flat).sum(-2) / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+        weights = _correlation(flat, consensus, known).clamp_min(0)
+    # No map agreeing with the consensus (all constant, say): keep the plain mean.
+    return torch.where(weights.sum(-1, keepdim=True) > 0, weights, uniform)
+
+
+def aggregate_heads(maps: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    """One map per class slot from one resolution's layer-head maps, weighted by :func:`head_weights`.
+
+    Args:
+        maps: ``[B, K, M, h, w]`` attention of ``M`` layer-heads (mean over the recorded steps).
+    Returns:
+        ``[B, K, h, w]`` the weighted mean; a pixel non-finite in a map with weight > 0 stays non-finite.
+    """
+    weights = head_weights(maps, mode)[..., None, None].to(maps.device)
+    # 0 * nan is nan: a head weighted 0 must drop out entirely, its unknown pixels included.
+    terms = torch.where(weights > 0, weights * maps.float(), torch.zeros_like(maps, dtype=torch.float32))
+    return terms.sum(2) / weights.sum(2).clamp_min(1e-12)
+
+
+def rescale_token_mass(mass: torch.Tensor, weights: torch.Tensor, mode: str = "none", eps: float = 1e-12) -> torch.Tensor:
+    """Class maps from the attention mass each position puts on each text token.
+
+    ``"none"``: a class's map is its tokens' mass (the plain map). ``"tokens"`` (GoCA's per-pixel
+    rescaling, Meng et al., CVPR 2026): each token's map is first divided by its own mean over the
+    positions, so that tokens whose scores run on different scales (a start token that takes mass
+    everywhere, a class word that takes it in places) are compared on one footing; a class's map is
+    then its tokens' share of the rescaled mass at each position. ``"classes"``: the same rescaling
+    among the prompt's class slots only, times the position's objectness (the mean raw mass of the
+    used slots): where an object is comes from the raw mass, which class it is from the rescaled
+    shares; with one class per prompt it is the plain map.
+
+    Args:
+        mass: ``[B, H, N, T]`` per-head softmax mass of ``N`` image positions on ``T`` text tokens.
+        weights: ``[B, K, T]`` 1 where token ``t`` names class slot ``k`` (a row of 0s: unused slot).
+    Returns:
+        ``[B, H, K, N]`` class maps, non-negative.
+    """
+    if mode not in RESCALINGS:
+        raise ValueError(f"token_rescaling must be one of {RESCALINGS}, got {mode!r}")
+    mass, weights = mass.float(), weights.float()
+    plain = torch.einsum("bhnt,bkt->bhkn", mass, weights)
+    if mode == "none":
+        return plain
+    if mode == "tokens":
+        scaled = mass / mass.mean(2, keepdim=True).clamp_min(eps)
+        share = scaled / scaled.sum(-1, keepdim=True).clamp_min(eps)
+        return torch.einsum("bhnt,bkt->bhkn", share, weights)
+    used = (weights.sum(-1) > 0).float()[:, None, :, None]  # [B, 1, K, 1]
+    scaled = plain / plain.mean(-1, keepdim=True).clamp_min(eps) * used
+    share = scaled / scaled.sum(2, keepdim=True).clamp_min(eps)
+    objectness = (plain * used).sum(2, keepdim=True) / used.sum(2, keepdim=True).clamp_min(1)
+    return objectness * share
+
+
+def separation(maps: torch.Tensor) -> torch.Tensor:
+    """How two-sided each map is: Otsu's between-class variance over the total variance (η, in
+    [0, 1]) at the map's own Otsu cut, of the map scaled to [0, 1].
+
+    Args:
+        maps: ``[B, K, N]`` (any non-negative scale).
+    Returns:
+        ``[B, K]``; 0 for a constant map.
+    """
+    low, high = maps.amin(-1, keepdim=True), maps.amax(-1, keepdim=True)
+    scaled = (maps - low) / (high - low).clamp_min(1e-12)
+    cut = otsu_thresholds(scaled.unsqueeze(-1)).unsqueeze(-1)
+    upper = scaled >= cut
+    share = upper.float().mean(-1)
+    mean_upper = (scaled * upper).sum(-1) / upper.sum(-1).clamp_min(1)
+    mean_lower = (scaled * ~upper).sum(-1) / (~upper).sum(-1).clamp_min(1)
+    between = share * (1 - share) * (mean_upper - mean_lower) ** 2
+    return between / scaled.var(-1, unbiased=False).clamp_min(1e-12) * (high - low).squeeze(-1).gt(0)
+
+
+def sharpen_attention(self_attention: torch.Tensor, sharpness: float = 1.0) -> torch.Tensor:
+    """Entropy-reduced self-attention: each row raised to ``sharpness`` and renormalised.
+
+    The same as the softmax of the row's log-probabilities at temperature ``1 / sharpness``, so a
+    row's entropy falls as ``sharpness`` grows and its order is kept: the weak, far-reaching
+    attention (the "irrelevant global information" iSeg, Sun et al. 2024, removes by gradient
+    descent on the entropy) fades first. ``sharpness`` 1 returns the rows unchanged.
+
+    Args:
+        self_attention: ``[B, N, N]`` row-stochastic.
+    Returns:
+        ``[B, N, N]`` row-stochastic.
+    """
+    if sharpness == 1:
+        return self_attention.float()
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.softmax(sharpness * self_attention.float().clamp_min(tiny).log(), dim=-1)
+
+
+def propagate_self_attention(cross: torch.Tensor, self_attention: torch.Tensor, power: int = 1,
+                             sharpness: float = 1.0, stop: str = "fixed") -> torch.Tensor:
+    """Spread cross-attention along the UNet's self-attention: ``A^power · A_cross``, ``A`` the
+    self-attention sharpened by :func:`sharpen_attention`.
+
+    ``stop="fixed"`` takes ``power`` steps. ``"separation"`` takes one step, then further steps
+    (up to ``power`` in all) for as long as each map's :func:`separation` keeps rising, each map
+    stopping on its own: repeated propagation first sharpens a map along the model's segments,
+    then blurs it towards the attention's stationary map, and the separation falls when it does.
 
     Args:
         cross: ``[B, K, N]`` class maps flattened at the self-attention's resolution.
         self_attention: ``[B, N, N]`` row-stochastic self-attention (query rows, key columns).
-        power: how many propagation steps (τ).
+        power: how many propagation steps (τ), the most with ``"separation"``.
+        sharpness: >= 1, the entropy reduction of ``A``.
     Returns:
         ``[B, K, N]`` propagated maps.
     """
-    out = cross.float().transpose(1, 2)  # [B, N, K]
-    for _ in range(power):
-        out = torch.bmm(self_attention.float(), out)
-    return out.transpose(1, 2)
+    if stop not in SELF_ATTENTION_STOPS:
+        raise ValueError(f"self_attention_stop must be one of {SELF_ATTENTION_STOPS}, got {stop!r}")
+    attention = sharpen_attention(self_attention, sharpness)
+
+    def step(maps: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(attention, maps.transpose(1, 2)).transpose(1, 2)
+
+    out = step(cross.float())
+    if stop == "fixed":
+        for _ in range(power - 1):
+            out = step(out)
+        return out
+    going = torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
+    score = separation(out)
+    for _ in range(power - 1):
+        candidate = step(out)
+        candidate_score = separation(candidate)
+        going = going & (candidate_score > score)
+        if not going.any():
+            break
+        out = torch.where(going.unsqueeze(-1), candidate, out)
+        score = torch.where(going, candidate_score, score)
+    return out

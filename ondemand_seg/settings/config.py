@@ -45,6 +45,15 @@ def config_dataclass(cls: type) -> type:
     return cls
 
 
+# The choices of MaskConfig's label-free repairs (the mask math in ondemand_seg.masks.maps reads them here).
+MASK_AGGREGATIONS = ("mean", "agreement", "entropy")
+MASK_RESCALINGS = ("none", "tokens", "classes")
+SELF_ATTENTION_MODES = ("add", "replace")
+SELF_ATTENTION_STOPS = ("fixed", "separation")
+# Past this the sharpened rows are one-hot in float32 for any attention a model gives.
+MAX_SHARPNESS = 64.0
+
+
 @config_dataclass
 class MaskConfig:
     """How captured text attention becomes a label mask.
@@ -80,6 +89,23 @@ class MaskConfig:
     "catastrophic neglect" of Attend-and-Excite, Chefer et al. 2023, found by the same per-token
     maximum) and labelled as if the prompt had not named it; 0 (the default, the paper's) keeps
     every class. With one class per prompt it never applies.
+
+    Label-free repairs for attention that was never taught to localise (GoCA, Meng et al., CVPR
+    2026; iSeg, Sun et al. 2024), all off by default. ``aggregation``: how the layers and heads of
+    one resolution are combined: ``"mean"`` (the paper's uniform mean), ``"agreement"`` (each
+    layer-head map weighted by its correlation with the weighted consensus, disagreeing ones 0) or
+    ``"entropy"`` (peaked maps weighted up); the capture then keeps one running sum per layer-head
+    (:func:`~ondemand_seg.masks.maps.head_weights`). ``token_rescaling``: per-pixel rescaling of a
+    class's attention against the prompt's other tokens, each token's map first divided by its own
+    mean: ``"tokens"`` (the class's share among all text tokens) or ``"classes"`` (objectness
+    times the class's share among the prompt's classes), applied per layer, head and step as
+    recorded (:func:`~ondemand_seg.masks.maps.rescale_token_mass`). ``self_attention_sharpness``
+    (>= 1) reduces the self-attention's entropy before propagating (rows raised to this power);
+    ``self_attention_mode``: ``"add"`` adds the change the propagation makes to the fused map,
+    ``"replace"`` takes the propagated map; ``self_attention_stop``: ``"fixed"`` takes
+    ``self_attention_power`` steps, ``"separation"`` stops each map (after at least one step, at
+    most ``self_attention_power``) once its Otsu separation stops rising
+    (:func:`~ondemand_seg.masks.maps.propagate_self_attention`).
     """
 
     resolution_weights: dict[int, float] | None = None
@@ -97,6 +123,11 @@ class MaskConfig:
     joint_softmax: str = "all"
     neglect_ratio: float = 0.0
     background_floor: str = "none"
+    aggregation: str = "mean"
+    token_rescaling: str = "none"
+    self_attention_sharpness: float = 1.0
+    self_attention_mode: str = "add"
+    self_attention_stop: str = "fixed"
 
     def __post_init__(self) -> None:
         if self.resolution_weights is not None:
@@ -159,6 +190,15 @@ class MaskConfig:
         self.neglect_ratio = check_finite("neglect_ratio", self.neglect_ratio)
         if not 0.0 <= self.neglect_ratio < 1.0:
             raise ValueError(f"neglect_ratio must be in [0, 1), got {self.neglect_ratio}")
+        choices = {"aggregation": MASK_AGGREGATIONS, "token_rescaling": MASK_RESCALINGS,
+                   "self_attention_mode": SELF_ATTENTION_MODES, "self_attention_stop": SELF_ATTENTION_STOPS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        self.self_attention_sharpness = check_finite("self_attention_sharpness", self.self_attention_sharpness)
+        if not 1.0 <= self.self_attention_sharpness <= MAX_SHARPNESS:
+            raise ValueError(f"self_attention_sharpness must be in [1, {MAX_SHARPNESS:g}], got "
+                             f"{self.self_attention_sharpness}")
 
 
 # GeneratorConfig(compile=True) marks the capture's step counters dynamic by a source-name pattern
