@@ -190,6 +190,7 @@ def generate_counting(sampler, seeds):
         del sampler.store.captured
 
 
+@pytest.mark.slow  # compiling the toy UNet takes most of a minute on 2 cores
 @pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile does not run on this Python")
 def test_compiled_capture_gives_the_same_masks_without_graph_breaks_or_per_step_graphs(monkeypatch):
     from torch._dynamo.testing import CompileCounter
