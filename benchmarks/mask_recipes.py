@@ -64,6 +64,7 @@ REPAIRS = {
     "entropy": {"aggregation": "entropy"},
     "rescale tokens": {"token_rescaling": "tokens"},
     "rescale classes": {"token_rescaling": "classes"},
+    "agreement + rescale classes": {"aggregation": "agreement", "token_rescaling": "classes"},
     "self-attention": {},
     "self-attention x2": {"self_attention_sharpness": 2.0},
     "self-attention x2, replace": {"self_attention_sharpness": 2.0, "self_attention_mode": "replace"},

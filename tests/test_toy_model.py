@@ -171,9 +171,11 @@ def test_cross_attention_at_several_resolutions(factor):
     assert batch.masks.shape == (1, 32, 32)
 
 
-def assert_streams_two_toyworld_samples(model):
-    """Two samples of ``model``'s stream pass the gate as 32 px image/ToyWorld-label pairs."""
-    stream = DiffuMaskStream(model, list(TOY_CLASSES[1:]), num_samples=2, seed=3, generator={"batch_size": 2})
+def assert_streams_two_toyworld_samples(model, mask=None):
+    """Two samples of ``model``'s stream (``mask``: settings over its preset) pass the gate as 32 px
+    image/ToyWorld-label pairs."""
+    stream = DiffuMaskStream(model, list(TOY_CLASSES[1:]), num_samples=2, seed=3, generator={"batch_size": 2},
+                             mask=mask)
     samples = list(stream)
     assert len(samples) == 2 and stream.stats()["accepted"] >= 2
     image, mask = samples[0]
@@ -191,9 +193,10 @@ def test_toy_mmdit_loads_as_sd3_without_t5_and_streams(monkeypatch):
     config = resolve_config("toy-mmdit")
     assert config.image_size == (32, 32) and config.label_space == TOY_CLASSES
     assert config.mask.joint_softmax == "text" and config.mask.resolution_weights == {1: 1.0}
-    # Sharpened self-attention replacing the map measured better on it (benchmarks/mask_recipes.py --repairs).
-    assert config.mask.self_attention_factor == 1 and config.mask.self_attention_mode == "replace"
     assert_streams_two_toyworld_samples("toy-mmdit")
+    # The repair that measured better on it (benchmarks/mask_recipes.py --repairs) streams too.
+    assert_streams_two_toyworld_samples("toy-mmdit", {"self_attention_factor": 1, "self_attention_sharpness": 2.0,
+                                                      "self_attention_mode": "replace"})
 
 
 def test_toy_unaided_has_self_attention_at_its_finest_grid_and_streams_with_its_preset(monkeypatch):
@@ -208,9 +211,9 @@ def test_toy_unaided_has_self_attention_at_its_finest_grid_and_streams_with_its_
     assert config.mask.class_thresholds == {} and config.mask.self_attention_factor == 1
     assert config.mask.refine == "affinity" and config.mask.resolution_weights == {2: 1.0}
     assert config.mask.threshold_mode == "otsu"
-    # Head weighting by agreement measured better on it (benchmarks/mask_recipes.py --repairs).
-    assert config.mask.aggregation == "agreement"
     assert_streams_two_toyworld_samples("toy-unaided")
+    # The repair that measured better on it (benchmarks/mask_recipes.py --repairs) streams too.
+    assert_streams_two_toyworld_samples("toy-unaided", {"aggregation": "agreement"})
 
 
 def test_mask_recipes_measures_each_recipe_on_the_same_images_and_confirms_the_best(tmp_path, capsys):
