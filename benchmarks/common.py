@@ -139,7 +139,8 @@ def measure_mask_quality(model, n: int, seed: int = 0, batch_size: int | None = 
         tuned = labels_from_maps(batch.fused, batch.class_ids, torch.full(batch.class_ids.shape, 0.5), 0.0)
         fixed = plain.generate(prompts, seeds).masks if other_readings else None
         other = {m: alt.generate(prompts, seeds).masks for m, alt in alternatives.items()}
-        reasons = gate(batch.images, batch.masks, source.quality_config, finite_maps=batch.finite_maps)
+        reasons = gate(batch.images, batch.masks, source.quality_config, finite_maps=batch.finite_maps,
+                       decoded=batch.decoded)
         images = batch.uint8_images()
         for j, name in enumerate(names):
             class_id = TOY_CLASSES.index(name)

@@ -556,3 +556,120 @@ def test_a_run_moves_from_2_ranks_x_2_workers_to_1_x_3_to_3_x_1_serving_each_sam
     rest, _ = phase(3, 1, [99, 99, 99], state)
     assert len(seen) == 6 and len(more) == 4
     assert collections.Counter(seen + more + rest) == dict.fromkeys(range(N), 2)
+
+
+def edited_copy(exports, fmt, tmp_path, **metadata_changes):
+    """A copy of the ``fmt`` export whose metadata has ``metadata_changes`` (``config__x`` sets ``config["x"]``)."""
+    import shutil
+
+    folder = tmp_path / f"edited-{fmt}"
+    shutil.copytree(exports[fmt][0], folder)
+    metadata = json.loads((folder / "metadata.json").read_text())
+    for key, value in metadata_changes.items():
+        *outer, last = key.split("__")
+        target = metadata
+        for part in outer:
+            target = target[part]
+        target[last] = value
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    return folder
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(label_space=["background", "circle"]), r"'label_space' \['background', 'circle'\] is not its config's"),
+    (dict(config__label_space=["background", "circle"], label_space=["background", "circle"]),
+     r"'classes' must be names of its label space \['background', 'circle'\], got \['circle', 'square'\]"),
+    (dict(classes=[1, 2]), r"'classes' must be names of its label space"),
+    (dict(config__image_size=[-1, "a"]), r"settings this version cannot read: image_size must be"),
+    (dict(config__vocabulary=None), r"settings this version cannot read"),
+    (dict(image_format="gif"), r"'image_format' must be one of jpg, png, got 'gif'"),
+    (dict(complete="yes"), r"'complete' must be true, got 'yes'"),
+    (dict(seed=-5), r"'seed' must be >= 0, got -5"),
+    (dict(gate=[1, 2]), r"'gate' must map reasons to counts"),
+    (dict(samples=12), r"says 3 shard\(s\) of 3 for 12 samples, which take 4"),
+])
+def test_metadata_that_lies_is_refused_at_construction_naming_the_field(exports, tmp_path, changes, message):
+    from ondemand_seg.exports import ExportSource
+
+    with pytest.raises(ExportError, match=message):
+        ExportSource(edited_copy(exports, "voc", tmp_path, **changes))
+
+
+def test_export_files_that_are_not_what_the_export_wrote_are_refused_naming_them(exports, tmp_path):
+    import os
+    import tarfile
+
+    from ondemand_seg.exports import ExportSource
+
+    def grey_png(array):
+        out = io.BytesIO()
+        PIL.Image.fromarray(array, "L").save(out, "PNG")
+        return out.getvalue()
+
+    voc = edited_copy(exports, "voc", tmp_path)
+    images, masks = voc / "VOCdevkit/VOC2012/JPEGImages", voc / "VOCdevkit/VOC2012/SegmentationClass"
+    outside = np.zeros((32, 32), np.uint8)
+    outside[4:9, 4:9] = 9  # the toy label space's 6 classes hold ids 0-5 (255 ignore)
+    (masks / "0000000002.png").write_bytes(grey_png(outside))
+    (images / "0000000001.jpg").write_bytes(grey_png(np.zeros((48, 40), np.uint8)))
+    (images / "0000000000.jpg").unlink()
+    (images / "0000000000.jpg").symlink_to("/dev/zero")
+    (masks / "0000000003.png").unlink()
+    os.mkfifo(masks / "0000000003.png")
+    (images / "0000000004.jpg").unlink()
+    (images / "0000000004.jpg").symlink_to(exports["hf"][0] / "metadata.json")  # a regular file, of another folder
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    # A 100-megapixel grey PNG's header, with one compressed row: decoding would allocate it all.
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 10000, 10000, 8, 0, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(bytes(10001))) + chunk(b"IEND", b"")
+    (images / "0000000005.jpg").write_bytes(bomb)
+    source = ExportSource(voc)
+    for index, message in [(0, "0000000000.jpg is not a regular file"), (1, "image is 48x40 .* export's image size is 32x32"),
+                           (2, r"mask holds label id\(s\) \[9\], outside the export's label space of 6 classes"),
+                           (3, "0000000003.png is a FIFO"), (4, "links to .*metadata.json, outside the export folder"),
+                           (5, "0000000005.jpg is 10000x10000, larger than any image")]:
+        with pytest.raises(ExportError, match=message):
+            source.samples([index])
+    (voc / "VOCdevkit/VOC2012/SampleRecords/000001.jsonl").unlink()
+    with pytest.raises(ExportError, match="cannot read .*SampleRecords/000001.jsonl: .* does not exist"):
+        ExportSource(voc)  # a missing shard is found at construction
+
+    wds = edited_copy(exports, "webdataset", tmp_path)
+    with tarfile.open(wds / "train-000000.tar", "a") as tar:
+        for name, kind in [("0000000001.mask.png", tarfile.REGTYPE)]:
+            info = tarfile.TarInfo(name)
+            data = grey_png(outside)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ExportError, match="train-000000.tar holds '0000000001.mask.png' twice"):
+        ExportSource(wds).samples([1])
+    with tarfile.open(wds / "train-000001.tar") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.name != "0000000003.image.png"]
+    with tarfile.open(wds / "train-000001.tar", "w") as tar:
+        for member, data in members:
+            if member.name == "0000000004.json":
+                member.size, data = 5, b"{nope"
+            tar.addfile(member, io.BytesIO(data))
+        link = tarfile.TarInfo("0000000003.image.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    with pytest.raises(ExportError, match="0000000003.image.png is not a file"):
+        ExportSource(wds).samples([3])
+    with pytest.raises(ExportError, match="0000000004.json is not a JSON record"):
+        ExportSource(wds).samples([4])
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    hf = edited_copy(exports, "hf", tmp_path)
+    shard = sorted((hf / "data").glob("*.parquet"))[0]
+    table = pq.read_table(shard)
+    pq.write_table(table.set_column(table.schema.get_field_index("index"), "index",
+                                    pa.array([str(i) for i in range(len(table))])), shard)
+    with pytest.raises(ExportError, match="needs a column 'index' of integer, has a column of string"):
+        ExportSource(hf).samples([0])

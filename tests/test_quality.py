@@ -149,7 +149,7 @@ def test_a_nan_in_one_attention_map_is_rejected_counted_and_never_served(tiny_sd
 
 def test_images_are_judged_as_served_and_masks_only_hold_label_ids():
     image, mask = good()
-    overexposed = image + 3.0  # clamps to white when stored: one colour
+    overexposed = image + 3.0  # far outside [0, 1]: clamped it would be white
     hot_pixel = torch.zeros(3, 64, 64)
     hot_pixel[:, 5, 5] = 1.0  # black but for one pixel
     big_mask = torch.zeros(64, 64, dtype=torch.long)
@@ -162,10 +162,55 @@ def test_images_are_judged_as_served_and_masks_only_hold_label_ids():
     negative[0, 0] = -1
     small = torch.stack([overexposed, image, image, image])
     assert gate(small, torch.stack([mask, outside, unknown, negative]), QualityConfig(), num_classes=13) == [
-        "constant image", "invalid label ids", "invalid label ids", "invalid label ids"]
+        "out-of-range image", "invalid label ids", "invalid label ids", "invalid label ids"]
     assert gate(image[None], unknown[None], QualityConfig()) == [None], "without a class count ids are not checked"
     assert gate(image[None], unknown[None], QualityConfig(), num_classes=14) == [None], "13 is an id of 14 classes"
     assert gate(hot_pixel[None], big_mask[None], QualityConfig()) == ["all-black image"]
     white_with_specks = torch.ones(3, 64, 64)
     white_with_specks[:, 0, :30] = 0.0  # under 1% of the pixels: a decoder scaled to [0, 255], clamped
     assert gate(white_with_specks[None], big_mask[None], QualityConfig()) == ["constant image"]
+
+
+def test_a_decoder_on_another_scale_is_rejected_before_clamping_while_vae_overshoot_passes():
+    image, mask = good()
+    image = torch.rand(3, 32, 32)
+    mask = torch.zeros(32, 32, dtype=torch.long)
+    mask[8:24, 8:24] = 12
+    dark = image.clone()
+    dark.view(-1)[::33] *= 0.003  # 3% of values near black
+    on_255 = dark * 255  # clamped it is 97% white: the case the other reasons let through
+    on_pm1 = image * 2 - 1  # a [-1, 1] decoder not denormalized: half the values below 0
+    overshoot = image * 1.1 - 0.05  # an ordinary VAE's overshoot: ~9% of values a little outside [0, 1]
+    spikes = image.clone()
+    spikes.view(-1)[::25] = 1.2  # 4% of values further out, still inside the margin
+    images = torch.stack([image, on_255, on_pm1, overshoot, spikes])
+    masks = torch.stack([mask] * 5)
+    assert gate(images, masks, QualityConfig()) == [None, "out-of-range image", "out-of-range image", None, None]
+    # Judged on what the decoder gave, before the pipeline clamped it.
+    clamped = images.clamp(0, 1)
+    assert gate(clamped, masks, QualityConfig()) == [None, None, None, None, None], "premise: clamped, they pass"
+    assert gate(clamped, masks, QualityConfig(), decoded=images)[1:3] == ["out-of-range image"] * 2
+    inf = image.clone()
+    inf[0, 0, 0] = float("inf")
+    assert gate(clamped[:1], masks[:1], QualityConfig(), decoded=inf[None]) == ["non-finite image"]
+    assert gate(images, masks, QualityConfig(max_out_of_range=1.0))[1:3] == [None, None], "1: not checked"
+    assert gate(images, masks, QualityConfig(range_margin=0.0, max_out_of_range=0.02))[3] == "out-of-range image"
+    for bad in (dict(range_margin=-0.1), dict(max_out_of_range=1.5), dict(max_out_of_range=float("nan"))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            QualityConfig(**bad)
+
+
+def test_a_decoder_scaled_to_255_stops_the_stream_under_its_own_reason(fast):
+    stream = DiffuMaskStream(RANDOM_WEIGHTS_MODEL, ["dog"], augment=False,
+                             quality=QualityConfig(max_consecutive_rejects=4), **fast)
+    vae = stream.source.capturing.pipeline.vae
+    decode = vae.decode
+
+    def decode_to_255(latents, *args, **kwargs):
+        out = decode(latents, *args, **kwargs)
+        return ((out[0] * 0.5 + 0.5) * 255 * 2 - 1,)  # what denormalizes to [0, 255]
+
+    vae.decode = decode_to_255
+    with pytest.raises(TooManyRejects, match=r"'out-of-range image': 4.*QualityConfig.max_out_of_range"):
+        next(iter(stream))
+    assert stream.stats()["accepted"] == 0

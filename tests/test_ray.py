@@ -191,6 +191,23 @@ def test_bad_export_arguments_are_named_before_ray_is_handed_anything(no_model, 
     assert exit.value.code == 2
 
 
+def test_an_address_where_no_cluster_listens_is_a_usage_error_not_a_wait(no_model, nothing_on_ray, tmp_path, capsys):
+    import socket
+    import time
+
+    with socket.socket() as closed:  # a port nothing listens on: bound, then released
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    for address, message in [(f"127.0.0.1:{port}", "nothing accepts a connection there"),
+                             ("bogus.invalid:1", "nothing accepts a connection there"),
+                             ("nohost", "must be 'auto', 'local', HOST:PORT")]:
+        started = time.monotonic()
+        with pytest.raises(SystemExit) as exit:  # ray.init waited minutes for a cluster's head there
+            main(["export", "--out", str(tmp_path / "out"), "--n", "4", "--address", address])
+        assert exit.value.code == 2 and message in capsys.readouterr().err
+        assert time.monotonic() - started < 30
+
+
 @pytest.mark.slow
 def test_two_actors_stream_to_two_training_workers_every_index_once(ray_instance, reference):
     # Not materialized: the two readers pull rows while the actors generate them.

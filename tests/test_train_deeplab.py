@@ -7,6 +7,7 @@ status, a file-size limit, DDP, a resume in a new process), and those that take 
 """
 import collections
 import contextlib
+import copy
 import importlib.util
 import io
 import itertools
@@ -1192,3 +1193,33 @@ def test_the_segmenter_skips_dilated_taps_that_read_padding_only(monkeypatch):
     model = trainer.build_model(args, 6)
     cropped = [m for m in model.modules() if type(m).__name__ == "TapCroppedConv2d"]
     assert len(cropped) == 6  # the ASPP's three branches and MobileNetV3's three dilated convs
+
+
+def test_a_checkpoint_whose_loader_states_were_tampered_is_refused_naming_them(synthetic_run, tmp_path, monkeypatch,
+                                                                               capsys):
+    from ondemand_seg.data.stream import find_stream_states
+
+    trainer = load_trainer(monkeypatch)
+    saved = torch.load(synthetic_run.root / "whole" / "checkpoint_000002.pt", weights_only=True)
+
+    def served_negative(checkpoint):
+        find_stream_states(checkpoint["loader"])[0]["served"] = -7
+
+    def state_removed(checkpoint):  # the worker would start from the beginning, serving its samples again
+        state = find_stream_states(checkpoint["loader"])[0]
+        for key in ("served", "plan", "fingerprint"):
+            state.pop(key)
+
+    def loader_a_string(checkpoint):  # an AssertionError inside torchdata before
+        checkpoint["loader"] = "x"
+
+    for tamper, message in [(served_negative, "stream state's served must be >= 0, got -7"),
+                            (state_removed, r"rank 0's loader state holds 0 stream state\(s\), not one per worker \(1\)"),
+                            (loader_a_string, "its 'loader' must hold one DataLoader state per rank, got str")]:
+        checkpoint = copy.deepcopy(saved)
+        tamper(checkpoint)
+        path = tmp_path / f"{tamper.__name__}.pt"
+        torch.save(checkpoint, path)
+        error = refusal(trainer, capsys, [*synthetic_run.flags, "--output-dir", str(tmp_path / tamper.__name__),
+                                          "--resume", str(path)])
+        assert re.search(f"--resume {re.escape(str(path))}: {message}", error), error

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from ondemand_seg import AugmentConfig, DiffuMaskAugment, DiffuMaskDataset, DiffuMaskStream, SegmentationTransform
 from ondemand_seg.cli import HelpFormatter, add_generator_arguments, resolve_generator
 from ondemand_seg.data.label_noise import LabelNoiseFilter
-from ondemand_seg.data.stream import find_stream_states
+from ondemand_seg.data.stream import check_stream_state, find_stream_states
 from ondemand_seg.exports import ExportError, ExportSource
 from ondemand_seg.pipelines.devices import check_device
 from ondemand_seg.settings.label_spaces import class_ids
@@ -776,11 +776,31 @@ def restore_data_position(run: Run, checkpoint: dict) -> str | None:
     interrupted one is not served; the real images' augmentation counts restart).
     """
     args = run.args
-    old = (len(checkpoint["loader"]), int(checkpoint.get("args", {}).get("workers", args.workers)))
+    loaders = checkpoint["loader"]
+    if not isinstance(loaders, list) or not loaders or not all(isinstance(state, dict) for state in loaders):
+        raise FlagError(f"--resume {args.resume}: its 'loader' must hold one DataLoader state per rank, got "
+                        f"{type(loaders).__name__}{'' if not isinstance(loaders, list) else f' of {len(loaders)}'}")
+    old = (len(loaders), int(checkpoint.get("args", {}).get("workers", args.workers)))
     new = (run.world, args.workers)
     if old == new:
+        if isinstance(run.train_data, DiffuMaskStream):
+            # Each worker's stream state (one without workers): a missing one would start that
+            # worker from the beginning, serving its samples again.
+            states = find_stream_states(loaders[run.rank])
+            try:
+                if len(states) != max(args.workers, 1):
+                    raise ValueError(f"rank {run.rank}'s loader state holds {len(states)} stream state(s), not one per "
+                                     f"worker ({max(args.workers, 1)})")
+                for state in states:
+                    check_stream_state(state)
+            except ValueError as error:
+                raise FlagError(f"--resume {args.resume}: {error}") from None
         replay_sampler_epochs(run.loader.sampler, args.seed, run.epoch)
-        run.loader.load_state_dict(checkpoint["loader"][run.rank])
+        try:
+            run.loader.load_state_dict(loaders[run.rank])
+        except (ValueError, KeyError, TypeError, AssertionError) as error:  # torchdata asserts its layout
+            raise FlagError(f"--resume {args.resume}: rank {run.rank}'s loader state cannot be loaded: "
+                            f"{type(error).__name__}: {error}") from None
         return None
     moved = f"{process_layout(*old)} -> {process_layout(*new)}"
     if isinstance(run.train_data, DiffuMaskStream):

@@ -76,7 +76,9 @@ class GeneratedBatch:
     class_ids: ``[B, K]`` the label of each map (0 = unused slot, or a class the model neglected);
     finite_maps: ``[B]`` bool, False where a sample's attention maps held a non-finite value
     (``None``: not checked); neglected: ``[B]`` long, classes of each prompt labelled as not drawn
-    (``MaskConfig.neglect_ratio``).
+    (``MaskConfig.neglect_ratio``); decoded: ``[B, 3, H, W]`` float, the decoder's images before
+    the pipeline clamped them to [0, 1] (``None``: not recorded), which the quality gate's range
+    check reads.
     """
 
     images: torch.Tensor
@@ -85,6 +87,7 @@ class GeneratedBatch:
     class_ids: torch.Tensor | None = None
     finite_maps: torch.Tensor | None = None
     neglected: torch.Tensor | None = None
+    decoded: torch.Tensor | None = None
 
     def uint8_images(self) -> np.ndarray:
         """The images as ``[B, H, W, 3]`` uint8 RGB (what samples, oracles and labellers take)."""
@@ -156,9 +159,10 @@ class CapturingPipeline:
                          cfg.num_inference_steps, mask_config.timestep_window)
         # One generator per image, so an image does not depend on the batch it was drawn in.
         generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
+        decoded: list[torch.Tensor] = []
         try:
             compiled = compile_settings() if cfg.compile else contextlib.nullcontext()
-            with torch.inference_mode(), compiled:
+            with torch.inference_mode(), compiled, recording_decoded(pipe, decoded):
                 images = pipe(
                     prompt=[p.text for p in prompts],
                     height=size[0],
@@ -180,9 +184,37 @@ class CapturingPipeline:
         finally:
             self.store.reset()
         counts = neglected.sum(1).cpu()
+        raw = decoded[0].float().cpu() if len(decoded) == 1 and decoded[0].shape == images.shape else None
         if keep_maps:
-            return GeneratedBatch(images.float().cpu(), masks.cpu(), fused.cpu(), ids, finite.cpu(), counts)
-        return GeneratedBatch(images.float().cpu(), masks.cpu(), finite_maps=finite.cpu(), neglected=counts)
+            return GeneratedBatch(images.float().cpu(), masks.cpu(), fused.cpu(), ids, finite.cpu(), counts, raw)
+        return GeneratedBatch(images.float().cpu(), masks.cpu(), finite_maps=finite.cpu(), neglected=counts, decoded=raw)
+
+
+@contextlib.contextmanager
+def recording_decoded(pipe: Any, into: list[torch.Tensor]):
+    """Within the block, ``pipe``'s image processor appends to ``into`` each image batch it is
+    given, brought to [0, 1] as it would be (denormalized) but not clamped: diffusers' ``postprocess``
+    clamps, which would hide a decoder that gives values on another scale. A pipeline without a
+    ``VaeImageProcessor``-like ``image_processor`` records nothing."""
+    processor = getattr(pipe, "image_processor", None)
+    postprocess = getattr(processor, "postprocess", None)
+    config = getattr(processor, "config", None)
+    if postprocess is None or config is None:
+        yield
+        return
+
+    def recording(image, output_type="pil", do_denormalize=None, **options):
+        if isinstance(image, torch.Tensor) and image.ndim == 4 and output_type != "latent":
+            flags = do_denormalize if do_denormalize is not None else [bool(getattr(config, "do_normalize", False))] * len(image)
+            scale = torch.tensor([0.5 if flag else 1.0 for flag in flags], device=image.device).view(-1, 1, 1, 1)
+            into.append(image.float() * scale + (1.0 - scale))
+        return postprocess(image, output_type=output_type, do_denormalize=do_denormalize, **options)
+
+    processor.postprocess = recording
+    try:
+        yield
+    finally:
+        del processor.postprocess
 
 
 _PALETTE = voc_palette()
@@ -441,7 +473,7 @@ class DiffuMaskGenerator:
             seeds = [sample_seed(self.seed, i, a, SubStream.IMAGE) for i, a in keys]
             batch = self._generate(prompts, seeds, keep_maps=False)
             reasons = gate(batch.images, batch.masks, self.quality_config, finite_maps=batch.finite_maps,
-                           num_classes=len(self.label_space))
+                           num_classes=len(self.label_space), decoded=batch.decoded)
             self.gate_stats.add(reasons)
             if batch.neglected is not None:
                 self.neglected_classes.add(int(batch.neglected.sum()))

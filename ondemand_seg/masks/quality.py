@@ -13,6 +13,8 @@ REJECT_CAUSES = {
     "non-finite image": "the model or its dtype is broken (NaN/inf pixels; try float32 or bfloat16)",
     "non-finite attention": "the captured attention held NaN/inf: a numerics or dtype problem in the "
                             "denoiser (try float32 or bfloat16), not a threshold problem",
+    "out-of-range image": "the decoder gives values far outside [0, 1] (a [0, 255] or [-1, 1] scale, or a "
+                          "wrong VAE scaling factor) that clamping would hide (QualityConfig.max_out_of_range)",
     "all-black image": "the model or its dtype is broken (the decoder gives black images)",
     "constant image": "the decoder gives one-colour images while the attention still places objects: a broken "
                       "VAE or dtype, or latents that collapsed (QualityConfig.constant_level)",
@@ -26,16 +28,20 @@ REJECT_REASONS = tuple(REJECT_CAUSES)
 
 
 def gate(images: torch.Tensor, masks: torch.Tensor, config: QualityConfig,
-         finite_maps: torch.Tensor | None = None, num_classes: int | None = None) -> list[str | None]:
+         finite_maps: torch.Tensor | None = None, num_classes: int | None = None,
+         decoded: torch.Tensor | None = None) -> list[str | None]:
     """Why each sample fails the gate, or ``None`` when it passes.
 
     The image is judged as it will be served: clamped to [0, 1] (as it is stored in uint8). "All
     black" looks at the 99th percentile of its values and "constant" at the values between each
     channel's 1st and 99th percentile, so a few stray pixels do not make a black or one-colour
-    image pass.
+    image pass. "Out of range" is judged before clamping, on ``decoded`` (or ``images`` when it is
+    ``None``).
 
     Args:
         images: ``[B, 3, H, W]`` float, [0, 1] when valid.
+        decoded: ``[B, 3, H, W]`` float, the decoder's images before the pipeline clamped them
+            (``None``: ``images`` are unclamped).
         masks: ``[B, H, W]`` long label ids, 255 ignore.
         finite_maps: ``[B]`` bool, False where the sample's attention maps were non-finite
             (``None``: not checked).
@@ -49,7 +55,12 @@ def gate(images: torch.Tensor, masks: torch.Tensor, config: QualityConfig,
         raise ValueError(f"finite_maps must be a [{batch}] bool tensor (one per image), "
                          f"got {finite_maps.dtype} of shape {tuple(finite_maps.shape)}")
     finite = torch.isfinite(images).flatten(1).all(1)
+    if decoded is not None:  # an inf clamped by the pipeline is still a broken image
+        finite &= torch.isfinite(decoded).flatten(1).all(1)
     finite_attention = torch.ones(batch, dtype=torch.bool) if finite_maps is None else finite_maps.cpu()
+    raw = torch.nan_to_num((images if decoded is None else decoded).float(), nan=0.5)
+    outside = ((raw < -config.range_margin) | (raw > 1.0 + config.range_margin)).flatten(1).float().mean(1)
+    out_of_range = outside > config.max_out_of_range
     served = torch.nan_to_num(images.float(), nan=0.0).clamp(0, 1)
     black = served.flatten(1).quantile(0.99, dim=1) <= config.black_level
     # One colour: every channel flat, whatever its level; judged on the values between each
@@ -69,6 +80,8 @@ def gate(images: torch.Tensor, masks: torch.Tensor, config: QualityConfig,
             reasons.append("non-finite image")
         elif not finite_attention[i]:
             reasons.append("non-finite attention")
+        elif out_of_range[i]:
+            reasons.append("out-of-range image")
         elif not valid[i]:
             reasons.append("invalid label ids")
         elif black[i]:

@@ -37,6 +37,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Seconds to wait for a cluster's head to accept a connection: ray.init itself waits minutes on an
+# address where nothing listens.
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_address(address: str | None) -> None:
+    """``address`` when it is ``None``, ``"auto"``, ``"local"`` or a ``[ray://]HOST:PORT`` that accepts
+    a connection; a ValueError naming it otherwise."""
+    import socket
+
+    if address is None or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--address {address!r} must be 'auto', 'local', HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        raise ValueError(f"--address {address!r}: nothing accepts a connection there ({error}); is the cluster's "
+                         "head running at that address?") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; a bad flag value is a usage error (exit 2) naming it, before Ray starts."""
     from ..exports.plan import ExportError
@@ -51,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_export_args(args.out, args.n, start=args.start, format=args.format, shard_size=args.shard_size,
                           image_format=args.image_format)
         config, classes = resolve_generator(args)
+        check_address(args.address)
     except (ValueError, TypeError, ImportError, FileNotFoundError) as error:
         parser.error(str(error))
     if args.address is not None:

@@ -273,12 +273,19 @@ class QualityConfig:
     [0, 1), since at 1 every image would be. ``constant_level``: an image each of whose channels'
     values (in [0, 1]) has a standard deviation at most this is "constant": one colour, drawn by
     a broken decoder even where the attention maps (and so the mask) show objects; in [0, 0.5].
+    ``range_margin`` and ``max_out_of_range``: an image more than ``max_out_of_range`` of whose
+    decoded values (before clamping to [0, 1]) lie more than ``range_margin`` outside [0, 1] is
+    "out of range": a decoder giving [0, 255] or [-1, 1] values, which clamped would look white or
+    half black. A VAE's ordinary overshoot (a few percent of values a little outside [0, 1]) stays
+    inside the margin; ``max_out_of_range`` in [0, 1] (1: not checked), ``range_margin`` >= 0.
     """
 
     min_foreground: float = 0.005
     max_foreground: float = 0.98
     black_level: float = 0.02
     constant_level: float = 0.01
+    range_margin: float = 0.25
+    max_out_of_range: float = 0.05
     max_consecutive_rejects: int = 50
 
     def __post_init__(self) -> None:
@@ -292,6 +299,12 @@ class QualityConfig:
         self.constant_level = check_finite("constant_level", self.constant_level)
         if not 0.0 <= self.constant_level <= 0.5:
             raise ValueError(f"constant_level must be in [0, 0.5], got {self.constant_level}")
+        self.range_margin = check_finite("range_margin", self.range_margin)
+        if self.range_margin < 0.0:
+            raise ValueError(f"range_margin must be >= 0, got {self.range_margin}")
+        self.max_out_of_range = check_finite("max_out_of_range", self.max_out_of_range)
+        if not 0.0 <= self.max_out_of_range <= 1.0:
+            raise ValueError(f"max_out_of_range must be in [0, 1], got {self.max_out_of_range}")
         self.max_consecutive_rejects = check_int("max_consecutive_rejects", self.max_consecutive_rejects)
         if not 0.0 <= self.min_foreground < self.max_foreground <= 1.0:
             raise ValueError(
