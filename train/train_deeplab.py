@@ -49,6 +49,7 @@ from ondemand_seg.data.stream import check_stream_state, find_stream_states
 from ondemand_seg.exports import ExportError, ExportSource
 from ondemand_seg.pipelines.devices import check_device
 from ondemand_seg.settings.label_spaces import class_ids
+from ondemand_seg.settings.validation import MAX_IMAGE_SIDE
 from ondemand_seg.metrics import ConfusionMatrix
 from ondemand_seg.toyworld import TOY_CLASSES, write_voc
 from dilated_convs import crop_dilated_convs
@@ -62,8 +63,8 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 PROG = Path(__file__).name
 
 
-# The largest image side the library generates (ondemand_seg.settings.validation.MAX_IMAGE_SIDE).
-MAX_CROP_SIZE = 8192
+# Crops are allocated whole: no larger than the largest image side the library generates.
+MAX_CROP_SIZE = MAX_IMAGE_SIDE
 
 class FlagError(SystemExit):
     """A bad flag: :func:`cli` prints it as argparse prints its own errors (``train_deeplab.py:
