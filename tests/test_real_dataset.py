@@ -59,7 +59,7 @@ def test_tags_from_a_file_or_a_function(labeler, samples, tmp_path):
     from_function = PseudoLabelledDataset([s.image for s in samples], lambda i: samples[i].class_names, labeler,
                                           augment=False)
     assert torch.equal(from_file[2][1], from_function[2][1])
-    with pytest.raises(ValueError, match=r"no tags for image index\(es\) \[4\]"):
+    with pytest.raises(ValueError, match=r"no tags for image\(s\) \['4'\]"):
         read_tags(path, 5)
     with pytest.raises(ValueError, match="3 entries for 4 images"):
         PseudoLabelledDataset([s.image for s in samples], [s.class_names for s in samples[:3]], labeler)

@@ -196,8 +196,10 @@ def versions(format: str) -> dict[str, str]:
             **{name: importlib.metadata.version(name) for name in packages if name is not None}}
 
 
-def finish(folder: ExportFolder, generator: DiffuMaskGenerator, options: ExportOptions, plan: dict) -> dict:
-    """The metadata: complete (written now) when every shard has its stats file, else as it stands."""
+def finish(folder: ExportFolder, generator: DiffuMaskGenerator, options: ExportOptions, plan: dict,
+           extra: dict | None = None) -> dict:
+    """The metadata: complete (written now) when every shard has its stats file, else as it stands.
+    ``extra``: fields added to (or replacing) the generator's, such as a pseudo-label export's."""
     shards = options.shards()
     if not all(folder.is_done(shard) for shard in shards):
         return folder.read_metadata()
@@ -212,7 +214,7 @@ def finish(folder: ExportFolder, generator: DiffuMaskGenerator, options: ExportO
         "label_space": list(generator.label_space),
         "palette": {**colours, "ignore": palette[3 * IGNORE_INDEX:3 * IGNORE_INDEX + 3]},
         "ignore_index": IGNORE_INDEX, "versions": versions(options.format),
-        **folder.summary(shards, generator.label_space), "plan": plan,
+        **folder.summary(shards, generator.label_space), "plan": plan, **(extra or {}),
     }
     write_json(folder.metadata_path, metadata)
     return metadata

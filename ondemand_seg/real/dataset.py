@@ -2,7 +2,7 @@
 same transform contract as the stream, so they mix with real and generated data in a ``ConcatDataset``."""
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
@@ -11,29 +11,56 @@ import numpy as np
 import PIL.Image
 import torch
 from torchvision.datasets import VisionDataset
+from tqdm.auto import tqdm
 
 from ..data.transforms import JointTransform, SegmentationTransform, apply_transforms, joint_transforms
 from ..generation.seeding import augment_seed
+from ..settings.files import read_json
 from ..settings.label_spaces import IGNORE_INDEX, voc_palette
 from .images import to_rgb_tensor
-from .labeler import DiffuMaskLabeler
+from .labeler import DiffuMaskLabeler, PseudoLabel
 
 Tags = Union[Sequence[Sequence[str]], Callable[[int], Sequence[str]], str, os.PathLike, None]
 _PALETTE = voc_palette()
 
 
-def read_tags(path: str | os.PathLike, length: int) -> list[list[str]]:
+def read_tags(path: str | os.PathLike, length: int, names: Sequence[str] | None = None,
+              label_space: Sequence[str] | None = None) -> list[list[str]]:
     """A tags file: JSON, either a list with one list of class names per image (dataset order) or an
-    object mapping each image's index (as a string) to its list; every image must have an entry."""
-    data = json.loads(Path(path).read_text())
+    object mapping each image to its list, by its index (as a string) or, when ``names`` gives the
+    images' names (an image folder's file names), by its name; every image must have an entry.
+
+    Args:
+        length: the number of images. names: their names, in order, for an object keyed by name.
+        label_space: when given, every class named must be one of its classes (not its background).
+
+    Raises:
+        FileNotFoundError, ValueError: naming the file and, for a bad entry, the image and the value.
+    """
+    data = read_json(path)
     if isinstance(data, dict):
-        missing = [i for i in range(length) if str(i) not in data]
+        keys = [str(i) for i in range(length)] if names is None else [str(i) if str(i) in data else name
+                                                                       for i, name in enumerate(names)]
+        missing = [key for key in keys if key not in data]
         if missing:
-            raise ValueError(f"{path}: no tags for image index(es) {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-        data = [data[str(i)] for i in range(length)]
-    if not isinstance(data, list) or len(data) != length or not all(isinstance(t, list) for t in data):
+            raise ValueError(f"{path}: no tags for image(s) {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        unknown = sorted(set(data) - set(keys))
+        if unknown:
+            raise ValueError(f"{path} has tags for {unknown[:10]}{' ...' if len(unknown) > 10 else ''}, not among the "
+                             f"{length} images")
+        data = [data[key] for key in keys]
+    if not isinstance(data, list) or len(data) != length:
+        found = f"a list of {len(data)}" if isinstance(data, list) else type(data).__name__
         raise ValueError(f"{path} must hold one list of class names per image ({length}), as a JSON list or an "
-                         "object of index: list")
+                         f"object of index{' or file name' if names is not None else ''}: list; got {found}")
+    for i, tags in enumerate(data):
+        image = f"image {i}" + (f" ({names[i]})" if names is not None else "")
+        if not isinstance(tags, list) or not tags or not all(isinstance(tag, str) for tag in tags):
+            raise ValueError(f"{path}: {image} has tags {tags!r}; give a non-empty list of class names")
+        bad = [tag for tag in tags if label_space is not None and tag not in label_space[1:]]
+        if bad:
+            raise ValueError(f"{path}: {image} names {bad[0]!r}, not in the label space; known classes: "
+                             f"{', '.join(label_space[1:])}")
     return data
 
 
@@ -48,9 +75,10 @@ class PseudoLabelledDataset(VisionDataset):
     counts it.
 
     Args:
-        images: the unlabelled images.
+        images: the unlabelled images (a folder of files: :class:`~ondemand_seg.real.images.ImageFolderImages`).
         tags: per image, the classes it contains: a sequence of lists, a function of the index, or
-            the path of a JSON tags file (:func:`read_tags`); ``None`` reads every candidate class
+            the path of a JSON tags file (:func:`read_tags`; keyed by index or, for images with
+            ``names`` such as a folder's, by file name); ``None`` reads every candidate class
             (the labeller's presence test decides).
         labeler: the labeller (default: ``DiffuMaskLabeler(model, seed=seed, **settings)``).
         transforms, transform, target_transform: torchvision's meaning; default the stream's
@@ -58,7 +86,7 @@ class PseudoLabelledDataset(VisionDataset):
             (``augment`` says whether it augments).
         seed: seeds the augmentation of item ``i`` (with ``i``).
     Pseudo-masks are kept once made (per process: each DataLoader worker keeps those it made);
-    :meth:`label_all` labels every image in batches up front.
+    :meth:`label_all` labels every image in batches up front, :meth:`export` writes them to disk.
     """
 
     def __init__(self, images: Sequence[Any], tags: Tags = None, labeler: DiffuMaskLabeler | None = None, *,
@@ -69,8 +97,11 @@ class PseudoLabelledDataset(VisionDataset):
         if len(images) == 0:
             raise ValueError("images is empty: give at least one image to label")
         self.images = images
+        # What the tags were, for an export's metadata: a file's path, else how they were given.
+        self.tags_source = (str(tags) if isinstance(tags, (str, os.PathLike)) else None if tags is None
+                            else "function" if callable(tags) else "list")
         if isinstance(tags, (str, os.PathLike)):
-            tags = read_tags(tags, len(images))
+            tags = read_tags(tags, len(images), getattr(images, "names", None))
         elif tags is not None and not callable(tags) and len(tags) != len(images):
             raise ValueError(f"tags has {len(tags)} entries for {len(images)} images")
         self.tags = tags
@@ -78,7 +109,7 @@ class PseudoLabelledDataset(VisionDataset):
         self.seed = seed
         self.transforms = joint_transforms(transforms, transform, target_transform,
                                            SegmentationTransform(self.labeler.image_size, train=augment))
-        self._masks: dict[int, np.ndarray] = {}
+        self._labels: dict[int, PseudoLabel] = {}
 
     def __len__(self) -> int:
         return len(self.images)
@@ -94,32 +125,55 @@ class PseudoLabelledDataset(VisionDataset):
             return None
         return self.tags(index) if callable(self.tags) else self.tags[index]
 
-    def label_all(self, batch_size: int = 64) -> dict[str, int]:
-        """Label every image not yet labelled, ``batch_size`` at a time; the labeller's counts."""
-        todo = [i for i in range(len(self)) if i not in self._masks]
-        for start in range(0, len(todo), batch_size):
-            self._label(todo[start:start + batch_size])
+    def label_all(self, batch_size: int = 64, progress: bool = False) -> dict[str, int]:
+        """Label every image not yet labelled, ``batch_size`` at a time (``progress``: with a progress
+        bar); the labeller's counts."""
+        todo = [i for i in range(len(self)) if i not in self._labels]
+        with tqdm(total=len(todo), desc="labelling", unit="img", disable=not progress) as bar:
+            for start in range(0, len(todo), batch_size):
+                self._label(todo[start:start + batch_size])
+                bar.update(len(todo[start:start + batch_size]))
         return self.labeler.counts()
+
+    def pseudo_label(self, index: int) -> PseudoLabel:
+        """Image ``index``'s :class:`~ondemand_seg.real.labeler.PseudoLabel` (labelled now if it is
+        not yet): its mask at the image's own size (``None`` when the quality gate left it out),
+        the classes it was labelled with, the absent ones and why it was left out; ``index`` is the
+        dataset's."""
+        index = self._check_index(index)
+        if index not in self._labels:
+            self._label([index])
+        return self._labels[index]
+
+    def export(self, out: str | os.PathLike, **options: Any) -> dict:
+        """Write the pseudo-labelled images into the folder ``out`` in an export format, so that
+        :class:`~ondemand_seg.exports.ExportSource` and the datasets' ``from_export`` read them back:
+        :func:`~ondemand_seg.exports.pseudo.export_pseudo_labels` (its options; its metadata)."""
+        from ..exports.pseudo import export_pseudo_labels
+
+        return export_pseudo_labels(self, out, **options)
 
     def _label(self, indices: Sequence[int]) -> None:
         images = [self._image(i) for i in indices]
         tags = None if self.tags is None else [self._tags(i) for i in indices]
-        for i, image, label in zip(indices, images, self.labeler.label(images, tags)):
-            mask = label.mask if label.mask is not None else np.full(image.shape[1:], IGNORE_INDEX, np.uint8)
-            self._masks[i] = mask
+        for i, label in zip(indices, self.labeler.label(images, tags)):
+            self._labels[i] = dataclasses.replace(label, index=i)
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, Any]]:
         indices = [self._check_index(i) for i in indices]
-        todo = list(dict.fromkeys(i for i in indices if i not in self._masks))
+        todo = list(dict.fromkeys(i for i in indices if i not in self._labels))
         if todo:
             self._label(todo)
         out = []
         for i in indices:
-            image = PIL.Image.fromarray((self._image(i) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
-            mask = PIL.Image.fromarray(self._masks[i])
+            image = self._image(i)
+            label = self._labels[i]
+            ids = label.mask if label.mask is not None else np.full(image.shape[1:], IGNORE_INDEX, np.uint8)
+            image = PIL.Image.fromarray((image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+            mask = PIL.Image.fromarray(ids)
             mask.putpalette(_PALETTE)
             out.append(apply_transforms(self.transforms, [(image, mask)], augment_seed(self.seed, i, 0, 0)))
         return out

@@ -16,16 +16,26 @@ Conversions (each documented, none silent about what it cannot read):
 
 Anything else (another dtype or shape, a non-finite or out-of-range float) is a ``TypeError`` or
 ``ValueError`` naming the image's position and what was found.
+
+A folder of image files is read by :class:`ImageFolderImages` (PIL decodes them; the conversion
+above then applies).
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 
 ImageLike = Union[PIL.Image.Image, np.ndarray, torch.Tensor]
+
+# File name endings read as images (any case): the formats PIL decodes that photos and datasets use.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ALPHA_MODES = {"RGBA": "RGB", "RGBa": "RGB", "LA": "L", "La": "L", "PA": "RGBA"}
@@ -92,3 +102,63 @@ def _from_array(values: torch.Tensor, where: str, layout: str) -> torch.Tensor:
     if values.shape[0] == 1:
         values = values.expand(3, -1, -1)
     return values[:3].contiguous()
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files directly in ``folder`` (not in sub-folders), sorted by name: names ending in
+    one of :data:`IMAGE_EXTENSIONS`, any case; hidden files (a leading dot) and other files (a tags
+    file kept beside the images) are skipped.
+
+    Raises:
+        FileNotFoundError: ``folder`` does not exist. NotADirectoryError: it is a file.
+        ValueError: it holds no image file.
+    """
+    root = Path(folder)
+    if not root.exists():
+        raise FileNotFoundError(f"{folder} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder")
+    files = sorted(path for path in root.iterdir() if not path.name.startswith(".") and path.is_file()
+                   and path.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"{folder} holds no image file (names ending in {', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+class ImageFolderImages(Sequence):
+    """The images of a folder (:func:`image_files`: directly in it, sorted by name) as a sequence of
+    PIL images, each decoded by PIL when it is read, in its own mode (:func:`to_rgb_tensor` converts
+    it), turned upright by its EXIF orientation tag (as photo viewers show it); a multi-frame file
+    gives its first frame.
+
+    Attributes:
+        root: the folder. files: the image paths, item ``i`` is ``files[i]``. names: their file names.
+
+    Raises:
+        FileNotFoundError, NotADirectoryError, ValueError: as :func:`image_files`; reading an item
+            that PIL cannot decode is a ``ValueError`` naming the file.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.root = Path(folder)
+        self.files = image_files(folder)
+
+    @property
+    def names(self) -> list[str]:
+        return [path.name for path in self.files]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> PIL.Image.Image:
+        path = self.files[index]
+        try:
+            with PIL.Image.open(path) as image:
+                image.load()
+                return PIL.ImageOps.exif_transpose(image)
+        except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+            # PIL's decoders raise OSError, SyntaxError and ValueError on damaged bytes.
+            raise ValueError(f"{path} is not an image PIL can read: {error}") from None
+
+    def __repr__(self) -> str:
+        return f"ImageFolderImages({str(self.root)!r}: {len(self)} images)"
