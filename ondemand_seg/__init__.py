@@ -9,8 +9,8 @@ The package is grouped by the stages a sample passes through:
 - ``data``: the datasets (:class:`DiffuMaskStream`, :class:`DiffuMaskDataset`), transforms,
   augmentation, sharding and resume state;
 - ``toyworld``: the procedural world the embedded toy models were trained on;
-- ``real``: pseudo-masks for a user's own tagged images (:class:`DiffuMaskLabeler`) and them as a
-  dataset (:class:`PseudoLabelledDataset`);
+- ``real``: pseudo-masks for a user's own tagged images (:class:`DiffuMaskLabeler`), a folder of
+  them (:class:`ImageFolderImages`) and them as a dataset (:class:`PseudoLabelledDataset`);
 - ``exports``: samples written to disk as a VOC tree, WebDataset shards or a Hugging Face dataset.
 """
 import importlib
@@ -32,6 +32,7 @@ _PUBLIC = {
     "export": "exports.run",
     "TooManyRejects": "masks.quality",
     "DiffuMaskLabeler": "real.labeler", "LabelConfig": "real.labeler", "PseudoLabelledDataset": "real.dataset",
+    "ImageFolderImages": "real.images",
     "DiffuMaskConfig": "settings.config", "GeneratorConfig": "settings.config", "MaskConfig": "settings.config",
     "QualityConfig": "settings.config",
     "IGNORE_INDEX": "settings.label_spaces", "VOC_CLASSES": "settings.label_spaces",

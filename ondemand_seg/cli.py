@@ -1,4 +1,5 @@
-"""Command line: ``python -m ondemand_seg preview ...``, ``... stream ...``, ``... export ...`` and ``... config ...``.
+"""Command line: ``python -m ondemand_seg preview ...``, ``... stream ...``, ``... export ...``, ``... label ...``
+and ``... config ...``.
 
 Every generator flag is an override: what is not given comes from the model's preset, then the
 library's defaults, merged by :func:`~ondemand_seg.settings.resolve.resolve_config` (``config`` prints the
@@ -164,6 +165,26 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="remove an earlier export in --out and start afresh")
     export.add_argument("--seed", type=int, default=0)
     export.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    label = commands.add_parser("label", help="pseudo-label a folder of your own images from their tags and write "
+                                "them in an export format (read back like an export: --from-export)",
+                                formatter_class=HelpFormatter)
+    add_generator_arguments(label)
+    label.add_argument("--images", required=True, metavar="DIR",
+                       help="folder of images (png, jpg, ... directly in it, read in name order)")
+    label.add_argument("--tags", default=None, metavar="FILE",
+                       help="JSON tags file: per image the classes it contains, a list in name order or an object "
+                            "keyed by file name (default: none; every class of --classes is read and the presence "
+                            "test keeps those the attention finds)")
+    label.add_argument("--strength", type=float, nargs="+", default=[0.1],
+                       help="point(s) of the noise schedule the images are read at (LabelConfig.strength)")
+    label.add_argument("--out", required=True, help="folder: new, empty, or an earlier label export of the same "
+                                                    "settings")
+    label.add_argument("--format", default="voc", help="voc, webdataset or hf")
+    label.add_argument("--shard-size", type=int, default=1000, help="samples per shard (per tar or parquet file)")
+    label.add_argument("--image-format", choices=["jpg", "png"], default="jpg", help="png: lossless images")
+    label.add_argument("--overwrite", action="store_true", help="remove an earlier export in --out and start afresh")
+    label.add_argument("--seed", type=int, default=0, help="seed of the noise the images are read with")
+    label.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     config = commands.add_parser("config", help="print the merged settings (preset, then flags) as JSON",
                                  formatter_class=HelpFormatter)
     add_generator_arguments(config)
@@ -275,6 +296,52 @@ def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
+def run_label(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .exports.plan import ExportError
+    from .exports.run import check_export_args
+    from .real import DiffuMaskLabeler, ImageFolderImages, LabelConfig, PseudoLabelledDataset, read_tags
+
+    if args.shard_size < 1:
+        parser.error(f"--shard-size must be >= 1, got {args.shard_size}")
+    try:
+        images = ImageFolderImages(args.images)
+    except (OSError, ValueError) as error:
+        parser.error(f"--images: {error}")
+    try:
+        config, classes = resolve_generator(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        parser.error(str(error))
+    if args.tags is not None:
+        try:
+            read_tags(args.tags, len(images), images.names, config.label_space)
+        except (ValueError, FileNotFoundError) as error:
+            parser.error(f"--tags: {error}")
+    try:
+        labelling = LabelConfig(strength=args.strength)
+    except ValueError as error:
+        parser.error(f"--{error}")
+    try:
+        check_export_args(args.out, len(images), format=args.format, shard_size=args.shard_size,
+                          image_format=args.image_format)
+        labeler = DiffuMaskLabeler(args.model, classes, seed=args.seed, device=args.device, labelling=labelling,
+                                   **config.to_dict())
+        dataset = PseudoLabelledDataset(images, args.tags, labeler)
+    except (ValueError, TypeError, ImportError, FileNotFoundError) as error:
+        parser.error(str(error))
+    try:
+        metadata = dataset.export(args.out, format=args.format, shard_size=args.shard_size,
+                                  image_format=args.image_format, overwrite=args.overwrite)
+    except ExportError as error:
+        parser.error(str(error))
+    except ValueError as error:  # an image PIL cannot decode, or every pseudo-mask left out
+        raise SystemExit(f"error: {error}") from None
+    counts = metadata["pseudo_labels"]
+    left_out = {reason: n for reason, n in metadata["gate"].items() if n and reason not in ("generated", "accepted")}
+    print(f"labelled {counts['images']} images from {args.images}: wrote {counts['written']} ({args.format}, "
+          f"{metadata['shards']} shards) to {args.out}; left out {counts['left_out']}{f' {left_out}' if left_out else ''}")
+    return 0
+
+
 def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         if args.out:
@@ -295,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; a bad flag value is a usage error (exit 2) naming it, before any model loads."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    run = {"stream": run_stream, "preview": run_preview, "export": run_export, "config": run_config}[args.command]
+    run = {"stream": run_stream, "preview": run_preview, "export": run_export, "label": run_label,
+           "config": run_config}[args.command]
     return run(args, parser)
 
 

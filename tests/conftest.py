@@ -31,3 +31,31 @@ def tiny_sd2(tmp_path_factory):
 def fast():
     """Options that keep generation on the tiny model to milliseconds."""
     return dict(image_size=64, generator=GeneratorConfig(num_inference_steps=3, batch_size=4), mask=MaskConfig())
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """A user's folder of 5 ToyWorld images as files, ``tags.json`` beside them (keyed by file name):
+    an RGB PNG, a grayscale one, an RGBA one, a JPEG of another size and a flat gray PNG (which the
+    quality gate leaves out as a constant image)."""
+    import json
+
+    import numpy as np
+    import PIL.Image
+
+    from ondemand_seg.toyworld import ToyWorld
+
+    folder = tmp_path_factory.mktemp("my_images")
+    world = ToyWorld(32, seed=3)
+    samples = [world.sample(i) for i in range(4)]
+    images = {"a_rgb.png": PIL.Image.fromarray(samples[0].image),
+              "b_gray.png": PIL.Image.fromarray(samples[1].image).convert("L"),
+              "c_rgba.png": PIL.Image.fromarray(samples[2].image).convert("RGBA"),
+              "d_tall.jpg": PIL.Image.fromarray(samples[3].image).resize((24, 40)),
+              "e_flat.png": PIL.Image.fromarray(np.full((32, 32, 3), 128, np.uint8))}
+    for name, image in images.items():
+        image.save(folder / name)
+    tags = {name: list(s.class_names) for name, s in zip(images, samples)}
+    tags["e_flat.png"] = ["circle"]
+    (folder / "tags.json").write_text(json.dumps(tags))
+    return folder

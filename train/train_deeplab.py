@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=2 train/train_deeplab.py --synthetic-only   # DDP (nccl on GPUs, gloo on CPU)
     python train/train_deeplab.py --synthetic-only --resume out/train/checkpoint.pt
     python train/train_deeplab.py --synthetic-only --from-export data/toy_wds   # samples read, not generated
+    python train/train_deeplab.py --pseudo-images my_images --pseudo-tags my_images/tags.json   # + your own images
 
 A bad flag is refused before anything is built, as argparse refuses its own: one line
 ``train_deeplab.py: error: ...`` on stderr and exit status 2. Only rank 0 logs and writes checkpoints
@@ -137,8 +138,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--pseudo-label-rest", action="store_true",
                       help="with --real-images: add the real train images left out, pseudo-labelled by the model from "
                            "their tags (the classes their own masks hold; image-level labels only)")
+    data.add_argument("--pseudo-images", type=Path, default=None, metavar="DIR",
+                      help="add your own unlabelled images (the image files directly in DIR, in name order), "
+                           "pseudo-labelled by the model, beside the real images: with --real-only, or in the mix "
+                           "(--synthetic-ratio stays the share of the real and synthetic parts); not with "
+                           "--synthetic-only")
+    data.add_argument("--pseudo-tags", type=Path, default=None, metavar="FILE",
+                      help="with --pseudo-images: JSON tags file, per image the classes it contains (a list in name "
+                           "order, or an object keyed by file name); without it every class of --classes is read "
+                           "and the presence test keeps those the attention finds (rougher masks)")
     data.add_argument("--pseudo-strength", type=float, default=0.1,
-                      help="noise strength the pseudo-labelled images are read at (LabelConfig.strength)")
+                      help="noise strength the pseudo-labelled images (--pseudo-label-rest, --pseudo-images) are read "
+                           "at (LabelConfig.strength)")
     data.add_argument("--crop-size", type=int, default=64, help="training and evaluation image size")
     data.add_argument("--from-export", type=Path, default=None, metavar="DIR",
                       help="read the synthetic samples from an export (python -m ondemand_seg export) instead of "
@@ -376,6 +387,13 @@ def check_args(args: argparse.Namespace, config) -> None:
         raise FlagError("--pseudo-label-rest pseudo-labels the train images --real-images leaves out; give --real-images")
     if not 0 < args.pseudo_strength <= 1:
         raise FlagError(f"--pseudo-strength must be in (0, 1], got {args.pseudo_strength}")
+    if args.pseudo_tags is not None and args.pseudo_images is None:
+        raise FlagError("--pseudo-tags names the classes of the --pseudo-images images; give --pseudo-images")
+    if args.pseudo_images is not None:
+        if args.synthetic_only:
+            raise FlagError("--pseudo-images adds pseudo-labelled images beside the real ones and --synthetic-only "
+                            "trains on the stream alone: drop --synthetic-only (a mix) or use --real-only")
+        pseudo_folder(args, label_space)
     if args.synthetic_length is not None and (args.synthetic_only or args.real_only):
         raise FlagError("--synthetic-length sizes the synthetic part of a mixed run; drop --synthetic-only/--real-only")
     for flag in ("steps", "batch_size", "reuse", "cache_size", "crop_size", "checkpoint_every", "real_images",
@@ -621,10 +639,8 @@ def build_train_loader(args, config, rank: int, world: int, device: torch.device
                                      seed=args.seed, transforms=synthetic_transform(args), **config.to_dict())
         return StatefulDataLoader(stream, **common), stream
     real = SeededServings(real_training_set(args), SegmentationTransform(args.crop_size, train=True), args.seed)
-    pseudo = []
-    if args.pseudo_label_rest:
-        pseudo = [SeededServings(pseudo_labelled_rest(args, config), SegmentationTransform(args.crop_size, train=True),
-                                 args.seed)]
+    pseudo = [SeededServings(part, SegmentationTransform(args.crop_size, train=True), args.seed)
+              for part in pseudo_labelled_sets(args, config)]
     parts = [real] + pseudo
     if not args.real_only:
         length, repeats = mix_sizes(len(real), args.synthetic_ratio, args.synthetic_length)
@@ -638,8 +654,9 @@ def build_train_loader(args, config, rank: int, world: int, device: torch.device
                                          cache_size=length, seed=args.seed, **config.to_dict())
         parts.append(synthetic)
         if is_main_process():
-            print(f"mixing {len(real)} real images (x{repeats}) with {length} synthetic: "
-                  f"{length / (length + repeats * len(real)):.0%} of samples synthetic")
+            added = sum(map(len, pseudo))
+            print(f"mixing {len(real)} real images (x{repeats}){f' and {added} pseudo-labelled' if added else ''} "
+                  f"with {length} synthetic: {length / (length + repeats * len(real) + added):.0%} of samples synthetic")
     # With noise learning each item carries whether it is synthetic: only those labels may be pruned.
     dataset = (StatefulConcatDataset(parts) if args.noise_cutoff is None
                else SourceFlaggedConcatDataset(parts, flagged=[len(parts) - 1]))
@@ -710,13 +727,34 @@ def as_is(image, target):
     return image, target
 
 
-def pseudo_labelled_rest(args: argparse.Namespace, config) -> Dataset:
+def pseudo_labelled_sets(args: argparse.Namespace, config) -> list[Dataset]:
+    """The pseudo-labelled parts of the training set, untransformed: ``--pseudo-label-rest``'s, then
+    ``--pseudo-images``'; one labeller (the run's model, ``--pseudo-strength``) reads both."""
+    if not args.pseudo_label_rest and args.pseudo_images is None:
+        return []
+    from ondemand_seg.real import DiffuMaskLabeler
+
+    labeler = DiffuMaskLabeler(labelling_model(args), args.classes, seed=args.seed, device=args.device,
+                               labelling={"strength": args.pseudo_strength}, **config.to_dict())
+    parts = []
+    if args.pseudo_label_rest:
+        parts.append(pseudo_labelled_rest(args, config, labeler))
+    if args.pseudo_images is not None:
+        parts.append(pseudo_labelled_folder(args, config, labeler))
+    return parts
+
+
+def labelling_model(args: argparse.Namespace):
+    """The model that pseudo-labels: ``--model``, or with ``--from-export`` the one the export was made with."""
+    return ExportSource(args.from_export).model if args.from_export is not None else args.model
+
+
+def pseudo_labelled_rest(args: argparse.Namespace, config, labeler) -> Dataset:
     """The train images ``--real-images`` leaves out, untransformed, with pseudo-masks the model makes
     from their tags: the classes each image's own mask holds, as image-level labels would give (the
     masks themselves are not used). Images whose mask holds no class are left out. Labelled here in
     batches, once, so DataLoader workers receive them made."""
-    from ondemand_seg.real import DiffuMaskLabeler
-    from ondemand_seg.real.dataset import PseudoLabelledDataset
+    from ondemand_seg.real import PseudoLabelledDataset
 
     real = VOCSegmentation(str(args.voc_root), year="2012", image_set="train")
     chosen = set(chosen_real_images(args, len(real)))
@@ -729,15 +767,51 @@ def pseudo_labelled_rest(args: argparse.Namespace, config) -> Dataset:
         if names:
             rest.append(i)
             tags.append(names)
-    labeler = DiffuMaskLabeler(args.model, args.classes, seed=args.seed, device=args.device,
-                               labelling={"strength": args.pseudo_strength},
-                               **config.to_dict())
     dataset = PseudoLabelledDataset(Subset(real, rest), tags, labeler, transforms=as_is)
-    counts = dataset.label_all()
-    if is_main_process():
-        print(f"pseudo-labelled {counts['accepted']} of {len(rest)} left-out train images from their tags "
-              f"({counts['generated'] - counts['accepted']} left out by the quality gate and served as ignore)")
+    dataset.label_all()
+    say_pseudo_labelled(dataset, f"left-out train images of {args.voc_root} from their tags")
     return dataset
+
+
+def pseudo_folder(args: argparse.Namespace, label_space: tuple[str, ...]):
+    """The ``--pseudo-images`` folder's images and their ``--pseudo-tags`` (``None`` without), checked
+    against the label space; a :class:`FlagError` naming the flag and what is wrong."""
+    from ondemand_seg.real import ImageFolderImages, read_tags
+
+    try:
+        images = ImageFolderImages(args.pseudo_images)
+    except (OSError, ValueError) as error:
+        raise FlagError(f"--pseudo-images: {error}") from None
+    if args.pseudo_tags is None:
+        return images, None
+    try:
+        return images, read_tags(args.pseudo_tags, len(images), images.names, label_space)
+    except (OSError, ValueError) as error:
+        raise FlagError(f"--pseudo-tags: {error}") from None
+
+
+def pseudo_labelled_folder(args: argparse.Namespace, config, labeler) -> Dataset:
+    """The ``--pseudo-images`` images, untransformed, with pseudo-masks from their ``--pseudo-tags``
+    (or, untagged, the presence test over ``--classes``), labelled here in batches, once."""
+    from ondemand_seg.real import PseudoLabelledDataset
+
+    images, tags = pseudo_folder(args, config.label_space)
+    dataset = PseudoLabelledDataset(images, tags, labeler, transforms=as_is)
+    try:
+        dataset.label_all()
+    except ValueError as error:  # an image file PIL cannot decode, named
+        raise FlagError(f"--pseudo-images: {error}") from None
+    how = "from --pseudo-tags" if tags is not None else "untagged (the presence test picks their classes)"
+    say_pseudo_labelled(dataset, f"images of {args.pseudo_images} {how}")
+    return dataset
+
+
+def say_pseudo_labelled(dataset, what: str) -> None:
+    """Print (rank 0) how many of ``dataset``'s images got a pseudo-mask."""
+    if is_main_process():
+        counts = dataset.counts()
+        print(f"pseudo-labelled {counts['accepted']} of {len(dataset)} {what} "
+              f"({counts['generated'] - counts['accepted']} left out by the quality gate and served as ignore)")
 
 
 def mix_sizes(n_real: int, ratio: float, synthetic_length: int | None) -> tuple[int, int]:

@@ -5,6 +5,7 @@
 - ``plan``: the export folder's plan, per-shard stats and metadata;
 - ``voc``, ``wds``, ``hf``: one writer per format (the last two import their optional package);
 - ``run``: the loop they share, :func:`export`;
+- ``pseudo``: pseudo-labelled real images (a ``PseudoLabelledDataset``) written by the same writers;
 - ``reader``: an export read back, :class:`ExportSource`, which the datasets' ``from_export`` serve.
 
 ``ondemand_seg.export(generator, out, n, ...)`` is :func:`~ondemand_seg.exports.run.export`: see

@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from ..data.fingerprint import file_digest, sequence_fingerprint
 from ..generation.generator import RawSample
-from ..masks.quality import GateStats
 from ..settings.validation import check_bool
 from .plan import ExportFolder, ExportOptions, Shard, pixel_counts
 from .run import FORMATS, check_export_args, finish, model_name, reopen_lost_shards, writer_class
@@ -94,7 +93,7 @@ def export_pseudo_labels(dataset: "PseudoLabelledDataset", out: str | os.PathLik
     dataset.label_all(progress=progress)
     labels = [dataset.pseudo_label(i) for i in range(len(dataset))]
     kept = [i for i, label in enumerate(labels) if label.mask is not None]
-    gate = gate_counts(labels)
+    gate = dataset.counts()
     if not kept:
         raise ValueError(f"the quality gate left out every one of the {len(dataset)} pseudo-masks ({gate}): "
                          "nothing to export")
@@ -174,16 +173,6 @@ def labelling_prompt(dataset: "PseudoLabelledDataset", index: int) -> str:
     if tags is None:
         return ""
     return dataset.labeler.generator.class_prompt(random.Random(0), list(dict.fromkeys(tags))).text
-
-
-def gate_counts(labels: Sequence[Any]) -> dict[str, int]:
-    """The quality gate's counts over ``labels`` (:class:`GateStats` fields: labelled, accepted,
-    left out by reason)."""
-    counts = dict.fromkeys(GateStats.FIELDS, 0)
-    counts["generated"] = len(labels)
-    for label in labels:
-        counts["accepted" if label.reason is None else label.reason] += 1
-    return counts
 
 
 def source_names(dataset: "PseudoLabelledDataset") -> list[Any]:

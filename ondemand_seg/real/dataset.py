@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..data.transforms import JointTransform, SegmentationTransform, apply_transforms, joint_transforms
 from ..generation.seeding import augment_seed
+from ..masks.quality import GateStats
 from ..settings.files import read_json
 from ..settings.label_spaces import IGNORE_INDEX, voc_palette
 from .images import to_rgb_tensor
@@ -134,6 +135,15 @@ class PseudoLabelledDataset(VisionDataset):
                 self._label(todo[start:start + batch_size])
                 bar.update(len(todo[start:start + batch_size]))
         return self.labeler.counts()
+
+    def counts(self) -> dict[str, int]:
+        """The quality gate's counts over this dataset's images labelled so far (in this process):
+        :class:`~ondemand_seg.masks.quality.GateStats` fields, labelled, accepted and left out by reason."""
+        counts = dict.fromkeys(GateStats.FIELDS, 0)
+        counts["generated"] = len(self._labels)
+        for label in self._labels.values():
+            counts["accepted" if label.reason is None else label.reason] += 1
+        return counts
 
     def pseudo_label(self, index: int) -> PseudoLabel:
         """Image ``index``'s :class:`~ondemand_seg.real.labeler.PseudoLabel` (labelled now if it is
