@@ -152,3 +152,46 @@ def test_a_broken_model_folder_is_a_usage_error_naming_the_file(tmp_path):
     assert result.returncode == 2, result.stderr
     assert f"{weights} is truncated" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_label_writes_a_folder_s_pseudo_labels_as_an_export(image_folder, tmp_path, capsys):
+    from ondemand_seg.exports import ExportSource
+
+    out = tmp_path / "labelled"
+    assert main(["label", "--images", str(image_folder), "--tags", str(image_folder / "tags.json"), "--model", "toy",
+                 "--strength", "0.04", "--format", "webdataset", "--out", str(out)]) == 0
+    assert (f"labelled 5 images from {image_folder}: wrote 4 (webdataset, 1 shards) to {out}; left out 1 "
+            "{'constant image': 1}") in capsys.readouterr().out
+    source = ExportSource(out)
+    assert len(source) == 4 and source.metadata["pseudo_labels"]["labelling"]["strength"] == [0.04]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--images", "{tmp}/nowhere"], "--images: .*nowhere does not exist"),
+        (["--images", "{tmp}"], r"--images: .* holds no image file \(names ending in .png"),
+        (["--tags", "{tmp}/missing.json"], "--tags: .*missing.json does not exist"),
+        (["--tags", "{tmp}/short.json"], r"--tags: .*short.json must hold one list of class names per image \(5\)"),
+        (["--tags", "{tmp}/dog.json"], r"--tags: .*dog.json: image 0 \(a_rgb.png\) names 'dog', not in the label space"),
+        (["--strength", "0"], r"--strength must be one or more numbers in \(0, 1\], got \[0.0\]"),
+        (["--format", "coco"], "format must be one of voc, webdataset, hf, got 'coco'"),
+        (["--shard-size", "0"], "--shard-size must be >= 1, got 0"),
+        (["--out", "{tmp}/file"], "is a file; give a folder"),
+        (["--model", "toy", "--classes", "dragon"], "unknown class 'dragon'"),
+    ],
+)
+def test_label_refuses_bad_input_naming_it_before_labelling(flags, message, image_folder, tmp_path, capsys, monkeypatch):
+    from ondemand_seg.real import DiffuMaskLabeler
+
+    monkeypatch.setattr(DiffuMaskLabeler, "label", lambda *args, **kwargs: pytest.fail("an image was labelled"))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "short.json").write_text(json.dumps([["ring"]] * 4))
+    (tmp_path / "dog.json").write_text(json.dumps([["dog"]] * 5))
+    defaults = {"--images": str(image_folder), "--out": str(tmp_path / "out")}
+    given = dict(zip(flags[::2], flags[1::2]))
+    argv = ["label", *(arg for key, value in {**defaults, **given}.items() for arg in (key, value.format(tmp=tmp_path)))]
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and re.search(message, err), err

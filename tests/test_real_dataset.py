@@ -10,6 +10,7 @@ from torchvision.datasets import VOCSegmentation
 from ondemand_seg import SegmentationTransform
 from ondemand_seg.real import DiffuMaskLabeler
 from ondemand_seg.real.dataset import PseudoLabelledDataset, read_tags
+from ondemand_seg.real.images import ImageFolderImages
 from ondemand_seg.toyworld import TOY_CLASSES, ToyWorld, write_voc
 
 
@@ -74,3 +75,36 @@ def test_a_left_out_pseudo_mask_is_served_as_ignore(samples):
                                     transforms=lambda image, mask: (image, mask))
     assert set(np.unique(np.asarray(dataset[0][1])).tolist()) == {255}
     assert strict.counts()["empty mask"] == 1
+
+
+def test_a_tags_file_may_be_keyed_by_file_name_and_is_checked_against_the_label_space(image_folder, tmp_path):
+    names = ImageFolderImages(image_folder).names
+    tags = read_tags(image_folder / "tags.json", 5, names, TOY_CLASSES)
+    assert tags[4] == ["circle"] and len(tags) == 5
+    path = tmp_path / "tags.json"
+    for data, message in [
+        ({"a_rgb.png": ["circle"]}, r"no tags for image\(s\) \['b_gray.png'"),
+        ({**dict.fromkeys(names, ["ring"]), "zz.png": ["ring"]}, r"has tags for \['zz.png'\], not among the 5 images"),
+        ([["ring"]] * 4, r"one list of class names per image \(5\).*got a list of 4"),
+        ([["ring"]] * 4 + [["dog"]], r"image 4 \(e_flat.png\) names 'dog', not in the label space; known classes: circle"),
+        ([["ring"]] * 4 + [[]], r"image 4 \(e_flat.png\) has tags \[\]; give a non-empty list"),
+        ([["ring"]] * 4 + ["ring"], r"image 4 \(e_flat.png\) has tags 'ring'"),
+    ]:
+        path.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=message):
+            read_tags(path, 5, names, TOY_CLASSES)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="tags.json is not valid JSON"):
+        read_tags(path, 5)
+    with pytest.raises(FileNotFoundError, match="missing.json does not exist"):
+        read_tags(tmp_path / "missing.json", 5)
+
+
+def test_a_dataset_counts_its_own_gated_images(image_folder, labeler):
+    dataset = PseudoLabelledDataset(ImageFolderImages(image_folder), image_folder / "tags.json", labeler,
+                                    transforms=lambda image, mask: (image, mask))
+    assert dataset.tags_source == str(image_folder / "tags.json")
+    image, mask = dataset[4]  # the flat gray image: a constant image, served as ignore
+    assert set(np.unique(np.asarray(mask)).tolist()) == {255} and dataset.pseudo_label(4).reason == "constant image"
+    assert dataset.counts()["generated"] == 1 and dataset.counts()["constant image"] == 1
+    assert dataset.pseudo_label(0).mask.shape == (32, 32) and dataset.counts()["accepted"] == 1

@@ -1,9 +1,11 @@
+import shutil
+
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
-from ondemand_seg.real.images import to_rgb_tensor
+from ondemand_seg.real.images import ImageFolderImages, to_rgb_tensor
 
 
 def test_rgb_pil_and_uint8_arrays_agree_in_either_layout():
@@ -49,3 +51,37 @@ def test_bad_images_name_the_image_and_the_problem():
         to_rgb_tensor(torch.zeros(3, 4, 4, dtype=torch.int64))
     with pytest.raises(TypeError, match="str"):
         to_rgb_tensor("photo.png")
+
+
+def test_an_image_folder_reads_its_image_files_in_name_order_in_their_own_modes(image_folder, tmp_path):
+    folder = shutil.copytree(image_folder, tmp_path / "images")
+    (folder / ".hidden.png").write_bytes(b"")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "inner.png").write_bytes(b"")
+    images = ImageFolderImages(folder)
+    assert images.names == ["a_rgb.png", "b_gray.png", "c_rgba.png", "d_tall.jpg", "e_flat.png"]
+    assert [images[i].mode for i in range(4)] == ["RGB", "L", "RGBA", "RGB"] and images[3].size == (24, 40)
+    gray = to_rgb_tensor(images[1])
+    assert gray.shape == (3, 32, 32) and torch.equal(gray[0], gray[2])
+
+
+def test_an_image_folder_that_cannot_be_read_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
+        ImageFolderImages(tmp_path / "nowhere")
+    (tmp_path / "tags.json").write_text("[]")
+    with pytest.raises(NotADirectoryError, match="tags.json is not a folder"):
+        ImageFolderImages(tmp_path / "tags.json")
+    with pytest.raises(ValueError, match=r"holds no image file \(names ending in .png, .jpg"):
+        ImageFolderImages(tmp_path)
+    (tmp_path / "broken.PNG").write_bytes(b"not a png")
+    images = ImageFolderImages(tmp_path)
+    with pytest.raises(ValueError, match=r"broken.PNG is not an image PIL can read"):
+        images[0]
+
+
+def test_an_image_folder_turns_photos_upright_by_their_exif_orientation(tmp_path):
+    image = PIL.Image.fromarray(np.zeros((10, 20, 3), np.uint8))
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: shown 10 wide and 20 tall
+    image.save(tmp_path / "photo.jpg", exif=exif)
+    assert ImageFolderImages(tmp_path)[0].size == (10, 20)

@@ -293,6 +293,24 @@ def test_pseudo_labelled_rest_joins_the_labelled_images(tmp_path, monkeypatch):
         trainer.check_args(bare, config)
 
 
+def test_pseudo_labelled_images_of_a_folder_join_the_real_ones(tmp_path, monkeypatch, small_voc, image_folder):
+    # The user's 5 images (RGB, gray, RGBA, another size, one flat) beside 12 labelled real ones.
+    trainer = load_trainer(monkeypatch)
+    flags = [*FAST, "--voc-root", str(small_voc), "--real-only", "--steps", "2", "--workers", "0",
+             "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"),
+             "--pseudo-images", str(image_folder), "--pseudo-tags", str(image_folder / "tags.json")]
+    summary, printed = train_in_process(trainer, flags)
+    assert f"pseudo-labelled 4 of 5 images of {image_folder} from --pseudo-tags (1 left out" in printed
+    assert summary["step"] == 2
+    args = trainer.get_args_parser().parse_args(flags)
+    config, args.classes = trainer.generator_config(args)
+    _, dataset = trainer.build_train_loader(args, config, 0, 1, torch.device("cpu"))
+    pseudo = dataset.datasets[1].dataset
+    assert len(dataset) == 12 + 5 and pseudo.images.names[4] == "e_flat.png"
+    image, mask = pseudo[3]  # 40x24 JPEG, labelled at its own size
+    assert image.size == (24, 40) and set(np.unique(np.asarray(mask)).tolist()) <= {0, TOY_CLASSES.index("ring"), 255}
+
+
 def test_real_images_are_a_seeded_subset_the_same_for_real_only_and_mixed(tmp_path, monkeypatch):
     trainer = load_trainer(monkeypatch)
     write_voc(tmp_path / "real", n_train=12, n_val=2, image_size=16)
@@ -679,6 +697,38 @@ def test_bad_flags_fail_early_and_clearly(tmp_path, monkeypatch, capsys, args, m
     assert message.format(file=file) in refusal(trainer, capsys, flags)
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--synthetic-only", "--pseudo-images", "{images}"],
+         "--pseudo-images adds pseudo-labelled images beside the real ones and --synthetic-only trains on the stream "
+         "alone: drop --synthetic-only (a mix) or use --real-only"),
+        (["--pseudo-tags", "{images}/tags.json"], "--pseudo-tags names the classes of the --pseudo-images images"),
+        (["--pseudo-images", "{tmp}/nowhere"], "--pseudo-images: {tmp}/nowhere does not exist"),
+        (["--pseudo-images", "{tmp}/empty"], "--pseudo-images: {tmp}/empty holds no image file (names ending in"),
+        (["--pseudo-images", "{images}", "--pseudo-tags", "{tmp}/short.json"],
+         "--pseudo-tags: {tmp}/short.json must hold one list of class names per image (5)"),
+        (["--pseudo-images", "{images}", "--pseudo-tags", "{tmp}/dog.json"],
+         "--pseudo-tags: {tmp}/dog.json: image 1 (b_gray.png) names 'dog', not in the label space; known classes: "
+         "circle, square"),
+        (["--pseudo-images", "{images}", "--pseudo-tags", "{tmp}/missing.json"],
+         "--pseudo-tags: {tmp}/missing.json does not exist"),
+        (["--pseudo-images", "{images}", "--pseudo-strength", "0"], "--pseudo-strength must be in (0, 1], got 0.0"),
+    ],
+)
+def test_bad_pseudo_image_flags_fail_early_naming_the_value(tmp_path, monkeypatch, capsys, image_folder, flags, message):
+    trainer = load_trainer(monkeypatch)
+    forbid_building(trainer, monkeypatch)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "short.json").write_text(json.dumps([["ring"]] * 4))
+    (tmp_path / "dog.json").write_text(json.dumps({"a_rgb.png": ["ring"], "b_gray.png": ["dog"], "c_rgba.png": ["ring"],
+                                                   "d_tall.jpg": ["ring"], "e_flat.png": ["ring"]}))
+    names = dict(tmp=tmp_path, images=image_folder)
+    base = [*FAST, "--voc-root", fake_voc(tmp_path), "--data-dir", str(tmp_path / "data"),
+            "--output-dir", str(tmp_path / "out")]
+    assert message.format(**names) in refusal(trainer, capsys, [*base, *(flag.format(**names) for flag in flags)])
+
+
 def test_noise_learning_needs_synthetic_labels(tmp_path, monkeypatch, capsys):
     trainer = load_trainer(monkeypatch)
     forbid_building(trainer, monkeypatch)
@@ -800,6 +850,18 @@ def test_resume_refuses_the_real_only_source_and_a_flag_allow_changed_never_acce
         trainer, capsys, [*flags, "--seed", "1", "--allow-changed", "seed"])
 
 
+def test_resume_refuses_another_folder_of_pseudo_labelled_images(tmp_path, monkeypatch, capsys, image_folder):
+    trainer = load_trainer(monkeypatch)
+    forbid_building(trainer, monkeypatch)
+    other = shutil.copytree(image_folder, tmp_path / "other")
+    flags = [*FAST, "--real-only", "--voc-root", fake_voc(tmp_path), "--data-dir", str(tmp_path / "data"),
+             "--output-dir", str(tmp_path / "out")]
+    checkpoint = recorded_checkpoint(trainer, tmp_path, [*flags, "--pseudo-images", str(image_folder)])
+    error = refusal(trainer, capsys, [*flags, "--resume", str(checkpoint), "--pseudo-images", str(other),
+                                      "--pseudo-tags", str(other / "tags.json")])
+    assert f"--pseudo-images {image_folder} -> {other}, --pseudo-tags unset -> {other / 'tags.json'};" in error
+
+
 def test_resume_lets_flags_that_keep_the_run_change(tmp_path, monkeypatch):
     trainer = load_trainer(monkeypatch)
     forbid_building(trainer, monkeypatch)
@@ -838,7 +900,8 @@ def test_resume_flag_lists_name_real_flags_and_keep_what_picks_the_samples_compa
     assert set(trainer.RESUME_FREE) <= parser_keys and set(trainer.RESUME_ALLOWABLE) <= compared
     never = {"seed", "batch_size", "gen_batch_size", "backbone", "from_export", "synthetic_only", "real_only", "voc_root",
              "synthetic_ratio", "real_images", "synthetic_length", "model", "vocabulary", "classes", "image_size",
-             "gen_steps", "guidance", "threshold", "reuse", "cache_size", "augment", "crop_size"}
+             "gen_steps", "guidance", "threshold", "reuse", "cache_size", "augment", "crop_size", "pseudo_label_rest",
+             "pseudo_images", "pseudo_tags", "pseudo_strength"}
     assert never <= compared - set(trainer.RESUME_ALLOWABLE)
 
 
