@@ -311,6 +311,21 @@ def test_pseudo_labelled_images_of_a_folder_join_the_real_ones(tmp_path, monkeyp
     assert image.size == (24, 40) and set(np.unique(np.asarray(mask)).tolist()) <= {0, TOY_CLASSES.index("ring"), 255}
 
 
+def test_exported_pseudo_labels_train_a_run_through_from_export(tmp_path, monkeypatch, small_voc, image_folder):
+    from ondemand_seg.real import DiffuMaskLabeler, ImageFolderImages, PseudoLabelledDataset
+
+    labeler = DiffuMaskLabeler("toy", labelling={"strength": 0.04})
+    PseudoLabelledDataset(ImageFolderImages(image_folder), image_folder / "tags.json", labeler).export(
+        tmp_path / "labels", progress=False)
+    trainer = load_trainer(monkeypatch)
+    summary, printed = train_in_process(trainer, [
+        "--synthetic-only", "--from-export", str(tmp_path / "labels"), "--eval-root", str(small_voc), "--steps", "2",
+        "--batch-size", "4", "--reuse", "1", "--workers", "0", "--threads", "1", "--eval-limit", "2",
+        "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out")])
+    assert f"reading pseudo-labelled samples from ExportSource('{tmp_path / 'labels'}': voc, samples 0 to 3" in printed
+    assert summary["step"] == 2
+
+
 def test_real_images_are_a_seeded_subset_the_same_for_real_only_and_mixed(tmp_path, monkeypatch):
     trainer = load_trainer(monkeypatch)
     write_voc(tmp_path / "real", n_train=12, n_val=2, image_size=16)

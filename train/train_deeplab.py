@@ -682,10 +682,11 @@ def synthetic_set_from_export(args: argparse.Namespace, length: int) -> DiffuMas
 
 
 def say_export(source: ExportSource, seed: int) -> None:
-    """Print (rank 0) which export the synthetic samples are read from."""
+    """Print (rank 0) which export the synthetic (or exported pseudo-labelled) samples are read from."""
     if is_main_process():
         order = "" if seed == source.export_seed else f", served in --seed {seed}'s order and augmentation"
-        print(f"reading synthetic samples from {source}{order}")
+        kind = "pseudo-labelled" if "pseudo_labels" in source.metadata else "synthetic"
+        print(f"reading {kind} samples from {source}{order}")
 
 
 def synthetic_transform(args: argparse.Namespace):
