@@ -2,6 +2,7 @@
 as one: the masks on disk are the dataset's, gated images counted and not written."""
 import json
 import random
+import shutil
 
 import numpy as np
 import PIL.Image
@@ -90,3 +91,17 @@ def test_every_image_left_out_is_an_error_naming_the_counts(image_folder, tmp_pa
         dataset.export(tmp_path / "out", progress=False)
     metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
     assert metadata["complete"] is False
+
+
+def test_untagged_images_export_with_the_classes_the_presence_test_found(image_folder, tmp_path):
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for name in ("a_rgb.png", "c_rgba.png"):
+        shutil.copy(image_folder / name, folder / name)
+    labeler = DiffuMaskLabeler("toy", classes=["circle", "ring"], labelling={"strength": 0.04})
+    dataset = PseudoLabelledDataset(ImageFolderImages(folder), None, labeler)
+    metadata = dataset.export(tmp_path / "out", format="hf", progress=False)
+    assert metadata["pseudo_labels"]["tags"] is None and metadata["classes"] == ["circle", "ring"]
+    for sample, index in zip(ExportSource(tmp_path / "out").samples([0, 1]), (0, 1)):
+        assert sample.prompt == "" and np.array_equal(sample.mask, dataset.pseudo_label(index).mask)
+        assert set(dataset.pseudo_label(index).classes) <= {"circle", "ring"}

@@ -150,7 +150,9 @@ class ImageFolderImages(Sequence):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> PIL.Image.Image:
+    def __getitem__(self, index: int | slice) -> PIL.Image.Image | list[PIL.Image.Image]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
         path = self.files[index]
         try:
             with PIL.Image.open(path) as image:
