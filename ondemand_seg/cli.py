@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 from .settings.files import check_output_file
+from .settings.config import MASK_AGGREGATIONS, MASK_RESCALINGS, SELF_ATTENTION_MODES
 from .settings.vocabulary import BUILTIN_VOCABULARIES
 
 
@@ -79,6 +80,18 @@ def add_generator_arguments(parser: argparse.ArgumentParser) -> None:
                        help="random-walk refinement along image colour (default: preset, else none)")
     group.add_argument("--self-attention-factor", type=int, default=None,
                        help="propagate masks through the model's self-attention at this latent factor (default: off)")
+    group.add_argument("--aggregation", choices=MASK_AGGREGATIONS, default=None,
+                       help="how the layers and heads of one resolution are fused: the uniform mean, or weighted "
+                            "by agreement with the consensus or by peakedness (default: preset, else mean)")
+    group.add_argument("--token-rescaling", choices=MASK_RESCALINGS, default=None,
+                       help="rescale a class's attention per pixel against the prompt's other tokens or classes "
+                            "(default: preset, else none)")
+    group.add_argument("--self-attention-sharpness", type=float, default=None, metavar="P",
+                       help="with --self-attention-factor: raise self-attention rows to this power (>= 1) before "
+                            "propagating (default: preset, else 1)")
+    group.add_argument("--self-attention-mode", choices=SELF_ATTENTION_MODES, default=None,
+                       help="with --self-attention-factor: add the propagation's change to the map, or replace "
+                            "the map (default: preset, else add)")
     group.add_argument("--neglect-ratio", type=float, default=None, metavar="R",
                        help="with several classes per prompt, a class whose attention peak is below R x the "
                             "strongest named class's is labelled as not drawn; 0 keeps every class (default: "
@@ -104,7 +117,9 @@ def generator_settings(args: argparse.Namespace) -> dict:
     size = args.image_size
     mask = {"threshold": args.threshold, "threshold_mode": args.threshold_mode, "refine": args.refine,
             "self_attention_factor": args.self_attention_factor, "neglect_ratio": args.neglect_ratio,
-            "background_floor": args.background_floor,
+            "background_floor": args.background_floor, "aggregation": args.aggregation,
+            "token_rescaling": args.token_rescaling, "self_attention_sharpness": args.self_attention_sharpness,
+            "self_attention_mode": args.self_attention_mode,
             "ignore_band": 0.0 if args.no_ignore_band else args.ignore_band,
             "class_thresholds": parse_class_thresholds(args.class_thresholds) if args.class_thresholds else None}
     count = args.classes_per_prompt

@@ -94,6 +94,17 @@ def test_config_prints_the_preset_merged_with_the_flags_and_saves_it(tmp_path, c
     assert resolve_config("toy", **saved).mask.threshold == 0.3
 
 
+def test_config_flags_set_the_label_free_repairs(capsys):
+    assert main(["config", "--model", "toy-unaided", "--aggregation", "agreement", "--token-rescaling", "classes",
+                 "--self-attention-factor", "1", "--self-attention-sharpness", "2", "--self-attention-mode",
+                 "replace"]) == 0
+    mask = json.loads(capsys.readouterr().out)["mask"]
+    preset = resolve_config("toy-unaided").mask
+    assert (mask["aggregation"], mask["token_rescaling"]) == ("agreement", "classes") != (preset.aggregation,
+                                                                                          preset.token_rescaling)
+    assert (mask["self_attention_sharpness"], mask["self_attention_mode"]) == (2.0, "replace")
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -110,6 +121,7 @@ def test_config_prints_the_preset_merged_with_the_flags_and_saves_it(tmp_path, c
         (["config", "--threshold", "nan"], "threshold must be finite, got nan"),
         (["config", "--self-attention-factor", "3"], "self_attention_factor must be None or a latent factor"),
         (["config", "--neglect-ratio", "1.5"], r"neglect_ratio must be in \[0, 1\), got 1.5"),
+        (["config", "--self-attention-sharpness", "0.5"], r"self_attention_sharpness must be in \[1, "),
         (["config", "--model", "no/such/folder"], "model folder 'no/such/folder' does not exist"),
         (["stream", "--seed", "-1"], "seed must be >= 0, got -1"),
         (["stream", "--device", "bogus"], "device 'bogus' is not a torch device name"),
