@@ -93,13 +93,14 @@ from ondemand_seg.pipelines.tiny import build_clip_tokenizer
 
 TOY_VAE = Path(__file__).resolve().parents[2] / "ondemand_seg" / "models" / "toy" / "vae"
 T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length: the zero rows without T5
-# The preset an exported folder ships when the target has none (chosen with probe_toy_mmdit.py,
-# see train/toy/MMDIT.md).
+# The preset an exported folder ships when the target has none (maps chosen with probe_toy_mmdit.py,
+# see train/toy/MMDIT.md; the self-attention repair with benchmarks/mask_recipes.py --repairs).
 DEFAULT_PRESET = {
     "vocabulary": "toy",
     "generator": {"classes_per_prompt": 2, "num_inference_steps": 25, "guidance_scale": 4.0, "batch_size": 20},
     "mask": {"resolution_weights": {"1": 1.0}, "timestep_window": [0.9, 1.0], "threshold": 0.4, "ignore_band": 0.05,
-             "joint_softmax": "text"},
+             "joint_softmax": "text", "self_attention_factor": 1, "self_attention_sharpness": 2.0,
+             "self_attention_mode": "replace"},
 }
 
 
