@@ -1,3 +1,5 @@
+import io
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -49,3 +51,13 @@ def test_bad_images_name_the_image_and_the_problem():
         to_rgb_tensor(torch.zeros(3, 4, 4, dtype=torch.int64))
     with pytest.raises(TypeError, match="str"):
         to_rgb_tensor("photo.png")
+
+
+def test_an_empty_or_truncated_pil_image_is_named():
+    with pytest.raises(ValueError, match=r"images\[3\] is empty \(0x0 px\)"):
+        to_rgb_tensor(PIL.Image.new("RGB", (0, 0)), "images[3]")
+    data = io.BytesIO()
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data, "PNG")
+    truncated = PIL.Image.open(io.BytesIO(data.getvalue()[: len(data.getvalue()) // 2]))
+    with pytest.raises(ValueError, match=r"images\[1\] cannot be decoded .*truncated"):
+        to_rgb_tensor(truncated, "images[1]")

@@ -2,9 +2,7 @@
 same transform contract as the stream, so they mix with real and generated data in a ``ConcatDataset``."""
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
 import numpy as np
@@ -14,18 +12,22 @@ from torchvision.datasets import VisionDataset
 
 from ..data.transforms import JointTransform, SegmentationTransform, apply_transforms, joint_transforms
 from ..generation.seeding import augment_seed
+from ..settings.files import read_json
 from ..settings.label_spaces import IGNORE_INDEX, voc_palette
+from ..settings.validation import check_bool, check_int
 from .images import to_rgb_tensor
-from .labeler import DiffuMaskLabeler
+from .labeler import DiffuMaskLabeler, check_tags
 
 Tags = Union[Sequence[Sequence[str]], Callable[[int], Sequence[str]], str, os.PathLike, None]
 _PALETTE = voc_palette()
 
 
 def read_tags(path: str | os.PathLike, length: int) -> list[list[str]]:
-    """A tags file: JSON, either a list with one list of class names per image (dataset order) or an
-    object mapping each image's index (as a string) to its list; every image must have an entry."""
-    data = json.loads(Path(path).read_text())
+    """A tags file: UTF-8 JSON, either a list with one list of class names per image (dataset order)
+    or an object mapping each image's index (as a string) to its list; every image must have an
+    entry. A file that is not one (not JSON, another encoding, a FIFO) is an error naming it."""
+    length = check_int("length", length, minimum=0)
+    data = read_json(path)
     if isinstance(data, dict):
         missing = [i for i in range(length) if str(i) not in data]
         if missing:
@@ -45,13 +47,15 @@ class PseudoLabelledDataset(VisionDataset):
     mask of label ids with VOC's palette (255 ignore). A source item that is a tuple (torchvision's
     ``(image, target)``) gives its first element. A pseudo-mask the quality gate leaves out is served
     as all ignore (255), so it adds nothing to a loss and indices stay put; ``labeler.counts()``
-    counts it.
+    counts it. Item ``i``'s noise is drawn from ``(seed, i)`` (the labeller's ``ids``), so its
+    pseudo-mask does not depend on which items were labelled with it.
 
     Args:
         images: the unlabelled images.
         tags: per image, the classes it contains: a sequence of lists, a function of the index, or
             the path of a JSON tags file (:func:`read_tags`); ``None`` reads every candidate class
-            (the labeller's presence test decides).
+            (the labeller's presence test decides). A sequence or file is checked at construction
+            (every entry a non-empty list of label-space names); a function's answers when drawn.
         labeler: the labeller (default: ``DiffuMaskLabeler(model, seed=seed, **settings)``).
         transforms, transform, target_transform: torchvision's meaning; default the stream's
             :class:`~ondemand_seg.data.transforms.SegmentationTransform` at the labeller's image size
@@ -66,16 +70,25 @@ class PseudoLabelledDataset(VisionDataset):
                  target_transform: Callable | None = None, augment: bool = True, seed: int = 0,
                  model: Any = "toy", **settings: Any) -> None:
         super().__init__(root=None)
+        if not (hasattr(images, "__len__") and hasattr(images, "__getitem__")) or isinstance(images, (str, bytes)):
+            raise TypeError(f"images must be a map-style dataset or a sequence of images, got {type(images).__name__}")
         if len(images) == 0:
             raise ValueError("images is empty: give at least one image to label")
+        if labeler is not None and not isinstance(labeler, DiffuMaskLabeler):
+            raise TypeError(f"labeler must be a DiffuMaskLabeler, got {type(labeler).__name__}")
+        self.seed = check_int("seed", seed, minimum=0)
+        check_bool("augment", augment)
         self.images = images
+        source = ""
         if isinstance(tags, (str, os.PathLike)):
+            source = f" in {tags}"
             tags = read_tags(tags, len(images))
         elif tags is not None and not callable(tags) and len(tags) != len(images):
             raise ValueError(f"tags has {len(tags)} entries for {len(images)} images")
-        self.tags = tags
         self.labeler = labeler if labeler is not None else DiffuMaskLabeler(model, seed=seed, **settings)
-        self.seed = seed
+        if tags is not None and not callable(tags):
+            tags = [check_tags(tags[i], f"tags[{i}]{source}", self.labeler.label_space) for i in range(len(images))]
+        self.tags = tags
         self.transforms = joint_transforms(transforms, transform, target_transform,
                                            SegmentationTransform(self.labeler.image_size, train=augment))
         self._masks: dict[int, np.ndarray] = {}
@@ -102,11 +115,16 @@ class PseudoLabelledDataset(VisionDataset):
         return self.labeler.counts()
 
     def _label(self, indices: Sequence[int]) -> None:
-        images = [self._image(i) for i in indices]
-        tags = None if self.tags is None else [self._tags(i) for i in indices]
-        for i, image, label in zip(indices, images, self.labeler.label(images, tags)):
-            mask = label.mask if label.mask is not None else np.full(image.shape[1:], IGNORE_INDEX, np.uint8)
-            self._masks[i] = mask
+        # Under the labeller's lock: threads asking for the same item label it once.
+        with self.labeler.generator.lock:
+            indices = [i for i in indices if i not in self._masks]
+            if not indices:
+                return
+            images = [self._image(i) for i in indices]
+            tags = None if self.tags is None else [self._tags(i) for i in indices]
+            for i, image, label in zip(indices, images, self.labeler.label(images, tags, ids=indices)):
+                mask = label.mask if label.mask is not None else np.full(image.shape[1:], IGNORE_INDEX, np.uint8)
+                self._masks[i] = mask
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         return self.__getitems__([index])[0]
