@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ondemand_seg import DiffuMaskGenerator
-from ondemand_seg.pipelines.tiny import TINY_IMAGE_SIZES, build_tiny_pipeline
+from ondemand_seg.pipelines.tiny import TINY_IMAGE_SIZES, build_tiny_pipeline, save_tiny_pipeline
 from ondemand_seg.real import DiffuMaskLabeler, LabelConfig
 from ondemand_seg.toyworld import TOY_CLASSES, ToyWorld
 
@@ -40,10 +40,13 @@ def test_every_supported_family_labels_a_real_image_at_its_own_size(flavor):
     assert labeler.counts()["generated"] == 2
 
 
-def test_families_without_an_image_to_image_pipeline_are_refused_by_name():
-    labeler = tiny_labeler("pixart")
+def test_families_without_an_image_to_image_pipeline_are_refused_by_name(tmp_path):
+    labeler = tiny_labeler("pixart")  # a callable's family is known once it loads
     with pytest.raises(ValueError, match="PixArt.*supported: Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 and Flux"):
         labeler.label([noise_image(64, 64)], [["dog"]])
+    folder = save_tiny_pipeline(tmp_path / "pixart", "pixart")  # a folder's is known from its configs
+    with pytest.raises(ValueError, match="PixArt.*supported: Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 and Flux"):
+        DiffuMaskLabeler(str(folder), vocabulary="voc")
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from filelock import FileLock
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ondemand_seg import DiffuMaskStream
+from ondemand_seg.pipelines.tiny import save_tiny_pipeline
 from ondemand_seg.settings.resolve import resolve_config
 from ondemand_seg.settings.vocabulary import load_vocabulary
 from ondemand_seg.toyworld import TOY_CLASSES, write_voc
@@ -1223,3 +1224,39 @@ def test_a_checkpoint_whose_loader_states_were_tampered_is_refused_naming_them(s
         error = refusal(trainer, capsys, [*synthetic_run.flags, "--output-dir", str(tmp_path / tamper.__name__),
                                           "--resume", str(path)])
         assert re.search(f"--resume {re.escape(str(path))}: {message}", error), error
+
+
+def test_pseudo_labelling_flags_are_checked_before_building(exported_run, tmp_path, monkeypatch, capsys, small_voc):
+    trainer = load_trainer(monkeypatch)
+    forbid_building(trainer, monkeypatch)
+    real = ["--voc-root", str(small_voc), "--real-images", "4", "--workers", "0", "--output-dir", str(tmp_path / "out")]
+    assert refusal(trainer, capsys, [*FAST, *real, "--real-only", "--pseudo-label-rest", "--pseudo-strength", "0.01"]
+                   ).endswith("--pseudo-strength: strength [0.01] starts no step of a 50-step schedule "
+                              "(num_inference_steps); use at least 0.02 or more num_inference_steps")
+    assert "without --pseudo-label-rest it does nothing" in refusal(
+        trainer, capsys, [*FAST, *real, "--real-only", "--pseudo-strength", "0.5"])
+    pixart = save_tiny_pipeline(tmp_path / "pixart", "pixart")
+    capsys.readouterr()
+    assert refusal(trainer, capsys, ["--model", str(pixart), "--vocabulary", "toy", *real, "--real-only",
+                                     "--pseudo-label-rest"]).endswith(
+        "--pseudo-label-rest: labelling real images needs an image-to-image pipeline, and diffusers has none for "
+        "PixArt-α/Σ; supported: Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 and Flux")
+    # With --from-export the export's model labels (its settings are that model's), so it must be here as it was.
+    other = tmp_path / "other-weights"
+    shutil.copytree(exported_run / "voc", other)
+    metadata = json.loads((other / "metadata.json").read_text())
+    metadata["plan"]["model"] = "folder:0123"
+    (other / "metadata.json").write_text(json.dumps(metadata))
+    assert refusal(trainer, capsys, reading_flags(exported_run, *real, "--pseudo-label-rest", "--from-export",
+                                                  str(other))).endswith(
+        f"--pseudo-label-rest labels with the model --from-export {other} was generated with ('random-weights'), and "
+        "it is not here with the same weights; drop --pseudo-label-rest or train with that model generating live "
+        "(--model)")
+    assert trainer.labelling_model(trainer.get_args_parser().parse_args(
+        ["--from-export", str(exported_run / "voc")])) == "random-weights"
+    # Every train image taken by --real-images leaves none to pseudo-label: refused before the labeller loads.
+    args = trainer.get_args_parser().parse_args([*FAST, *real[:2], "--real-only", "--real-images", "12",
+                                                 "--pseudo-label-rest"])
+    config, args.classes = trainer.generator_config(args)
+    with pytest.raises(SystemExit, match=r"no train image left to pseudo-label \(--real-images 12 of 12"):
+        trainer.pseudo_labelled_rest(args, config)

@@ -44,10 +44,13 @@ from tqdm.auto import tqdm
 
 from ondemand_seg import AugmentConfig, DiffuMaskAugment, DiffuMaskDataset, DiffuMaskStream, SegmentationTransform
 from ondemand_seg.cli import HelpFormatter, add_generator_arguments, resolve_generator
+from ondemand_seg.data.fingerprint import model_fingerprint
 from ondemand_seg.data.label_noise import LabelNoiseFilter
 from ondemand_seg.data.stream import check_stream_state, find_stream_states
 from ondemand_seg.exports import ExportError, ExportSource
 from ondemand_seg.pipelines.devices import check_device
+from ondemand_seg.pipelines.loading import check_model_source
+from ondemand_seg.real.labeler import LabelConfig, check_labelling_family
 from ondemand_seg.settings.label_spaces import class_ids
 from ondemand_seg.settings.validation import MAX_IMAGE_SIDE
 from ondemand_seg.metrics import ConfusionMatrix
@@ -376,6 +379,7 @@ def check_args(args: argparse.Namespace, config) -> None:
         raise FlagError("--pseudo-label-rest pseudo-labels the train images --real-images leaves out; give --real-images")
     if not 0 < args.pseudo_strength <= 1:
         raise FlagError(f"--pseudo-strength must be in (0, 1], got {args.pseudo_strength}")
+    check_pseudo_labelling(args)
     if args.synthetic_length is not None and (args.synthetic_only or args.real_only):
         raise FlagError("--synthetic-length sizes the synthetic part of a mixed run; drop --synthetic-only/--real-only")
     for flag in ("steps", "batch_size", "reuse", "cache_size", "crop_size", "checkpoint_every", "real_images",
@@ -399,6 +403,45 @@ def check_args(args: argparse.Namespace, config) -> None:
             noise_filter(args)
     except ValueError as error:
         raise FlagError(str(error)) from None
+
+
+def check_pseudo_labelling(args: argparse.Namespace) -> None:
+    """Refuse, before anything is built, what ``--pseudo-label-rest`` could not do: a strength that
+    starts no denoising step, a model family with no image-to-image pipeline, an export's model that
+    is not here as it was; and ``--pseudo-strength`` without ``--pseudo-label-rest`` (it would do nothing)."""
+    if not args.pseudo_label_rest:
+        if args.pseudo_strength != get_args_parser().get_default("pseudo_strength"):
+            raise FlagError("--pseudo-strength sets how --pseudo-label-rest reads the left-out images; without "
+                            "--pseudo-label-rest it does nothing: drop it or add --pseudo-label-rest")
+        return
+    try:
+        LabelConfig(strength=args.pseudo_strength)
+    except ValueError as error:
+        raise FlagError(f"--pseudo-strength: {error}") from None
+    spec = check_model_source(labelling_model(args))
+    if spec is not None:  # a callable's family is known once it is loaded
+        try:
+            check_labelling_family(spec.family)
+        except ValueError as error:
+            raise FlagError(f"--pseudo-label-rest: {error}") from None
+
+
+def labelling_model(args: argparse.Namespace):
+    """The model that pseudo-labels (``--pseudo-label-rest``): ``--model``, or with ``--from-export``
+    the model the export was generated with, which must be here with the same weights (its
+    recipe, the export's settings, belongs to those weights); a :class:`FlagError` otherwise."""
+    if args.from_export is None:
+        return args.model
+    source = ExportSource(args.from_export)
+    try:
+        here = model_fingerprint(source.model)
+    except (ValueError, OSError, TypeError):
+        here = None
+    if here != source.fingerprint.get("model"):
+        raise FlagError(f"--pseudo-label-rest labels with the model --from-export {args.from_export} was generated "
+                        f"with ({source.model!r}), and it is not here with the same weights; drop --pseudo-label-rest "
+                        "or train with that model generating live (--model)")
+    return source.model
 
 
 def uses_toyworld(args: argparse.Namespace) -> bool:
@@ -729,7 +772,10 @@ def pseudo_labelled_rest(args: argparse.Namespace, config) -> Dataset:
         if names:
             rest.append(i)
             tags.append(names)
-    labeler = DiffuMaskLabeler(args.model, args.classes, seed=args.seed, device=args.device,
+    if not rest:
+        raise FlagError(f"--pseudo-label-rest: {args.voc_root} has no train image left to pseudo-label (--real-images "
+                        f"{args.real_images} of {len(real)} takes every one that holds a class); lower --real-images")
+    labeler = DiffuMaskLabeler(labelling_model(args), args.classes, seed=args.seed, device=args.device,
                                labelling={"strength": args.pseudo_strength},
                                **config.to_dict())
     dataset = PseudoLabelledDataset(Subset(real, rest), tags, labeler, transforms=as_is)

@@ -35,6 +35,7 @@ from ..masks.labelling import finite_samples, masks_from_attention
 from ..masks.maps import neglected_classes
 from ..masks.quality import GateStats, gate
 from ..pipelines.families import call_options, latent_size, text_segments
+from ..pipelines.loading import check_model_source
 from ..settings.label_spaces import check_class_spelling, class_ids
 from ..settings.resolve import resolve_config
 from ..settings.validation import check_classes, check_finite, check_int, check_size
@@ -98,6 +99,13 @@ class LabelConfig:
         object.__setattr__(self, "absent_ratio", float(self.absent_ratio))
         if self.image_size is not None:
             object.__setattr__(self, "image_size", check_size("image_size", self.image_size))
+
+
+def check_labelling_family(family: Any) -> None:
+    """Refuse a model ``family`` whose image-to-image pipeline diffusers does not ship."""
+    if family.name not in LABELLING_FAMILIES:
+        raise ValueError(f"labelling real images needs an image-to-image pipeline, and diffusers has none for "
+                         f"{family.title}; supported: Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 and Flux")
 
 
 def check_tags(names: Any, where: str, label_space: Sequence[str]) -> tuple[str, ...]:
@@ -181,6 +189,9 @@ class DiffuMaskLabeler:
         if not isinstance(self.config, LabelConfig):
             raise TypeError(f"labelling must be a LabelConfig or a dict of its fields, got {type(labelling).__name__}")
         self.generator = source
+        spec = check_model_source(source.model)
+        if spec is not None:  # a callable's or an uncached hub model's family is known once loaded
+            check_labelling_family(spec.family)
         self.candidates = check_classes(classes) if classes is not None else source.classes
         check_class_spelling(self.candidates, source.label_space)
         class_ids(self.candidates, source.label_space)
@@ -206,10 +217,7 @@ class DiffuMaskLabeler:
 
             capturing = self.generator.capturing
             family = capturing.family
-            if family.name not in LABELLING_FAMILIES:
-                raise ValueError(
-                    f"labelling real images needs an image-to-image pipeline, and diffusers has none for "
-                    f"{family.title}; supported: Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 and Flux")
+            check_labelling_family(family)
             capturing.spec.check_image_size(self.image_size)
             pipeline = AutoPipelineForImage2Image.from_pipe(capturing.pipeline)
             pipeline.set_progress_bar_config(disable=True)
