@@ -832,6 +832,22 @@ def test_a_checkpoint_without_a_record_of_some_flags_is_compared_on_the_others(t
         trainer.check_resume_args(checkpoint, args, config.label_space)
 
 
+def test_a_checkpoint_recording_no_worker_count_or_no_real_data_is_not_misread(tmp_path, monkeypatch):
+    trainer = load_trainer(monkeypatch)
+    saved = torch.load(recorded_checkpoint(trainer, tmp_path, resume_flags(tmp_path)), weights_only=True)
+    args = trainer.get_args_parser().parse_args(resume_flags(tmp_path, "--voc-root", fake_voc(tmp_path)))
+    config, args.classes = trainer.generator_config(args)
+    for workers in ("abc", "-3"):  # the loader states are laid out by it: a traceback, or "-3 workers -> 1"
+        checkpoint = copy.deepcopy(saved)
+        checkpoint["args"]["workers"] = workers
+        with pytest.raises(SystemExit, match=f"its args record --workers '{workers}', not a number of DataLoader workers"):
+            trainer.check_resume_args(checkpoint, args, config.label_space)
+    # No record of --voc-root is not a record of ToyWorld (a refusal naming a change nobody made).
+    del saved["args"]["voc_root"]
+    assert trainer.check_resume_args(saved, args, config.label_space) == {}
+    assert "--voc-root" in trainer.unrecorded_flags(saved, args)
+
+
 def test_resume_flag_lists_name_real_flags_and_keep_what_picks_the_samples_compared(monkeypatch):
     trainer = load_trainer(monkeypatch)
     parser_keys = set(vars(trainer.get_args_parser().parse_args([])))

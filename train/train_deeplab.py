@@ -483,6 +483,10 @@ def check_resume_args(checkpoint: dict, args: argparse.Namespace, label_space: t
     weight average is kept. Only :data:`RESUME_ALLOWABLE` flags may be accepted, never the backbone,
     the classes, ``--workers`` or turning the average on or off.
     """
+    recorded_workers = checkpoint.get("args", {}).get("workers", str(args.workers))
+    if not str(recorded_workers).isdigit():  # its loader states are laid out by this number
+        raise FlagError(f"--resume {args.resume}: its args record --workers {recorded_workers!r}, not a number of "
+                        "DataLoader workers; it was not written by this trainer")
     old, new = comparable(checkpoint.get("args", {})), comparable(saved_args(args))
     changes = {key: (old[key], new[key]) for key in new if key not in RESUME_FREE and key in old and old[key] != new[key]}
     accepted = {name.replace("-", "_") for name in args.allow_changed}
@@ -521,7 +525,7 @@ def comparable(recorded: dict[str, str]) -> dict[str, str]:
     """``recorded`` flags as compared on resume. Without ``--voc-root`` the run reads the ToyWorld
     folder in ``--data-dir`` and stores that folder as its ``--voc-root``: the same data whichever
     ``--data-dir`` holds it."""
-    if recorded.get("voc_root") in ("None", recorded.get("data_dir")):
+    if "voc_root" in recorded and recorded["voc_root"] in ("None", recorded.get("data_dir")):
         recorded = {**recorded, "voc_root": "ToyWorld"}
     return {key: "unset" if value == "None" else value for key, value in recorded.items()}
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..exports import FORMATS
 from ..exports.plan import ExportFolder, ExportOptions, export_plan
-from ..exports.run import check_export_args, finish, write_shard, writer_class
+from ..exports.run import check_export_args, finish, reopen_lost_shards, write_shard, writer_class
 from ..generation.generator import DiffuMaskGenerator, RawSample
 from ..pipelines.builtin import BUILTIN_MODELS, RANDOM_WEIGHTS_MODEL, ModelSource
 from ..settings.validation import check_bool, check_finite, check_int
@@ -110,7 +110,9 @@ class Recipe:
         # A thread count decides an image's last bit: one thread per CPU reserved, so an actor with
         # num_cpus=1 draws a one-thread DataLoader worker's bytes.
         torch.set_num_threads(self.threads)
-        return DiffuMaskGenerator(self.model, self.classes, self.seed, self.device, **self.config)
+        generator = DiffuMaskGenerator(self.model, self.classes, self.seed, self.device, **self.config)
+        generator.keep_counts_in_process()  # an actor starts no DataLoader workers to share them with
+        return generator
 
 
 def for_other_processes(model: ModelSource) -> ModelSource:
@@ -256,7 +258,8 @@ def export(model: ModelSource, classes: Sequence[str], out: str | os.PathLike, n
     This process prepares the folder (checks the plan, removes an overwritten export), hands the
     unfinished shards to the actors one at a time, and writes the metadata once all are finished.
     ``out`` must be one folder every node sees at the same path (a shared file system). A rerun
-    after an interruption writes only the shards without a stats file.
+    after an interruption writes only the shards without a stats file, and those whose files were
+    deleted since.
 
     Args:
         model, classes, seed, vocabulary, label_space, image_size, mask, generator, quality: the
@@ -284,6 +287,7 @@ def export(model: ModelSource, classes: Sequence[str], out: str | os.PathLike, n
     folder = ExportFolder(Path(out).expanduser().resolve())
     plan = export_plan(source, options)
     folder.prepare(plan, overwrite, {name: spec.owned for name, spec in FORMATS.items()})
+    reopen_lost_shards(folder, writer_class(format)(folder.root, options, source.label_space), options.shards())
     pending = [shard for shard in options.shards() if not folder.is_done(shard)]
     if pending:
         shards = ray.data.from_items([{"shard": shard.number} for shard in pending],
