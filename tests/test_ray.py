@@ -300,3 +300,15 @@ def test_a_ray_export_writes_again_a_finished_shard_whose_files_were_deleted(ray
         (tmp_path / "ray" / name).unlink()
     assert on_ray.export("toy", CLASSES, tmp_path / "ray", N, **options, **SETTINGS) == whole
     assert tree(tmp_path / "ray") == tree(tmp_path / "whole")
+
+
+def test_actors_the_cluster_could_never_place_are_refused_not_waited_for(ray_instance, no_model, tmp_path, capsys):
+    # The local instance has 2 CPUs and no GPU: Ray would wait for such an actor forever.
+    with pytest.raises(on_ray.ClusterTooSmall, match=r"num_gpus=1 per actor, but the Ray cluster has 0 GPU\(s\) in all"):
+        on_ray.export("toy", CLASSES, tmp_path / "gpu", N, num_gpus=1, progress=False, **SETTINGS)
+    with pytest.raises(on_ray.ClusterTooSmall, match=r"num_cpus=64 per actor, but the Ray cluster has 2 CPU\(s\) in all"):
+        on_ray.generate("toy", CLASSES, N, num_cpus=64, **SETTINGS)
+    with pytest.raises(SystemExit) as refused:
+        main(["export", "--out", str(tmp_path / "cli"), "--n", "4", "--num-gpus", "0.5", "--gen-steps", "2"])
+    assert refused.value.code == 2
+    assert "num_gpus=0.5 per actor, but the Ray cluster has 0 GPU(s) in all" in capsys.readouterr().err
