@@ -779,13 +779,14 @@ def pseudo_labelled_rest(args: argparse.Namespace, config) -> Dataset:
     if not rest:
         raise FlagError(f"--pseudo-label-rest: {args.voc_root} has no train image left to pseudo-label (--real-images "
                         f"{args.real_images} of {len(real)} takes every one that holds a class); lower --real-images")
-    labeler = DiffuMaskLabeler(labelling_model(args), args.classes, seed=args.seed, device=args.device,
+    model = labelling_model(args)
+    labeler = DiffuMaskLabeler(model, args.classes, seed=args.seed, device=args.device,
                                labelling={"strength": args.pseudo_strength},
                                **config.to_dict())
     dataset = PseudoLabelledDataset(Subset(real, rest), tags, labeler, transforms=as_is)
     counts = dataset.label_all()
     if is_main_process():
-        print(f"pseudo-labelled {counts['accepted']} of {len(rest)} left-out train images from their tags "
+        print(f"pseudo-labelled {counts['accepted']} of {len(rest)} left-out train images from their tags with {model} "
               f"({counts['generated'] - counts['accepted']} left out by the quality gate and served as ignore)")
     return dataset
 
