@@ -1276,3 +1276,24 @@ def test_pseudo_labelling_flags_are_checked_before_building(exported_run, tmp_pa
     config, args.classes = trainer.generator_config(args)
     with pytest.raises(SystemExit, match=r"no train image left to pseudo-label \(--real-images 12 of 12"):
         trainer.pseudo_labelled_rest(args, config)
+
+
+def test_a_worker_state_saved_under_other_settings_is_refused_before_the_workers_start(exported_run, tmp_path,
+                                                                                      monkeypatch, capsys):
+    # A checkpoint from before the range gate: its states' fingerprints lack the gate's newer fields.
+    trainer = load_trainer(monkeypatch)
+    flags = reading_flags(exported_run, "--synthetic-only", "--from-export", str(exported_run / "voc"), "--workers", "1",
+                          "--checkpoint-every", "2")
+    train_in_process(trainer, [*flags, "--steps", "2", "--output-dir", str(tmp_path / "first")])
+    checkpoint = torch.load(tmp_path / "first" / "checkpoint.pt", weights_only=True)
+    from ondemand_seg.data.stream import find_stream_states
+
+    for state in find_stream_states(checkpoint["loader"]):
+        del state["fingerprint"]["export"]["quality"]["range_margin"]
+    torch.save(checkpoint, tmp_path / "old.pt")
+    capsys.readouterr()
+    error = refusal(trainer, capsys, [*flags, "--steps", "4", "--allow-changed", "steps", "--resume",
+                                      str(tmp_path / "old.pt"), "--output-dir", str(tmp_path / "resumed")])
+    assert error.endswith("stream state was saved under other settings, so resuming would not continue its sample "
+                          "sequence: export.quality.range_margin: None -> 0.25 (saved -> now); resume with the settings "
+                          "it was saved with"), error

@@ -46,7 +46,7 @@ from ondemand_seg import AugmentConfig, DiffuMaskAugment, DiffuMaskDataset, Diff
 from ondemand_seg.cli import HelpFormatter, add_generator_arguments, resolve_generator
 from ondemand_seg.data.fingerprint import model_fingerprint
 from ondemand_seg.data.label_noise import LabelNoiseFilter
-from ondemand_seg.data.stream import check_stream_state, find_stream_states
+from ondemand_seg.data.stream import find_stream_states
 from ondemand_seg.exports import ExportError, ExportSource
 from ondemand_seg.pipelines.devices import check_device
 from ondemand_seg.pipelines.loading import check_model_source
@@ -844,7 +844,7 @@ def restore_data_position(run: Run, checkpoint: dict) -> str | None:
                     raise ValueError(f"rank {run.rank}'s loader state holds {len(states)} stream state(s), not one per "
                                      f"worker ({max(args.workers, 1)})")
                 for state in states:
-                    check_stream_state(state)
+                    run.train_data.check_state(state)
             except ValueError as error:
                 raise FlagError(f"--resume {args.resume}: {error}") from None
         replay_sampler_epochs(run.loader.sampler, args.seed, run.epoch)
