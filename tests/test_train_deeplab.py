@@ -1297,3 +1297,19 @@ def test_a_worker_state_saved_under_other_settings_is_refused_before_the_workers
     assert error.endswith("stream state was saved under other settings, so resuming would not continue its sample "
                           "sequence: export.quality.range_margin: None -> 0.25 (saved -> now); resume with the settings "
                           "it was saved with"), error
+
+
+def test_an_export_pass_smaller_than_a_batch_is_an_error_not_an_endless_loop(exported_run, tmp_path, monkeypatch,
+                                                                             capsys):
+    trainer = load_trainer(monkeypatch)
+    # 12 samples served once make no batch of 16: every pass would end without a step, forever.
+    with pytest.raises(SystemExit) as stopped:
+        trainer.cli(reading_flags(exported_run, "--synthetic-only", "--from-export", str(exported_run / "hf"), "--reuse",
+                                  "1", "--batch-size", "16", "--steps", "2", "--output-dir", str(tmp_path / "out")))
+    error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar, as the data shows it only then
+    assert stopped.value.code == 2
+    assert error.endswith("a pass over the training data served no full batch of --batch-size 16 (it would be "
+                          f"repeated forever without a step): ExportSource('{exported_run / 'hf'}': hf, samples 0 to 11, "
+                          "seed 0) holds 12 samples, each served --reuse 1 times, split over 1 rank x 0 workers in "
+                          "whole generation blocks, and each worker leaves out its last partial batch; lower "
+                          "--batch-size or --workers, or raise --reuse"), error

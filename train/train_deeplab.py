@@ -949,6 +949,9 @@ def train(run: Run, resumed_rng: torch.Tensor | None) -> None:
         torch.set_rng_state(resumed_rng)
     bar = tqdm(total=args.steps, initial=run.step, desc="train", disable=not is_main_process(), dynamic_ncols=True)
     run.model.train()
+    # The step at which the last pass ended: a pass ending there again served no batch, and so would every
+    # pass after it (a resumed run's first pass may end at once, where the checkpoint's ended).
+    last_pass_end = None
     # Closed on the way out too, so that an error is printed after the bar rather than on its line.
     try:
         while run.step < args.steps:
@@ -956,6 +959,9 @@ def train(run: Run, resumed_rng: torch.Tensor | None) -> None:
             try:
                 images, masks, *flags = next(batches)
             except StopIteration:  # end of an epoch of the map-style mix, or of a pass over an export
+                if run.step == last_pass_end:
+                    raise empty_pass(run)
+                last_pass_end = run.step
                 run.log.write({"event": "epoch_end", "step": run.step, "epoch": run.epoch})
                 run.epoch += 1
                 if isinstance(run.train_data, DiffuMaskStream) and is_main_process():
@@ -980,6 +986,19 @@ def train(run: Run, resumed_rng: torch.Tensor | None) -> None:
                 run.log.write({"event": "eval", "step": run.step, "miou": score(run).mean_iou()})
     finally:
         bar.close()
+
+
+def empty_pass(run: Run) -> FlagError:
+    """The error for a pass over the training data that served no full batch: training would repeat
+    it forever without a step."""
+    args, data = run.args, run.train_data
+    why = ""
+    if isinstance(data, DiffuMaskStream):
+        why = (f": {data.source} holds {len(data.source)} samples, each served --reuse {args.reuse} times, split over "
+               f"{process_layout(run.world, args.workers)} in whole generation blocks, and each worker leaves out its "
+               "last partial batch; lower --batch-size or --workers, or raise --reuse")
+    return FlagError(f"a pass over the training data served no full batch of --batch-size {args.batch_size} (it would be "
+                     f"repeated forever without a step){why}")
 
 
 def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor, prunable: torch.Tensor | None) -> float:
