@@ -1,4 +1,6 @@
 import json
+import os
+import threading
 
 import numpy as np
 import PIL.Image
@@ -108,3 +110,76 @@ def test_a_dataset_counts_its_own_gated_images(image_folder, labeler):
     assert set(np.unique(np.asarray(mask)).tolist()) == {255} and dataset.pseudo_label(4).reason == "constant image"
     assert dataset.counts()["generated"] == 1 and dataset.counts()["constant image"] == 1
     assert dataset.pseudo_label(0).mask.shape == (32, 32) and dataset.counts()["accepted"] == 1
+
+
+def test_tags_are_checked_at_construction_naming_the_file_and_the_image(labeler, samples, tmp_path):
+    images = [s.image for s in samples[:2]]
+    files = {"not_json.json": b"circle, ring", "utf16.json": json.dumps([["circle"], ["ring"]]).encode("utf-16"),
+             "unknown.json": json.dumps([["circle"], ["dragon"]]).encode(),
+             "ints.json": json.dumps([["circle"], [3]]).encode(),
+             "case.json": json.dumps([["circle"], ["Ring"]]).encode(),
+             "empty.json": json.dumps([["circle"], []]).encode()}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    expected = {"not_json.json": r"not_json.json is not valid JSON", "utf16.json": r"utf16.json is not UTF-8.*UTF-16",
+                "unknown.json": r"tags\[1\] in .*unknown.json names \['dragon'\]",
+                "ints.json": r"ints.json: image 1 has tags \[3\]; give a non-empty list of class names",
+                "case.json": r"tags\[1\] in .*case.json names \['Ring'\]", "empty.json": r"empty.json: image 1 has tags \[\]; give a non-empty list"}
+    for name, message in expected.items():
+        with pytest.raises((TypeError, ValueError), match=message):
+            PseudoLabelledDataset(images, tmp_path / name, labeler)
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(ValueError, match="fifo.json is a FIFO"):  # opening it would wait for a writer
+        PseudoLabelledDataset(images, tmp_path / "fifo.json", labeler)
+    with pytest.raises(ValueError, match=r"tags\[5\] names \['dragon'\]"):
+        PseudoLabelledDataset([samples[0].image] * 6, [["circle"]] * 5 + [["dragon"]], labeler)
+    # A function's answer is checked when drawn, named by the item's own index.
+    dataset = PseudoLabelledDataset([samples[0].image] * 6, lambda i: ["dragon"] if i == 5 else ["circle"], labeler)
+    with pytest.raises(ValueError, match=r"tags\[5\] names \['dragon'\]"):
+        dataset[5]
+
+
+def test_constructor_arguments_are_checked(labeler, samples):
+    images, tags = [s.image for s in samples], [s.class_names for s in samples]
+    for kwargs, error, message in (({"seed": -1}, ValueError, "seed must be >= 0"),
+                                   ({"seed": 1.5}, TypeError, "seed must be an int"),
+                                   ({"augment": "yes"}, TypeError, "augment must be True or False")):
+        with pytest.raises(error, match=message):
+            PseudoLabelledDataset(images, tags, labeler, **kwargs)
+    with pytest.raises(TypeError, match="images must be a map-style dataset or a sequence of images, got NoneType"):
+        PseudoLabelledDataset(None, None, labeler)
+    with pytest.raises(TypeError, match="labeler must be a DiffuMaskLabeler, got str"):
+        PseudoLabelledDataset(images, tags, labeler="toy")
+    assert PseudoLabelledDataset(images, tags, labeler, seed=np.int64(3)).seed == 3
+
+
+def test_an_items_pseudo_mask_does_not_depend_on_the_items_labelled_with_it(labeler):
+    world = ToyWorld(32, seed=4)
+    items = [world.sample(i) for i in range(6)]
+    args = ([s.image for s in items], [s.class_names for s in items], labeler)
+    together = PseudoLabelledDataset(*args, transforms=lambda image, mask: (image, mask))
+    together.label_all(batch_size=6)
+    alone = PseudoLabelledDataset(*args, transforms=lambda image, mask: (image, mask))
+    for i in (5, 2, 4):  # each labelled by itself, at position 0 of its call
+        assert np.array_equal(np.asarray(alone[i][1]), np.asarray(together[i][1])), i
+
+
+def test_threads_asking_for_the_same_items_label_each_once(samples):
+    labeler = DiffuMaskLabeler("toy", labelling={"strength": 0.04, "num_inference_steps": 50})
+    dataset = PseudoLabelledDataset([s.image for s in samples], [s.class_names for s in samples], labeler,
+                                    transforms=lambda image, mask: (image, mask))
+    masks, errors = [], []
+
+    def read():
+        try:
+            masks.append([np.asarray(dataset[i][1]) for i in range(4)])
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=read) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and labeler.counts()["generated"] == 4
+    assert all(np.array_equal(a, b) for other in masks[1:] for a, b in zip(masks[0], other))

@@ -1,3 +1,4 @@
+import io
 import shutil
 
 import numpy as np
@@ -85,3 +86,13 @@ def test_an_image_folder_turns_photos_upright_by_their_exif_orientation(tmp_path
     exif[0x0112] = 6  # rotated 90 degrees: shown 10 wide and 20 tall
     image.save(tmp_path / "photo.jpg", exif=exif)
     assert ImageFolderImages(tmp_path)[0].size == (10, 20)
+
+
+def test_an_empty_or_truncated_pil_image_is_named():
+    with pytest.raises(ValueError, match=r"images\[3\] is empty \(0x0 px\)"):
+        to_rgb_tensor(PIL.Image.new("RGB", (0, 0)), "images[3]")
+    data = io.BytesIO()
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data, "PNG")
+    truncated = PIL.Image.open(io.BytesIO(data.getvalue()[: len(data.getvalue()) // 2]))
+    with pytest.raises(ValueError, match=r"images\[1\] cannot be decoded .*truncated"):
+        to_rgb_tensor(truncated, "images[1]")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ondemand_seg import DiffuMaskGenerator
-from ondemand_seg.pipelines.tiny import TINY_IMAGE_SIZES, build_tiny_pipeline
+from ondemand_seg.pipelines.tiny import TINY_IMAGE_SIZES, build_tiny_pipeline, save_tiny_pipeline
 from ondemand_seg.real import DiffuMaskLabeler, LabelConfig
 from ondemand_seg.toyworld import TOY_CLASSES, ToyWorld
 
@@ -40,10 +40,13 @@ def test_every_supported_family_labels_a_real_image_at_its_own_size(flavor):
     assert labeler.counts()["generated"] == 2
 
 
-def test_families_without_an_image_to_image_pipeline_are_refused_by_name():
-    labeler = tiny_labeler("pixart")
+def test_families_without_an_image_to_image_pipeline_are_refused_by_name(tmp_path):
+    labeler = tiny_labeler("pixart")  # a callable's family is known once it loads
     with pytest.raises(ValueError, match="PixArt.*supported: Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 and Flux"):
         labeler.label([noise_image(64, 64)], [["dog"]])
+    folder = save_tiny_pipeline(tmp_path / "pixart", "pixart")  # a folder's is known from its configs
+    with pytest.raises(ValueError, match="PixArt.*supported: Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 and Flux"):
+        DiffuMaskLabeler(str(folder), vocabulary="voc")
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +140,11 @@ def test_bad_tags_and_inputs_are_named(toy):
     with pytest.raises(ValueError, match=r"images\[1\]"):
         toy.label([image, np.full((8, 8, 3), 3.0)], [["circle"], ["circle"]])
     with pytest.raises(ValueError, match=r"strength \[0.01\] starts no step of a 50-step schedule"):
-        DiffuMaskLabeler.from_generator(toy.generator, {"strength": 0.01, "num_inference_steps": 50}).label(
-            [image], [["circle"]])
+        DiffuMaskLabeler.from_generator(toy.generator, {"strength": 0.01, "num_inference_steps": 50})
+    with pytest.raises(TypeError, match="generator must be a DiffuMaskGenerator, got str"):
+        DiffuMaskLabeler.from_generator("toy")
+    with pytest.raises(ValueError, match="repeats 'circle'"):
+        DiffuMaskLabeler.from_generator(toy.generator, classes=["circle", "circle"])
 
 
 def test_label_config_checks_its_fields():
@@ -150,3 +156,18 @@ def test_label_config_checks_its_fields():
         LabelConfig(absent_ratio=1.0)
     with pytest.raises(ValueError, match="recorded_steps"):
         LabelConfig(recorded_steps=0)
+
+
+def test_label_config_takes_numpy_numbers_and_refuses_what_no_call_could_use():
+    config = LabelConfig(strength=np.float32(0.25), absent_ratio=np.float32(0.5), num_inference_steps=np.int64(20),
+                         guidance_scale=np.float64(3.0))
+    assert config.strength == (0.25,) and config.absent_ratio == 0.5 and type(config.num_inference_steps) is int
+    assert LabelConfig(strength=[np.float32(0.25), 0.5]).strength == (0.25, 0.5)
+    for bad in (float("nan"), "7", True):
+        with pytest.raises((TypeError, ValueError), match="guidance_scale"):
+            LabelConfig(guidance_scale=bad)
+    with pytest.raises(ValueError, match="strength"):
+        LabelConfig(strength=torch.tensor([0.1, 0.2]))
+    # Refused at construction, not at the first call (in a DataLoader worker).
+    with pytest.raises(ValueError, match=r"strength \[0.01\] starts no step of a 50-step schedule"):
+        LabelConfig(strength=0.01)

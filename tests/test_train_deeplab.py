@@ -28,6 +28,7 @@ from filelock import FileLock
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ondemand_seg import DiffuMaskStream
+from ondemand_seg.pipelines.tiny import save_tiny_pipeline
 from ondemand_seg.settings.resolve import resolve_config
 from ondemand_seg.settings.vocabulary import load_vocabulary
 from ondemand_seg.toyworld import TOY_CLASSES, write_voc
@@ -300,7 +301,7 @@ def test_pseudo_labelled_images_of_a_folder_join_the_real_ones(tmp_path, monkeyp
              "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"),
              "--pseudo-images", str(image_folder), "--pseudo-tags", str(image_folder / "tags.json")]
     summary, printed = train_in_process(trainer, flags)
-    assert f"pseudo-labelled 4 of 5 images of {image_folder} from --pseudo-tags (1 left out" in printed
+    assert f"pseudo-labelled 4 of 5 images of {image_folder} from --pseudo-tags with random-weights (1 left out" in printed
     assert summary["step"] == 2
     args = trainer.get_args_parser().parse_args(flags)
     config, args.classes = trainer.generator_config(args)
@@ -908,6 +909,22 @@ def test_a_checkpoint_without_a_record_of_some_flags_is_compared_on_the_others(t
         trainer.check_resume_args(checkpoint, args, config.label_space)
 
 
+def test_a_checkpoint_recording_no_worker_count_or_no_real_data_is_not_misread(tmp_path, monkeypatch):
+    trainer = load_trainer(monkeypatch)
+    saved = torch.load(recorded_checkpoint(trainer, tmp_path, resume_flags(tmp_path)), weights_only=True)
+    args = trainer.get_args_parser().parse_args(resume_flags(tmp_path, "--voc-root", fake_voc(tmp_path)))
+    config, args.classes = trainer.generator_config(args)
+    for workers in ("abc", "-3"):  # the loader states are laid out by it: a traceback, or "-3 workers -> 1"
+        checkpoint = copy.deepcopy(saved)
+        checkpoint["args"]["workers"] = workers
+        with pytest.raises(SystemExit, match=f"its args record --workers '{workers}', not a number of DataLoader workers"):
+            trainer.check_resume_args(checkpoint, args, config.label_space)
+    # No record of --voc-root is not a record of ToyWorld (a refusal naming a change nobody made).
+    del saved["args"]["voc_root"]
+    assert trainer.check_resume_args(saved, args, config.label_space) == {}
+    assert "--voc-root" in trainer.unrecorded_flags(saved, args)
+
+
 def test_resume_flag_lists_name_real_flags_and_keep_what_picks_the_samples_compared(monkeypatch):
     trainer = load_trainer(monkeypatch)
     parser_keys = set(vars(trainer.get_args_parser().parse_args([])))
@@ -1301,3 +1318,76 @@ def test_a_checkpoint_whose_loader_states_were_tampered_is_refused_naming_them(s
         error = refusal(trainer, capsys, [*synthetic_run.flags, "--output-dir", str(tmp_path / tamper.__name__),
                                           "--resume", str(path)])
         assert re.search(f"--resume {re.escape(str(path))}: {message}", error), error
+
+
+def test_pseudo_labelling_flags_are_checked_before_building(exported_run, tmp_path, monkeypatch, capsys, small_voc):
+    trainer = load_trainer(monkeypatch)
+    forbid_building(trainer, monkeypatch)
+    real = ["--voc-root", str(small_voc), "--real-images", "4", "--workers", "0", "--output-dir", str(tmp_path / "out")]
+    assert refusal(trainer, capsys, [*FAST, *real, "--real-only", "--pseudo-label-rest", "--pseudo-strength", "0.01"]
+                   ).endswith("--pseudo-strength: strength [0.01] starts no step of a 50-step schedule "
+                              "(num_inference_steps); use at least 0.02 or more num_inference_steps")
+    assert "without either it does nothing" in refusal(
+        trainer, capsys, [*FAST, *real, "--real-only", "--pseudo-strength", "0.5"])
+    pixart = save_tiny_pipeline(tmp_path / "pixart", "pixart")
+    capsys.readouterr()
+    assert refusal(trainer, capsys, ["--model", str(pixart), "--vocabulary", "toy", *real, "--real-only",
+                                     "--pseudo-label-rest"]).endswith(
+        "--pseudo-label-rest: labelling real images needs an image-to-image pipeline, and diffusers has none for "
+        "PixArt-α/Σ; supported: Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 and Flux")
+    # With --from-export the export's model labels (its settings are that model's), so it must be here as it was.
+    other = tmp_path / "other-weights"
+    shutil.copytree(exported_run / "voc", other)
+    metadata = json.loads((other / "metadata.json").read_text())
+    metadata["plan"]["model"] = "folder:0123"
+    (other / "metadata.json").write_text(json.dumps(metadata))
+    assert refusal(trainer, capsys, reading_flags(exported_run, *real, "--pseudo-label-rest", "--from-export",
+                                                  str(other))).endswith(
+        f"--pseudo-label-rest labels with the model --from-export {other} was generated with ('random-weights'), and "
+        "it is not here with the same weights; drop --pseudo-label-rest or train with that model generating live "
+        "(--model)")
+    assert trainer.labelling_model(trainer.get_args_parser().parse_args(
+        ["--from-export", str(exported_run / "voc")])) == "random-weights"
+    # Every train image taken by --real-images leaves none to pseudo-label: refused before the labeller is used.
+    args = trainer.get_args_parser().parse_args([*FAST, *real[:2], "--real-only", "--real-images", "12",
+                                                 "--pseudo-label-rest"])
+    config, args.classes = trainer.generator_config(args)
+    with pytest.raises(SystemExit, match=r"no train image left to pseudo-label \(--real-images 12 of 12"):
+        trainer.pseudo_labelled_rest(args, config, labeler=None)
+
+
+def test_a_worker_state_saved_under_other_settings_is_refused_before_the_workers_start(exported_run, tmp_path,
+                                                                                      monkeypatch, capsys):
+    # A checkpoint from before the range gate: its states' fingerprints lack the gate's newer fields.
+    trainer = load_trainer(monkeypatch)
+    flags = reading_flags(exported_run, "--synthetic-only", "--from-export", str(exported_run / "voc"), "--workers", "1",
+                          "--checkpoint-every", "2")
+    train_in_process(trainer, [*flags, "--steps", "2", "--output-dir", str(tmp_path / "first")])
+    checkpoint = torch.load(tmp_path / "first" / "checkpoint.pt", weights_only=True)
+    from ondemand_seg.data.stream import find_stream_states
+
+    for state in find_stream_states(checkpoint["loader"]):
+        del state["fingerprint"]["export"]["quality"]["range_margin"]
+    torch.save(checkpoint, tmp_path / "old.pt")
+    capsys.readouterr()
+    error = refusal(trainer, capsys, [*flags, "--steps", "4", "--allow-changed", "steps", "--resume",
+                                      str(tmp_path / "old.pt"), "--output-dir", str(tmp_path / "resumed")])
+    assert error.endswith("stream state was saved under other settings, so resuming would not continue its sample "
+                          "sequence: export.quality.range_margin: None -> 0.25 (saved -> now); resume with the settings "
+                          "it was saved with"), error
+
+
+def test_an_export_pass_smaller_than_a_batch_is_an_error_not_an_endless_loop(exported_run, tmp_path, monkeypatch,
+                                                                             capsys):
+    trainer = load_trainer(monkeypatch)
+    # 12 samples served once make no batch of 16: every pass would end without a step, forever.
+    with pytest.raises(SystemExit) as stopped:
+        trainer.cli(reading_flags(exported_run, "--synthetic-only", "--from-export", str(exported_run / "hf"), "--reuse",
+                                  "1", "--batch-size", "16", "--steps", "2", "--output-dir", str(tmp_path / "out")))
+    error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar, as the data shows it only then
+    assert stopped.value.code == 2
+    assert error.endswith("a pass over the training data served no full batch of --batch-size 16 (it would be "
+                          f"repeated forever without a step): ExportSource('{exported_run / 'hf'}': hf, samples 0 to 11, "
+                          "seed 0) holds 12 samples, each served --reuse 1 times, split over 1 rank x 0 workers in "
+                          "whole generation blocks, and each worker leaves out its last partial batch; lower "
+                          "--batch-size or --workers, or raise --reuse"), error

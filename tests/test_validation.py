@@ -452,6 +452,12 @@ BROKEN_FOLDERS = [
      r"num_inference_steps=\d+ is more than this model's scheduler has timesteps \(num_train_timesteps=1"),
     ("sample_size beyond any image", edit_config("unet", sample_size=100_000),
      r"unet/config.json: sample_size 100000 makes \d+ px images, larger than any model generates"),
+    # the sixth round: a component the pipeline needs, saved as absent (it loaded as None, then a draw failed)
+    ("the unet saved as absent", edit_index(lambda i: i.update(unet=[None, None])),
+     r"saves unet as absent \(\[null, null\]\), and a StableDiffusionPipeline cannot run without it"),
+    ("the tokenizer and text encoder saved as absent",
+     edit_index(lambda i: i.update(tokenizer=[None, None], text_encoder=[None, None])),
+     r"saves text_encoder, tokenizer as absent .* cannot run without them"),
 ]
 
 
@@ -563,3 +569,15 @@ def test_a_vocabulary_file_a_preset_names_is_found_beside_it(sd_copy, tmp_path, 
         (sd_copy / PRESET_FILE).write_text(json.dumps({"vocabulary": outside}))
         with pytest.raises(ValueError, match=f"vocabulary '{outside}' is not a file of the model folder"):
             DiffuMaskStream(sd_copy, ["hamster"], image_size=64)
+
+
+def test_sd3_without_its_t5_encoder_is_a_valid_folder(tmp_path):
+    from ondemand_seg.pipelines.tiny import save_tiny_pipeline
+
+    folder = save_tiny_pipeline(tmp_path / "sd3", "sd3")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(text_encoder_3=[None, None], tokenizer_3=[None, None])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    shutil.rmtree(folder / "text_encoder_3")
+    shutil.rmtree(folder / "tokenizer_3")
+    assert check_model_source(folder).family.name == "sd3"

@@ -45,10 +45,13 @@ from tqdm.auto import tqdm
 
 from ondemand_seg import AugmentConfig, DiffuMaskAugment, DiffuMaskDataset, DiffuMaskStream, SegmentationTransform
 from ondemand_seg.cli import HelpFormatter, add_generator_arguments, resolve_generator
+from ondemand_seg.data.fingerprint import model_fingerprint
 from ondemand_seg.data.label_noise import LabelNoiseFilter
-from ondemand_seg.data.stream import check_stream_state, find_stream_states
+from ondemand_seg.data.stream import find_stream_states
 from ondemand_seg.exports import ExportError, ExportSource
 from ondemand_seg.pipelines.devices import check_device
+from ondemand_seg.pipelines.loading import check_model_source
+from ondemand_seg.real.labeler import LabelConfig, check_labelling_family
 from ondemand_seg.settings.label_spaces import class_ids
 from ondemand_seg.settings.validation import MAX_IMAGE_SIDE
 from ondemand_seg.metrics import ConfusionMatrix
@@ -387,6 +390,7 @@ def check_args(args: argparse.Namespace, config) -> None:
         raise FlagError("--pseudo-label-rest pseudo-labels the train images --real-images leaves out; give --real-images")
     if not 0 < args.pseudo_strength <= 1:
         raise FlagError(f"--pseudo-strength must be in (0, 1], got {args.pseudo_strength}")
+    check_pseudo_labelling(args)
     if args.pseudo_tags is not None and args.pseudo_images is None:
         raise FlagError("--pseudo-tags names the classes of the --pseudo-images images; give --pseudo-images")
     if args.pseudo_images is not None:
@@ -417,6 +421,47 @@ def check_args(args: argparse.Namespace, config) -> None:
             noise_filter(args)
     except ValueError as error:
         raise FlagError(str(error)) from None
+
+
+def check_pseudo_labelling(args: argparse.Namespace) -> None:
+    """Refuse, before anything is built, what ``--pseudo-label-rest`` / ``--pseudo-images`` could not
+    do: a strength that starts no denoising step, a model family with no image-to-image pipeline, an
+    export's model that is not here as it was; and ``--pseudo-strength`` without either (it would do
+    nothing)."""
+    if not args.pseudo_label_rest and args.pseudo_images is None:
+        if args.pseudo_strength != get_args_parser().get_default("pseudo_strength"):
+            raise FlagError("--pseudo-strength sets how --pseudo-label-rest or --pseudo-images reads its images; "
+                            "without either it does nothing: drop it or add --pseudo-label-rest")
+        return
+    try:
+        LabelConfig(strength=args.pseudo_strength)
+    except ValueError as error:
+        raise FlagError(f"--pseudo-strength: {error}") from None
+    spec = check_model_source(labelling_model(args))
+    if spec is not None:  # a callable's family is known once it is loaded
+        try:
+            check_labelling_family(spec.family)
+        except ValueError as error:
+            flag = "--pseudo-label-rest" if args.pseudo_label_rest else "--pseudo-images"
+            raise FlagError(f"{flag}: {error}") from None
+
+
+def labelling_model(args: argparse.Namespace):
+    """The model that pseudo-labels (``--pseudo-label-rest``): ``--model``, or with ``--from-export``
+    the model the export was generated with, which must be here with the same weights (its
+    recipe, the export's settings, belongs to those weights); a :class:`FlagError` otherwise."""
+    if args.from_export is None:
+        return args.model
+    source = ExportSource(args.from_export)
+    try:
+        here = model_fingerprint(source.model)
+    except (ValueError, OSError, TypeError):
+        here = None
+    if here != source.fingerprint.get("model"):
+        raise FlagError(f"--pseudo-label-rest labels with the model --from-export {args.from_export} was generated "
+                        f"with ({source.model!r}), and it is not here with the same weights; drop --pseudo-label-rest "
+                        "or train with that model generating live (--model)")
+    return source.model
 
 
 def uses_toyworld(args: argparse.Namespace) -> bool:
@@ -458,6 +503,10 @@ def check_resume_args(checkpoint: dict, args: argparse.Namespace, label_space: t
     weight average is kept. Only :data:`RESUME_ALLOWABLE` flags may be accepted, never the backbone,
     the classes, ``--workers`` or turning the average on or off.
     """
+    recorded_workers = checkpoint.get("args", {}).get("workers", str(args.workers))
+    if not str(recorded_workers).isdigit():  # its loader states are laid out by this number
+        raise FlagError(f"--resume {args.resume}: its args record --workers {recorded_workers!r}, not a number of "
+                        "DataLoader workers; it was not written by this trainer")
     old, new = comparable(checkpoint.get("args", {})), comparable(saved_args(args))
     changes = {key: (old[key], new[key]) for key in new if key not in RESUME_FREE and key in old and old[key] != new[key]}
     accepted = {name.replace("-", "_") for name in args.allow_changed}
@@ -496,7 +545,7 @@ def comparable(recorded: dict[str, str]) -> dict[str, str]:
     """``recorded`` flags as compared on resume. Without ``--voc-root`` the run reads the ToyWorld
     folder in ``--data-dir`` and stores that folder as its ``--voc-root``: the same data whichever
     ``--data-dir`` holds it."""
-    if recorded.get("voc_root") in ("None", recorded.get("data_dir")):
+    if "voc_root" in recorded and recorded["voc_root"] in ("None", recorded.get("data_dir")):
         recorded = {**recorded, "voc_root": "ToyWorld"}
     return {key: "unset" if value == "None" else value for key, value in recorded.items()}
 
@@ -745,11 +794,6 @@ def pseudo_labelled_sets(args: argparse.Namespace, config) -> list[Dataset]:
     return parts
 
 
-def labelling_model(args: argparse.Namespace):
-    """The model that pseudo-labels: ``--model``, or with ``--from-export`` the one the export was made with."""
-    return ExportSource(args.from_export).model if args.from_export is not None else args.model
-
-
 def pseudo_labelled_rest(args: argparse.Namespace, config, labeler) -> Dataset:
     """The train images ``--real-images`` leaves out, untransformed, with pseudo-masks the model makes
     from their tags: the classes each image's own mask holds, as image-level labels would give (the
@@ -768,9 +812,12 @@ def pseudo_labelled_rest(args: argparse.Namespace, config, labeler) -> Dataset:
         if names:
             rest.append(i)
             tags.append(names)
+    if not rest:
+        raise FlagError(f"--pseudo-label-rest: {args.voc_root} has no train image left to pseudo-label (--real-images "
+                        f"{args.real_images} of {len(real)} takes every one that holds a class); lower --real-images")
     dataset = PseudoLabelledDataset(Subset(real, rest), tags, labeler, transforms=as_is)
     dataset.label_all()
-    say_pseudo_labelled(dataset, f"left-out train images of {args.voc_root} from their tags")
+    say_pseudo_labelled(dataset, f"left-out train images of {args.voc_root} from their tags", labelling_model(args))
     return dataset
 
 
@@ -803,15 +850,15 @@ def pseudo_labelled_folder(args: argparse.Namespace, config, labeler) -> Dataset
     except ValueError as error:  # an image file PIL cannot decode, named
         raise FlagError(f"--pseudo-images: {error}") from None
     how = "from --pseudo-tags" if tags is not None else "untagged (the presence test picks their classes)"
-    say_pseudo_labelled(dataset, f"images of {args.pseudo_images} {how}")
+    say_pseudo_labelled(dataset, f"images of {args.pseudo_images} {how}", labelling_model(args))
     return dataset
 
 
-def say_pseudo_labelled(dataset, what: str) -> None:
-    """Print (rank 0) how many of ``dataset``'s images got a pseudo-mask."""
+def say_pseudo_labelled(dataset, what: str, model) -> None:
+    """Print (rank 0) how many of ``dataset``'s images ``model`` gave a pseudo-mask."""
     if is_main_process():
         counts = dataset.counts()
-        print(f"pseudo-labelled {counts['accepted']} of {len(dataset)} {what} "
+        print(f"pseudo-labelled {counts['accepted']} of {len(dataset)} {what} with {model} "
               f"({counts['generated'] - counts['accepted']} left out by the quality gate and served as ignore)")
 
 
@@ -868,7 +915,7 @@ def restore_data_position(run: Run, checkpoint: dict) -> str | None:
                     raise ValueError(f"rank {run.rank}'s loader state holds {len(states)} stream state(s), not one per "
                                      f"worker ({max(args.workers, 1)})")
                 for state in states:
-                    check_stream_state(state)
+                    run.train_data.check_state(state)
             except ValueError as error:
                 raise FlagError(f"--resume {args.resume}: {error}") from None
         replay_sampler_epochs(run.loader.sampler, args.seed, run.epoch)
@@ -973,6 +1020,9 @@ def train(run: Run, resumed_rng: torch.Tensor | None) -> None:
         torch.set_rng_state(resumed_rng)
     bar = tqdm(total=args.steps, initial=run.step, desc="train", disable=not is_main_process(), dynamic_ncols=True)
     run.model.train()
+    # The step at which the last pass ended: a pass ending there again served no batch, and so would every
+    # pass after it (a resumed run's first pass may end at once, where the checkpoint's ended).
+    last_pass_end = None
     # Closed on the way out too, so that an error is printed after the bar rather than on its line.
     try:
         while run.step < args.steps:
@@ -980,6 +1030,9 @@ def train(run: Run, resumed_rng: torch.Tensor | None) -> None:
             try:
                 images, masks, *flags = next(batches)
             except StopIteration:  # end of an epoch of the map-style mix, or of a pass over an export
+                if run.step == last_pass_end:
+                    raise empty_pass(run)
+                last_pass_end = run.step
                 run.log.write({"event": "epoch_end", "step": run.step, "epoch": run.epoch})
                 run.epoch += 1
                 if isinstance(run.train_data, DiffuMaskStream) and is_main_process():
@@ -1004,6 +1057,19 @@ def train(run: Run, resumed_rng: torch.Tensor | None) -> None:
                 run.log.write({"event": "eval", "step": run.step, "miou": score(run).mean_iou()})
     finally:
         bar.close()
+
+
+def empty_pass(run: Run) -> FlagError:
+    """The error for a pass over the training data that served no full batch: training would repeat
+    it forever without a step."""
+    args, data = run.args, run.train_data
+    why = ""
+    if isinstance(data, DiffuMaskStream):
+        why = (f": {data.source} holds {len(data.source)} samples, each served --reuse {args.reuse} times, split over "
+               f"{process_layout(run.world, args.workers)} in whole generation blocks, and each worker leaves out its "
+               "last partial batch; lower --batch-size or --workers, or raise --reuse")
+    return FlagError(f"a pass over the training data served no full batch of --batch-size {args.batch_size} (it would be "
+                     f"repeated forever without a step){why}")
 
 
 def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor, prunable: torch.Tensor | None) -> float:

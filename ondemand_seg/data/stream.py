@@ -219,7 +219,7 @@ class DiffuMaskStream(IterableDataset):
         if not states:
             raise ValueError("no stream states to reshard")
         for state in states:
-            self._check(state)
+            self.check_state(state)
         config = self.source.generator_config
         plan = reshard(states, seed=self.source.seed, batch=config.batch_size, cache_size=self.cache_size,
                        reuse=self.reuse, stop=self._stop)
@@ -237,7 +237,7 @@ class DiffuMaskStream(IterableDataset):
         if not isinstance(state, dict):
             raise TypeError(f"stream state must be a dict from state_dict(), got {type(state).__name__}")
         if state:
-            self._check(state)
+            self.check_state(state)
             shard_id, shards = shard()
             if "shard_id" in state and (state["shard_id"], state["shards"]) != (shard_id, shards):
                 raise ValueError(
@@ -253,7 +253,14 @@ class DiffuMaskStream(IterableDataset):
                                  f"({quota} of num_samples={self.num_samples}): it was saved by another stream")
         self._resume = dict(state)
 
-    def _check(self, state: dict) -> None:
+    def check_state(self, state: dict) -> None:
+        """Refuse a state this stream cannot continue, before it is handed to a DataLoader (whose
+        workers would raise it as a traceback): malformed, or saved under settings that give
+        another sequence.
+
+        Raises:
+            ValueError: naming the malformed field, or each differing setting (saved -> now).
+        """
         check_stream_state(state)
         changes = fingerprint_differences(state["fingerprint"], self.fingerprint)
         if changes:

@@ -251,8 +251,8 @@ class SharedCount:
     """One count shared by every DataLoader worker (a spawn-context ``multiprocessing.Value``, as
     :class:`~ondemand_seg.quality.GateStats` is), so the main process reads what workers add."""
 
-    def __init__(self) -> None:
-        self._value = multiprocessing.get_context("spawn").Value("q", 0)
+    def __init__(self, shared: bool = True) -> None:
+        self._value = multiprocessing.get_context("spawn").Value("q", 0) if shared else _InProcessValue()
 
     def add(self, n: int = 1) -> None:
         with self._value.get_lock():
@@ -261,6 +261,17 @@ class SharedCount:
     @property
     def value(self) -> int:
         return self._value.value
+
+
+class _InProcessValue:
+    """A count of one process with the ``value`` and ``get_lock()`` of a ``multiprocessing.Value``."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def get_lock(self):
+        return self._lock
 
 
 def concat_batches(parts: Sequence[GeneratedBatch]) -> GeneratedBatch:
@@ -429,6 +440,16 @@ class DiffuMaskGenerator:
     def class_prompt(self, rng: random.Random, names: Sequence[str]) -> PromptSpec:
         """A prompt naming ``names`` in order, drawn from the vocabulary with ``rng``."""
         return self.vocabulary.sample_multi(rng, names, [self.label_space.index(n) for n in names])
+
+    def keep_counts_in_process(self) -> None:
+        """Keep this object's counts (:meth:`counts`) in this process only, from now on and from
+        zero, instead of in memory DataLoader workers share. For a generator that never reaches a
+        worker, such as one in a Ray actor: the shared counts' named semaphores are released at
+        process exit through multiprocessing's resource tracker, which in a Ray actor no longer
+        knows them then, and each printed a ``KeyError`` traceback."""
+        self.gate_stats = GateStats(shared=False)
+        self.oom_retries = SharedCount(shared=False)
+        self.neglected_classes = SharedCount(shared=False)
 
     def counts(self) -> dict[str, int]:
         """Generated, accepted and rejected-by-reason counts, ``oom_retries`` (generation calls

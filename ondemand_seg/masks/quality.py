@@ -127,19 +127,35 @@ class RejectCounter:
                 )
 
 
+class InProcessCounts(list):
+    """Counts of one process: a list of ints with the ``get_lock()`` of a ``multiprocessing.Array``."""
+
+    def __init__(self, values) -> None:
+        import threading
+
+        super().__init__(values)
+        self._lock = threading.Lock()
+
+    def get_lock(self):
+        return self._lock
+
+
 class GateStats:
     """Generated / accepted / rejected-by-reason counts, shared by every DataLoader worker.
 
     Backed by a spawn-context ``multiprocessing.Array`` so that workers started by fork or spawn
-    add to the same numbers the main process reads.
+    add to the same numbers the main process reads; with ``shared=False`` by a list of this
+    process (no named semaphore: see :meth:`DiffuMaskGenerator.keep_counts_in_process
+    <ondemand_seg.DiffuMaskGenerator.keep_counts_in_process>`).
     """
 
     FIELDS = ("generated", "accepted") + REJECT_REASONS
 
-    def __init__(self) -> None:
+    def __init__(self, shared: bool = True) -> None:
         import multiprocessing
 
-        self._values = multiprocessing.get_context("spawn").Array("q", len(self.FIELDS))
+        self._values = (multiprocessing.get_context("spawn").Array("q", len(self.FIELDS)) if shared
+                        else InProcessCounts([0] * len(self.FIELDS)))
 
     def add(self, reasons: list[str | None]) -> None:
         with self._values.get_lock():

@@ -36,7 +36,8 @@ class Family:
     of, whatever the VAE (1: only the latent patch, which :attr:`ModelSpec.size_multiple` adds);
     classifier_free: ``guidance_scale`` runs classifier-free guidance (off at <= 1), rather than
     being an embedded guidance input (Flux); flow_matching: whether its schedulers are
-    flow-matching ones (``None``: either).
+    flow-matching ones (``None``: either); may_be_absent: components its pipeline runs without
+    when a folder saves them as absent (``[null, null]``), besides the pipeline's optional ones.
     """
 
     name: str
@@ -50,6 +51,7 @@ class Family:
     pixel_multiple: int = 1
     classifier_free: bool = True
     flow_matching: bool | None = False
+    may_be_absent: tuple[str, ...] = ()
 
     def check_scheduler(self, name: str, where: str) -> None:
         """An error naming ``where`` when the scheduler class ``name`` solves the other kind of
@@ -72,7 +74,9 @@ class Family:
 FAMILIES: tuple[Family, ...] = (
     Family("sd", "Stable Diffusion 1.x/2.x", ("StableDiffusionPipeline",), "unet", "cross", pixel_multiple=8),
     Family("sdxl", "Stable Diffusion XL", ("StableDiffusionXLPipeline",), "unet", "cross", pixel_multiple=8),
-    Family("sd3", "Stable Diffusion 3/3.5", ("StableDiffusion3Pipeline",), "transformer", "joint", flow_matching=True),
+    # SD3 runs without its T5 encoder (prompts then read by the CLIP encoders alone).
+    Family("sd3", "Stable Diffusion 3/3.5", ("StableDiffusion3Pipeline",), "transformer", "joint", flow_matching=True,
+           may_be_absent=("text_encoder_3", "tokenizer_3")),
     # Flux is trained in bf16; in fp16 its activations overflow. Its guidance_scale is an input of
     # the guidance-distilled transformer (dev) or unused (schnell), not classifier-free guidance.
     Family("flux", "Flux.1 (dev, schnell)", ("FluxPipeline",), "transformer", "joint", text_first=True,

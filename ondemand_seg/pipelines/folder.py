@@ -106,6 +106,12 @@ def component_classes(index: dict, where: str) -> tuple[type, dict[str, type]]:
     missing = [name for name in required if name not in index and name not in skipped and name not in optional]
     if missing:
         raise ValueError(f"{where} names no {', '.join(missing)}: a {cls.__name__} needs them")
+    absent = [name for name in required if name in skipped and name not in optional and name not in family.may_be_absent
+              and index.get(name) == [None, None]]
+    if absent:
+        # Loaded as None, the pipeline would fail at the first draw (the denoiser's dtype of None).
+        raise ValueError(f"{where} saves {', '.join(absent)} as absent ([null, null]), and a {cls.__name__} cannot "
+                         f"run without {'it' if len(absent) == 1 else 'them'}")
     classes = {}
     for name, entry in index.items():
         if name.startswith("_") or name in skipped or (not isinstance(entry, list) and name not in required):

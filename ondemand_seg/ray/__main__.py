@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; a bad flag value is a usage error (exit 2) naming it, before Ray starts."""
     from ..exports.plan import ExportError
     from ..exports.run import check_export_args
-    from . import ActorPool, export, require_ray
+    from . import ActorPool, ClusterTooSmall, export, require_ray
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metadata = export(args.model, classes, args.out, args.n, start=args.start, seed=args.seed, format=args.format,
                           shard_size=args.shard_size, image_format=args.image_format, overwrite=args.overwrite,
                           actors=args.actors, num_gpus=args.num_gpus, num_cpus=args.num_cpus, **config.to_dict())
-    except ExportError as error:
+    except (ExportError, ClusterTooSmall) as error:
         parser.error(str(error))
     print(f"wrote {args.n} samples ({args.format}, {metadata['shards']} shards) to {args.out} with {args.actors} "
           f"Ray actor(s); quality gate: {metadata['gate']}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
 import numpy as np
@@ -18,8 +17,9 @@ from ..generation.seeding import augment_seed
 from ..masks.quality import GateStats
 from ..settings.files import read_json
 from ..settings.label_spaces import IGNORE_INDEX, voc_palette
+from ..settings.validation import check_bool, check_int
 from .images import to_rgb_tensor
-from .labeler import DiffuMaskLabeler, PseudoLabel
+from .labeler import DiffuMaskLabeler, PseudoLabel, check_tags
 
 Tags = Union[Sequence[Sequence[str]], Callable[[int], Sequence[str]], str, os.PathLike, None]
 _PALETTE = voc_palette()
@@ -27,7 +27,7 @@ _PALETTE = voc_palette()
 
 def read_tags(path: str | os.PathLike, length: int, names: Sequence[str] | None = None,
               label_space: Sequence[str] | None = None) -> list[list[str]]:
-    """A tags file: JSON, either a list with one list of class names per image (dataset order) or an
+    """A tags file: UTF-8 JSON, either a list with one list of class names per image (dataset order) or an
     object mapping each image to its list, by its index (as a string) or, when ``names`` gives the
     images' names (an image folder's file names), by its name; every image must have an entry.
 
@@ -36,8 +36,10 @@ def read_tags(path: str | os.PathLike, length: int, names: Sequence[str] | None 
         label_space: when given, every class named must be one of its classes (not its background).
 
     Raises:
-        FileNotFoundError, ValueError: naming the file and, for a bad entry, the image and the value.
+        FileNotFoundError, ValueError: naming the file and, for a bad entry, the image and the value
+            (a file that is not UTF-8 JSON, or not a regular file such as a FIFO, is named too).
     """
+    length = check_int("length", length, minimum=0)
     data = read_json(path)
     if isinstance(data, dict):
         keys = [str(i) for i in range(length)] if names is None else [str(i) if str(i) in data else name
@@ -73,14 +75,16 @@ class PseudoLabelledDataset(VisionDataset):
     mask of label ids with VOC's palette (255 ignore). A source item that is a tuple (torchvision's
     ``(image, target)``) gives its first element. A pseudo-mask the quality gate leaves out is served
     as all ignore (255), so it adds nothing to a loss and indices stay put; ``labeler.counts()``
-    counts it.
+    counts it. Item ``i``'s noise is drawn from ``(seed, i)`` (the labeller's ``ids``), so its
+    pseudo-mask does not depend on which items were labelled with it.
 
     Args:
         images: the unlabelled images (a folder of files: :class:`~ondemand_seg.real.images.ImageFolderImages`).
         tags: per image, the classes it contains: a sequence of lists, a function of the index, or
             the path of a JSON tags file (:func:`read_tags`; keyed by index or, for images with
             ``names`` such as a folder's, by file name); ``None`` reads every candidate class
-            (the labeller's presence test decides).
+            (the labeller's presence test decides). A sequence or file is checked at construction
+            (every entry a non-empty list of label-space names); a function's answers when drawn.
         labeler: the labeller (default: ``DiffuMaskLabeler(model, seed=seed, **settings)``).
         transforms, transform, target_transform: torchvision's meaning; default the stream's
             :class:`~ondemand_seg.data.transforms.SegmentationTransform` at the labeller's image size
@@ -95,19 +99,28 @@ class PseudoLabelledDataset(VisionDataset):
                  target_transform: Callable | None = None, augment: bool = True, seed: int = 0,
                  model: Any = "toy", **settings: Any) -> None:
         super().__init__(root=None)
+        if not (hasattr(images, "__len__") and hasattr(images, "__getitem__")) or isinstance(images, (str, bytes)):
+            raise TypeError(f"images must be a map-style dataset or a sequence of images, got {type(images).__name__}")
         if len(images) == 0:
             raise ValueError("images is empty: give at least one image to label")
+        if labeler is not None and not isinstance(labeler, DiffuMaskLabeler):
+            raise TypeError(f"labeler must be a DiffuMaskLabeler, got {type(labeler).__name__}")
+        self.seed = check_int("seed", seed, minimum=0)
+        check_bool("augment", augment)
         self.images = images
         # What the tags were, for an export's metadata: a file's path, else how they were given.
         self.tags_source = (str(tags) if isinstance(tags, (str, os.PathLike)) else None if tags is None
                             else "function" if callable(tags) else "list")
+        source = ""
         if isinstance(tags, (str, os.PathLike)):
+            source = f" in {tags}"
             tags = read_tags(tags, len(images), getattr(images, "names", None))
         elif tags is not None and not callable(tags) and len(tags) != len(images):
             raise ValueError(f"tags has {len(tags)} entries for {len(images)} images")
-        self.tags = tags
         self.labeler = labeler if labeler is not None else DiffuMaskLabeler(model, seed=seed, **settings)
-        self.seed = seed
+        if tags is not None and not callable(tags):
+            tags = [check_tags(tags[i], f"tags[{i}]{source}", self.labeler.label_space) for i in range(len(images))]
+        self.tags = tags
         self.transforms = joint_transforms(transforms, transform, target_transform,
                                            SegmentationTransform(self.labeler.image_size, train=augment))
         self._labels: dict[int, PseudoLabel] = {}
@@ -164,10 +177,15 @@ class PseudoLabelledDataset(VisionDataset):
         return export_pseudo_labels(self, out, **options)
 
     def _label(self, indices: Sequence[int]) -> None:
-        images = [self._image(i) for i in indices]
-        tags = None if self.tags is None else [self._tags(i) for i in indices]
-        for i, label in zip(indices, self.labeler.label(images, tags)):
-            self._labels[i] = dataclasses.replace(label, index=i)
+        # Under the labeller's lock: threads asking for the same item label it once.
+        with self.labeler.generator.lock:
+            indices = [i for i in indices if i not in self._labels]
+            if not indices:
+                return
+            images = [self._image(i) for i in indices]
+            tags = None if self.tags is None else [self._tags(i) for i in indices]
+            for i, label in zip(indices, self.labeler.label(images, tags, ids=indices)):
+                self._labels[i] = dataclasses.replace(label, index=i)
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         return self.__getitems__([index])[0]

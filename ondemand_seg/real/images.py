@@ -14,8 +14,9 @@ Conversions (each documented, none silent about what it cannot read):
   must already lie in [0, 1]. NumPy images are taken as RGB: an OpenCV (BGR) array must be
   flipped by the caller.
 
-Anything else (another dtype or shape, a non-finite or out-of-range float) is a ``TypeError`` or
-``ValueError`` naming the image's position and what was found.
+Anything else (another dtype or shape, an empty image, a non-finite or out-of-range float, a PIL
+image whose file is truncated or corrupt) is a ``TypeError`` or ``ValueError`` naming the image's
+position and what was found.
 
 A folder of image files is read by :class:`ImageFolderImages` (PIL decodes them; the conversion
 above then applies).
@@ -60,6 +61,13 @@ def to_rgb_tensor(image: Any, where: str = "image") -> torch.Tensor:
 
 
 def _from_pil(image: PIL.Image.Image, where: str) -> torch.Tensor:
+    if 0 in image.size:
+        raise ValueError(f"{where} is empty ({image.size[0]}x{image.size[1]} px)")
+    try:
+        # PIL decodes a file's pixels on first use: a truncated or corrupt file fails here.
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"{where} cannot be decoded ({type(error).__name__}: {error}); is its file complete?") from None
     mode = image.mode
     if mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(image, dtype=np.float64)

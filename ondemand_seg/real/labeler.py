@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import numbers
 import random
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -34,9 +35,10 @@ from ..masks.labelling import finite_samples, masks_from_attention
 from ..masks.maps import neglected_classes
 from ..masks.quality import GateStats, gate
 from ..pipelines.families import call_options, latent_size, text_segments
-from ..settings.label_spaces import class_ids
+from ..pipelines.loading import check_model_source
+from ..settings.label_spaces import check_class_spelling, class_ids
 from ..settings.resolve import resolve_config
-from ..settings.validation import check_classes, check_int, check_size
+from ..settings.validation import check_classes, check_finite, check_int, check_size
 from .images import ImageLike, to_rgb_tensor
 
 # Families whose image-to-image pipeline diffusers ships (``AutoPipelineForImage2Image``).
@@ -58,6 +60,7 @@ class LabelConfig:
     the image's strongest is taken as absent (:func:`~ondemand_seg.masks.maps.neglected_classes`).
     batch_size: images per pipeline call (``None``: the generator's). image_size: the size images
     are resized to for the model (``None``: the generator's); the mask is made at the image's own size.
+    Numbers may be NumPy scalars.
     """
 
     strength: tuple[float, ...] = (0.1,)
@@ -69,19 +72,57 @@ class LabelConfig:
     image_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        strength = (self.strength,) if isinstance(self.strength, (int, float)) else tuple(self.strength)
-        if not strength or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 1
+        # numbers.Real: NumPy's float32 is not a float, and users pass it.
+        single = isinstance(self.strength, (numbers.Real, str, bytes)) or not isinstance(self.strength, Sequence)
+        strength = (self.strength,) if single else tuple(self.strength)
+        if not strength or any(isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0 < s <= 1
                                for s in strength):
             raise ValueError(f"strength must be one or more numbers in (0, 1], got {self.strength!r}")
         object.__setattr__(self, "strength", tuple(float(s) for s in strength))
-        check_int("recorded_steps", self.recorded_steps, minimum=1)
-        check_int("num_inference_steps", self.num_inference_steps, minimum=1)
+        object.__setattr__(self, "recorded_steps", check_int("recorded_steps", self.recorded_steps, minimum=1))
+        steps = check_int("num_inference_steps", self.num_inference_steps, minimum=1)
+        object.__setattr__(self, "num_inference_steps", steps)
+        too_weak = [s for s in self.strength if int(steps * s) < 1]
+        if too_weak:
+            raise ValueError(f"strength {too_weak} starts no step of a {steps}-step schedule "
+                             f"(num_inference_steps); use at least {1 / steps:g} or more num_inference_steps")
         if self.batch_size is not None:
-            check_int("batch_size", self.batch_size, minimum=1)
-        if not isinstance(self.absent_ratio, (int, float)) or not 0 <= self.absent_ratio < 1:
+            object.__setattr__(self, "batch_size", check_int("batch_size", self.batch_size, minimum=1))
+        if self.guidance_scale is not None:
+            guidance = check_finite("guidance_scale", self.guidance_scale)
+            if guidance < 0:
+                raise ValueError(f"guidance_scale must be >= 0 (or None for the generator's), got {guidance}")
+            object.__setattr__(self, "guidance_scale", guidance)
+        if isinstance(self.absent_ratio, bool) or not isinstance(self.absent_ratio, numbers.Real) \
+                or not 0 <= self.absent_ratio < 1:
             raise ValueError(f"absent_ratio must be in [0, 1), got {self.absent_ratio!r}")
+        object.__setattr__(self, "absent_ratio", float(self.absent_ratio))
         if self.image_size is not None:
             object.__setattr__(self, "image_size", check_size("image_size", self.image_size))
+
+
+def check_labelling_family(family: Any) -> None:
+    """Refuse a model ``family`` whose image-to-image pipeline diffusers does not ship."""
+    if family.name not in LABELLING_FAMILIES:
+        raise ValueError(f"labelling real images needs an image-to-image pipeline, and diffusers has none for "
+                         f"{family.title}; supported: Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 and Flux")
+
+
+def check_tags(names: Any, where: str, label_space: Sequence[str]) -> tuple[str, ...]:
+    """One image's tags as a tuple of label-space class names, each once; an error naming ``where``
+    (e.g. ``"tags[3]"``) for an empty list, a name that is not a string, or one not in ``label_space``
+    (its case or spacing too: ``"Circle"`` is not ``"circle"``)."""
+    try:
+        names = check_classes(names)
+    except TypeError as error:
+        raise TypeError(f"{where}: {error}") from None
+    if not names:
+        raise ValueError(f"{where} is empty: name the classes the image contains, or pass tags=None to read every "
+                         "candidate class")
+    unknown = [n for n in names if n not in label_space[1:]]
+    if unknown:
+        raise ValueError(f"{where} names {unknown}, not in the label space; known classes: {', '.join(label_space[1:])}")
+    return tuple(dict.fromkeys(names))
 
 
 @dataclass
@@ -91,7 +132,8 @@ class PseudoLabel:
     mask: ``[H, W]`` uint8 label ids at the image's own size (0 background, 255 ignore), ``None``
     when the quality gate left it out; classes: the classes it was labelled with; absent: named or
     candidate classes judged absent (their attention peak too weak); reason: why the gate left it
-    out, else ``None``; index: the image's position in the call.
+    out, else ``None``; index: the image's id (:meth:`DiffuMaskLabeler.label`'s ``ids``; by default
+    its position in the call).
     """
 
     mask: np.ndarray | None
@@ -133,6 +175,8 @@ class DiffuMaskLabeler:
                        classes: Sequence[str] | None = None) -> "DiffuMaskLabeler":
         """A labeller reading with ``generator``'s pipeline (loaded once, shared), mask recipe, gate
         and label space; ``classes`` (default: the generator's) are the candidates for untagged images."""
+        if not isinstance(generator, DiffuMaskGenerator):
+            raise TypeError(f"generator must be a DiffuMaskGenerator, got {type(generator).__name__}")
         labeler = cls.__new__(cls)
         labeler._setup(generator, labelling, classes)
         return labeler
@@ -145,7 +189,11 @@ class DiffuMaskLabeler:
         if not isinstance(self.config, LabelConfig):
             raise TypeError(f"labelling must be a LabelConfig or a dict of its fields, got {type(labelling).__name__}")
         self.generator = source
+        spec = check_model_source(source.model)
+        if spec is not None:  # a callable's or an uncached hub model's family is known once loaded
+            check_labelling_family(spec.family)
         self.candidates = check_classes(classes) if classes is not None else source.classes
+        check_class_spelling(self.candidates, source.label_space)
         class_ids(self.candidates, source.label_space)
         self.seed = source.seed
         self.image_size = self.config.image_size or source.image_size
@@ -169,10 +217,7 @@ class DiffuMaskLabeler:
 
             capturing = self.generator.capturing
             family = capturing.family
-            if family.name not in LABELLING_FAMILIES:
-                raise ValueError(
-                    f"labelling real images needs an image-to-image pipeline, and diffusers has none for "
-                    f"{family.title}; supported: Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 and Flux")
+            check_labelling_family(family)
             capturing.spec.check_image_size(self.image_size)
             pipeline = AutoPipelineForImage2Image.from_pipe(capturing.pipeline)
             pipeline.set_progress_bar_config(disable=True)
@@ -192,7 +237,8 @@ class DiffuMaskLabeler:
         """:meth:`label` of one image."""
         return self.label([image], None if tags is None else [tags])[0]
 
-    def label(self, images: Sequence[ImageLike], tags: Sequence[Sequence[str]] | None = None) -> list[PseudoLabel]:
+    def label(self, images: Sequence[ImageLike], tags: Sequence[Sequence[str]] | None = None,
+              ids: Sequence[int] | None = None) -> list[PseudoLabel]:
         """Pseudo-masks of ``images``, one :class:`PseudoLabel` each, in order.
 
         Args:
@@ -203,13 +249,22 @@ class DiffuMaskLabeler:
             tags: per image, the classes it contains (label-space names); ``None`` reads every
                 candidate class and keeps those whose attention is strong enough
                 (``LabelConfig.absent_ratio``).
+            ids: per image, the id its noise is drawn from (``(seed, id, strength k)``) and errors
+                name it by (``images[id]``, ``tags[id]``); default its position in the call. A
+                dataset passes each image's own index, so that its pseudo-mask does not depend on
+                which images it was labelled with.
         """
         if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
             raise TypeError(f"images must be a sequence of images, got {type(images).__name__}")
         if len(images) == 0:
             raise ValueError("images is empty: give at least one image to label")
-        names = None if tags is None else self._check_tags(tags, len(images))
-        tensors = [to_rgb_tensor(image, f"images[{i}]") for i, image in enumerate(images)]
+        if ids is None:
+            ids = list(range(len(images)))
+        elif isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or len(ids) != len(images):
+            raise ValueError(f"ids must be one int per image ({len(images)}), got {ids!r}")
+        ids = [check_int(f"ids[{j}]", i, minimum=0) for j, i in enumerate(ids)]
+        names = None if tags is None else self._check_tags(tags, ids)
+        tensors = [to_rgb_tensor(image, f"images[{i}]") for i, image in zip(ids, images)]
         results: list[PseudoLabel] = []
         batch_size = self.config.batch_size or self.generator.generator_config.batch_size
         start = 0
@@ -219,28 +274,17 @@ class DiffuMaskLabeler:
                 end = start + 1
                 while end < len(tensors) and end - start < batch_size and tensors[end].shape == tensors[start].shape:
                     end += 1
-                results += self._label_batch(range(start, end), torch.stack(tensors[start:end]),
+                results += self._label_batch(ids[start:end], torch.stack(tensors[start:end]),
                                              None if names is None else names[start:end])
                 start = end
         return results
 
-    def _check_tags(self, tags: Sequence[Sequence[str]], count: int) -> list[tuple[str, ...]]:
-        if isinstance(tags, (str, bytes)) or not isinstance(tags, Sequence) or len(tags) != count:
-            raise ValueError(f"tags must be one list of class names per image ({count}), got {tags!r}")
-        checked = []
-        for i, names in enumerate(tags):
-            names = check_classes(names)
-            if not names:
-                raise ValueError(f"tags[{i}] is empty: name the classes the image contains, or pass tags=None "
-                                 "to read every candidate class")
-            unknown = [n for n in names if n not in self.label_space[1:]]
-            if unknown:
-                raise ValueError(f"tags[{i}] names {unknown}, not in the label space; known classes: "
-                                 f"{', '.join(self.label_space[1:])}")
-            checked.append(tuple(dict.fromkeys(names)))
-        return checked
+    def _check_tags(self, tags: Sequence[Sequence[str]], ids: list[int]) -> list[tuple[str, ...]]:
+        if isinstance(tags, (str, bytes)) or not isinstance(tags, Sequence) or len(tags) != len(ids):
+            raise ValueError(f"tags must be one list of class names per image ({len(ids)}), got {tags!r}")
+        return [check_tags(names, f"tags[{i}]", self.label_space) for i, names in zip(ids, tags)]
 
-    def _label_batch(self, indices: range, images: torch.Tensor, tags: list[tuple[str, ...]] | None) -> list[PseudoLabel]:
+    def _label_batch(self, indices: list[int], images: torch.Tensor, tags: list[tuple[str, ...]] | None) -> list[PseudoLabel]:
         """Pseudo-labels of one batch of ``[B, 3, H, W]`` images of one size, in [0, 1]."""
         generator = self.generator
         mask_config = generator.capturing.mask_config_for(self.image_size)
@@ -290,7 +334,7 @@ class DiffuMaskLabeler:
     def _device(self) -> torch.device:
         return self.generator.capturing.device
 
-    def _capture(self, prompts, images: torch.Tensor, indices: range) -> tuple[CapturedAttention, torch.Tensor]:
+    def _capture(self, prompts, images: torch.Tensor, indices: list[int]) -> tuple[CapturedAttention, torch.Tensor]:
         """Attention of ``prompts`` over ``[B, 3, h, w]`` images at the model's size, summed over the
         first ``recorded_steps`` steps of one image-to-image pass per strength; and ``[B, K]`` ids."""
         pipeline = self.img2img
@@ -299,10 +343,6 @@ class DiffuMaskLabeler:
         config = self.config
         steps = config.num_inference_steps
         guidance = capturing.generator_config.guidance_scale if config.guidance_scale is None else config.guidance_scale
-        too_weak = [s for s in config.strength if int(steps * s) < 1]
-        if too_weak:
-            raise ValueError(f"strength {too_weak} starts no step of a {steps}-step schedule; use at least "
-                             f"{1 / steps:g} or more num_inference_steps")
         weights, ids = class_token_weights(self._text, prompts)
         store.begin(weights.to(self._device), latent_size(capturing.spec, self.image_size), config.recorded_steps)
         size = {"height": self.image_size[0], "width": self.image_size[1]} if self._takes_size else {}
