@@ -16,6 +16,7 @@ Sana Sprint has one), so they would need a hand-written denoising call per famil
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import random
@@ -38,9 +39,12 @@ from ..settings.label_spaces import class_ids
 from ..settings.resolve import resolve_config
 from ..settings.validation import check_classes, check_int, check_size
 from .images import ImageLike, to_rgb_tensor
+from .inversion import inverted_start
 
 # Families whose image-to-image pipeline diffusers ships (``AutoPipelineForImage2Image``).
 LABELLING_FAMILIES = ("sd", "sdxl", "sd3", "flux")
+# How the image is noised to its strength (``LabelConfig.noise``).
+NOISE_MODES = ("random", "inversion")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,11 @@ class LabelConfig:
     the image's strongest is taken as absent (:func:`~ondemand_seg.masks.maps.neglected_classes`).
     batch_size: images per pipeline call (``None``: the generator's). image_size: the size images
     are resized to for the model (``None``: the generator's); the mask is made at the image's own size.
+    noise: how the image reaches its strength's timestep: ``"random"`` adds seeded random noise (the
+    image-to-image pipelines' own noising); ``"inversion"`` carries it there deterministically with the
+    model's own predictions over the schedule's steps below that timestep (DDIM inversion for SD
+    1.x/2.x and SDXL, Euler in sigma for SD3 and Flux; :mod:`~ondemand_seg.real.inversion`), one
+    denoiser call per step, so a pseudo-mask depends on no noise seed.
     """
 
     strength: tuple[float, ...] = (0.1,)
@@ -67,6 +76,7 @@ class LabelConfig:
     absent_ratio: float = 0.5
     batch_size: int | None = None
     image_size: tuple[int, int] | None = None
+    noise: str = "random"
 
     def __post_init__(self) -> None:
         strength = (self.strength,) if isinstance(self.strength, (int, float)) else tuple(self.strength)
@@ -82,6 +92,8 @@ class LabelConfig:
             raise ValueError(f"absent_ratio must be in [0, 1), got {self.absent_ratio!r}")
         if self.image_size is not None:
             object.__setattr__(self, "image_size", check_size("image_size", self.image_size))
+        if self.noise not in NOISE_MODES:
+            raise ValueError(f"noise must be one of {NOISE_MODES}, got {self.noise!r}")
 
 
 @dataclass
@@ -314,13 +326,18 @@ class DiffuMaskLabeler:
                 pipe._interrupt = True
             return callback_kwargs
 
+        inverting = config.noise == "inversion"
+        noising = (inverted_start(pipeline, getattr(pipeline, capturing.family.denoiser), capturing.family.name, store)
+                   if inverting else contextlib.nullcontext())
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), noising:
                 for k, strength in enumerate(config.strength):
                     # Each pass records its own first steps into the same running sums.
                     store.step = 0
-                    generators = [torch.Generator(self._device).manual_seed(sample_seed(self.seed, i, k, SubStream.IMAGE))
-                                  for i in indices]
+                    # Inverted, the seed only draws the VAE's latent sample; one seed for every image
+                    # makes an image's mask independent of its position in the call.
+                    generators = [torch.Generator(self._device).manual_seed(
+                        sample_seed(self.seed, 0 if inverting else i, k, SubStream.IMAGE)) for i in indices]
                     pipeline(prompt=[p.text for p in prompts], image=images, strength=strength,
                              num_inference_steps=steps, guidance_scale=guidance, generator=generators,
                              output_type="latent", callback_on_step_end=on_step_end, **size, **self._call_options)
