@@ -53,7 +53,7 @@ def test_inversion_labels_every_family_deterministically_and_records_only_the_de
     assert not {"add_noise", "scale_noise", "step"} & set(vars(scheduler)), "the scheduler is restored"
 
 
-def test_random_noise_depends_on_the_position_inversion_does_not():
+def test_random_noise_gives_the_same_image_a_mask_that_depends_on_its_position():
     image = noise_image(40, 50)
     labels = tiny_labeler("sd1", strength=0.5).label([image, image], [["dog"], ["dog"]])
     assert not np.array_equal(labels[0].mask, labels[1].mask)

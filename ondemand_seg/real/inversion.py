@@ -103,7 +103,7 @@ def inverted_start(pipeline, denoiser: torch.nn.Module, family: str, store) -> I
         out = out[0] if isinstance(out, tuple) else out.sample
         return out[-half:]
 
-    def invert(args, kwargs) -> torch.Tensor:
+    def invert(args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         sample = _sample_of(args, kwargs)
         t_start = float(torch.as_tensor(_timestep_of(args, kwargs)).flatten()[0]) * divisor
         # The pipeline's latent is the clean one (its noising is the identity here), scaled for the
