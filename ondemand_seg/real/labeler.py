@@ -3,9 +3,9 @@
 A real image is encoded with the pipeline's VAE, noised to a point of the schedule (``strength``;
 or carried there by inversion, ``LabelConfig.noise``), and denoised for a step or a few with a
 prompt naming its classes while the library's capture processors record the class tokens'
-attention; the library's mask math (:func:`~ondemand_seg.masks.labelling.masks_from_attention`: fusion, background floor,
-self-attention and colour-affinity refinement on the real image, Otsu or per-class γ) then labels
-it, and the quality gate drops empty, full or non-finite pseudo-masks. This is how training-free
+attention; the library's mask math (:func:`~ondemand_seg.masks.labelling.masks_from_attention`:
+fusion, background floor, self-attention and colour-affinity refinement on the real image, Otsu or
+per-class γ) then labels it, and the quality gate drops empty, full or non-finite pseudo-masks. This is how training-free
 diffusion segmenters (DiffSegmenter, iSeg, OVAM on real images) read a real image; here the
 encoding, noising and text handling are diffusers' own image-to-image pipelines, made with
 ``from_pipe`` from the generator's loaded pipeline (same weights, capture already installed).
