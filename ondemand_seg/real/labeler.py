@@ -5,10 +5,10 @@ or carried there by inversion, ``LabelConfig.noise``), and denoised for a step o
 prompt naming its classes while the library's capture processors record the class tokens'
 attention; the library's mask math (:func:`~ondemand_seg.masks.labelling.masks_from_attention`:
 fusion, background floor, self-attention and colour-affinity refinement on the real image, Otsu or
-per-class γ) then labels it, and the quality gate drops empty, full or non-finite pseudo-masks. This is how training-free
-diffusion segmenters (DiffSegmenter, iSeg, OVAM on real images) read a real image; here the
-encoding, noising and text handling are diffusers' own image-to-image pipelines, made with
-``from_pipe`` from the generator's loaded pipeline (same weights, capture already installed).
+per-class γ) then labels it, and the quality gate drops empty, full or non-finite pseudo-masks.
+This is how training-free diffusion segmenters (DiffSegmenter, iSeg, OVAM on real images) read a
+real image; here the encoding, noising and text handling are diffusers' own image-to-image
+pipelines, made with ``from_pipe`` from the generator's loaded pipeline (same weights, capture already installed).
 
 Families: SD 1.x/2.x, SDXL, SD3/3.5 and Flux, whose image-to-image pipelines diffusers ships.
 PixArt and Sana are refused: diffusers has no image-to-image pipeline for them (only the distilled
