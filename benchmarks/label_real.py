@@ -11,8 +11,10 @@ same run, the generated-sample IoU of the same model and recipe (``benchmarks/ma
 ``diffumask`` reading: generated images scored against the colour oracle).
 
 Two ToyWorld sets: ``1 object`` (like a generated sample, one class per prompt) and ``1-3
-objects`` (several tags per image). ``untagged`` rows label the 1-3-object set with no tags: every
-class is read from its own prompt and the neglect test keeps the strong ones
+objects`` (several tags per image). ``--noise random inversion`` gives each strength a row per way
+of reaching it (``LabelConfig.noise``: seeded random noise, or deterministic inversion with the
+model's own predictions), run one after the other on the same images. ``untagged`` rows label the
+1-3-object set with no tags: every class is read from its own prompt and the neglect test keeps the strong ones
 (``LabelConfig.absent_ratio``); presence precision / recall are over (image, class) pairs.
 
 Recipes are changes to the model's preset mask settings: ``preset``; ``otsu`` (γ per image and
@@ -54,6 +56,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--absent-ratios", type=float, nargs="+", default=[0.8, 0.9],
                         help="LabelConfig.absent_ratio of the untagged rows, one row each")
     parser.add_argument("--generated-n", type=int, default=100, help="generated samples per recipe (0: none)")
+    parser.add_argument("--noise", nargs="+", default=["random"], choices=["random", "inversion"],
+                        help="LabelConfig.noise, one row each, interleaved per strength")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=None)
@@ -135,33 +139,33 @@ def main(argv=None) -> int:
                 quality = measure_mask_quality(model, args.generated_n, args.seed, progress=False,
                                                mask_overrides=overrides, other_readings=False)
                 generated = quality["diffumask"]["mean"]
-            for strength in args.strengths:
+            for strength, noise in [(s, m) for s in args.strengths for m in args.noise]:
                 labeller = DiffuMaskLabeler(model, label_space=TOY_CLASSES, seed=args.seed, mask=overrides,
                                             labelling={"strength": strengths(strength), "recorded_steps": args.recorded_steps,
-                                                       "num_inference_steps": args.schedule_steps})
+                                                       "num_inference_steps": args.schedule_steps, "noise": noise})
                 for set_name, samples in sets.items():
                     tick = time.perf_counter()
                     labels = labeller.label([s.image for s in samples], [s.class_names for s in samples])
                     seconds = time.perf_counter() - tick
-                    row = {"model": model, "recipe": recipe, "strength": strength, "set": set_name, "tags": True,
+                    row = {"model": model, "recipe": recipe, "strength": strength, "noise": noise, "set": set_name, "tags": True,
                            "recorded_steps": args.recorded_steps,
                            **score(samples, labels, TOY_CLASSES), "generated_iou": generated,
                            "seconds_per_image": seconds / len(samples)}
                     rows.append(row)
-                    print(f"{model:12s} {recipe:15s} s={strength:<5} {set_name:12s} IoU {row['mean_iou']:.3f} "
+                    print(f"{model:12s} {recipe:15s} s={strength:<5} {noise:9s} {set_name:12s} IoU {row['mean_iou']:.3f} "
                           f"(generated {generated if generated is None else round(generated, 3)}) ignore "
                           f"{row['ignore_share']:.3f} left out {row['left_out']}", flush=True)
         untagged = args.untagged_strength or args.strengths[0]
         samples = sets["1-3 objects"]
-        for ratio in args.absent_ratios:
+        for ratio, noise in [(r, m) for r in args.absent_ratios for m in args.noise]:
             labeller = DiffuMaskLabeler(model, label_space=TOY_CLASSES, seed=args.seed,
                                         labelling={"strength": strengths(untagged), "num_inference_steps": args.schedule_steps,
-                                                   "absent_ratio": ratio})
+                                                   "absent_ratio": ratio, "noise": noise})
             labels = labeller.label([s.image for s in samples])
-            row = {"model": model, "recipe": "preset", "strength": untagged, "set": "1-3 objects", "tags": False,
+            row = {"model": model, "recipe": "preset", "strength": untagged, "noise": noise, "set": "1-3 objects", "tags": False,
                    "absent_ratio": ratio, **score(samples, labels, TOY_CLASSES), **presence(samples, labels)}
             rows.append(row)
-            print(f"{model:12s} untagged s={untagged} absent_ratio {ratio} IoU {row['mean_iou']:.3f} presence "
+            print(f"{model:12s} untagged s={untagged} {noise} absent_ratio {ratio} IoU {row['mean_iou']:.3f} presence "
                   f"precision {row['precision']:.3f} recall {row['recall']:.3f}", flush=True)
     result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "load_average_1min": os.getloadavg()[0], "seconds": round(time.perf_counter() - started, 1),

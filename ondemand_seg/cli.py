@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "test keeps those the attention finds)")
     label.add_argument("--strength", type=float, nargs="+", default=[0.1],
                        help="point(s) of the noise schedule the images are read at (LabelConfig.strength)")
+    label.add_argument("--noise", choices=["random", "inversion"], default="random",
+                       help="how the images reach that point: seeded random noise, or deterministic inversion with "
+                            "the model's own predictions (LabelConfig.noise)")
     label.add_argument("--out", required=True, help="folder: new, empty, or an earlier label export of the same "
                                                     "settings")
     label.add_argument("--format", default="voc", help="voc, webdataset or hf")
@@ -332,7 +335,7 @@ def run_label(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         except (ValueError, FileNotFoundError) as error:
             parser.error(f"--tags: {error}")
     try:
-        labelling = LabelConfig(strength=args.strength)
+        labelling = LabelConfig(strength=args.strength, noise=args.noise)
     except ValueError as error:
         parser.error(f"--{error}")
     try:

@@ -171,11 +171,12 @@ def test_label_writes_a_folder_s_pseudo_labels_as_an_export(image_folder, tmp_pa
 
     out = tmp_path / "labelled"
     assert main(["label", "--images", str(image_folder), "--tags", str(image_folder / "tags.json"), "--model", "toy",
-                 "--strength", "0.04", "--format", "webdataset", "--out", str(out)]) == 0
+                 "--strength", "0.04", "--noise", "inversion", "--format", "webdataset", "--out", str(out)]) == 0
     assert (f"labelled 5 images from {image_folder}: wrote 4 (webdataset, 1 shards) to {out}; left out 1 "
             "{'constant image': 1}") in capsys.readouterr().out
     source = ExportSource(out)
     assert len(source) == 4 and source.metadata["pseudo_labels"]["labelling"]["strength"] == [0.04]
+    assert source.metadata["pseudo_labels"]["labelling"]["noise"] == "inversion"
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,14 @@
 """Pseudo-masks for real images from the same attention the generator reads.
 
-A real image is encoded with the pipeline's VAE, noised to a point of the schedule (``strength``),
-and denoised for a step or a few with a prompt naming its classes while the library's capture
-processors record the class tokens' attention; the library's mask math
-(:func:`~ondemand_seg.masks.labelling.masks_from_attention`: fusion, background floor,
-self-attention and colour-affinity refinement on the real image, Otsu or per-class γ) then labels
-it, and the quality gate drops empty, full or non-finite pseudo-masks. This is how training-free
-diffusion segmenters (DiffSegmenter, iSeg, OVAM on real images) read a real image; here the
-encoding, noising and text handling are diffusers' own image-to-image pipelines, made with
-``from_pipe`` from the generator's loaded pipeline (same weights, capture already installed).
+A real image is encoded with the pipeline's VAE, noised to a point of the schedule (``strength``;
+or carried there by inversion, ``LabelConfig.noise``), and denoised for a step or a few with a
+prompt naming its classes while the library's capture processors record the class tokens'
+attention; the library's mask math (:func:`~ondemand_seg.masks.labelling.masks_from_attention`:
+fusion, background floor, self-attention and colour-affinity refinement on the real image, Otsu or
+per-class γ) then labels it, and the quality gate drops empty, full or non-finite pseudo-masks.
+This is how training-free diffusion segmenters (DiffSegmenter, iSeg, OVAM on real images) read a
+real image; here the encoding, noising and text handling are diffusers' own image-to-image
+pipelines, made with ``from_pipe`` from the generator's loaded pipeline (same weights, capture already installed).
 
 Families: SD 1.x/2.x, SDXL, SD3/3.5 and Flux, whose image-to-image pipelines diffusers ships.
 PixArt and Sana are refused: diffusers has no image-to-image pipeline for them (only the distilled
@@ -16,6 +16,7 @@ Sana Sprint has one), so they would need a hand-written denoising call per famil
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import numbers
@@ -40,9 +41,12 @@ from ..settings.label_spaces import check_class_spelling, class_ids
 from ..settings.resolve import resolve_config
 from ..settings.validation import check_classes, check_finite, check_int, check_size
 from .images import ImageLike, to_rgb_tensor
+from .inversion import inverted_start
 
 # Families whose image-to-image pipeline diffusers ships (``AutoPipelineForImage2Image``).
 LABELLING_FAMILIES = ("sd", "sdxl", "sd3", "flux")
+# How the image is noised to its strength (``LabelConfig.noise``).
+NOISE_MODES = ("random", "inversion")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,11 @@ class LabelConfig:
     the image's strongest is taken as absent (:func:`~ondemand_seg.masks.maps.neglected_classes`).
     batch_size: images per pipeline call (``None``: the generator's). image_size: the size images
     are resized to for the model (``None``: the generator's); the mask is made at the image's own size.
+    noise: how the image reaches its strength's timestep: ``"random"`` adds seeded random noise (the
+    image-to-image pipelines' own noising); ``"inversion"`` carries it there deterministically with the
+    model's own predictions over the schedule's steps below that timestep (DDIM inversion for SD
+    1.x/2.x and SDXL, Euler in sigma for SD3 and Flux; :mod:`~ondemand_seg.real.inversion`), one
+    denoiser call per step, so a pseudo-mask depends on no noise seed.
     Numbers may be NumPy scalars.
     """
 
@@ -70,6 +79,7 @@ class LabelConfig:
     absent_ratio: float = 0.5
     batch_size: int | None = None
     image_size: tuple[int, int] | None = None
+    noise: str = "random"
 
     def __post_init__(self) -> None:
         # numbers.Real: NumPy's float32 is not a float, and users pass it.
@@ -99,6 +109,8 @@ class LabelConfig:
         object.__setattr__(self, "absent_ratio", float(self.absent_ratio))
         if self.image_size is not None:
             object.__setattr__(self, "image_size", check_size("image_size", self.image_size))
+        if self.noise not in NOISE_MODES:
+            raise ValueError(f"noise must be one of {NOISE_MODES}, got {self.noise!r}")
 
 
 def check_labelling_family(family: Any) -> None:
@@ -354,13 +366,18 @@ class DiffuMaskLabeler:
                 pipe._interrupt = True
             return callback_kwargs
 
+        inverting = config.noise == "inversion"
+        noising = (inverted_start(pipeline, getattr(pipeline, capturing.family.denoiser), capturing.family.name, store)
+                   if inverting else contextlib.nullcontext())
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), noising:
                 for k, strength in enumerate(config.strength):
                     # Each pass records its own first steps into the same running sums.
                     store.step = 0
-                    generators = [torch.Generator(self._device).manual_seed(sample_seed(self.seed, i, k, SubStream.IMAGE))
-                                  for i in indices]
+                    # Inverted, the seed only draws the VAE's latent sample; one seed for every image
+                    # makes an image's mask independent of its position in the call.
+                    generators = [torch.Generator(self._device).manual_seed(
+                        sample_seed(self.seed, 0 if inverting else i, k, SubStream.IMAGE)) for i in indices]
                     pipeline(prompt=[p.text for p in prompts], image=images, strength=strength,
                              num_inference_steps=steps, guidance_scale=guidance, generator=generators,
                              output_type="latent", callback_on_step_end=on_step_end, **size, **self._call_options)
