@@ -122,6 +122,9 @@ def test_config_flags_set_the_label_free_repairs(capsys):
         (["config", "--self-attention-factor", "3"], "self_attention_factor must be None or a latent factor"),
         (["config", "--neglect-ratio", "1.5"], r"neglect_ratio must be in \[0, 1\), got 1.5"),
         (["config", "--self-attention-sharpness", "0.5"], r"self_attention_sharpness must be in \[1, "),
+        (["config", "--self-attention-sharpness", "3"], "--self-attention-sharpness shapes the self-attention propagation, "
+                                                        "which is off for toy: add --self-attention-factor"),
+        (["stream", "--self-attention-mode", "replace"], "--self-attention-mode shapes the self-attention"),
         (["config", "--model", "no/such/folder"], "model folder 'no/such/folder' does not exist"),
         (["stream", "--seed", "-1"], "seed must be >= 0, got -1"),
         (["stream", "--device", "bogus"], "device 'bogus' is not a torch device name"),
