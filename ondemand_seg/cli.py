@@ -338,7 +338,7 @@ def run_label(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(error))
     if args.tags is not None:
         try:
-            read_tags(args.tags, len(images), images.names, config.label_space)
+            read_tags(args.tags, len(images), images.names, config.label_space, classes)
         except (ValueError, FileNotFoundError) as error:
             parser.error(f"--tags: {error}")
     try:

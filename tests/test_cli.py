@@ -195,6 +195,8 @@ def test_label_writes_a_folder_s_pseudo_labels_as_an_export(image_folder, tmp_pa
         (["--shard-size", "0"], "--shard-size must be >= 1, got 0"),
         (["--out", "{tmp}/file"], "is a file; give a folder"),
         (["--model", "toy", "--classes", "dragon"], "unknown class 'dragon'"),
+        (["--classes", "circle", "--tags", "{tmp}/ring.json"],
+         r"ring.json: image 0 \(a_rgb.png\) names 'ring', not among the classes labelled \(circle\)"),
     ],
 )
 def test_label_refuses_bad_input_naming_it_before_labelling(flags, message, image_folder, tmp_path, capsys, monkeypatch):
@@ -204,6 +206,7 @@ def test_label_refuses_bad_input_naming_it_before_labelling(flags, message, imag
     (tmp_path / "file").write_text("x")
     (tmp_path / "short.json").write_text(json.dumps([["ring"]] * 4))
     (tmp_path / "dog.json").write_text(json.dumps([["dog"]] * 5))
+    (tmp_path / "ring.json").write_text(json.dumps([["ring"]] * 5))
     defaults = {"--images": str(image_folder), "--out": str(tmp_path / "out")}
     given = dict(zip(flags[::2], flags[1::2]))
     argv = ["label", *(arg for key, value in {**defaults, **given}.items() for arg in (key, value.format(tmp=tmp_path)))]
