@@ -138,6 +138,13 @@ def resolve_generator(args: argparse.Namespace):
     from .settings.resolve import resolve_config
 
     config = resolve_config(args.model, args.classes or (), **generator_settings(args))
+    if config.mask.self_attention_factor is None:
+        # Without a propagation these flags would change nothing, silently.
+        given = [flag for flag, value in (("--self-attention-sharpness", args.self_attention_sharpness),
+                                          ("--self-attention-mode", args.self_attention_mode)) if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} shape{'s' if len(given) == 1 else ''} the self-attention propagation, which is off for "
+                             f"{args.model}: add --self-attention-factor")
     return config, list(args.classes or config.label_space[1:])
 
 
@@ -331,7 +338,7 @@ def run_label(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(error))
     if args.tags is not None:
         try:
-            read_tags(args.tags, len(images), images.names, config.label_space)
+            read_tags(args.tags, len(images), images.names, config.label_space, classes)
         except (ValueError, FileNotFoundError) as error:
             parser.error(f"--tags: {error}")
     try:

@@ -122,6 +122,9 @@ def test_config_flags_set_the_label_free_repairs(capsys):
         (["config", "--self-attention-factor", "3"], "self_attention_factor must be None or a latent factor"),
         (["config", "--neglect-ratio", "1.5"], r"neglect_ratio must be in \[0, 1\), got 1.5"),
         (["config", "--self-attention-sharpness", "0.5"], r"self_attention_sharpness must be in \[1, "),
+        (["config", "--self-attention-sharpness", "3"], "--self-attention-sharpness shapes the self-attention propagation, "
+                                                        "which is off for toy: add --self-attention-factor"),
+        (["stream", "--self-attention-mode", "replace"], "--self-attention-mode shapes the self-attention"),
         (["config", "--model", "no/such/folder"], "model folder 'no/such/folder' does not exist"),
         (["stream", "--seed", "-1"], "seed must be >= 0, got -1"),
         (["stream", "--device", "bogus"], "device 'bogus' is not a torch device name"),
@@ -192,6 +195,8 @@ def test_label_writes_a_folder_s_pseudo_labels_as_an_export(image_folder, tmp_pa
         (["--shard-size", "0"], "--shard-size must be >= 1, got 0"),
         (["--out", "{tmp}/file"], "is a file; give a folder"),
         (["--model", "toy", "--classes", "dragon"], "unknown class 'dragon'"),
+        (["--classes", "circle", "--tags", "{tmp}/ring.json"],
+         r"ring.json: image 0 \(a_rgb.png\) names 'ring', not among the classes labelled \(circle\)"),
     ],
 )
 def test_label_refuses_bad_input_naming_it_before_labelling(flags, message, image_folder, tmp_path, capsys, monkeypatch):
@@ -201,6 +206,7 @@ def test_label_refuses_bad_input_naming_it_before_labelling(flags, message, imag
     (tmp_path / "file").write_text("x")
     (tmp_path / "short.json").write_text(json.dumps([["ring"]] * 4))
     (tmp_path / "dog.json").write_text(json.dumps([["dog"]] * 5))
+    (tmp_path / "ring.json").write_text(json.dumps([["ring"]] * 5))
     defaults = {"--images": str(image_folder), "--out": str(tmp_path / "out")}
     given = dict(zip(flags[::2], flags[1::2]))
     argv = ["label", *(arg for key, value in {**defaults, **given}.items() for arg in (key, value.format(tmp=tmp_path)))]

@@ -105,3 +105,14 @@ def test_untagged_images_export_with_the_classes_the_presence_test_found(image_f
     for sample, index in zip(ExportSource(tmp_path / "out").samples([0, 1]), (0, 1)):
         assert sample.prompt == "" and np.array_equal(sample.mask, dataset.pseudo_label(index).mask)
         assert set(dataset.pseudo_label(index).classes) <= {"circle", "ring"}
+
+
+def test_an_export_takes_a_numpy_shard_size_and_file_names_that_are_not_utf8(pseudo, image_folder, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(image_folder / "a_rgb.png", folder.as_posix().encode() + b"/\xff.png")
+    tags = json.loads((image_folder / "tags.json").read_text())["a_rgb.png"]
+    dataset = PseudoLabelledDataset(ImageFolderImages(folder), [tags], pseudo.labeler)
+    metadata = dataset.export(tmp_path / "out", shard_size=np.int64(1), progress=False)
+    assert metadata["shard_size"] == 1 and metadata["pseudo_labels"]["sources"] == ["\udcff.png"]
+    assert json.loads((tmp_path / "out" / "metadata.json").read_text())["pseudo_labels"]["written"] == 1

@@ -183,3 +183,19 @@ def test_threads_asking_for_the_same_items_label_each_once(samples):
         thread.join()
     assert not errors and labeler.counts()["generated"] == 4
     assert all(np.array_equal(a, b) for other in masks[1:] for a, b in zip(masks[0], other))
+
+
+def test_a_tags_file_naming_one_image_twice_is_an_error_naming_the_key(tmp_path):
+    # JSON parsers differ on which of two values for one key counts: neither is taken.
+    path = tmp_path / "tags.json"
+    path.write_text('{"a.png": ["circle"], "a.png": ["square"]}')
+    with pytest.raises(ValueError, match=r"tags.json is not valid JSON: the key 'a.png' appears twice"):
+        read_tags(path, 1, ["a.png"])
+
+
+def test_a_tag_outside_the_classes_labelled_is_named(tmp_path):
+    path = tmp_path / "tags.json"
+    path.write_text(json.dumps({"a.png": ["circle"], "b.png": ["circle", "ring"]}))
+    assert read_tags(path, 2, ["a.png", "b.png"], TOY_CLASSES, ["circle", "ring"]) == [["circle"], ["circle", "ring"]]
+    with pytest.raises(ValueError, match=r"image 1 \(b.png\) names 'ring', not among the classes labelled \(circle\)"):
+        read_tags(path, 2, ["a.png", "b.png"], TOY_CLASSES, ["circle"])

@@ -96,3 +96,12 @@ def test_an_empty_or_truncated_pil_image_is_named():
     truncated = PIL.Image.open(io.BytesIO(data.getvalue()[: len(data.getvalue()) // 2]))
     with pytest.raises(ValueError, match=r"images\[1\] cannot be decoded .*truncated"):
         to_rgb_tensor(truncated, "images[1]")
+
+
+def test_an_image_folder_refuses_a_bool_index_and_reads_files_with_non_utf8_names(tmp_path):
+    PIL.Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "a.png")
+    PIL.Image.new("RGB", (8, 8), (40, 50, 60)).save(tmp_path.as_posix().encode() + b"/\xff.png")
+    images = ImageFolderImages(tmp_path)
+    with pytest.raises(TypeError, match="index must be an int, got True"):
+        images[True]
+    assert images[np.int64(1)].getpixel((0, 0)) == (40, 50, 60)

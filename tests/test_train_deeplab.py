@@ -727,6 +727,9 @@ def test_bad_flags_fail_early_and_clearly(tmp_path, monkeypatch, capsys, args, m
         (["--pseudo-images", "{images}", "--pseudo-tags", "{tmp}/dog.json"],
          "--pseudo-tags: {tmp}/dog.json: image 1 (b_gray.png) names 'dog', not in the label space; known classes: "
          "circle, square"),
+        (["--classes", "circle", "square", "--pseudo-images", "{images}", "--pseudo-tags", "{tmp}/ring.json"],
+         "--pseudo-tags: {tmp}/ring.json: image 0 (a_rgb.png) names 'ring', not among the classes labelled "
+         "(circle, square)"),
         (["--pseudo-images", "{images}", "--pseudo-tags", "{tmp}/missing.json"],
          "--pseudo-tags: {tmp}/missing.json does not exist"),
         (["--pseudo-images", "{images}", "--pseudo-strength", "0"], "--pseudo-strength must be in (0, 1], got 0.0"),
@@ -739,6 +742,7 @@ def test_bad_pseudo_image_flags_fail_early_naming_the_value(tmp_path, monkeypatc
     (tmp_path / "short.json").write_text(json.dumps([["ring"]] * 4))
     (tmp_path / "dog.json").write_text(json.dumps({"a_rgb.png": ["ring"], "b_gray.png": ["dog"], "c_rgba.png": ["ring"],
                                                    "d_tall.jpg": ["ring"], "e_flat.png": ["ring"]}))
+    (tmp_path / "ring.json").write_text(json.dumps([["ring"]] * 5))
     names = dict(tmp=tmp_path, images=image_folder)
     base = [*FAST, "--voc-root", fake_voc(tmp_path), "--data-dir", str(tmp_path / "data"),
             "--output-dir", str(tmp_path / "out")]
@@ -875,7 +879,8 @@ def test_resume_refuses_another_folder_of_pseudo_labelled_images(tmp_path, monke
     checkpoint = recorded_checkpoint(trainer, tmp_path, [*flags, "--pseudo-images", str(image_folder)])
     error = refusal(trainer, capsys, [*flags, "--resume", str(checkpoint), "--pseudo-images", str(other),
                                       "--pseudo-tags", str(other / "tags.json")])
-    assert f"--pseudo-images {image_folder} -> {other}, --pseudo-tags unset -> {other / 'tags.json'};" in error
+    assert re.search(rf"--pseudo-images {image_folder} \(sha256:\w+\) -> {other} \(sha256:\w+\), "
+                     rf"--pseudo-tags unset -> {other / 'tags.json'} \(sha256:\w+\);", error), error
 
 
 def test_resume_lets_flags_that_keep_the_run_change(tmp_path, monkeypatch):
@@ -1391,3 +1396,22 @@ def test_an_export_pass_smaller_than_a_batch_is_an_error_not_an_endless_loop(exp
                           "seed 0) holds 12 samples, each served --reuse 1 times, split over 1 rank x 0 workers in "
                           "whole generation blocks, and each worker leaves out its last partial batch; lower "
                           "--batch-size or --workers, or raise --reuse"), error
+
+
+def test_resume_refuses_pseudo_images_or_tags_edited_in_place(tmp_path, monkeypatch, image_folder):
+    # Same paths, other content: the pseudo-masks of the resumed run would differ from the first's.
+    trainer = load_trainer(monkeypatch)
+    images, tags = tmp_path / "images", tmp_path / "tags.json"
+    shutil.copytree(image_folder, images)
+    shutil.move(images / "tags.json", tags)
+    args = trainer.get_args_parser().parse_args(["--real-only", "--pseudo-images", str(images), "--pseudo-tags",
+                                                 str(tags), "--output-dir", str(tmp_path / "out")])
+    config, args.classes = trainer.generator_config(args)
+    checkpoint = {"args": trainer.saved_args(args), "model": {}, "step": 0}
+    assert trainer.check_resume_args(checkpoint, args, config.label_space) == {}
+    PIL.Image.new("RGB", (32, 32), (9, 9, 9)).save(images / "a_rgb.png")
+    tags.write_text(tags.read_text().replace("circle", "square"))
+    trainer.content_identity.cache_clear()  # as a new process would read them
+    with pytest.raises(SystemExit, match=r"--pseudo-images .*images \(sha256:\w+\) -> .*images \(sha256:\w+\), "
+                                         r"--pseudo-tags .*tags.json \(sha256:\w+\) -> .*tags.json \(sha256:\w+\)"):
+        trainer.check_resume_args(checkpoint, args, config.label_space)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import hashlib
 import json
 import math
@@ -45,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ondemand_seg import AugmentConfig, DiffuMaskAugment, DiffuMaskDataset, DiffuMaskStream, SegmentationTransform
 from ondemand_seg.cli import HelpFormatter, add_generator_arguments, resolve_generator
-from ondemand_seg.data.fingerprint import model_fingerprint
+from ondemand_seg.data.fingerprint import file_digest, model_fingerprint
 from ondemand_seg.data.label_noise import LabelNoiseFilter
 from ondemand_seg.data.stream import find_stream_states
 from ondemand_seg.exports import ExportError, ExportSource
@@ -538,7 +539,28 @@ def saved_args(args: argparse.Namespace) -> dict[str, str]:
     saved = {key: str(value) for key, value in vars(args).items()}
     if args.from_export is not None:
         saved["from_export"] = export_identity(args.from_export)
+    # The pseudo-labelled images and their tags by content too: an image or tag edited in place
+    # between a run and its resume would give other pseudo-masks under the same path.
+    if args.pseudo_images is not None:
+        saved["pseudo_images"] = content_identity(str(args.pseudo_images), folder=True)
+    if args.pseudo_tags is not None:
+        saved["pseudo_tags"] = content_identity(str(args.pseudo_tags), folder=False)
     return saved
+
+
+@functools.lru_cache(maxsize=None)
+def content_identity(path: str, folder: bool) -> str:
+    """``path`` and a sha256 of its content (a folder's: its image files' names and contents),
+    taken once per process: the data the run labelled at its start."""
+    from ondemand_seg.real.images import image_files
+
+    try:
+        files = image_files(path) if folder else [Path(path)]
+        text = "".join(f"{file.name}\0{file_digest(file)}\0" for file in files)
+        digest = hashlib.sha256(text.encode("utf-8", "surrogateescape"))
+    except (OSError, ValueError):
+        return path  # refused with its reason where the flag is checked
+    return f"{path} (sha256:{digest.hexdigest()[:16]})"
 
 
 def comparable(recorded: dict[str, str]) -> dict[str, str]:
@@ -833,7 +855,7 @@ def pseudo_folder(args: argparse.Namespace, label_space: tuple[str, ...]):
     if args.pseudo_tags is None:
         return images, None
     try:
-        return images, read_tags(args.pseudo_tags, len(images), images.names, label_space)
+        return images, read_tags(args.pseudo_tags, len(images), images.names, label_space, args.classes)
     except (OSError, ValueError) as error:
         raise FlagError(f"--pseudo-tags: {error}") from None
 

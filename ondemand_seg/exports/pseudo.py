@@ -77,7 +77,9 @@ def export_pseudo_labels(dataset: "PseudoLabelledDataset", out: str | os.PathLik
 
     if not isinstance(dataset, PseudoLabelledDataset):
         raise TypeError(f"dataset must be a PseudoLabelledDataset, got {type(dataset).__name__}")
-    check_export_args(out, len(dataset), format=format, shard_size=shard_size, image_format=image_format)
+    # shard_size as a plain int (a NumPy integer is accepted, and the plan is JSON).
+    shard_size = check_export_args(out, len(dataset), format=format, shard_size=shard_size,
+                                   image_format=image_format).shard_size
     check_bool("overwrite", overwrite)
     check_bool("progress", progress)
     labeler = dataset.labeler
@@ -188,7 +190,8 @@ def images_digest(dataset: "PseudoLabelledDataset") -> str:
     files = getattr(dataset.images, "files", None)
     for i in range(len(dataset)):
         if files is not None:
-            digest.update(f"{files[i].name}\0{file_digest(files[i])}\0".encode())
+            # A file name need not be UTF-8: its bytes as the file system holds them.
+            digest.update(os.fsencode(files[i].name) + f"\0{file_digest(files[i])}\0".encode())
         else:
             image = dataset._image(i)
             digest.update(str(tuple(image.shape)).encode() + image.numpy().tobytes())

@@ -26,7 +26,7 @@ _PALETTE = voc_palette()
 
 
 def read_tags(path: str | os.PathLike, length: int, names: Sequence[str] | None = None,
-              label_space: Sequence[str] | None = None) -> list[list[str]]:
+              label_space: Sequence[str] | None = None, classes: Sequence[str] | None = None) -> list[list[str]]:
     """A tags file: UTF-8 JSON, either a list with one list of class names per image (dataset order) or an
     object mapping each image to its list, by its index (as a string) or, when ``names`` gives the
     images' names (an image folder's file names), by its name; every image must have an entry.
@@ -34,6 +34,8 @@ def read_tags(path: str | os.PathLike, length: int, names: Sequence[str] | None 
     Args:
         length: the number of images. names: their names, in order, for an object keyed by name.
         label_space: when given, every class named must be one of its classes (not its background).
+        classes: when given (a command's ``--classes``), every class named must be one of them: a
+            tag outside them would be labelled while the export or run says it holds only these.
 
     Raises:
         FileNotFoundError, ValueError: naming the file and, for a bad entry, the image and the value
@@ -64,6 +66,10 @@ def read_tags(path: str | os.PathLike, length: int, names: Sequence[str] | None 
         if bad:
             raise ValueError(f"{path}: {image} names {bad[0]!r}, not in the label space; known classes: "
                              f"{', '.join(label_space[1:])}")
+        outside = [tag for tag in tags if classes is not None and tag not in classes]
+        if outside:
+            raise ValueError(f"{path}: {image} names {outside[0]!r}, not among the classes labelled "
+                             f"({', '.join(classes)}); add it to the classes or drop the tag")
     return data
 
 

@@ -161,6 +161,8 @@ class ImageFolderImages(Sequence):
     def __getitem__(self, index: int | slice) -> PIL.Image.Image | list[PIL.Image.Image]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
+        if isinstance(index, bool):  # a bool is an int to Python, but never an image's position
+            raise TypeError(f"index must be an int, got {index!r}")
         path = self.files[index]
         try:
             with PIL.Image.open(path) as image:

@@ -105,7 +105,9 @@ class MaskConfig:
     ``"replace"`` takes the propagated map; ``self_attention_stop``: ``"fixed"`` takes
     ``self_attention_power`` steps, ``"separation"`` stops each map (after at least one step, at
     most ``self_attention_power``) once its Otsu separation stops rising
-    (:func:`~ondemand_seg.masks.maps.propagate_self_attention`).
+    (:func:`~ondemand_seg.masks.maps.propagate_self_attention`). These four act only with
+    self_attention_factor set (a preset may set them ahead of its factor); the command-line flags
+    for them without a factor are a usage error.
     """
 
     resolution_weights: dict[int, float] | None = None

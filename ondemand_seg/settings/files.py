@@ -84,11 +84,22 @@ def read_json(path: str | os.PathLike) -> Any:
     """A regular UTF-8 file parsed as JSON; an error naming the file when it is not."""
     text = read_text(path)
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=lambda pairs: _unique_keys(pairs, path))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
     except RecursionError:
         raise ValueError(f"{path} is not valid JSON: it is nested too deeply") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]], path: str | os.PathLike) -> dict:
+    """An object's pairs as a dict; a key given twice is an error naming it, since JSON parsers
+    differ on which of the two values counts."""
+    data = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"{path} is not valid JSON: the key {key!r} appears twice in one object")
+        data[key] = value
+    return data
 
 
 def read_json_object(path: str | os.PathLike, what: str = "a JSON object") -> dict:
