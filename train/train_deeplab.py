@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ondemand_seg import AugmentConfig, DiffuMaskAugment, DiffuMaskDataset, DiffuMaskStream, SegmentationTransform
 from ondemand_seg.cli import HelpFormatter, add_generator_arguments, resolve_generator
-from ondemand_seg.data.fingerprint import file_digest, model_fingerprint
+from ondemand_seg.data.fingerprint import files_digest, model_fingerprint
 from ondemand_seg.data.label_noise import LabelNoiseFilter
 from ondemand_seg.data.stream import find_stream_states
 from ondemand_seg.exports import ExportError, ExportSource
@@ -555,12 +555,10 @@ def content_identity(path: str, folder: bool) -> str:
     from ondemand_seg.real.images import image_files
 
     try:
-        files = image_files(path) if folder else [Path(path)]
-        text = "".join(f"{file.name}\0{file_digest(file)}\0" for file in files)
-        digest = hashlib.sha256(text.encode("utf-8", "surrogateescape"))
+        digest = files_digest(image_files(path) if folder else [path])
     except (OSError, ValueError):
         return path  # refused with its reason where the flag is checked
-    return f"{path} (sha256:{digest.hexdigest()[:16]})"
+    return f"{path} (sha256:{digest[:16]})"
 
 
 def comparable(recorded: dict[str, str]) -> dict[str, str]:

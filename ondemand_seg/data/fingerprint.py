@@ -10,7 +10,7 @@ import os
 import re
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..settings.files import check_regular_file, folder_files
 
@@ -22,6 +22,15 @@ SPEED_ONLY = {"generator": ("compile", "channels_last", "capture_kernel"), "qual
 _WHOLE_FILE_LIMIT = 256 * 2**20
 _WINDOWS = 256
 _CHUNK = 1 << 16
+
+
+def files_digest(files: "Sequence[str | os.PathLike]") -> str:
+    """A sha256 of ``files``' names (their bytes as the file system holds them: a name need not be
+    UTF-8) and contents (:func:`file_digest`), in the order given."""
+    digest = hashlib.sha256()
+    for path in map(Path, files):
+        digest.update(os.fsencode(path.name) + f"\0{file_digest(path)}\0".encode())
+    return digest.hexdigest()
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data.fingerprint import file_digest, sequence_fingerprint
+from ..data.fingerprint import files_digest, sequence_fingerprint
 from ..generation.generator import RawSample
 from ..settings.validation import check_bool
 from .plan import ExportFolder, ExportOptions, Shard, pixel_counts
@@ -186,15 +186,13 @@ def source_names(dataset: "PseudoLabelledDataset") -> list[Any]:
 def images_digest(dataset: "PseudoLabelledDataset") -> str:
     """A sha256 of the images: their files' names and contents when they come from files, else
     their pixels as the labeller reads them (which decodes each image once)."""
-    digest = hashlib.sha256()
     files = getattr(dataset.images, "files", None)
+    if files is not None:
+        return files_digest(files)
+    digest = hashlib.sha256()
     for i in range(len(dataset)):
-        if files is not None:
-            # A file name need not be UTF-8: its bytes as the file system holds them.
-            digest.update(os.fsencode(files[i].name) + f"\0{file_digest(files[i])}\0".encode())
-        else:
-            image = dataset._image(i)
-            digest.update(str(tuple(image.shape)).encode() + image.numpy().tobytes())
+        image = dataset._image(i)
+        digest.update(str(tuple(image.shape)).encode() + image.numpy().tobytes())
     return digest.hexdigest()
 
 
