@@ -50,6 +50,7 @@ from ondemand_seg.data.fingerprint import files_digest, model_fingerprint
 from ondemand_seg.data.label_noise import LabelNoiseFilter
 from ondemand_seg.data.stream import find_stream_states
 from ondemand_seg.exports import ExportError, ExportSource
+from ondemand_seg.exports.run import model_name
 from ondemand_seg.pipelines.devices import check_device
 from ondemand_seg.pipelines.loading import check_model_source
 from ondemand_seg.real.labeler import LabelConfig, check_labelling_family
@@ -837,7 +838,7 @@ def pseudo_labelled_rest(args: argparse.Namespace, config, labeler) -> Dataset:
                         f"{args.real_images} of {len(real)} takes every one that holds a class); lower --real-images")
     dataset = PseudoLabelledDataset(Subset(real, rest), tags, labeler, transforms=as_is)
     dataset.label_all()
-    say_pseudo_labelled(dataset, f"left-out train images of {args.voc_root} from their tags", labelling_model(args))
+    say_pseudo_labelled(dataset, f"left-out train images of {args.voc_root} from their tags")
     return dataset
 
 
@@ -870,13 +871,14 @@ def pseudo_labelled_folder(args: argparse.Namespace, config, labeler) -> Dataset
     except ValueError as error:  # an image file PIL cannot decode, named
         raise FlagError(f"--pseudo-images: {error}") from None
     how = "from --pseudo-tags" if tags is not None else "untagged (the presence test picks their classes)"
-    say_pseudo_labelled(dataset, f"images of {args.pseudo_images} {how}", labelling_model(args))
+    say_pseudo_labelled(dataset, f"images of {args.pseudo_images} {how}")
     return dataset
 
 
-def say_pseudo_labelled(dataset, what: str, model) -> None:
-    """Print (rank 0) how many of ``dataset``'s images ``model`` gave a pseudo-mask."""
+def say_pseudo_labelled(dataset, what: str) -> None:
+    """Print (rank 0) how many of ``dataset``'s images its labeller's model gave a pseudo-mask."""
     if is_main_process():
+        model = model_name(dataset.labeler.generator.model)
         counts = dataset.counts()
         print(f"pseudo-labelled {counts['accepted']} of {len(dataset)} {what} with {model} "
               f"({counts['generated'] - counts['accepted']} left out by the quality gate and served as ignore)")
