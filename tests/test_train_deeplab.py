@@ -702,6 +702,13 @@ def regular_file(tmp_path):
         (["--data-dir", "{file}"], "--data-dir {file} is a file"),
         (["--crop-size", "100000"], "--crop-size must be at most 8192, got 100000"),
         (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        # flags that would do nothing with the others
+        (["--allow-changed", "lr"], "--allow-changed accepts changed flags on --resume, and this run does not resume"),
+        (["--noise-mode", "relabel"], "--noise-mode tunes noise learning, which is off without --noise-cutoff"),
+        (["--noise-warmup", "10"], "--noise-warmup tunes noise learning, which is off without --noise-cutoff"),
+        (["--augment", "basic", "--splice-fit", "whole"], "--splice-fit places the splices of --augment full"),
+        (["--synthetic-ratio", "0.3"], "--synthetic-ratio sets the synthetic share of a mix, and --synthetic-only runs"),
+        (["--classes", ""], "classes must hold non-empty strings, got '' in ['']"),
         (["--seed", str(2**64)], f"--seed must be at most {2**63 - 1} (2**63 - 1), got {2**64}"),
         (["--vocabulary", "{file}.fifo.json"], "{file}.fifo.json is a FIFO"),
     ],

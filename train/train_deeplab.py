@@ -324,7 +324,7 @@ def generator_config(args: argparse.Namespace):
         return source.config, list(source.classes)
     try:
         return resolve_generator(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError) as error:
         raise FlagError(str(error)) from None
 
 
@@ -412,6 +412,8 @@ def check_args(args: argparse.Namespace, config) -> None:
             raise FlagError("--pseudo-images adds pseudo-labelled images beside the real ones and --synthetic-only "
                             "trains on the stream alone: drop --synthetic-only (a mix) or use --real-only")
         pseudo_folder(args, label_space)
+    for flag, problem in inert_flags(args):
+        raise FlagError(f"--{flag.replace('_', '-')} {problem}; drop it")
     if args.synthetic_length is not None and (args.synthetic_only or args.real_only):
         raise FlagError("--synthetic-length sizes the synthetic part of a mixed run; drop --synthetic-only/--real-only")
     for flag in ("steps", "batch_size", "reuse", "cache_size", "crop_size", "checkpoint_every", "real_images",
@@ -443,6 +445,25 @@ def check_args(args: argparse.Namespace, config) -> None:
             noise_filter(args)
     except ValueError as error:
         raise FlagError(str(error)) from None
+
+
+def inert_flags(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Flags given (not at their defaults) that would do nothing with the others, and why: a user
+    who gives one expects an effect the run would silently not have."""
+    parser = get_args_parser()
+    given = [key for key, value in vars(args).items() if value != parser.get_default(key)]
+    inert = []
+    if args.resume is None and "allow_changed" in given:
+        inert.append(("allow_changed", "accepts changed flags on --resume, and this run does not resume"))
+    if args.noise_cutoff is None:
+        inert += [(key, "tunes noise learning, which is off without --noise-cutoff")
+                  for key in ("noise_warmup", "noise_drop_fraction", "noise_mode") if key in given]
+    if "splice_fit" in given and args.augment != "full":
+        inert.append(("splice_fit", f"places the splices of --augment full, and --augment is {args.augment}"))
+    if "synthetic_ratio" in given and (args.real_only or args.synthetic_only):
+        inert.append(("synthetic_ratio", f"sets the synthetic share of a mix, and {'--real-only' if args.real_only else '--synthetic-only'} "
+                                         "runs no mix"))
+    return inert
 
 
 def check_pseudo_labelling(args: argparse.Namespace) -> None:
