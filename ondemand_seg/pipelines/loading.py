@@ -20,14 +20,14 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # diffusers and transformers build a model's modules under process-wide patches before its weights
 # arrive (accelerate's init_empty_weights swaps nn.Module.register_parameter): two threads loading
 # at once (two streams, or a stream and its copy) undo each other's, and every module built after
-# stays on the meta device ("Cannot copy out of meta tensor"). Made anew in a forked child, where
-# another thread may have held it.
-_LOADING = threading.Lock()
+# stays on the meta device ("Cannot copy out of meta tensor"). Re-entrant: a callable model may load
+# another through load_pipeline. Made anew in a forked child, where another thread may have held it.
+_LOADING = threading.RLock()
 
 
 def _new_loading_lock() -> None:
     global _LOADING
-    _LOADING = threading.Lock()
+    _LOADING = threading.RLock()
 
 
 os.register_at_fork(after_in_child=_new_loading_lock)
