@@ -242,8 +242,8 @@ def meta_model(cls: type, config: dict, stored: int | None = None) -> torch.nn.M
 
 # Building a layer makes a handful of torch calls per parameter (allocation, initialisation); a
 # config whose model needs many times more than its weights hold is not these weights' config.
-_CALLS_PER_TENSOR = 64
-_CALLS_SLACK = 100_000
+_CALLS_PER_TENSOR = 32
+_CALLS_SLACK = 20_000
 
 
 class _TorchCallBudget(torch.overrides.TorchFunctionMode):
