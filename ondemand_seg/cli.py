@@ -99,11 +99,14 @@ def add_generator_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_class_thresholds(items: Sequence[str]) -> dict[str, float]:
-    """``["ring=0.5", ...]`` as ``{"ring": 0.5}``; a malformed item is a ValueError naming it.
+    """``["ring=0.5", ...]`` as ``{"ring": 0.5}``; a malformed item, or a class given twice, is a
+    ValueError naming it.
     Unknown classes are named by :func:`~ondemand_seg.settings.resolve.resolve_config`."""
     thresholds = {}
     for item in items:
         name, _, value = item.partition("=")
+        if name in thresholds:  # which of two values would count is a guess
+            raise ValueError(f"--class-thresholds gives {name!r} twice ({name}={thresholds[name]:g} and {item})")
         try:
             thresholds[name] = float(value)
         except ValueError:

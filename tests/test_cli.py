@@ -121,6 +121,8 @@ def test_config_flags_set_the_label_free_repairs(capsys):
         (["config", "--threshold", "nan"], "threshold must be finite, got nan"),
         (["config", "--self-attention-factor", "3"], "self_attention_factor must be None or a latent factor"),
         (["config", "--neglect-ratio", "1.5"], r"neglect_ratio must be in \[0, 1\), got 1.5"),
+        (["config", "--class-thresholds", "circle=0.3", "circle=0.4"],
+         r"--class-thresholds gives 'circle' twice \(circle=0.3 and circle=0.4\)"),
         (["config", "--self-attention-sharpness", "0.5"], r"self_attention_sharpness must be in \[1, "),
         (["config", "--self-attention-sharpness", "3"], "--self-attention-sharpness shapes the self-attention propagation, "
                                                         "which is off for toy: add --self-attention-factor"),

@@ -183,3 +183,7 @@ def test_indices_are_anything_with_index(tiny_sd1, fast):
         dataset[2.0]
     with pytest.raises(IndexError, match="index 4 out of range"):
         dataset[np.int64(4)]
+    with pytest.raises(TypeError, match=r"indices must be integers, got True \(bool\)"):
+        dataset[True]  # an int to Python, yet never a position: it would serve item 1
+    with pytest.raises(TypeError, match=r"got False \(bool\)"):
+        dataset.__getitems__([1, False])

@@ -116,3 +116,19 @@ def test_an_export_takes_a_numpy_shard_size_and_file_names_that_are_not_utf8(pse
     metadata = dataset.export(tmp_path / "out", shard_size=np.int64(1), progress=False)
     assert metadata["shard_size"] == 1 and metadata["pseudo_labels"]["sources"] == ["\udcff.png"]
     assert json.loads((tmp_path / "out" / "metadata.json").read_text())["pseudo_labels"]["written"] == 1
+
+
+def test_an_image_edited_between_the_plan_and_its_labelling_is_an_error(image_folder, tmp_path):
+    # The plan records the files as hashed; masks of an edited file would be recorded under that hash.
+    images = shutil.copytree(image_folder, tmp_path / "images")
+    labeler = DiffuMaskLabeler("toy", labelling={"strength": 0.04, "num_inference_steps": 50})
+    dataset = PseudoLabelledDataset(ImageFolderImages(images), images / "tags.json", labeler)
+    label_all = dataset.label_all
+
+    def edited_first(**options):
+        shutil.copy(images / "b_gray.png", images / "a_rgb.png")
+        return label_all(**options)
+
+    dataset.label_all = edited_first
+    with pytest.raises(ValueError, match=r"image files of .*images changed while they were labelled"):
+        dataset.export(tmp_path / "out", progress=False)

@@ -197,3 +197,35 @@ def test_cuda_pipelines_are_fp16(tiny_sd1):
     dog = PromptSpec("a photograph of a dog", ("dog",), (12,), ("dog",))
     batch = CapturingPipeline(pipeline, MaskConfig(), GeneratorConfig(num_inference_steps=3)).generate([dog], [0], (64, 64))
     assert batch.images.device.type == "cpu" and torch.isfinite(batch.images).all()
+
+
+def test_two_threads_load_one_at_a_time_and_later_loads_keep_their_weights(tiny_sd1, monkeypatch):
+    # Loading builds modules under process-wide patches (accelerate's init_empty_weights): two
+    # threads loading at once left every later module on the meta device.
+    import threading
+    import time
+
+    from diffusers import DiffusionPipeline
+
+    original, active, most = DiffusionPipeline.from_pretrained, [0], [0]
+
+    def tracked(*args, **kwargs):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        time.sleep(0.2)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", tracked)
+    loaded = []
+    threads = [threading.Thread(target=lambda: loaded.append(load_pipeline(tiny_sd1, torch.device("cpu"))))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(loaded) == 2 and most[0] == 1, "the two loads overlapped"
+    later = load_pipeline(tiny_sd1, torch.device("cpu"))
+    assert not any(p.is_meta for p in later.unet.parameters())

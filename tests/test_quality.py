@@ -214,3 +214,16 @@ def test_a_decoder_scaled_to_255_stops_the_stream_under_its_own_reason(fast):
     with pytest.raises(TooManyRejects, match=r"'out-of-range image': 4.*QualityConfig.max_out_of_range"):
         next(iter(stream))
     assert stream.stats()["accepted"] == 0
+
+
+def test_a_copy_of_the_gate_counts_counts_on_its_own_from_the_counts_it_was_made_with():
+    import copy
+    import pickle
+
+    for shared in (True, False):
+        stats = GateStats(shared=shared)
+        stats.add([None, "constant image"])
+        for clone in (copy.deepcopy(stats), pickle.loads(pickle.dumps(stats))):
+            clone.add([None])
+            assert clone.as_dict()["generated"] == 3 and clone.as_dict()["constant image"] == 1
+        assert stats.as_dict()["generated"] == 2, "the copies' counts are their own"

@@ -1,4 +1,5 @@
 import io
+import os
 import shutil
 
 import numpy as np
@@ -105,3 +106,14 @@ def test_an_image_folder_refuses_a_bool_index_and_reads_files_with_non_utf8_name
     with pytest.raises(TypeError, match="index must be an int, got True"):
         images[True]
     assert images[np.int64(1)].getpixel((0, 0)) == (40, 50, 60)
+
+
+def test_an_image_replaced_by_a_fifo_after_listing_is_named_without_blocking(tmp_path):
+    for name in ("a.png", "b.png"):
+        PIL.Image.new("RGB", (8, 8)).save(tmp_path / name)
+    images = ImageFolderImages(tmp_path)
+    (tmp_path / "b.png").unlink()
+    os.mkfifo(tmp_path / "b.png")  # opening it to read would wait for a writer for ever
+    with pytest.raises(ValueError, match=r"b.png is not an image PIL can read: .*b.png is a FIFO"):
+        images[1]
+    assert images[0].size == (8, 8)

@@ -354,3 +354,41 @@ def test_callables_are_told_apart_by_their_arguments():
     sd1, sd2 = functools.partial(build_tiny_pipeline, "sd1"), functools.partial(build_tiny_pipeline, "sd2")
     assert model_fingerprint(sd1) != model_fingerprint(sd2)
     assert model_fingerprint(sd1) == "callable:ondemand_seg.pipelines.tiny.build_tiny_pipeline('sd1')"
+
+
+def test_a_copied_stream_keeps_its_position_and_counts_on_its_own(tiny_sd1, fast):
+    import copy
+    import pickle
+
+    def make():
+        return DiffuMaskStream(tiny_sd1, ["dog"], reuse=1, cache_size=4, num_samples=6, augment=False, **fast)
+
+    whole = list(make())
+    stream = make()
+    iterator = iter(stream)
+    next(iterator)
+    for clone in (copy.deepcopy(stream), pickle.loads(pickle.dumps(stream))):
+        assert clone.state_dict()["served"] == 1
+        rest = list(clone._iterator)
+        assert len(rest) == 5 and all(torch.equal(m, w[1]) for (_, m), w in zip(rest, whole[1:]))
+    assert stream.stats()["generated"] == 4, "the copies generated on their own counts"
+
+
+def test_file_digest_reads_little_of_a_file_whose_safetensors_header_length_is_corrupt(tmp_path):
+    import tracemalloc
+
+    from ondemand_seg.data.fingerprint import file_digest, files_digest
+
+    big = tmp_path / "model.safetensors"
+    with open(big, "wb") as file:
+        file.write((2**60).to_bytes(8, "little"))
+        file.truncate(300 * 2**20)  # sparse: past the whole-file limit, so hashed by windows
+    tracemalloc.start()
+    try:
+        file_digest(big)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 2**20, f"read {peak / 2**20:.0f} MiB at once"
+    with pytest.raises(TypeError, match="files must be a sequence of paths, got one path"):
+        files_digest(str(big))  # a string is not iterated as one-character paths

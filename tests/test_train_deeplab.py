@@ -679,6 +679,7 @@ def regular_file(tmp_path):
         (["--synthetic-length", "8"], "--synthetic-length sizes the synthetic part of a mixed run"),
         (["--prefetch-batches", "0"], "--prefetch-batches must be >= 1, got 0"),
         (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--threads", "1000000"], "--threads must be at most 1024, got 1000000"),
         (["--cache-size", "3"], "--cache-size 3 is less than the generation batch (4, --gen-batch-size)"),
         (["--ema-decay", "1"], "--ema-decay must be in [0, 1), got 1.0"),
         (["--ema-decay", "nan"], "--ema-decay must be in [0, 1), got nan"),
@@ -690,6 +691,7 @@ def regular_file(tmp_path):
         (["--weight-decay=-inf"], "--weight-decay must be a finite number >= 0, got -inf"),
         (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0, got -0.1"),
         (["--workers", "-1"], "--workers must be >= 0, got -1"),
+        (["--workers", "1000000"], "--workers must be at most 256, got 1000000"),
         (["--eval-limit", "0"], "--eval-limit must be >= 1, got 0"),
         (["--eval-every", "-5"], "--eval-every must be >= 0, got -5"),
         (["--noise-cutoff", "0.5", "--noise-warmup", "-1"], "--noise-warmup must be >= 0, got -1"),
@@ -700,6 +702,14 @@ def regular_file(tmp_path):
         (["--data-dir", "{file}"], "--data-dir {file} is a file"),
         (["--crop-size", "100000"], "--crop-size must be at most 8192, got 100000"),
         (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        # flags that would do nothing with the others
+        (["--allow-changed", "lr"], "--allow-changed accepts changed flags on --resume, and this run does not resume"),
+        (["--noise-mode", "relabel"], "--noise-mode tunes noise learning, which is off without --noise-cutoff"),
+        (["--noise-warmup", "10"], "--noise-warmup tunes noise learning, which is off without --noise-cutoff"),
+        (["--augment", "basic", "--splice-fit", "whole"], "--splice-fit places the splices of --augment full"),
+        (["--synthetic-ratio", "0.3"], "--synthetic-ratio sets the synthetic share of a mix, and --synthetic-only runs"),
+        (["--classes", ""], "classes must hold non-empty strings, got '' in ['']"),
+        (["--seed", str(2**64)], f"--seed must be at most {2**63 - 1} (2**63 - 1), got {2**64}"),
         (["--vocabulary", "{file}.fifo.json"], "{file}.fifo.json is a FIFO"),
     ],
 )
@@ -1415,3 +1425,51 @@ def test_resume_refuses_pseudo_images_or_tags_edited_in_place(tmp_path, monkeypa
     with pytest.raises(SystemExit, match=r"--pseudo-images .*images \(sha256:\w+\) -> .*images \(sha256:\w+\), "
                                          r"--pseudo-tags .*tags.json \(sha256:\w+\) -> .*tags.json \(sha256:\w+\)"):
         trainer.check_resume_args(checkpoint, args, config.label_space)
+
+
+def test_the_pseudo_images_a_checkpoint_records_are_hashed_before_they_are_labelled(tmp_path, monkeypatch, image_folder):
+    # Hashed at the first checkpoint instead, an image edited while the run labelled or trained was
+    # recorded as what it labelled, and a resume with the edited folder passed the check.
+    from ondemand_seg.data.fingerprint import files_digest
+    from ondemand_seg.real.images import image_files
+
+    trainer = load_trainer(monkeypatch)
+    images = shutil.copytree(image_folder, tmp_path / "images")
+    before = files_digest(image_files(images))[:16]
+
+    class Stopped(Exception):
+        pass
+
+    def edit_then_stop(args, config):  # where the run goes on to label the images
+        PIL.Image.new("RGB", (32, 32), (9, 9, 9)).save(images / "a_rgb.png")
+        raise Stopped
+
+    monkeypatch.setattr(trainer, "prepare_folders", edit_then_stop)
+    args = trainer.get_args_parser().parse_args(["--real-only", "--pseudo-images", str(images), "--device", "cpu",
+                                                 "--output-dir", str(tmp_path / "out"), "--data-dir",
+                                                 str(tmp_path / "data")])
+    with pytest.raises(Stopped):
+        trainer.main(args)
+    assert f"(sha256:{before})" in trainer.saved_args(args)["pseudo_images"]
+
+
+def test_backbone_weights_that_are_not_weights_are_named_and_a_pickle_runs_no_code(tmp_path, monkeypatch):
+    import pickle
+
+    trainer = load_trainer(monkeypatch)
+    marker = tmp_path / "ran"
+
+    class Code:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w')",)
+
+    (tmp_path / "code.pth").write_bytes(pickle.dumps({"w": Code()}))
+    (tmp_path / "garbage.safetensors").write_bytes(b"garbage")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    for name, message in [("code.pth", "cannot be read as weights (UnpicklingError: Weights only load failed"),
+                          ("garbage.safetensors", "cannot be read as weights (SafetensorError"),
+                          ("tensor.pth", "holds Tensor, not a dict of named tensors")]:
+        with pytest.raises(SystemExit) as refused:
+            trainer.read_backbone_weights(tmp_path / name)
+        assert refused.value.code == 2 and f"--backbone-weights {tmp_path / name} {message}" in str(refused.value)
+    assert not marker.exists(), "the pickle's code ran"

@@ -167,8 +167,21 @@ class NotATensor:
          "is not a train_deeplab.py checkpoint: it lacks model, optimizer, scheduler, step, epoch, loader, rng"),
         (lambda p: torch.save([torch.zeros(2)], p), "is not a train_deeplab.py checkpoint"),
         (lambda p: torch.save({**checkpoint_state(), "extra": NotATensor()}, p), "holds Python objects besides tensors"),
+        # fields save_checkpoint never writes (a traceback, or a run resumed at step -3 or from NaN)
+        (lambda p: torch.save({**checkpoint_state(), "step": 1.0}, p), "step must be an int >= 0, got 1.0"),
+        (lambda p: torch.save({**checkpoint_state(), "step": -3}, p), "step must be an int >= 0, got -3"),
+        (lambda p: torch.save({**checkpoint_state(), "epoch": True}, p), "epoch must be an int >= 0, got True"),
+        (lambda p: torch.save({**checkpoint_state(), "model": {"w": torch.tensor([1.0, float("nan")])}}, p),
+         "holds non-finite weights (model 'w'); resume from an earlier checkpoint"),
+        (lambda p: torch.save({**checkpoint_state(), "ema": {"w": torch.tensor([float("inf")])}}, p),
+         "holds non-finite weights (ema 'w')"),
+        (lambda p: torch.save({**checkpoint_state(), "args": [("seed", "0")]}, p),
+         "args must map flag names to the strings train_deeplab.py records, got a list"),
+        (lambda p: torch.save({**checkpoint_state(), "args": {"lr": "0.002", "seed": 0}}, p),
+         "args must map flag names to the strings train_deeplab.py records, got 'seed': 0"),
     ],
-    ids=["missing", "folder", "empty", "truncated", "text", "state-dict", "list", "pickled-object"],
+    ids=["missing", "folder", "empty", "truncated", "text", "state-dict", "list", "pickled-object", "step-float",
+         "step-negative", "epoch-bool", "nan-weights", "inf-average", "args-list", "args-int"],
 )
 def test_load_refuses_a_bad_file_naming_it(tmp_path, make, message):
     path = tmp_path / "checkpoint.pt"

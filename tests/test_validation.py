@@ -126,6 +126,8 @@ BAD_VALUES = [
       for mark in ("\u034f", "\ufe0f", "\u2800", "\U000e0100", "\x00")],
     (dict(classes=["ring", "ring\u034f"], vocabulary="toy"), ValueError, "another spelling of the label space's 'ring'"),
     (dict(classes=["\u0323"], vocabulary="toy"), ValueError, "has no visible characters"),
+    (dict(label_space=["background", "Circle", "circle"], classes=["circle"]), ValueError,
+     "label_space names one class twice, as 'Circle' and 'circle'"),
     (dict(classes=["\u0441\u0456\u0433\u0441\u04cf\u0435"], vocabulary="toy"), ValueError,
      "another spelling of the label space's 'circle' .*look-alike letters"),
     (dict(image_size=100_000), ValueError, r"image_size 100000 is larger than any model generates \(8192 px a side\)"),
@@ -247,7 +249,7 @@ def test_validators_name_the_value():
 
 # ------------------------------------------------------------------------------ model folders
 def write_header(path, header, data=b"", raw=None):
-    raw = (raw or json.dumps(header)).encode()
+    raw = raw if isinstance(raw, bytes) else (raw or json.dumps(header)).encode()
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
 
 
@@ -297,6 +299,13 @@ def edit_header(path, rename=None, dtype=None, overlap=None, metadata=None):
     if metadata is not None:
         header["__metadata__"] = metadata
     write_header(path, header, data)
+
+
+def recode_header(path, encode):
+    """Rewrite a safetensors header's JSON text as ``encode(text)`` bytes, keeping its data."""
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    write_header(path, None, raw[8 + length:], raw=encode(raw[8:8 + length].decode()))
 
 
 def edit_index(change):
@@ -455,6 +464,22 @@ BROKEN_FOLDERS = [
     # the sixth round: a component the pipeline needs, saved as absent (it loaded as None, then a draw failed)
     ("the unet saved as absent", edit_index(lambda i: i.update(unet=[None, None])),
      r"saves unet as absent \(\[null, null\]\), and a StableDiffusionPipeline cannot run without it"),
+    # a header Python's json reads but the safetensors reader does not: it failed at the first draw
+    ("a header with a byte-order mark", lambda f: recode_header(f / UNET_WEIGHTS, lambda text: b"\xef\xbb\xbf" + text.encode()),
+     r"diffusion_pytorch_model.safetensors is corrupt: its header is not valid JSON \(Unexpected UTF-8 BOM"),
+    ("a UTF-16 header", lambda f: recode_header(f / UNET_WEIGHTS, lambda text: text.encode("utf-16-le")),
+     r"diffusion_pytorch_model.safetensors is corrupt: its header is not valid JSON"),
+    # a value equal to its default but of another type, and an ndarray field, named with their field
+    ("an int field as a float equal to its default", edit_config("unet", in_channels=4.0),
+     r"unet/config.json: in_channels must be int, got 4.0"),
+    ("trained_betas a string", edit_config("scheduler", "scheduler_config.json", trained_betas="abc"),
+     r"scheduler_config.json: trained_betas must be numpy.ndarray \| list\[float\] \| None, got 'abc'"),
+    # building ten million layers, shapes only, took hours
+    ("ten million unet layers", edit_config("unet", layers_per_block=10**7),
+     r"unet/config.json: a UNet2DConditionModel cannot be built from it \(ValueError: it describes a far larger "
+     r"model than its weights"),
+    ("ten million text encoder layers", edit_config("text_encoder", num_hidden_layers=10**7),
+     r"text_encoder/config.json: a CLIPTextModel cannot be built from it \(ValueError: it describes a far larger"),
     ("the tokenizer and text encoder saved as absent",
      edit_index(lambda i: i.update(tokenizer=[None, None], text_encoder=[None, None])),
      r"saves text_encoder, tokenizer as absent .* cannot run without them"),

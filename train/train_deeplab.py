@@ -26,6 +26,7 @@ import functools
 import hashlib
 import json
 import math
+import pickle
 import sys
 import time
 import warnings
@@ -296,6 +297,9 @@ def main(args: argparse.Namespace) -> dict:
         print(config.to_json())
         return {"config": config.to_dict()}
     check_args(args, config)
+    # The flags as checkpoints record them, taken now: --pseudo-images/--pseudo-tags by their content
+    # before it is labelled, so an edit during the run cannot be recorded as what was labelled.
+    saved_args(args)
     checkpoint = read_resume_checkpoint(args)
     changes = check_resume_args(checkpoint, args, config.label_space) if checkpoint is not None else {}
     rank, world, local_rank = init_distributed()
@@ -320,7 +324,7 @@ def generator_config(args: argparse.Namespace):
         return source.config, list(source.classes)
     try:
         return resolve_generator(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError) as error:
         raise FlagError(str(error)) from None
 
 
@@ -354,6 +358,14 @@ def export_identity(folder: Path) -> str:
     digest = hashlib.sha256(json.dumps(source.fingerprint, sort_keys=True).encode()).hexdigest()
     return (f"export of samples {source.indices.start} to {source.indices.stop - 1}, seed {source.export_seed} "
             f"(sha256:{digest[:16]})")
+
+
+# More torch threads than any machine has cores; a million made torch run out of memory.
+MAX_THREADS = 1024
+# More DataLoader worker processes per rank than any machine runs.
+MAX_WORKERS = 256
+# The largest --seed: torch.manual_seed takes 64-bit values, and ranks seed with --seed + rank.
+MAX_SEED = 2**63 - 1
 
 
 def check_args(args: argparse.Namespace, config) -> None:
@@ -400,6 +412,8 @@ def check_args(args: argparse.Namespace, config) -> None:
             raise FlagError("--pseudo-images adds pseudo-labelled images beside the real ones and --synthetic-only "
                             "trains on the stream alone: drop --synthetic-only (a mix) or use --real-only")
         pseudo_folder(args, label_space)
+    for flag, problem in inert_flags(args):
+        raise FlagError(f"--{flag.replace('_', '-')} {problem}; drop it")
     if args.synthetic_length is not None and (args.synthetic_only or args.real_only):
         raise FlagError("--synthetic-length sizes the synthetic part of a mixed run; drop --synthetic-only/--real-only")
     for flag in ("steps", "batch_size", "reuse", "cache_size", "crop_size", "checkpoint_every", "real_images",
@@ -415,6 +429,14 @@ def check_args(args: argparse.Namespace, config) -> None:
     for flag in ("workers", "eval_every", "noise_warmup", "max_nonfinite_steps", "seed"):
         if getattr(args, flag) < 0:
             raise FlagError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.workers > MAX_WORKERS:
+        raise FlagError(f"--workers must be at most {MAX_WORKERS}, got {args.workers} (each worker is a process "
+                        "holding its own model; starting that many exhausts the machine before the first batch)")
+    if args.threads is not None and args.threads > MAX_THREADS:
+        raise FlagError(f"--threads must be at most {MAX_THREADS}, got {args.threads} (torch makes a thread pool that "
+                        "large, which exhausts memory long before it is used)")
+    if args.seed > MAX_SEED:  # torch's generators take 64-bit seeds; each rank seeds with --seed + rank
+        raise FlagError(f"--seed must be at most {MAX_SEED} (2**63 - 1), got {args.seed}")
     if label_space != TOY_CLASSES and uses_toyworld(args):
         raise FlagError("the default real data is ToyWorld; with another label space pass --voc-root and --eval-root")
     try:
@@ -423,6 +445,25 @@ def check_args(args: argparse.Namespace, config) -> None:
             noise_filter(args)
     except ValueError as error:
         raise FlagError(str(error)) from None
+
+
+def inert_flags(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Flags given (not at their defaults) that would do nothing with the others, and why: a user
+    who gives one expects an effect the run would silently not have."""
+    parser = get_args_parser()
+    given = [key for key, value in vars(args).items() if value != parser.get_default(key)]
+    inert = []
+    if args.resume is None and "allow_changed" in given:
+        inert.append(("allow_changed", "accepts changed flags on --resume, and this run does not resume"))
+    if args.noise_cutoff is None:
+        inert += [(key, "tunes noise learning, which is off without --noise-cutoff")
+                  for key in ("noise_warmup", "noise_drop_fraction", "noise_mode") if key in given]
+    if "splice_fit" in given and args.augment != "full":
+        inert.append(("splice_fit", f"places the splices of --augment full, and --augment is {args.augment}"))
+    if "synthetic_ratio" in given and (args.real_only or args.synthetic_only):
+        inert.append(("synthetic_ratio", f"sets the synthetic share of a mix, and {'--real-only' if args.real_only else '--synthetic-only'} "
+                                         "runs no mix"))
+    return inert
 
 
 def check_pseudo_labelling(args: argparse.Namespace) -> None:
@@ -655,12 +696,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         if is_main_process():
             print(f"backbone {args.backbone}: random init (pass --backbone-weights PATH for ImageNet weights)")
         return model
-    if args.backbone_weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(args.backbone_weights)
-    else:
-        state = torch.load(args.backbone_weights, map_location="cpu", weights_only=True)
+    state = read_backbone_weights(args.backbone_weights)
     # torchvision classifiers keep the DeepLab backbone under "features." (MobileNet) or at the root (ResNet).
     state = {k.removeprefix("features."): v for k, v in state.items()}
     own = model.backbone.state_dict()
@@ -672,6 +708,26 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     if is_main_process():
         print(f"backbone {args.backbone}: loaded {len(matched)}/{len(own)} tensors from {args.backbone_weights}")
     return model
+
+
+def read_backbone_weights(path: Path) -> dict:
+    """The tensors of ``--backbone-weights`` (safetensors, or a torch file read with
+    ``weights_only=True``: a pickle naming code is refused, never run); a :class:`FlagError` naming
+    the file when it cannot be read as either."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError) as error:
+        detail = " ".join(str(error).split())[:300]
+        raise FlagError(f"--backbone-weights {path} cannot be read as weights ({type(error).__name__}: {detail})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise FlagError(f"--backbone-weights {path} holds {type(state).__name__}, not a dict of named tensors")
+    return state
 
 
 def ema_model(model: nn.Module, decay: float) -> AveragedModel:

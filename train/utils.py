@@ -148,7 +148,40 @@ def load_checkpoint(path: Path) -> dict:
     missing = [key for key in CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
     if missing:
         raise CheckpointError(f"{path} is not a train_deeplab.py checkpoint: it lacks {', '.join(missing)}")
+    check_checkpoint_fields(state, path)
     return state
+
+
+def check_checkpoint_fields(state: dict, path: Path) -> None:
+    """A :class:`CheckpointError` naming ``path`` and the field for what :func:`save_checkpoint`
+    never writes: a ``step`` or ``epoch`` that is not an int >= 0, weights that are not named
+    tensors or not finite (resuming would continue from NaN), ``args`` that are not flag names
+    mapped to strings."""
+    for key in ("step", "epoch"):
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"checkpoint {path}: {key} must be an int >= 0, got {value!r}; it was not written "
+                                  "by train_deeplab.py")
+    for key in ("model", "ema"):
+        weights = state.get(key)
+        if weights is None and key == "ema":
+            continue
+        if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in weights.items()):
+            raise CheckpointError(f"checkpoint {path}: {key} must map parameter names to tensors")
+        broken = next((name for name, tensor in weights.items()
+                       if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+        if broken is not None:
+            raise CheckpointError(f"checkpoint {path} holds non-finite weights ({key} {broken!r}); resume from an "
+                                  "earlier checkpoint")
+    args = state.get("args", {})
+    if not isinstance(args, dict):
+        raise CheckpointError(f"checkpoint {path}: args must map flag names to the strings train_deeplab.py records, "
+                              f"got a {type(args).__name__}")
+    bad = next(((k, v) for k, v in args.items() if not isinstance(k, str) or not isinstance(v, str)), None)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path}: args must map flag names to the strings train_deeplab.py records, "
+                              f"got {bad[0]!r}: {bad[1]!r}")
 
 
 def output_dir_problem(directory: Path) -> str | None:

@@ -144,6 +144,8 @@ class DiffuMaskDataset(VisionDataset):
             raise TypeError(f"indices must be a sequence of ints, got {indices!r} ({type(indices).__name__})")
         out = []
         for i in indices:
+            if isinstance(i, bool):  # an int to Python, but never a sample's position
+                raise TypeError(f"DiffuMaskDataset indices must be integers, got {i!r} (bool)")
             try:
                 i = operator.index(i)
             except TypeError:

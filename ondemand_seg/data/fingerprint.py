@@ -12,7 +12,7 @@ import types
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..settings.files import check_regular_file, folder_files
+from ..settings.files import folder_files, open_regular_file
 
 # Settings that change speed but never a sample (GeneratorConfig documents compile, channels_last
 # and the capture kernel as "same masks"; the reject limit only decides when to give up).
@@ -22,11 +22,19 @@ SPEED_ONLY = {"generator": ("compile", "channels_last", "capture_kernel"), "qual
 _WHOLE_FILE_LIMIT = 256 * 2**20
 _WINDOWS = 256
 _CHUNK = 1 << 16
+# The reference safetensors reader refuses headers above 100 MB: a larger length is not a header.
+_MAX_HEADER = 100_000_000
 
 
 def files_digest(files: "Sequence[str | os.PathLike]") -> str:
     """A sha256 of ``files``' names (their bytes as the file system holds them: a name need not be
-    UTF-8) and contents (:func:`file_digest`), in the order given."""
+    UTF-8) and contents (:func:`file_digest`), in the order given.
+
+    Raises:
+        TypeError: ``files`` is one path rather than a sequence of them.
+    """
+    if isinstance(files, (str, bytes, os.PathLike)):
+        raise TypeError(f"files must be a sequence of paths, got one path {files!r}; pass [{files!r}]")
     digest = hashlib.sha256()
     for path in map(Path, files):
         digest.update(os.fsencode(path.name) + f"\0{file_digest(path)}\0".encode())
@@ -42,17 +50,18 @@ def file_digest(path: str | os.PathLike) -> str:
     fine-tuned model changes its bytes all over, and an edit of more than 1/256 of a large file
     changes a window. A smaller in-place edit of a file over 256 MiB can go unnoticed.
     """
-    path = check_regular_file(path)
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as stream:
+    path = Path(path)
+    with open_regular_file(path) as stream:  # never blocks on a FIFO put in the file's place
+        size = os.fstat(stream.fileno()).st_size
+        digest = hashlib.sha256(str(size).encode())
         if size <= _WHOLE_FILE_LIMIT:
             for block in iter(lambda: stream.read(1 << 20), b""):
                 digest.update(block)
             return digest.hexdigest()
         if path.suffix == ".safetensors":
             length = int.from_bytes(stream.read(8), "little")
-            digest.update(stream.read(min(length, size - 8)))
+            if length <= min(size - 8, _MAX_HEADER):  # a corrupt length would read the whole file at once
+                digest.update(stream.read(length))
         for k in range(_WINDOWS):
             stream.seek((size - _CHUNK) * k // (_WINDOWS - 1))
             digest.update(stream.read(_CHUNK))

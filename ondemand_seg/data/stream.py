@@ -354,6 +354,14 @@ class StreamIterator:
     def __iter__(self) -> "StreamIterator":
         return self
 
+    def __getstate__(self) -> dict:
+        # A copied stream (copy.deepcopy, pickle) keeps its position; a lock is made anew.
+        return {key: value for key, value in self.__dict__.items() if key != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __next__(self) -> tuple[Any, Any]:
         with self._lock:  # one serving at a time when threads share this iterator
             if (self.quota is not None and self.schedule.served >= self.quota) or self.schedule.exhausted:

@@ -93,6 +93,11 @@ def export_pseudo_labels(dataset: "PseudoLabelledDataset", out: str | os.PathLik
     folder = ExportFolder(out)
     folder.prepare(plan, overwrite, {name: spec.owned for name, spec in FORMATS.items()})
     dataset.label_all(progress=progress)
+    if getattr(dataset.images, "files", None) is not None and images_digest(dataset) != plan["images_digest"]:
+        # The plan names the files as they were hashed; the masks are of what was read after.
+        raise ValueError(f"the image files of {getattr(dataset.images, 'root', 'the dataset')} changed while they were "
+                         "labelled (edited, replaced or renamed after the export's plan was written): the masks would "
+                         "not be of the images the export records; export again (with overwrite) once they are final")
     labels = [dataset.pseudo_label(i) for i in range(len(dataset))]
     kept = [i for i, label in enumerate(labels) if label.mask is not None]
     gate = dataset.counts()

@@ -262,6 +262,21 @@ class SharedCount:
     def value(self) -> int:
         return self._value.value
 
+    def __getstate__(self) -> dict:
+        shared = not isinstance(self._value, _InProcessValue)
+        if shared and multiprocessing.context.get_spawning_popen() is not None:
+            return {"value": self._value}  # a spawned DataLoader worker adds to the same count
+        # Any other copy (copy.deepcopy, pickle) counts on its own from the count it was made with,
+        # as GateStats' copies do.
+        return {"shared": shared, "count": self.value}
+
+    def __setstate__(self, state: dict) -> None:
+        if "value" in state:
+            self._value = state["value"]
+            return
+        self.__init__(shared=state["shared"])
+        self._value.value = state["count"]
+
 
 class _InProcessValue:
     """A count of one process with the ``value`` and ``get_lock()`` of a ``multiprocessing.Value``."""

@@ -157,6 +157,23 @@ class GateStats:
         self._values = (multiprocessing.get_context("spawn").Array("q", len(self.FIELDS)) if shared
                         else InProcessCounts([0] * len(self.FIELDS)))
 
+    def __getstate__(self) -> dict:
+        from multiprocessing import context
+
+        shared = not isinstance(self._values, InProcessCounts)
+        if shared and context.get_spawning_popen() is not None:
+            return {"values": self._values}  # a spawned DataLoader worker adds to the same counts
+        # Any other copy (copy.deepcopy, pickle) counts on its own from the counts it was made with:
+        # a shared array can only be handed to a process being started, a lock not at all.
+        return {"shared": shared, "counts": self.as_dict()}
+
+    def __setstate__(self, state: dict) -> None:
+        if "values" in state:
+            self._values = state["values"]
+            return
+        self.__init__(shared=state["shared"])
+        self._values[:] = [state["counts"][field] for field in self.FIELDS]
+
     def add(self, reasons: list[str | None]) -> None:
         with self._values.get_lock():
             self._values[0] += len(reasons)

@@ -18,6 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..settings.files import check_regular_file, folder_files, read_text
@@ -200,7 +201,9 @@ def check_model_folder(path: str | os.PathLike) -> None:
             if isinstance(scaling, (int, float)) and not scaling > 0:
                 # The pipeline divides latents by it before decoding: 0 gives inf, then NaN images.
                 raise ValueError(f"{folder / 'config.json'}: scaling_factor must be > 0, got {scaling!r}")
-            model = _built(lambda: meta_model(cls, configs["config.json"]), folder / "config.json", cls)
+            weights = sorted(folder.glob("*.safetensors"))
+            stored = sum(len(check_safetensors(file)) for file in weights) if weights else None
+            model = _built(lambda: meta_model(cls, configs["config.json"], stored), folder / "config.json", cls)
             check_weights(folder, cls, read, model)
             encoders[name] = model.config
         elif kind == "tokenizer":
@@ -222,13 +225,42 @@ def _built(build, where: Path, cls: type):
                          f"{detail[:300]})") from None
 
 
-def meta_model(cls: type, config: dict) -> torch.nn.Module:
+def meta_model(cls: type, config: dict, stored: int | None = None) -> torch.nn.Module:
     """``cls`` built from ``config`` on the meta device: every parameter's name, shape and dtype,
-    and no memory for them."""
-    with torch.device("meta"):
+    and no memory for them.
+
+    ``stored``: how many tensors the weights hold. Building stops, with an error, once it has made
+    far more torch calls than a model of that many tensors needs: a config asking for millions of
+    layers (``layers_per_block: 10000000``) would otherwise take hours to build, shapes only.
+    """
+    budget = _TorchCallBudget(None if stored is None else _CALLS_PER_TENSOR * stored + _CALLS_SLACK)
+    with torch.device("meta"), budget:
         if cls.__module__.startswith("transformers"):
             return cls._from_config(cls.config_class.from_dict(dict(config)))
         return cls.from_config(config)
+
+
+# Building a layer makes a handful of torch calls per parameter (allocation, initialisation); a
+# config whose model needs many times more than its weights hold is not these weights' config.
+_CALLS_PER_TENSOR = 32
+_CALLS_SLACK = 20_000
+
+
+class _TorchCallBudget(torch.overrides.TorchFunctionMode):
+    """Counts torch calls and raises once more than ``limit`` were made (``None``: no limit)."""
+
+    def __init__(self, limit: int | None) -> None:
+        super().__init__()
+        self.limit, self.calls = limit, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        if self.limit is not None and self.calls > self.limit:
+            raise ValueError(f"it describes a far larger model than its weights: building it took more than "
+                             f"{self.limit:,} torch calls, and the weights hold "
+                             f"{(self.limit - _CALLS_SLACK) // _CALLS_PER_TENSOR} tensors (a layer count or "
+                             "size edited?)")
+        return func(*args, **(kwargs or {}))
 
 
 def check_tokenizers_fit(tokenizers: dict[str, Any], encoders: dict[str, Any], root: Path) -> None:
@@ -365,7 +397,8 @@ def check_config_types(cls: type, config: dict, file: Path) -> None:
     parameters = inspect.signature(cls.__init__).parameters
     for field, value in config.items():
         hint, parameter = hints.get(field), parameters.get(field)
-        if hint is None or parameter is None or value == parameter.default:
+        if hint is None or parameter is None or (value == parameter.default
+                                                  and type(value) is type(parameter.default)):
             continue
         if value is None and parameter.default is None:
             continue
@@ -382,6 +415,8 @@ def _fits(value: Any, hint: Any) -> bool | None:
     diffusers writes it, a tuple of ints of any length."""
     if hint is typing.Any:
         return True
+    if hint is np.ndarray:  # JSON has no arrays of its own: diffusers reads a list into one
+        return isinstance(value, list)
     if hint is type(None):
         return value is None
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -445,7 +480,9 @@ def check_safetensors(file: str | os.PathLike) -> dict[str, tuple[str, list[int]
                              f"{size - 8} after the length")
         raw = stream.read(length)
     try:
-        header = json.loads(raw, object_pairs_hook=_unique_keys)
+        # Decoded as UTF-8 first: Python's json would also take UTF-16/32 bytes and a byte-order
+        # mark, which the reference reader (and so the loader) refuses.
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as error:  # invalid JSON, not UTF-8, a repeated key, nested too deeply
         raise ValueError(f"{file} is corrupt: its header is not valid JSON ({error})") from None
     if not isinstance(header, dict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -15,6 +16,21 @@ from .families import ModelSpec, cached_hub_reader, describe, family_of, folder_
 from .folder import check_model_folder, component_classes, passed_as_none
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+# diffusers and transformers build a model's modules under process-wide patches before its weights
+# arrive (accelerate's init_empty_weights swaps nn.Module.register_parameter): two threads loading
+# at once (two streams, or a stream and its copy) undo each other's, and every module built after
+# stays on the meta device ("Cannot copy out of meta tensor"). Re-entrant: a callable model may load
+# another through load_pipeline. Made anew in a forked child, where another thread may have held it.
+_LOADING = threading.RLock()
+
+
+def _new_loading_lock() -> None:
+    global _LOADING
+    _LOADING = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_loading_lock)
 
 
 def check_model_source(model: ModelSource) -> ModelSpec | None:
@@ -145,30 +161,31 @@ def load_pipeline(model: ModelSource, device: torch.device, scheduler: str | Non
             "CUDA cannot be initialised in a forked DataLoader worker; create the DataLoader with "
             "multiprocessing_context='spawn' (or 'forkserver') when generating on the GPU"
         )
-    if callable(model):
-        pipeline = model()
-        family = family_of(type(pipeline))
-    elif model == RANDOM_WEIGHTS_MODEL:
-        from .tiny import build_tiny_pipeline
+    with _LOADING:  # one load at a time in a process (see _LOADING)
+        if callable(model):
+            pipeline = model()
+            family = family_of(type(pipeline))
+        elif model == RANDOM_WEIGHTS_MODEL:
+            from .tiny import build_tiny_pipeline
 
-        pipeline = build_tiny_pipeline()
-        family = family_of(type(pipeline))
-    else:
-        source = str(resolve_model(model))
-        try:
-            index = _model_index(source)
-            # Checked again here, in the process that loads: a hub model's index was not at hand before.
-            family = family_of(component_classes(index, f"{source}/model_index.json")[0])
-        except (OSError, ValueError) as error:
-            raise ValueError(f"model {str(model)!r}: {error}") from error
-        # diffusers only accepts None for the few components it declares optional.
-        extra = passed_as_none(index, family)
-        dtype = family.gpu_dtype if device.type == "cuda" else torch.float32
-        try:
-            pipeline = DiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=True,
-                                                         trust_remote_code=False, **extra)
-        except (OSError, ValueError) as error:
-            raise RuntimeError(f"could not load a {family.title} pipeline from {str(model)!r}: {error}") from error
+            pipeline = build_tiny_pipeline()
+            family = family_of(type(pipeline))
+        else:
+            source = str(resolve_model(model))
+            try:
+                index = _model_index(source)
+                # Checked again here, in the process that loads: a hub model's index was not at hand before.
+                family = family_of(component_classes(index, f"{source}/model_index.json")[0])
+            except (OSError, ValueError) as error:
+                raise ValueError(f"model {str(model)!r}: {error}") from error
+            # diffusers only accepts None for the few components it declares optional.
+            extra = passed_as_none(index, family)
+            dtype = family.gpu_dtype if device.type == "cuda" else torch.float32
+            try:
+                pipeline = DiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=True,
+                                                             trust_remote_code=False, **extra)
+            except (OSError, ValueError) as error:
+                raise RuntimeError(f"could not load a {family.title} pipeline from {str(model)!r}: {error}") from error
     dtype = family.gpu_dtype if device.type == "cuda" else torch.float32
     if getattr(pipeline, "safety_checker", None) is not None:
         pipeline.safety_checker = None

@@ -33,6 +33,8 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
+from ..settings.files import open_regular_file
+
 ImageLike = Union[PIL.Image.Image, np.ndarray, torch.Tensor]
 
 # File name endings read as images (any case): the formats PIL decodes that photos and datasets use.
@@ -165,7 +167,9 @@ class ImageFolderImages(Sequence):
             raise TypeError(f"index must be an int, got {index!r}")
         path = self.files[index]
         try:
-            with PIL.Image.open(path) as image:
+            # Opened as a regular file: the file may have been replaced (by a FIFO, whose open would
+            # block for ever) since the folder was listed.
+            with open_regular_file(path) as stream, PIL.Image.open(stream) as image:
                 image.load()
                 return PIL.ImageOps.exif_transpose(image)
         except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:

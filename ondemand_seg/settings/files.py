@@ -31,6 +31,35 @@ def check_regular_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def open_regular_file(path: str | os.PathLike):
+    """``path`` opened for binary reading when it is a regular file at the moment it is opened (a
+    symlink to one counts); an error naming it otherwise.
+
+    :func:`check_regular_file` followed by ``open`` leaves a moment in which the file can be
+    replaced by a FIFO, whose ``open`` blocks until a writer appears: here the file is opened
+    without blocking and what was opened is checked.
+    Raises:
+        FileNotFoundError: nothing is there. ValueError: a folder, FIFO, socket or device, or unreadable.
+    """
+    path = Path(path)
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder; a regular file is needed here") from None
+    except OSError as error:
+        raise ValueError(f"{path} cannot be read: {error.strerror or error}") from None
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise ValueError(f"{path} is {kind}; a regular file is needed here")
+    if hasattr(os, "O_NONBLOCK"):  # reads of a regular file never block; the flag only guarded the open
+        os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "rb")
+
+
 # More files than any model folder holds (sharded weights, tokenizers, configs): walking further
 # means a link leads somewhere else (a symlinked "/"), which would take as long as the disk.
 MAX_FOLDER_FILES = 10_000

@@ -47,6 +47,13 @@ def validate_label_space(label_space: Sequence[str]) -> tuple[str, ...]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"label_space repeats class names: {duplicates}")
+    # "Circle" beside "circle" would give one kind of object two ids, as would a class typed twice.
+    spellings: dict[str, str] = {}
+    for name in (n for n in names if isinstance(n, str)):
+        other = spellings.setdefault(_folded(name), name)
+        if other != name:
+            raise ValueError(f"label_space names one class twice, as {other!r} and {name!r} (they differ only in case, "
+                             "spacing, Unicode form or invisible characters)")
     return names
 
 
