@@ -81,6 +81,17 @@ def test_an_image_folder_that_cannot_be_read_is_named(tmp_path):
         images[0]
 
 
+def test_an_image_folder_names_a_link_to_a_missing_image_and_reads_linked_images(tmp_path):
+    PIL.Image.new("RGB", (4, 4)).save(tmp_path / "real.png")
+    folder = tmp_path / "links"
+    folder.mkdir()
+    (folder / "a.png").symlink_to(tmp_path / "real.png")
+    assert ImageFolderImages(folder)[0].size == (4, 4)
+    (folder / "b.jpg").symlink_to(tmp_path / "moved.jpg")
+    with pytest.raises(FileNotFoundError, match=r"b.jpg is a link to a file that does not exist"):
+        ImageFolderImages(folder)
+
+
 def test_an_image_folder_turns_photos_upright_by_their_exif_orientation(tmp_path):
     image = PIL.Image.fromarray(np.zeros((10, 20, 3), np.uint8))
     exif = PIL.Image.Exif()

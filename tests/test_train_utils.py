@@ -175,13 +175,18 @@ class NotATensor:
          "holds non-finite weights (model 'w'); resume from an earlier checkpoint"),
         (lambda p: torch.save({**checkpoint_state(), "ema": {"w": torch.tensor([float("inf")])}}, p),
          "holds non-finite weights (ema 'w')"),
+        (lambda p: torch.save({**checkpoint_state(), "model": {"w": torch.tensor([complex(float("nan"), 0)])}}, p),
+         "holds non-finite weights (model 'w')"),
+        (lambda p: torch.save({**checkpoint_state(), "model": {"w": torch.empty(2, device="meta")}}, p),
+         "model 'w' is a meta tensor, which holds no values"),
         (lambda p: torch.save({**checkpoint_state(), "args": [("seed", "0")]}, p),
          "args must map flag names to the strings train_deeplab.py records, got a list"),
         (lambda p: torch.save({**checkpoint_state(), "args": {"lr": "0.002", "seed": 0}}, p),
          "args must map flag names to the strings train_deeplab.py records, got 'seed': 0"),
     ],
     ids=["missing", "folder", "empty", "truncated", "text", "state-dict", "list", "pickled-object", "step-float",
-         "step-negative", "epoch-bool", "nan-weights", "inf-average", "args-list", "args-int"],
+         "step-negative", "epoch-bool", "nan-weights", "inf-average", "complex-nan-weights", "meta-weights",
+         "args-list", "args-int"],
 )
 def test_load_refuses_a_bad_file_naming_it(tmp_path, make, message):
     path = tmp_path / "checkpoint.pt"

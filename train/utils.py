@@ -169,8 +169,14 @@ def check_checkpoint_fields(state: dict, path: Path) -> None:
         if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                     for k, v in weights.items()):
             raise CheckpointError(f"checkpoint {path}: {key} must map parameter names to tensors")
-        broken = next((name for name, tensor in weights.items()
-                       if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+        # A meta tensor holds no values (torch.save writes it, torch.load gives it back): nothing to resume from.
+        empty = next((name for name, tensor in weights.items() if tensor.is_meta), None)
+        if empty is not None:
+            raise CheckpointError(f"checkpoint {path}: {key} {empty!r} is a meta tensor, which holds no values; it was "
+                                  "not written by train_deeplab.py")
+        # Complex too: loading one into a real parameter keeps its real part, NaN included.
+        broken = next((name for name, tensor in weights.items() if (tensor.is_floating_point() or tensor.is_complex())
+                       and not torch.isfinite(tensor).all()), None)
         if broken is not None:
             raise CheckpointError(f"checkpoint {path} holds non-finite weights ({key} {broken!r}); resume from an "
                                   "earlier checkpoint")

@@ -120,16 +120,23 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
     file kept beside the images) are skipped.
 
     Raises:
-        FileNotFoundError: ``folder`` does not exist. NotADirectoryError: it is a file.
-        ValueError: it holds no image file.
+        FileNotFoundError: ``folder`` does not exist, or an image name in it is a link to nothing.
+        NotADirectoryError: it is a file. ValueError: it holds no image file.
     """
     root = Path(folder)
     if not root.exists():
         raise FileNotFoundError(f"{folder} does not exist")
     if not root.is_dir():
         raise NotADirectoryError(f"{folder} is not a folder")
-    files = sorted(path for path in root.iterdir() if not path.name.startswith(".") and path.is_file()
-                   and path.suffix.lower() in IMAGE_EXTENSIONS)
+    named = [path for path in root.iterdir() if not path.name.startswith(".")
+             and path.suffix.lower() in IMAGE_EXTENSIONS]
+    # A link to a moved or deleted image is an image the user meant to list, not a file to skip quietly.
+    dangling = sorted(path.name for path in named if path.is_symlink() and not path.exists())
+    if dangling:
+        raise FileNotFoundError(f"{folder}: {', '.join(dangling)} {'is a link' if len(dangling) == 1 else 'are links'} "
+                                "to a file that does not exist; restore or remove "
+                                f"{'it' if len(dangling) == 1 else 'them'}")
+    files = sorted(path for path in named if path.is_file())
     if not files:
         raise ValueError(f"{folder} holds no image file (names ending in {', '.join(IMAGE_EXTENSIONS)})")
     return files
