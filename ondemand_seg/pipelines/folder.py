@@ -201,10 +201,11 @@ def check_model_folder(path: str | os.PathLike) -> None:
             if isinstance(scaling, (int, float)) and not scaling > 0:
                 # The pipeline divides latents by it before decoding: 0 gives inf, then NaN images.
                 raise ValueError(f"{folder / 'config.json'}: scaling_factor must be > 0, got {scaling!r}")
-            weights = sorted(folder.glob("*.safetensors"))
-            stored = sum(len(check_safetensors(file)) for file in weights) if weights else None
+            # Read once: the tensor count bounds the build, then the headers are checked against it.
+            headers = {file.name: check_safetensors(file) for file in sorted(folder.glob("*.safetensors"))}
+            stored = sum(map(len, headers.values())) if headers else None
             model = _built(lambda: meta_model(cls, configs["config.json"], stored), folder / "config.json", cls)
-            check_weights(folder, cls, read, model)
+            check_weights(folder, cls, read, model, headers)
             encoders[name] = model.config
         elif kind == "tokenizer":
             for file in sorted(folder.iterdir()):
@@ -298,15 +299,14 @@ def check_regular_files(folder: Path) -> None:
         check_regular_file(file)
 
 
-def check_weights(folder: Path, cls: type, read, model: torch.nn.Module) -> None:
-    """The ``.safetensors`` files of a network's folder: each header agrees with its bytes, shard
-    indexes name files of this folder that exist, and the files the loader will read hold every
-    parameter ``model`` (built from the config) has, with its shape and a dtype of the same kind."""
-    weights = sorted(folder.glob("*.safetensors"))
-    if not weights:
+def check_weights(folder: Path, cls: type, read, model: torch.nn.Module, headers: dict[str, dict]) -> None:
+    """The ``.safetensors`` files of a network's folder (``headers``: file name -> its header, as
+    :func:`check_safetensors` read and checked it against the bytes): shard indexes name files of
+    this folder that exist, and the files the loader will read hold every parameter ``model`` (built
+    from the config) has, with its shape and a dtype of the same kind."""
+    if not headers:
         raise ValueError(f"{folder} holds no .safetensors weights (a {cls.__name__} needs them; only safetensors "
                          "are loaded)")
-    headers = {file.name: check_safetensors(file) for file in weights}
     # The one name each library's loader reads (no variant is asked for): diffusers' models and
     # transformers' models name their weights differently.
     from diffusers import ModelMixin
